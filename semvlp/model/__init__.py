@@ -1,0 +1,16 @@
+from semvlp.model.bert_init import init_from_bert
+from semvlp.model.finetuning import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
+from semvlp.model.modeling import SemVLPModel, SemVLPOutput
+from semvlp.model.pretraining import LOSS_NAMES, PreTrainingOutput, SemVLPForPreTraining
+
+__all__ = [
+    "LOSS_NAMES",
+    "PreTrainingOutput",
+    "SemVLPForNLVR2",
+    "SemVLPForPreTraining",
+    "SemVLPForQuestionAnswering",
+    "SemVLPForRetrieval",
+    "SemVLPModel",
+    "SemVLPOutput",
+    "init_from_bert",
+]

@@ -1,0 +1,136 @@
+"""Fine-tuning models (paper 3.3.3, 4.2). Each runs in either mode, chosen per call.
+
+- Question answering (VQA, GQA): answer classifier on the pooled vector; BCE against soft
+  scores, scaled by the number of answers as LXMERT does.
+- NLVR2: (sentence, img0) and (sentence, img1) encoded separately, pooled vectors
+  concatenated -> MLP -> 2 classes (LXMERT).
+- Retrieval: the ITM score of a pair; its head has the pre-training ITM head's name and shape,
+  so a pre-trained export initializes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from semvlp.config import SemVLPConfig
+from semvlp.model.heads import AnswerHead, Transform
+from semvlp.model.modeling import SemVLPModel, SemVLPPreTrainedModel
+
+
+@dataclass
+class ClassificationOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class SemVLPForQuestionAnswering(SemVLPPreTrainedModel):
+    """`config.num_qa_labels` answers (3,129 for VQA v2, 1,842 for GQA)."""
+
+    def __init__(self, config: SemVLPConfig):
+        super().__init__(config)
+        self.semvlp = SemVLPModel(config)
+        self.answer_head = AnswerHead(config.hidden_size, config.num_qa_labels, config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual_feats: torch.Tensor,
+        visual_pos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        answer_targets: torch.Tensor | None = None,
+        mode: str = "single",
+    ) -> ClassificationOutput:
+        """answer_targets: [B, num_answers] soft scores in [0, 1]."""
+        pooled = self.semvlp(
+            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
+        ).pooled
+        logits = self.answer_head(pooled).float()
+        loss = None
+        if answer_targets is not None:
+            loss = F.binary_cross_entropy_with_logits(logits, answer_targets.float()) * logits.shape[1]
+        return ClassificationOutput(loss, logits)
+
+
+class SemVLPForNLVR2(SemVLPPreTrainedModel):
+    def __init__(self, config: SemVLPConfig):
+        super().__init__(config)
+        self.semvlp = SemVLPModel(config)
+        self.classifier = nn.Sequential(
+            Transform(2 * config.hidden_size, 2 * config.hidden_size, config.layer_norm_eps),
+            nn.Linear(2 * config.hidden_size, 2),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual_feats: torch.Tensor,
+        visual_pos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mode: str = "single",
+    ) -> ClassificationOutput:
+        """visual_feats [B, 2, K, D], visual_pos [B, 2, K, 4]: the two images of each statement."""
+        if visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
+            raise ValueError(f"visual_feats has shape {tuple(visual_feats.shape)}; expected [batch, 2, K, D]")
+        batch = input_ids.shape[0]
+
+        def twice(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(2, dim=0)
+
+        pooled = self.semvlp(
+            twice(input_ids),
+            twice(attention_mask),
+            twice(token_type_ids),
+            visual_feats.flatten(0, 1),
+            visual_pos.flatten(0, 1),
+            None if visual_attention_mask is None else visual_attention_mask.flatten(0, 1),
+            mode,
+        ).pooled
+        logits = self.classifier(pooled.view(batch, -1)).float()
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return ClassificationOutput(loss, logits)
+
+
+class SemVLPForRetrieval(SemVLPPreTrainedModel):
+    """Scores (image, caption) pairs; the score is the matched-class ITM logit."""
+
+    def __init__(self, config: SemVLPConfig):
+        super().__init__(config)
+        self.semvlp = SemVLPModel(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual_feats: torch.Tensor,
+        visual_pos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mode: str = "single",
+    ) -> ClassificationOutput:
+        """labels: [B] 1 matched, 0 mismatched. logits: [B, 2]; `score(logits)` ranks pairs."""
+        pooled = self.semvlp(
+            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
+        ).pooled
+        logits = self.itm_head(pooled).float()
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return ClassificationOutput(loss, logits)
+
+    @staticmethod
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        """Log-odds of "matched": monotone in the matched probability, so it ranks pairs."""
+        return logits[:, 1] - logits[:, 0]
