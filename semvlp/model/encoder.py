@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semvlp.config import SemVLPConfig
-from semvlp_kernels import KernelOps
+from semvlp_kernels.dispatch import KernelOps
 
 
 class Attention(nn.Module):

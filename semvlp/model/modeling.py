@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 from semvlp.config import SemVLPConfig
 from semvlp.model.embeddings import TextEmbeddings, VisualEmbeddings
 from semvlp.model.encoder import Encoder
-from semvlp_kernels import KernelOps, select_ops
+from semvlp_kernels.dispatch import KernelOps, select_ops
 
 MODES = ("single", "two")
 

@@ -1,0 +1,298 @@
+"""The model as the paper describes it: shapes, parameter sharing, the two-stream equations,
+BERT compatibility, the masked-LM shortcut, save/load, and bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForPreTraining, BertModel
+
+from semvlp import SemVLPConfig, SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPModel
+from semvlp.config import config_from_preset
+from semvlp.model import SemVLPForRetrieval, init_from_bert
+from semvlp.model.bert_init import config_from_bert
+
+VOCAB, K = 97, 100
+
+
+def tiny_config(**overrides) -> SemVLPConfig:
+    fields = dict(vocab_size=VOCAB, num_qa_labels=11, num_object_labels=13, num_attribute_labels=7)
+    return config_from_preset("tiny", **{**fields, **overrides})
+
+
+def make_inputs(batch: int = 3, length: int = 9, num_objects: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[0, length - 3 :] = 0  # one padded text
+    return dict(
+        input_ids=torch.randint(1, VOCAB, (batch, length), generator=g),
+        attention_mask=attention_mask,
+        token_type_ids=torch.zeros(batch, length, dtype=torch.long),
+        visual_feats=torch.randn(batch, num_objects, 2048, generator=g),
+        visual_pos=torch.rand(batch, num_objects, 4, generator=g),
+    )
+
+
+def pretraining_targets(inputs: dict, num_masked_objects: int = 15, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch, length = inputs["input_ids"].shape
+    num_objects = inputs["visual_feats"].shape[1]
+    mlm_labels = torch.full((batch, length), -100)
+    mlm_labels[:, 1:4] = torch.randint(VOCAB, (batch, 3), generator=g)
+    obj_mask = torch.zeros(batch, num_objects, dtype=torch.bool)
+    obj_mask[:, :num_masked_objects] = True
+    return dict(
+        mlm_labels=mlm_labels,
+        obj_mask=obj_mask,
+        obj_labels=torch.randint(13, (batch, num_objects), generator=g),
+        obj_confs=torch.rand(batch, num_objects, generator=g),
+        attr_labels=torch.randint(7, (batch, num_objects), generator=g),
+        attr_confs=torch.rand(batch, num_objects, generator=g),
+        itm_labels=torch.tensor([1, 0, 1][:batch]),
+        qa_labels=torch.tensor([2, 5, -100][:batch]),
+    )
+
+
+@pytest.fixture
+def model() -> SemVLPModel:
+    torch.manual_seed(0)
+    return SemVLPModel(tiny_config()).eval()
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_output_shapes_and_dtypes(model, mode):
+    out = model(**make_inputs(), mode=mode)
+    assert out.text_states.shape == (3, 9, 128)
+    assert out.visual_states.shape == (3, 1 + K, 128)
+    assert out.pooled.shape == (3, 128)
+    assert {out.text_states.dtype, out.visual_states.dtype, out.pooled.dtype} == {torch.float32}
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_visual_attention_mask_hides_padded_objects(model, mode):
+    inputs = make_inputs()
+    mask = torch.ones(3, K, dtype=torch.long)
+    mask[:, 60:] = 0
+    base = model(**inputs, visual_attention_mask=mask, mode=mode)
+    changed = dict(inputs, visual_feats=inputs["visual_feats"].clone())
+    changed["visual_feats"][:, 60:] += 5.0
+    other = model(**changed, visual_attention_mask=mask, mode=mode)
+    torch.testing.assert_close(other.pooled, base.pooled)
+    torch.testing.assert_close(other.visual_states[:, :61], base.visual_states[:, :61])
+    unmasked = model(**changed, mode=mode)
+    assert not torch.allclose(unmasked.pooled, base.pooled)
+
+
+def test_text_padding_is_ignored(model):
+    inputs = make_inputs()
+    changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+    changed["input_ids"][0, -3:] = 5  # padded positions of the first example
+    for mode in ("single", "two"):
+        a, b = model(**inputs, mode=mode), model(**changed, mode=mode)
+        torch.testing.assert_close(a.pooled, b.pooled)
+        torch.testing.assert_close(a.text_states[0, :-3], b.text_states[0, :-3])
+
+
+def test_both_modes_share_the_same_block_parameters():
+    model = SemVLPModel(tiny_config())
+    used = {}
+    for mode in ("single", "two"):
+        model.zero_grad(set_to_none=True)
+        model(**make_inputs(), mode=mode).pooled.sum().backward()
+        used[mode] = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    blocks = {name for name, _ in model.named_parameters() if name.startswith("encoder.")}
+    self_and_ffn = {name for name in blocks if ".attention." in name or ".ffn." in name}
+    cross = blocks - self_and_ffn
+    assert self_and_ffn <= used["single"] and self_and_ffn <= used["two"]  # one tensor set, both modes
+    assert cross <= used["two"] and not cross & used["single"]
+    start = model.config.cross_attention_start_layer
+    for i, layer in enumerate(model.encoder.layers):
+        assert (layer.cross_attention is not None) == (i >= start)  # blocks L_s+1..L (1-based)
+
+
+def test_base_parameter_counts_match_the_paper(capsys):
+    model = SemVLPModel(config_from_preset("base"))
+    cross = sum(p.numel() for n, p in model.named_parameters() if "cross_attention" in n)
+    visual = sum(p.numel() for p in model.visual_embeddings.parameters())
+    shared = sum(p.numel() for p in model.parameters()) - cross - visual
+    with capsys.disabled():
+        print(
+            f"\nbase: shared {shared / 1e6:.1f}M, visual embedding {visual / 1e6:.2f}M, "
+            f"cross-attention {cross / 1e6:.1f}M"
+        )
+    assert 108e6 < shared < 111e6  # BERT-base: 109.5M with the pooler
+    assert cross == 6 * (4 * 768 * 768 + 4 * 768 + 2 * 768)  # L - L_s = 6 blocks of Q, K, V, O, LayerNorm
+    # The paper quotes 110M single-stream and 140M two-stream parameter sets.
+    assert 125e6 < shared + visual + cross < 145e6
+
+
+def test_two_stream_text_ignores_the_image(model):
+    inputs = make_inputs()
+    other_image = dict(inputs, visual_feats=torch.randn_like(inputs["visual_feats"]), visual_pos=torch.rand(3, K, 4))
+    a, b = model(**inputs, mode="two"), model(**other_image, mode="two")
+    torch.testing.assert_close(a.text_states, b.text_states, rtol=0, atol=0)
+    single_a, single_b = model(**inputs, mode="single"), model(**other_image, mode="single")
+    assert not torch.allclose(single_a.text_states, single_b.text_states)
+
+
+def test_two_stream_image_ignores_text_up_to_cross_attention_start(model):
+    start = model.config.cross_attention_start_layer
+    inputs = make_inputs()
+    other_text = dict(inputs, input_ids=torch.randint(1, VOCAB, inputs["input_ids"].shape))
+    a = model(**inputs, mode="two", output_hidden_states=True)
+    b = model(**other_text, mode="two", output_hidden_states=True)
+    for layer in range(start + 1):  # embeddings and blocks 1..L_s
+        torch.testing.assert_close(a.visual_hidden_states[layer], b.visual_hidden_states[layer], rtol=0, atol=0)
+    assert not torch.allclose(a.visual_hidden_states[start + 1], b.visual_hidden_states[start + 1])
+    assert not torch.allclose(a.pooled, b.pooled)
+
+
+def test_bert_initialization_reproduces_bert_text_states(tmp_path):
+    torch.manual_seed(0)
+    bert_config = BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=40,
+    )  # fmt: skip
+    bert = BertForPreTraining(bert_config).eval()
+    bert.save_pretrained(tmp_path)
+
+    config = config_from_bert(tmp_path, cross_attention_start_layer=1, num_qa_labels=5)
+    model = SemVLPForPreTraining(config).eval()
+    report = init_from_bert(model, tmp_path)
+    assert "semvlp.encoder.layers.0.attention.qkv.weight" in report.loaded
+    assert "mlm_transform.dense.weight" in report.loaded and "mlm_bias" in report.loaded
+    assert "semvlp.visual_embeddings.projection.weight" in report.new
+    assert "semvlp.encoder.layers.1.cross_attention.query.weight" in report.new
+    assert not any(name.startswith("semvlp.encoder.layers.0.attention") for name in report.new)
+    assert any("seq_relationship" in name for name in report.unused)
+
+    inputs = make_inputs(batch=2, length=11)
+    inputs["input_ids"] = inputs["input_ids"][:2]
+    ours = model.semvlp(**{k: v[:2] for k, v in inputs.items()}, mode="two").text_states
+    reference = BertModel.from_pretrained(tmp_path).eval()(
+        input_ids=inputs["input_ids"][:2], attention_mask=inputs["attention_mask"][:2]
+    )
+    mask = inputs["attention_mask"][:2].bool()
+    torch.testing.assert_close(ours[mask], reference.last_hidden_state[mask], rtol=0, atol=1e-5)
+
+
+def test_bert_initialization_rejects_a_different_shape(tmp_path):
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match=r"BERT tensor for \S+ has shape \(\d+, ?\d*\); the model expects"):
+        init_from_bert(SemVLPModel(tiny_config()), tmp_path)
+
+
+def test_masked_lm_loss_on_masked_rows_equals_the_full_vocabulary_computation():
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config()).eval()
+    inputs = make_inputs()
+    targets = pretraining_targets(inputs)
+    out = model(**inputs, **targets, mode="single")
+
+    states = model.semvlp(
+        **dict(
+            inputs,
+            visual_feats=inputs["visual_feats"].masked_fill(
+                targets["obj_mask"][..., None] & targets["itm_labels"].bool()[:, None, None], 0
+            ),
+        ),
+        mode="single",
+    ).text_states
+    logits = F.linear(model.mlm_transform(states), model.semvlp.embeddings.word_embeddings.weight, model.mlm_bias)
+    labels = targets["mlm_labels"].masked_fill(~targets["itm_labels"].bool()[:, None], -100)
+    naive = F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(out.losses["mlm"], naive)
+
+
+def test_mismatched_pairs_contribute_no_mlm_object_or_qa_loss():
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config()).eval()
+    inputs = make_inputs()
+    targets = pretraining_targets(inputs)
+    base = model(**inputs, **targets, mode="two")
+    # Change every target of the mismatched example (index 1): only the ITM loss may notice.
+    changed = {k: v.clone() for k, v in targets.items()}
+    changed["mlm_labels"][1, 1:4] = (changed["mlm_labels"][1, 1:4] + 1) % VOCAB
+    changed["obj_labels"][1] = (changed["obj_labels"][1] + 1) % 13
+    changed["qa_labels"][1] = 7
+    other = model(**inputs, **changed, mode="two")
+    for name in ("mlm", "obj_feat", "obj_label", "attr_label", "qa"):
+        torch.testing.assert_close(other.losses[name], base.losses[name])
+    torch.testing.assert_close(base.loss, sum(base.losses.values()))
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_all_pretraining_losses_are_finite_and_reach_all_heads(mode):
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config())
+    inputs = make_inputs()
+    out = model(**inputs, **pretraining_targets(inputs), mode=mode)
+    assert set(out.losses) == {"mlm", "obj_feat", "obj_label", "attr_label", "itm", "qa"}
+    assert all(torch.isfinite(v) and v > 0 for v in out.losses.values())
+    out.loss.backward()
+    for head in ("mlm_transform", "obj_feat_head", "obj_label_head", "attr_label_head", "itm_head", "qa_head"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, head).parameters()), head
+    cross_grads = [p.grad for n, p in model.named_parameters() if "cross_attention" in n]
+    assert all((g is not None) == (mode == "two") for g in cross_grads)
+
+
+@pytest.mark.parametrize(
+    "model_class", [SemVLPModel, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPForNLVR2, SemVLPForRetrieval]
+)
+def test_save_and_load_pretrained_round_trip(tmp_path, model_class):
+    torch.manual_seed(0)
+    model = model_class(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    assert loaded.config.cross_attention_start_layer == model.config.cross_attention_start_layer
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    inputs = make_inputs()
+    if model_class is SemVLPModel:
+        torch.testing.assert_close(loaded(**inputs, mode="two").pooled, model(**inputs, mode="two").pooled)
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_finetuning_models_produce_losses(mode):
+    torch.manual_seed(0)
+    config = tiny_config()
+    inputs = make_inputs()
+    qa = SemVLPForQuestionAnswering(config)(**inputs, answer_targets=torch.rand(3, 11), mode=mode)
+    assert qa.logits.shape == (3, 11) and torch.isfinite(qa.loss)
+    pair = dict(inputs, visual_feats=torch.randn(3, 2, K, 2048), visual_pos=torch.rand(3, 2, K, 4))
+    nlvr2 = SemVLPForNLVR2(config)(**pair, labels=torch.tensor([0, 1, 1]), mode=mode)
+    assert nlvr2.logits.shape == (3, 2) and torch.isfinite(nlvr2.loss)
+    retrieval = SemVLPForRetrieval(config)(**inputs, labels=torch.tensor([1, 0, 0]), mode=mode)
+    assert SemVLPForRetrieval.score(retrieval.logits).shape == (3,) and torch.isfinite(retrieval.loss)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(visual_feats=torch.randn(3, K, 2047)), r"visual_feats has shape \(3, 100, 2047\); expected .*2048"),
+        (dict(visual_pos=torch.rand(3, K, 5)), r"visual_pos has shape \(3, 100, 5\); expected \(3, 100, 4\)"),
+        (dict(visual_pos=torch.rand(3, K, 4) * 2), r"visual_pos holds values .* normalized to \[0, 1\]"),
+        (
+            dict(visual_feats=torch.randn(2, K, 2048), visual_pos=torch.rand(2, K, 4)),
+            r"batch size 2 but input_ids has 3",
+        ),
+        (dict(input_ids=torch.ones(3, 65, dtype=torch.long)), r"65 tokens; .*max_position_embeddings=64"),
+        (dict(attention_mask=torch.ones(3, 4)), r"attention_mask has shape \(3, 4\); expected \(3, 9\)"),
+    ],
+)
+def test_bad_inputs_raise_errors_naming_the_argument(model, change, message):
+    with pytest.raises(ValueError, match=message):
+        model(**dict(make_inputs(), **change))
+
+
+def test_unknown_mode_and_bad_config_are_rejected(model):
+    with pytest.raises(ValueError, match=r"mode='three'; expected one of \('single', 'two'\)"):
+        model(**make_inputs(), mode="three")
+    with pytest.raises(ValueError, match=r"cross_attention_start_layer=5 must be in 0..num_hidden_layers=4"):
+        tiny_config(cross_attention_start_layer=5)
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        config_from_preset("huge")
