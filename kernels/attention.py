@@ -1,15 +1,334 @@
-"""Multi-head attention with a key padding mask: the reference and the SDPA path.
+"""Multi-head attention with a key padding mask and attention-probability dropout.
 
-Shapes: q [B, H, Tq, D], k and v [B, H, Tk, D], key_padding_mask [B, Tk] bool (True = attend).
-A query row whose keys are all masked returns zeros (defined behaviour, not NaN).
+Shapes: q [B, H, Tq, D], k and v [B, H, Tk, D] (any strides, last dim contiguous: the model
+passes transposed views of [B, T, H, D]), key_padding_mask [B, Tk] bool (True = attend) or None.
+A query row whose keys are all masked returns zeros and gets zero gradients (defined behaviour,
+not NaN).
+
+The Triton kernels are specialised for SemVLP's short sequences (121 single-stream tokens, 101
+image / <= 20 text tokens in two-stream mode, 101 x <= 20 cross-attention): every key of one
+(batch, head) fits in one tile (Tk <= 128), so
+- the forward is one exact softmax per query tile (no online rescaling);
+- the backward is ONE kernel per (batch, head): K and V stay resident while it sweeps the query
+  tiles, accumulating dK/dV in registers and writing dQ of each query tile directly (no atomics,
+  no second kernel, no delta pre-pass: delta = rowsum(dO * O) is computed in the sweep).
+Longer key sequences raise; `dispatch` routes them to SDPA instead.
+
+Dropout on the attention probabilities uses Philox (`tl.rand`) keyed by a per-call seed and the
+element's flat index (b*H + h)*Tq*Tk + i*Tk + j; the backward regenerates the same keep mask,
+so no mask is stored. `attention_dropout_mask()` materialises that mask for tests.
+
+References: Dao et al., FlashAttention-2 (2023), backward in their notation; Triton tutorial
+06-fused-attention.py (log2-domain softmax, K/V-resident backward sweep).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_KEYS = 128  # keys of one (batch, head) held in one tile; see module docstring
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_ms: list[int]) -> list[triton.Config]:
+    if _INTERPRET:  # the interpreter cannot time configs; pin one (STYLE.md (e))
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in block_ms for w in (4, 8) for s in (1, 2)]
+
+
+@triton.jit
+def _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p):
+    # Philox stream position = flat index of P[b, h, i, j]; int32 is checked on the host.
+    rng_offsets = ((pid_bh * TQ + offs_m[:, None]) * TK + offs_n[None, :]).to(tl.int32)
+    return tl.rand(seed, rng_offsets) >= dropout_p
+
+
+@triton.autotune(configs=_configs([32, 64, 128]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr,  # [B, H, Tq, D]
+    k_ptr,  # [B, H, Tk, D]
+    v_ptr,  # [B, H, Tk, D]
+    mask_ptr,  # [B, Tk] uint8, 1 = attend (read only if HAS_MASK)
+    out_ptr,  # [B, H, Tq, D]
+    lse_ptr,  # [B, H, Tq] fp32, log2-domain logsumexp of the scaled scores (0 for all-masked rows)
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_mb, stride_mt,
+    stride_ob, stride_oh, stride_ot,
+    H, TQ, TK,
+    qk_scale,  # softmax scale * log2(e)
+    dropout_p, seed,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < TQ
+    key_ok = offs_n < TK
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + offs_n * stride_mt, mask=key_ok, other=0) != 0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all-masked row: keep exp2(-inf - 0) = 0, not NaN
+    p = tl.exp2(s - m[:, None])
+    denom = tl.sum(p, 1)
+    denom_safe = tl.where(denom == 0.0, 1.0, denom)
+    p = p / denom_safe[:, None]
+    lse = tl.where(denom == 0.0, 0.0, m + tl.log2(denom_safe))
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+    tl.store(lse_ptr + pid_bh * TQ + offs_m, lse, mask=row_ok)
+
+
+# Backward, per (b, h), with P = softmax(S) (S = scale * Q K^T, masked), Z = keep / (1 - p_drop),
+# O = (P * Z) V and upstream dO:
+#   dV    = (P * Z)^T dO
+#   dP    = (dO V^T) * Z
+#   delta = rowsum(P * dP) = rowsum(dO * O)
+#   dS    = P * (dP - delta)
+#   dQ    = scale * dS K,   dK = scale * dS^T Q
+# P is recomputed from the saved log2-domain logsumexp: P = exp2(S * log2(e) - lse).
+@triton.autotune(configs=_configs([16, 32, 64]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.jit
+def _attention_backward_kernel(
+    q_ptr,  # [B, H, Tq, D]
+    k_ptr,  # [B, H, Tk, D]
+    v_ptr,  # [B, H, Tk, D]
+    mask_ptr,  # [B, Tk] uint8 (read only if HAS_MASK)
+    out_ptr,  # [B, H, Tq, D] forward output
+    dout_ptr,  # [B, H, Tq, D] upstream gradient
+    lse_ptr,  # [B, H, Tq] fp32 from the forward
+    dq_ptr,  # [B, H, Tq, D]
+    dk_ptr,  # [B, H, Tk, D]
+    dv_ptr,  # [B, H, Tk, D]
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_mb, stride_mt,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_dkb, stride_dkh, stride_dkt,
+    H, TQ, TK,
+    sm_scale, qk_scale,
+    dropout_p, seed,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < TK
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + offs_n * stride_mt, mask=key_ok, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for start_m in range(0, TQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < TQ
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)  # fmt: skip
+        do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)  # fmt: skip
+        o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)  # fmt: skip
+        lse = tl.load(lse_ptr + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+        valid = row_ok[:, None] & key_ok[None, :]
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+            z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+            dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = dp * z
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)  # [M, N]
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+    key_in = offs_n < TK
+    dk_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(dk_ptr + dk_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_in[:, None])
+    tl.store(dv_ptr + dk_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_in[:, None])
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(
+    keep_ptr,  # [B, H, Tq, Tk] uint8, contiguous
+    TQ, TK, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+    ok = (offs_m[:, None] < TQ) & (offs_n[None, :] < TK)
+    tl.store(keep_ptr + (pid_bh * TQ + offs_m[:, None]) * TK + offs_n[None, :], keep.to(tl.uint8), mask=ok)
+
+
+def _new_like_heads(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B, H, T, D] tensor laid out as [B, T, H, D], which the model's
+    `transpose(1, 2).reshape(B, T, H * D)` then views without a copy."""
+    batch, heads, length, dim = x.shape
+    return torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q [B,H,Tq,D], k/v [B,H,Tk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {q.shape[3]} not supported by the Triton attention (16, 32, 64 or 128)")
+    if not 1 <= k.shape[2] <= MAX_KEYS:
+        raise ValueError(f"{k.shape[2]} keys: the Triton attention holds at most MAX_KEYS={MAX_KEYS} keys per tile")
+    if q.shape[2] < 1:
+        raise ValueError("empty query sequence")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k and v must have a contiguous last (head) dimension")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 2**31:
+        raise ValueError("B*H*Tq*Tk must stay below 2**31 (int32 Philox offsets)")
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
+    ):
+        raise ValueError(f"key_padding_mask must be bool [B, Tk]; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+
+def _launch_args(q, k, key_padding_mask):
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty(0, dtype=torch.uint8)
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32
+    block_n = max(16, triton.next_power_of_2(k.shape[2]))
+    return mask, mask_strides, dot_precision, block_n
+
+
+def attention_forward(q, k, v, key_padding_mask, dropout_p, seed):
+    """Launch the forward. Returns (out [B,H,Tq,D] in [B,Tq,H,D] memory, lse [B,H,Tq] fp32)."""
+    _check(q, k, v, key_padding_mask)
+    batch, heads, tq, dim = q.shape
+    tk = k.shape[2]
+    mask, mask_strides, dot_precision, block_n = _launch_args(q, k, key_padding_mask)
+    out = _new_like_heads(q)
+    lse = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), batch * heads)
+    _attention_forward_kernel[grid](
+        q, k, v, mask, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+        heads, tq, tk, LOG2E / math.sqrt(dim), float(dropout_p), seed,
+        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision,
+        HEAD_DIM=dim, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, key_padding_mask, out, lse, dropout_p, seed):
+    """Launch the backward. Returns (dq, dk, dv)."""
+    batch, heads, tq, dim = q.shape
+    tk = k.shape[2]
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    mask, mask_strides, dot_precision, block_n = _launch_args(q, k, key_padding_mask)
+    dq, dk, dv = _new_like_heads(q), _new_like_heads(k), _new_like_heads(v)
+    assert dk.stride() == dv.stride()
+    _attention_backward_kernel[(batch * heads,)](
+        q, k, v, mask, out, dout, lse, dq, dk, dv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3], *dout.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3],
+        heads, tq, tk, 1.0 / math.sqrt(dim), LOG2E / math.sqrt(dim), float(dropout_p), seed,
+        HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision,
+        HEAD_DIM=dim, BLOCK_N=block_n,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, seed):
+        out, lse = attention_forward(q, k, v, key_padding_mask, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, key_padding_mask, out, lse, ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None
+
+
+def _new_seed() -> int:
+    # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Fused Triton attention (Tk <= MAX_KEYS). `seed` fixes the dropout mask (tests only)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    if dropout_p > 0.0 and seed is None:
+        seed = _new_seed()
+    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), 0 if seed is None else seed)
+
+
+def attention_dropout_mask(
+    batch: int, heads: int, tq: int, tk: int, dropout_p: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """The bool keep-mask [B, H, Tq, Tk] that `attention(..., dropout_p, seed)` applies."""
+    keep = torch.empty(batch, heads, tq, tk, dtype=torch.uint8, device=device)
+    block_n = max(16, triton.next_power_of_2(tk))
+    _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), batch * heads)](
+        keep, tq, tk, float(dropout_p), seed, BLOCK_M=32, BLOCK_N=block_n
+    )
+    return keep.bool()
 
 
 def attention_reference(
@@ -18,13 +337,21 @@ def attention_reference(
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager attention, softmax in fp32."""
+    """Eager attention, softmax in fp32. `keep_mask` [B,H,Tq,Tk] replaces random dropout (tests)."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-    if dropout_p > 0.0:
+        # All-masked rows: softmax over zeros, then zeroed, so both values and gradients are 0.
+        any_key = key_padding_mask.any(dim=-1)[:, None, None, None]
+        mask = key_padding_mask[:, None, None, :] | ~any_key
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1) * any_key
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if keep_mask is not None:
+        probs = probs * keep_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v.float()).to(q.dtype)
 
