@@ -1,0 +1,80 @@
+"""SemVLP pre-training under DeepSpeed (paper section 3.3).
+
+    # one node, 4 GPUs, the paper's setup (fp16 on V100):
+    deepspeed launch/pretrain.py --deepspeed_config ds_configs/v100.json \
+        --data /data/lxmert/data.json --init_from /models/bert-base-uncased --max_steps 1434375
+    # several nodes: the same command with DeepSpeed's hostfile
+    deepspeed --hostfile hostfile launch/pretrain.py --deepspeed_config ds_configs/a100.json ...
+    # CPU, 2 processes, the toy world (what `make demo` runs):
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/cpu.json --preset tiny
+
+Every option: `python launch/pretrain.py --help`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from semvlp import dist, runner
+from semvlp.data.config import DataConfig
+from semvlp.data.pretrain_dataset import build_pretrain_loader, load_pretrain_answer_table
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.model import SemVLPForPreTraining
+from semvlp.run_config import RunConfig
+from semvlp.schedule import STREAM_SCHEDULES
+from semvlp.tasks.pretraining import PretrainTask
+from semvlp.train import ConfigError, train
+
+
+@dataclass(frozen=True)
+class PretrainConfig(RunConfig):
+    stream_schedule: str = "alternate"  # alternate | single | two (paper: alternate; the others are ablations)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stream_schedule not in STREAM_SCHEDULES:
+            raise ConfigError(f"--stream_schedule {self.stream_schedule!r}; expected one of {STREAM_SCHEDULES}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = PretrainConfig.from_args(argv)
+    run_dir, ds_config = runner.start(run)
+    data = DataConfig.load(runner.resolve_data(run))
+    tokenizer = load_tokenizer(data.vocab)
+    answers = load_pretrain_answer_table(data)
+    config = runner.build_model_config(
+        run,
+        vocab_size=len(tokenizer),
+        num_object_labels=data.num_object_labels,
+        num_attribute_labels=data.num_attribute_labels,
+        num_qa_labels=max(len(answers) if answers is not None else 0, 1),
+    )
+    if config.vocab_size != len(tokenizer):
+        raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
+
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    loaders = {
+        split: build_pretrain_loader(
+            data, tokenizer, micro_batch, dist.rank(), dist.world_size(), run.seed, run.num_workers, split
+        )
+        for split in ("train", "valid")
+    }
+    model = SemVLPForPreTraining(config)
+    runner.initialize_model(model, run)
+    engine = runner.build_engine(model, ds_config)
+    task = PretrainTask(config, loaders["train"], loaders["valid"], run.stream_schedule, run.seed, run.eval_batches)
+    result = train(engine, task, run, run_dir, ds_config)
+    if not result.finished:
+        if dist.is_main():
+            print(f"stopped at step {result.step} of {run.max_steps}; continue with --resume")
+        return
+    export_dir = runner.export(engine, run_dir, data.vocab)
+    if dist.is_main():
+        print(f"\nheld-out metrics after {run.max_steps} steps (export: {export_dir}):")
+        for mode in task.eval_modes:
+            row = {k.split("/", 1)[1]: v for k, v in result.metrics.items() if k.startswith(f"{mode}/")}
+            print(f"  {mode:>6}-stream  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(row.items())))
+
+
+if __name__ == "__main__":
+    runner.run_main(main)

@@ -1,0 +1,100 @@
+"""DeepSpeed checkpoints whose `latest` pointer moves only after a complete save.
+
+Layout of a checkpoint folder:
+    latest                  tag of the newest complete checkpoint (written atomically, last)
+    step00001000/           DeepSpeed's files (model, ZeRO optimizer shards, scheduler, loss scaler,
+                            client_state) + rng_rank{r}.pt per rank + COMPLETE
+A crash while writing step N leaves `latest` naming step N-k, which is intact: resume uses it.
+DeepSpeed's own `latest` is disabled (save_latest=False) because it is written without a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semvlp import dist
+
+POINTER = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, directory: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Save on every rank (DeepSpeed requires it), then move the pointer and prune old checkpoints."""
+    directory = Path(directory)
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
+    dist.barrier()  # every rank's shards are on disk
+    if dist.is_main():
+        _write_atomically(directory / tag / COMPLETE, lambda p: p.write_text(f"{step}\n"))
+        _write_atomically(directory / POINTER, lambda p: p.write_text(tag))
+        _prune(directory, keep_last)
+    dist.barrier()
+    return directory / tag
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    complete = sorted(p for p in directory.glob("step*") if (p / COMPLETE).is_file())
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_tag(directory: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None when there is none."""
+    pointer = Path(directory) / POINTER
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (Path(directory) / tag / COMPLETE).is_file():
+        raise RuntimeError(f"{pointer} names {tag!r}, which has no {COMPLETE} marker: the checkpoint folder is damaged")
+    return tag
+
+
+def load_latest(engine, directory: str | Path) -> dict | None:
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; return client_state."""
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(directory) / tag}")
+    rng_file = Path(directory) / tag / f"rng_rank{dist.rank()}.pt"
+    if not rng_file.is_file():
+        raise RuntimeError(f"{rng_file} is missing: the checkpoint was saved with a different number of ranks")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

@@ -1,0 +1,154 @@
+"""What every launcher does around the training loop: distributed start, config checks,
+model construction and initialization, the DeepSpeed engine, and the final export.
+
+Errors in options surface here, before any expensive work, as `ConfigError`s that
+`run_main` turns into one message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from semvlp import dist
+from semvlp.config import SemVLPConfig, config_from_preset
+from semvlp.model.bert_init import config_from_bert, init_from_bert
+from semvlp.run_config import RunConfig
+from semvlp.train import ConfigError, NonFiniteLossError, prepare_run_dir, resolve_ds_config, versions
+
+TOY_WORLD_DIR = Path("data/toy")
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss)."""
+    try:
+        main(argv)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error (rank {dist.rank()}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def init_distributed() -> None:
+    """NCCL on GPUs, gloo on CPU; one process without a launcher works too."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29511")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_data(run: RunConfig) -> Path:
+    """--data, or the toy world (generated once by rank 0 when absent)."""
+    if run.data is not None:
+        return Path(run.data)
+    from semvlp.data.toy import ensure_toy_world
+
+    if dist.is_main():
+        path = ensure_toy_world(TOY_WORLD_DIR)
+    dist.barrier()
+    if not dist.is_main():
+        path = ensure_toy_world(TOY_WORLD_DIR)  # exists now: returns its data.json
+    return Path(path)
+
+
+def is_semvlp_export(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "semvlp"
+
+
+def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
+    """The model's config from --model_config, an --init_from folder or --preset, with `fields` set.
+
+    `fields` come from the data (vocab size, label counts); L_s and the kernel backend from the run.
+    """
+    overrides = dict(fields, kernel_backend=run.kernel_backend)
+    if run.cross_attention_start_layer is not None:
+        overrides["cross_attention_start_layer"] = run.cross_attention_start_layer
+    try:
+        if run.model_config is not None:
+            base = SemVLPConfig.from_json_file(run.model_config).to_dict()
+            base = {k: v for k, v in base.items() if k in SemVLPConfig().to_dict()}
+            config = SemVLPConfig(**{**base, **overrides})
+        elif run.init_from is not None and is_semvlp_export(run.init_from):
+            config = SemVLPConfig.from_pretrained(run.init_from, **overrides)
+            config.validate()
+        elif run.init_from is not None:
+            config = config_from_bert(run.init_from, **overrides)
+        else:
+            config = config_from_preset(run.preset, **overrides)
+    except ValueError as e:
+        option = "--cross_attention_start_layer" if "cross_attention_start_layer" in str(e) else "model config"
+        raise ConfigError(f"{option}: {e}") from e
+    return config
+
+
+def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
+    """Load --init_from: a SemVLP export (matching tensors) or a BERT folder."""
+    if run.init_from is None:
+        return
+    if is_semvlp_export(run.init_from):
+        source = type(model).from_pretrained(run.init_from, config=model.config)
+        ours = model.state_dict()
+        matching = {k: v for k, v in source.state_dict().items() if k in ours and v.shape == ours[k].shape}
+        model.load_state_dict(matching, strict=False)
+        new = sorted(set(ours) - set(matching))
+        if dist.is_main():
+            print(f"initialized from SemVLP export {run.init_from}; new tensors: {new}", flush=True)
+    else:
+        report = init_from_bert(model, run.init_from)
+        if dist.is_main():
+            print(f"initialized from BERT {run.init_from}: {len(report.loaded)} tensors loaded, "
+                  f"{len(report.new)} new", flush=True)  # fmt: skip
+
+
+def start(run: RunConfig) -> tuple[Path, dict]:
+    """Check the ds_config against this run (before the process group exists), then start."""
+    world = world_size_from_env()
+    ds_config = resolve_ds_config(run, world, Path(run.output_dir))
+    init_distributed()
+    run_dir = prepare_run_dir(run)
+    if dist.is_main():
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
+    torch.manual_seed(run.seed + dist.rank())  # nanoGPT's seed offset: dropout differs per rank
+    return run_dir, ds_config
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict):
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
+
+
+def export(engine, run_dir: Path, vocab: str | Path) -> Path:
+    """Write the final fp32 weights with save_pretrained (+ vocab.txt) to run_dir/export, rank 0."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from semvlp.checkpoint import latest_tag
+
+    out = run_dir / "export"
+    if dist.is_main():
+        ckpt_dir = run_dir / "checkpoints"
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))
+        model = type(engine.module)(engine.module.config)
+        model.load_state_dict(state)
+        model.save_pretrained(out)
+        vocab = Path(vocab)
+        shutil.copy(vocab / "vocab.txt" if vocab.is_dir() else vocab, out / "vocab.txt")
+    dist.barrier()
+    return out

@@ -1,0 +1,86 @@
+"""Pre-training: the four tasks of SemVLPForPreTraining, one stream mode per step.
+
+Evaluation runs the held-out batches in every mode the schedule trains, and reports each
+loss and the accuracy of masked LM, ITM, QA and object labels, per mode.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from semvlp import dist
+from semvlp.config import SemVLPConfig
+from semvlp.flops import training_flops_per_sample
+from semvlp.model import LOSS_NAMES
+from semvlp.schedule import mode_for_step
+
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
+    "mlm_labels", "obj_mask", "obj_labels", "obj_confs", "attr_labels", "attr_confs", "itm_labels", "qa_labels",
+)  # fmt: skip
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+class PretrainTask:
+    def __init__(
+        self, config: SemVLPConfig, train_loader, eval_loader, stream_schedule: str, seed: int, eval_batches: int
+    ):
+        self.config = config
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.stream_schedule = stream_schedule
+        self.seed = seed
+        self.eval_batches = eval_batches
+        self.eval_modes = ("single", "two") if stream_schedule == "alternate" else (stream_schedule,)
+
+    def mode(self, step: int) -> str:
+        return mode_for_step(self.stream_schedule, step, self.seed)
+
+    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = engine(**model_inputs(batch), mode=mode)
+        return out.loss, out.losses
+
+    def batch_samples(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0]
+
+    def batch_flops(self, batch: dict, mode: str) -> float:
+        batch_size, text_len = batch["input_ids"].shape
+        num_objects = batch["visual_feats"].shape[1]
+        return batch_size * training_flops_per_sample(self.config, text_len, mode, num_objects)
+
+    def evaluate(self, engine) -> dict[str, float]:
+        metrics = {}
+        for mode in self.eval_modes:
+            sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=engine.device))
+            for i, batch in enumerate(self.eval_loader):
+                if self.eval_batches and i == self.eval_batches:
+                    break
+                batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                out = engine(**model_inputs(batch), mode=mode)
+                for name in LOSS_NAMES:
+                    sums[f"loss_{name}"] += out.losses[name].float()
+                sums["batches"] += 1
+                _count(sums, "mlm", out.mlm_logits, out.mlm_targets)
+                _count(sums, "itm", out.itm_logits, batch["itm_labels"])
+                qa_rows = (batch["qa_labels"] != -100) & batch["itm_labels"].bool()
+                _count(sums, "qa", out.qa_logits[qa_rows], batch["qa_labels"][qa_rows])
+                _count(sums, "obj_label", out.obj_label_logits, out.obj_label_targets)
+            names = sorted(sums)
+            totals = dist.all_reduce_sum(torch.stack([sums[n] for n in names])).tolist()
+            total = dict(zip(names, totals, strict=True))
+            for name in LOSS_NAMES:
+                metrics[f"{mode}/loss_{name}"] = total[f"loss_{name}"] / max(total["batches"], 1)
+            for task in ("mlm", "itm", "qa", "obj_label"):
+                if total.get(f"{task}_total", 0) > 0:
+                    metrics[f"{mode}/{task}_acc"] = total[f"{task}_correct"] / total[f"{task}_total"]
+        return metrics
+
+
+def _count(sums: dict, name: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    sums[f"{name}_correct"] += (logits.argmax(-1) == targets).sum()
+    sums[f"{name}_total"] += targets.numel()

@@ -1,0 +1,319 @@
+"""The one training loop, shared by pre-training and every fine-tuning task.
+
+DeepSpeed owns the step (HelloDeepSpeed): `engine.backward(loss)`, `engine.step()`; gradient
+accumulation, clipping, loss scaling and ZeRO are ds_config entries. A `Task` supplies the
+batches, the loss of a batch in a given mode, and its evaluation; the loop never branches on a
+task name. Only rank 0 logs; every rank saves its checkpoint shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import deepspeed
+import torch
+from tqdm import tqdm
+
+from semvlp import checkpoint, dist
+from semvlp.run_config import RunConfig
+
+
+class Task(Protocol):
+    """What the loop needs from a pre-training or fine-tuning task."""
+
+    train_loader: object  # a semvlp.data.loader.ResumableLoader
+
+    def mode(self, step: int) -> str:
+        """ "single" or "two" for this global step; identical on every rank."""
+
+    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss of a batch and its named terms (for logging and non-finite checks)."""
+
+    def batch_samples(self, batch: dict) -> int: ...
+
+    def batch_flops(self, batch: dict, mode: str) -> float:
+        """Model FLOPs of forward + backward for this batch (semvlp.flops)."""
+
+    def evaluate(self, engine) -> dict[str, float]:
+        """Held-out metrics, reduced over ranks, named "<mode>/<metric>"."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ConfigError(ValueError):
+    """A bad option, found before any expensive work."""
+
+
+# --------------------------------------------------------------------------- ds_config
+
+
+def resolve_ds_config(run: RunConfig, world_size: int, run_dir: Path) -> dict:
+    """Load the ds_config, check it against this run, and fill its "auto" values.
+
+    Raises ConfigError naming the option at fault.
+    """
+    path = Path(run.deepspeed_config)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    total = cfg.get("train_batch_size")
+    if not isinstance(micro, int) or not isinstance(total, int):
+        raise ConfigError(f"{path}: set train_batch_size and train_micro_batch_size_per_gpu explicitly")
+    if micro * accum * world_size != total:
+        raise ConfigError(
+            f"{path}: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x world size {world_size} (= {micro * accum * world_size}). "
+            f"Keep the global batch by setting gradient_accumulation_steps={total // (micro * world_size) or 1} "
+            f"or change train_batch_size."
+        )
+    if "gradient_clipping" not in cfg:
+        raise ConfigError(f"{path}: set gradient_clipping explicitly (DeepSpeed >= 0.19.3 defaults it to 1.0)")
+    device_is_cuda = torch.cuda.is_available()
+    if cfg.get("fp16", {}).get("enabled") and not device_is_cuda:
+        raise ConfigError(f"{path}: fp16 needs a CUDA device; use ds_configs/cpu.json on CPU")
+    if cfg.get("bf16", {}).get("enabled") and device_is_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{path}: bf16 needs sm_80+ (A100/H100); use ds_configs/v100.json (fp16) here")
+    params = cfg.get("scheduler", {}).get("params", {})
+    if params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = run.max_steps
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = max(1, round(run.warmup_ratio * run.max_steps))
+    for monitor in ("tensorboard", "csv_monitor"):
+        if cfg.get(monitor, {}).get("output_path") == "auto":
+            cfg[monitor]["output_path"] = str(run_dir / monitor)
+    return cfg
+
+
+def precision(ds_config: dict) -> str:
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(run: RunConfig) -> Path:
+    """Create the run directory on rank 0 and record how the run was made."""
+    run_dir = Path(run.output_dir)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.save(run_dir / "hparams.json")
+        repo = Path(__file__).resolve().parents[1]
+        for name, cmd in (("githash.log", ["git", "rev-parse", "HEAD"]), ("gitdiff.log", ["git", "diff", "HEAD"])):
+            try:
+                out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                out = "unavailable\n"
+            (run_dir / name).write_text(out)
+    dist.barrier()
+    return run_dir
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """JSON lines (metrics.jsonl) and TensorBoard through DeepSpeed's monitor, rank 0 only."""
+
+    def __init__(self, run_dir: Path, engine):
+        self.path = run_dir / "metrics.jsonl"
+        self.engine = engine
+
+    def write(self, record: dict) -> None:
+        if not dist.is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            step = record["step"]
+            events = [
+                (f"{record['kind']}/{k}", v, step)
+                for k, v in record.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+            ]
+            monitor.write_events(events)
+
+
+@dataclass
+class Window:
+    """Sums since the last log line; tensors stay on the device until the log step."""
+
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    modes: list[str] = field(default_factory=list)
+    steps: int = 0
+    samples: int = 0
+    flops: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, terms: dict[str, torch.Tensor], mode: str, samples: int, flops: float) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.terms[name] = self.terms[name] + value if name in self.terms else value
+        self.modes.append(mode)
+        self.steps += 1
+        self.samples += samples
+        self.flops += flops
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _batches(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+    if torch.isfinite(loss):  # note: a host sync; it keeps a NaN out of the optimizer step
+        return
+    bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step + 1} (term(s): {', '.join(bad) or 'total'}; "
+        f"values: { {k: float(v) for k, v in terms.items()} }). Stopping; the last complete checkpoint is untouched."
+    )
+
+
+@dataclass
+class TrainResult:
+    step: int  # global optimizer steps done
+    finished: bool  # reached --max_steps (False: stopped by --exit_after_steps)
+    metrics: dict[str, float]  # the final held-out metrics (empty when not finished)
+
+
+def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) -> TrainResult:
+    """Run `run.max_steps` optimizer steps from the newest checkpoint (with --resume) or from scratch.
+
+    Args:
+        engine: the DeepSpeed engine wrapping the model.
+        task: batches, loss and evaluation (see `Task`).
+        run: the run configuration.
+        run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go.
+        ds_config: the resolved DeepSpeed config (for precision and batch arithmetic in logs).
+    Returns:
+        Where the run stopped and, when it finished, the final held-out metrics.
+    """
+    log = MetricsLog(run_dir, engine)
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if run.resume:
+        state = checkpoint.load_latest(engine, ckpt_dir)
+        if state is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {ckpt_dir}")
+        step = state["step"]
+        task.train_loader.load_state_dict(state["loader"])
+        log.write({"kind": "resume", "step": step, "from": checkpoint.latest_tag(ckpt_dir)})
+    mixed = precision(ds_config)
+
+    def save(at_step: int) -> None:
+        client_state = {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__}
+        checkpoint.save(engine, ckpt_dir, at_step, client_state, run.keep_checkpoints)
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        engine.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(engine)
+        engine.train()
+        log.write({"kind": "eval", "step": at_step, **metrics})
+        return metrics
+
+    progress = tqdm(total=run.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    window = Window()
+    skipped_before = engine.skipped_steps if mixed == "fp16" else 0
+    engine.train()
+    batches = _batches(task.train_loader)
+    stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
+    while step < stop_at:
+        batch = _to_device(next(batches), engine.device)
+        mode = task.mode(step)
+        loss, terms = task.loss(engine, batch, mode)
+        if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
+            _check_finite(loss, terms, step)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        window.add({"loss": loss, **terms}, mode, task.batch_samples(batch), task.batch_flops(batch, mode))
+
+        if step % run.log_every == 0 or step == stop_at:
+            record = _log_record(window, step, engine, mixed, skipped_before)
+            skipped_before = record.get("skipped_steps_total", 0)
+            log.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+            window = Window()
+        progress.update(1)
+        if run.eval_every and step % run.eval_every == 0 and step != run.max_steps:
+            evaluate(step)
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step != stop_at:
+            save(step)
+    progress.close()
+    save(step)
+    finished = step == run.max_steps
+    return TrainResult(step, finished, evaluate(step) if finished else {})
+
+
+def _log_record(window: Window, step: int, engine, mixed: str, skipped_before: int) -> dict:
+    elapsed = time.perf_counter() - window.start
+    # The window's modes must agree across ranks; a mismatch would silently train a mixture.
+    all_modes = dist.all_gather_object(window.modes)
+    if any(m != all_modes[0] for m in all_modes):
+        raise RuntimeError(f"ranks disagree on the stream mode at steps {step - window.steps + 1}..{step}: {all_modes}")
+    world = dist.world_size()
+    record = {
+        "kind": "train",
+        "step": step,
+        **{k: float(v) / window.steps for k, v in window.terms.items()},
+        "modes": window.modes,
+        "modes_agree_across_ranks": True,
+        "lr": engine.get_lr()[0],
+        "samples_per_s": window.samples * world / elapsed,
+        "tflops_per_s": window.flops * world / elapsed / 1e12,
+        "step_time_s": elapsed / window.steps,
+        "world_size": world,
+    }
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        record["grad_norm"] = float(grad_norm)
+    if mixed == "fp16":
+        record["loss_scale"] = engine.optimizer.cur_scale if hasattr(engine.optimizer, "cur_scale") else None
+        record["skipped_steps_total"] = engine.skipped_steps
+        record["skipped_steps"] = engine.skipped_steps - skipped_before  # fp16 overflow: step skipped
+    if torch.cuda.is_available():
+        record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
