@@ -34,11 +34,12 @@ import triton.language as tl
 
 MAX_KEYS = 128  # keys of one (batch, head) held in one tile; see module docstring
 LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read when this module's kernels are decorated, which is when triton decides interpreted vs compiled.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _configs(block_ms: list[int]) -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter cannot time configs; pin one (STYLE.md (e))
+    if INTERPRETED:  # the interpreter cannot time configs; pin one (STYLE.md (e))
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in block_ms for w in (4, 8) for s in (1, 2)]
 
@@ -217,7 +218,8 @@ def _new_like_heads(x: torch.Tensor) -> torch.Tensor:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q [B,H,Tq,D], k/v [B,H,Tk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"expected q [B,H,Tq,D], k/v [B,H,Tk,D]; got {shapes}")
     if q.shape[3] not in (16, 32, 64, 128):
         raise ValueError(f"head dim {q.shape[3]} not supported by the Triton attention (16, 32, 64 or 128)")
     if not 1 <= k.shape[2] <= MAX_KEYS:
@@ -233,7 +235,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: 
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
     ):
-        raise ValueError(f"key_padding_mask must be bool [B, Tk]; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        got = f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        raise ValueError(f"key_padding_mask must be bool [B, Tk]; got {got}")
 
 
 def _launch_args(q, k, key_padding_mask):

@@ -1,11 +1,23 @@
 """The one place that decides which implementation of each fused op runs.
 
-Per device and dtype (DESIGN.md section 5):
-- CPU: the pure-PyTorch references.
-- sm_70 (V100): cuBLAS GEMMs, PyTorch SDPA attention (its memory-efficient backend is the
-  only fused one there), Triton only for memory-bound fusions once they exist.
-- sm_80+ (A100, H100): Triton kernels once they exist, else SDPA.
-The model config's `kernel_backend` overrides "auto". The choice is logged once.
+Per device and dtype (DESIGN.md section 5), for kernel_backend="auto":
+
+| device                      | attention                          | bias+GELU, residual+LN, linear CE |
+|-----------------------------|------------------------------------|-----------------------------------|
+| CPU                         | eager reference                    | eager reference                   |
+| CUDA sm_70..sm_7x (V100)    | SDPA (memory-efficient backend)    | Triton (memory-bound, no tl.dot)  |
+| CUDA sm_80+ (A100, H100)    | Triton (Tk <= 128, else SDPA)      | Triton                            |
+| CUDA older than sm_70       | SDPA                               | eager reference                   |
+
+GEMMs are always cuBLAS (F.linear in the model). Explicit backends override "auto":
+"eager" (references everywhere), "sdpa" (SDPA attention + references), "triton" (all Triton
+kernels; on CPU only under TRITON_INTERPRET=1, for tests). bf16 on sm_70 has no hardware
+support: "auto" then uses "sdpa". The Triton attention supports head dims 16/32/64/128 and up to
+MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call by call.
+
+Attention-probability dropout is implemented in the Triton attention (Philox, regenerated in the
+backward), so training with dropout stays on the Triton path. The choice is logged once per
+(backend, device, dtype).
 """
 
 from __future__ import annotations
@@ -17,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from semvlp_kernels.attention import attention_reference, attention_sdpa
-from semvlp_kernels.bias_gelu import bias_gelu_reference
-from semvlp_kernels.linear_cross_entropy import linear_cross_entropy_reference
-from semvlp_kernels.residual_layer_norm import residual_layer_norm_reference
+from semvlp_kernels.attention import INTERPRETED, MAX_KEYS, attention, attention_reference, attention_sdpa
+from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
+from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +48,63 @@ class KernelOps:
     linear_cross_entropy: Callable[..., torch.Tensor]
 
 
+def _triton_attention_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return k.shape[-2] <= MAX_KEYS and q.shape[-1] in (16, 32, 64, 128) and q.shape[-2] >= 1 and k.shape[-2] >= 1
+
+
+def attention_triton_or_fallback(q, k, v, key_padding_mask=None, dropout_p=0.0):
+    """Triton attention where its shape limits allow, else SDPA (CUDA) or the reference (CPU)."""
+    if _triton_attention_supports(q, k):
+        return attention(q, k, v, key_padding_mask, dropout_p)
+    fallback = attention_sdpa if q.is_cuda else attention_reference
+    return fallback(q, k, v, key_padding_mask, dropout_p)
+
+
 EAGER = KernelOps(
     "eager", attention_reference, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference
 )
 SDPA = KernelOps(
     "sdpa", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference
 )
+# sm_70: cuBLAS GEMMs + SDPA memory-efficient attention + Triton memory-bound fusions.
+VOLTA = KernelOps("sdpa+triton-fusions", attention_sdpa, bias_gelu, residual_layer_norm, linear_cross_entropy)
+TRITON = KernelOps("triton", attention_triton_or_fallback, bias_gelu, residual_layer_norm, linear_cross_entropy)
 
 
-def _resolve_auto(device: torch.device) -> str:
+def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:
     if device.type != "cuda":
-        return "eager"
-    return "sdpa"
+        return EAGER
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return TRITON
+    if major == 7:
+        return SDPA if dtype == torch.bfloat16 else VOLTA
+    return SDPA
+
+
+def _check_triton_usable(device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if not INTERPRETED:
+        raise ValueError(
+            f"kernel_backend='triton' on {device} needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before semvlp_kernels is imported (tests do this in their conftest)"
+        )
 
 
 @functools.cache
 def _select(backend: str, device_type: str, device_index: int | None, dtype: torch.dtype) -> KernelOps:
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    resolved = _resolve_auto(device) if backend == "auto" else backend
-    table = {"eager": EAGER, "sdpa": SDPA}
-    if resolved not in table:
-        raise ValueError(f"kernel_backend={backend!r} is not available on {device} ({dtype})")
-    ops = table[resolved]
+    if backend == "auto":
+        ops = _resolve_auto(device, dtype)
+    elif backend in ("eager", "sdpa", "triton"):
+        ops = {"eager": EAGER, "sdpa": SDPA, "triton": TRITON}[backend]
+    else:
+        raise ValueError(f"kernel_backend={backend!r}; expected 'auto', 'eager', 'sdpa' or 'triton'")
+    if ops not in (EAGER, SDPA):
+        _check_triton_usable(device)
+    if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        logger.warning("kernel_backend='triton' on sm_7x: tl.dot has no tensor cores there (DESIGN.md 5)")
     logger.info("kernel backend %r -> %s on %s (%s)", backend, ops.name, device, dtype)
     return ops
 

@@ -94,7 +94,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         compute_grad = any(ctx.needs_input_grad[:3])
-        loss, dhidden, dweight, dbias, n_valid = linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad)
+        loss, *grads = linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad)
+        dhidden, dweight, dbias, n_valid = grads
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         if compute_grad:

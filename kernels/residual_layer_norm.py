@@ -220,7 +220,8 @@ def _residual_dropout_mask_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.co
 def residual_dropout_mask(shape: tuple[int, ...], dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The bool keep-mask that `residual_layer_norm(..., dropout_p, seed)` applies to x + bias."""
     keep = torch.empty(shape, dtype=torch.uint8, device=device)
-    _residual_dropout_mask_kernel[(triton.cdiv(keep.numel(), 1024),)](keep, keep.numel(), float(dropout_p), seed, BLOCK=1024)
+    grid = (triton.cdiv(keep.numel(), 1024),)
+    _residual_dropout_mask_kernel[grid](keep, keep.numel(), float(dropout_p), seed, BLOCK=1024)
     return keep.bool()
 
 

@@ -1,7 +1,12 @@
-"""Kernel tests run compiled on CUDA when a GPU is present, else under the Triton interpreter.
+"""Kernel tests: compiled on CUDA when a GPU is present, else under the Triton interpreter.
 
 TRITON_INTERPRET must be set before any `@triton.jit` function is defined (triton reads it at
-decoration time), so it is set here, before the test modules import `semvlp_kernels.*`.
+decoration time), so it is set here, before the test modules import `semvlp_kernels.*`, and
+only on machines without CUDA.
+
+Every test that takes a `device` argument runs twice: "cpu" (interpreter; skipped on CUDA
+machines, where the kernels are compiled and cannot take CPU tensors) and "cuda" (marked `gpu`;
+skipped without a GPU). `pytest -m gpu tests/kernels` therefore runs the same tests compiled.
 """
 
 import os
@@ -13,7 +18,19 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+DEVICES = [
+    pytest.param(
+        "cpu",
+        id="cpu",
+        marks=pytest.mark.skipif(HAS_CUDA, reason="interpreter run: this machine has CUDA, see the gpu variant"),
+    ),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,6 +40,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def device() -> torch.device:
-    return DEVICE
+@pytest.fixture(autouse=True)
+def _seed_and_poison(monkeypatch):
+    """Pin the seed, and make every fresh allocation NaN (float) or 0x5A (integer) so that an
+    element a kernel forgets to write shows up as NaN or garbage instead of a lucky zero."""
+    torch.manual_seed(1234)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(0x5A if t.dtype != torch.bool else True)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

@@ -1,0 +1,75 @@
+"""Triton LayerNorm(residual + dropout(x + bias)) vs the eager composition: y and the gradients
+of x, bias, residual, weight and ln_bias, in fp32, fp16 and bf16 (kernels upcast after loading),
+with and without dropout (same Philox mask materialised for the reference)."""
+
+import pytest
+import torch
+from _checks import assert_close, assert_lowp_close
+
+from semvlp_kernels.residual_layer_norm import (
+    MAX_COLS,
+    residual_dropout_mask,
+    residual_layer_norm,
+    residual_layer_norm_reference,
+)
+
+# (rows shape, features): tiny preset (128), an odd width, a single row, BERT-base (768).
+# (N = 1 is degenerate: xhat = 0 exactly in the kernel, rounding noise * 1e6 in torch.)
+SHAPES = [((2, 61), 128), ((3, 7), 257), ((1,), 33), ((1, 9), 768)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAMES = ("y", "dx", "dbias", "dresidual", "dweight", "dln_bias")
+
+
+def _inputs(rows, n, dtype, device):
+    def make(*shape, mean=0.0, std=1.0):
+        return (mean + std * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+
+    return (
+        make(*rows, n, mean=0.5),  # x
+        make(n, std=0.1),  # bias
+        make(*rows, n, mean=-1.0),  # residual
+        make(n, mean=1.0, std=0.1),  # weight
+        make(n, std=0.1),  # ln_bias
+    )
+
+
+def _run(fn, inputs, dy, **kw):
+    y = fn(*inputs, 1e-12, **kw)
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_residual_layer_norm_matches_reference(shape, dtype, dropout_p, device):
+    rows, n = shape
+    if dropout_p and n == 768:
+        pytest.skip("covered by the other dropout shapes; Philox is slow in the interpreter")
+    inputs = _inputs(rows, n, dtype, device)
+    before = [t.detach().clone() for t in inputs]
+    dy = (0.1 * torch.randn(*rows, n, device=device)).to(dtype)
+    ours = _run(residual_layer_norm, inputs, dy, dropout_p=dropout_p, seed=7)
+    for t, t0 in zip(inputs, before, strict=True):
+        assert torch.equal(t.detach(), t0), "inputs modified"
+
+    keep = residual_dropout_mask(inputs[0].shape, dropout_p, 7, inputs[0].device) if dropout_p else None
+    if keep is not None and keep.numel() > 500:
+        assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.03, "keep fraction far from 1 - p"
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    ref = _run(residual_layer_norm_reference, inputs32, dy.float(), dropout_p=dropout_p, keep_mask=keep)
+    if dtype == torch.float32:
+        for name, a, e in zip(NAMES, ours, ref, strict=True):
+            assert_close(name, a, e, atol=2e-5, rtol=1e-4)  # fp32, different reduction order
+    else:
+        low_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        low = _run(residual_layer_norm_reference, low_inputs, dy, dropout_p=dropout_p, keep_mask=keep)
+        for name, a, e, lo in zip(NAMES, ours, ref, low, strict=True):
+            assert_lowp_close(name, a, e, lo)
+
+
+def test_residual_layer_norm_rejects_wide_rows(device):
+    n = MAX_COLS + 1
+    x = torch.randn(1, n, device=device)
+    vec = torch.randn(n, device=device)
+    with pytest.raises(ValueError, match="MAX_COLS"):
+        residual_layer_norm(x, vec, x, vec, vec, 1e-5)
