@@ -112,6 +112,11 @@ def precision(ds_config: dict) -> str:
 def prepare_run_dir(run: RunConfig) -> Path:
     """Create the run directory on rank 0 and record how the run was made."""
     run_dir = Path(run.output_dir)
+    if not run.resume and (run_dir / "checkpoints" / checkpoint.POINTER).exists():
+        raise ConfigError(
+            f"--output_dir {run_dir} already holds a run with checkpoints: pass --resume to continue it "
+            "or choose another --output_dir"
+        )
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         run.save(run_dir / "hparams.json")

@@ -1,0 +1,190 @@
+"""launch/pretrain.py end to end: real DeepSpeed engines in 2 CPU processes (gloo) on the toy world."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "pretrain.py"
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+def run_pretrain(args: list[str], processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if processes == 1:
+        cmd = [sys.executable, str(LAUNCHER)]
+    else:
+        port = str(29600 + os.getpid() % 300)
+        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(LAUNCHER)]
+    cmd += ["--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"), "--preset", "tiny", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def fp32_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+
+
+def optimizer_state(run_dir: Path) -> list[dict]:
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    shards = sorted((run_dir / "checkpoints" / tag).glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # ZeRO-1: one optimizer shard per rank
+    return [torch.load(s, map_location="cpu", weights_only=False)["optimizer_state_dict"] for s in shards]
+
+
+def assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    from semvlp.data.toy import ensure_toy_world
+
+    return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
+
+
+def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
+    run_dir = tmp_path / "run"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "24", "--log_every", "4",
+         "--eval_every", "0", "--eval_batches", "2", "--num_workers", "1"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+    assert all(r["world_size"] == 2 and r["modes_agree_across_ranks"] for r in train)
+    modes = [m for r in train for m in r["modes"]]
+    assert len(modes) == 24 and {"single", "two"} == set(modes)
+    losses = [r["loss"] for r in train]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    for name in ("mlm", "obj_feat", "obj_label", "attr_label", "itm", "qa"):
+        assert all(name in r for r in train)
+    assert train[-1]["samples_per_s"] > 0 and train[-1]["tflops_per_s"] > 0
+    evaluation = records(run_dir, "eval")[-1]
+    for mode in ("single", "two"):
+        for metric in ("itm_acc", "mlm_acc", "qa_acc", "obj_label_acc", "loss_itm"):
+            assert f"{mode}/{metric}" in evaluation
+    assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "vocab.txt").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "held-out metrics after 24 steps" in result.stdout
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
+    common = ["--data", str(toy_data), "--max_steps", "8", "--eval_every", "0", "--eval_batches", "1",
+              "--log_every", "2", "--num_workers", "1"]  # fmt: skip
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    assert run_pretrain([*common, "--output_dir", str(straight)]).returncode == 0
+    first = run_pretrain([*common, "--output_dir", str(pieces), "--exit_after_steps", "5"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped at step 5 of 8" in first.stdout
+    second = run_pretrain([*common, "--output_dir", str(pieces), "--resume"])
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    assert records(pieces, "resume")[0]["step"] == 5
+    straight_losses = [r["loss"] for r in records(straight, "train")]
+    pieces_losses = [r["loss"] for r in records(pieces, "train")]
+    # Logged windows: straight 1-2, 3-4, 5-6, 7-8; pieces 1-2, 3-4, 5, 6, 7-8.
+    assert [pieces_losses[i] for i in (0, 1, 4)] == [straight_losses[i] for i in (0, 1, 3)]
+    assert_same(fp32_state(pieces), fp32_state(straight), "params")
+    assert_same(optimizer_state(pieces), optimizer_state(straight), "optimizer")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "--preset 'huge' is unknown"),
+        (["--cross_attention_start_layer", "9"], "cross_attention_start_layer=9 must be in 0..num_hidden_layers=4"),
+        (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json: no such file"),
+        (["--stream_schedule", "sometimes"], "--stream_schedule 'sometimes'"),
+        (["--max_steps", "0"], "--max_steps must be >= 1"),
+    ],
+)  # fmt: skip
+def test_configuration_errors_name_the_option(tmp_path, toy_data, args, message):
+    result = run_pretrain(["--data", str(toy_data), "--output_dir", str(tmp_path), *args], processes=1, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config["train_batch_size"] = 48  # 16 x 1 x 2 ranks = 32
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(config))
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(tmp_path / "run"), "--deepspeed_config", str(bad)]
+    )
+    assert result.returncode != 0
+    assert (
+        "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
+        in (result.stderr)
+    )
+
+
+def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
+    from semvlp.config import config_from_preset
+    from semvlp.data.config import DataConfig
+    from semvlp.data.pretrain_dataset import load_pretrain_answer_table
+    from semvlp.data.tokenizer import load_tokenizer
+    from semvlp.model import SemVLPForPreTraining
+
+    data = DataConfig.load(toy_data)
+    config = config_from_preset(
+        "tiny",
+        vocab_size=len(load_tokenizer(data.vocab)),
+        num_object_labels=data.num_object_labels,
+        num_attribute_labels=data.num_attribute_labels,
+        num_qa_labels=len(load_pretrain_answer_table(data)),
+    )
+    model = SemVLPForPreTraining(config)
+    with torch.no_grad():
+        model.itm_head.weight.fill_(float("inf"))  # only the ITM logits become non-finite
+    model.save_pretrained(tmp_path / "broken")
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(tmp_path / "run"), "--init_from", str(tmp_path / "broken"),
+         "--max_steps", "4", "--num_workers", "0"],
+        processes=1,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "non-finite loss at step 1 (term(s): itm" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_demo_length_run_learns_cross_modal_matching(tmp_path, toy_data):
+    run_dir = tmp_path / "demo"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "400", "--eval_every", "0",
+         "--eval_batches", "0", "--log_every", "50", "--num_workers", "1"],
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = records(run_dir, "eval")[-1]
+    print(json.dumps(final, indent=1))
+    for mode in ("single", "two"):
+        assert final[f"{mode}/itm_acc"] >= 0.8, final
