@@ -19,8 +19,8 @@ import triton.language as tl
 
 BLOCK_ROWS = 32
 BLOCK_COLS = 256
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # jit globals must be constexpr
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -76,8 +76,10 @@ def _residual_layer_norm_backward_kernel(
     dx_ptr,  # [M, N] gradient of x (written only if HAS_DROPOUT; else it equals dh)
     partial_ptr,  # [3, num_programs, N] fp32: dweight, dln_bias, dbias partials
     M, N, rows_per_program, num_programs, dropout_p, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    # Each iteration handles ROWS rows at once (a [ROWS, BLOCK] tile) so that enough loads are
+    # in flight; a one-row loop is latency-bound on an H100.
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -88,30 +90,33 @@ def _residual_layer_norm_backward_kernel(
     dbias = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
-        offs = row * N + cols
-        h = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) + bias
+    for first in range(row_start, row_end, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_ok = rows < row_end
+        tile_ok = row_ok[:, None] & ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        h = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32) + bias[None, :]
         if HAS_DROPOUT:
             z = tl.where(tl.rand(seed, offs.to(tl.int32)) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
             h = h * z
-        h += tl.load(residual_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(ok, (h - mean) * rstd, 0.0)
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, 0) / N
-        c2 = tl.sum(wdy, 0) / N
-        dh = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=ok)
+        h += tl.load(residual_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(tile_ok, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, 1) / N
+        c2 = tl.sum(wdy, 1) / N
+        dh = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_DROPOUT:
             dx = dh * z
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
         else:
             dx = dh
-        dweight += dy * xhat
-        dln_bias += dy
-        dbias += tl.where(ok, dx, 0.0)
+        dweight += tl.sum(dy * xhat, 0)
+        dln_bias += tl.sum(dy, 0)
+        dbias += tl.sum(tl.where(tile_ok, dx, 0.0), 0)
     tl.store(partial_ptr + pid * N + cols, dweight, mask=ok)
     tl.store(partial_ptr + (num_programs + pid) * N + cols, dln_bias, mask=ok)
     tl.store(partial_ptr + (2 * num_programs + pid) * N + cols, dbias, mask=ok)
@@ -161,6 +166,7 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     m = x.numel() // n
     block = triton.next_power_of_2(n)
     programs = _num_programs(m, x.device)
+    rows_per_iter = max(1, min(8, 8192 // block))  # a [rows, block] fp32 tile of <= 8192 elements
     rows_per_program = triton.cdiv(m, programs)
     dh = torch.empty_like(x)
     dx = torch.empty_like(x) if dropout_p > 0.0 else dh
@@ -168,7 +174,7 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     _residual_layer_norm_backward_kernel[(programs,)](
         dy, x, bias, residual, weight, mean, rstd, dh, dx, partial,
         m, n, rows_per_program, programs, float(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=_num_warps(block),
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, ROWS=rows_per_iter, num_warps=8,
     )  # fmt: skip
     dweight, dln_bias, dbias = partial.sum(1)
     # Without dropout dx == dh: the same tensor goes to both inputs, as autograd's AddBackward does.

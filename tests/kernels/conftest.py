@@ -17,6 +17,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SEMVLP_TRITON_AUTOTUNE", "0")  # one pinned config per kernel under pytest
 
 DEVICES = [
     pytest.param(

@@ -1,0 +1,437 @@
+"""Benchmark the fused kernels against eager PyTorch (and every SDPA backend for attention).
+
+    python benchmarks/kernels.py                     # GPU: base shapes, batch 64, bf16
+    python benchmarks/kernels.py --quick             # fewer shapes, shorter timing (~30 s on H100)
+    python benchmarks/kernels.py --out DIR           # JSON goes to DIR (default benchmarks/results)
+    python benchmarks/kernels.py                     # CPU: tiny shapes, reference providers only
+
+One JSON file: meta (device, torch/triton/CUDA versions, git commit, dtype, batch) + the measured
+device-to-device copy bandwidth + one row per (op, case, provider, mode) with p50/p20/p80 ms
+(triton.testing.do_bench on CUDA), GB/s for the memory-bound ops (bytes moved / p50, counted as
+in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
+(tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
+difference against the fp32 reference checked once before timing. Every op/provider runs in its
+own try/except: a failure is recorded in its row and the rest still run.
+
+Shapes follow the model (DESIGN.md 1): base preset (12 heads x 64, hidden 768, FFN 3072),
+single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text, cross-attention
+101 x 20; masked LM on 15% of 20 text tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git_commit() -> str:
+    if os.environ.get("SEMVLP_GIT_COMMIT"):
+        return os.environ["SEMVLP_GIT_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+class Timer:
+    """do_bench on CUDA; a plain wall-clock loop on CPU (do_bench needs CUDA events)."""
+
+    def __init__(self, device: torch.device, quick: bool):
+        self.device = device
+        self.warmup, self.rep = (5, 20) if quick else (25, 100)
+
+    def __call__(self, fn, grad_to_none=None) -> tuple[float, float, float]:
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return tuple(
+                triton.testing.do_bench(
+                    fn, warmup=self.warmup, rep=self.rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+                )
+            )
+        times = []
+        fn()
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        return times[1], times[0], times[2]
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float | None:
+    """Device-to-device copy GB/s (read + write), the roofline for the memory-bound ops."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))[0]
+    return 2 * src.numel() / ms / 1e6
+
+
+# ---------------------------------------------------------------- per-op setups
+# Each setup returns (inputs: list of leaf tensors, providers: {name: fn(*inputs) -> tensor},
+# reference: fn(*inputs) -> fp32 tensor, bytes_fwd, bytes_bwd, (flops_fwd, flops_fwd_bwd) or None).
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def setup_attention(device, dtype, batch, heads, head_dim, tq, tk, lengths, providers):
+    from semvlp_kernels.attention import attention, attention_reference
+
+    # Leaves must be the [B, T, H, D] tensors, so build them first and view inside.
+    raw = [_leaf(torch.randn(batch, t, heads, head_dim, device=device, dtype=dtype)) for t in (tq, tk, tk)]
+    mask = None
+    if lengths is not None:
+        mask = (
+            torch.arange(tk, device=device)[None, :] < torch.tensor(lengths, device=device).repeat(batch)[:batch, None]
+        )
+
+    def views(q, k, v):
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def sdpa_with(backend):
+        from torch.nn.attention import sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                m = None if mask is None else mask[:, None, None, :]
+                return F.scaled_dot_product_attention(*views(q, k, v), attn_mask=m)
+
+        return fn
+
+    table = {
+        "triton": lambda q, k, v: attention(*views(q, k, v), mask),
+        "eager": lambda q, k, v: attention_reference(*views(q, k, v), mask),
+    }
+    try:
+        from torch.nn.attention import SDPBackend
+
+        for name, backend in (
+            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
+            ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("sdpa_math", SDPBackend.MATH),
+        ):
+            if backend is not None:
+                table[name] = sdpa_with(backend)
+    except ImportError:
+        pass
+    table = {k: v for k, v in table.items() if k in providers}
+    reference = lambda q, k, v: attention_reference(*(t.float() for t in views(q, k, v)), mask)
+    flops = 4 * batch * heads * tq * tk * head_dim
+    flops = (flops, 3.5 * flops)  # 06: the backward is 2.5x the forward
+    size = torch.finfo(dtype).bits // 8
+    bytes_fwd = size * batch * heads * head_dim * (2 * tq + 2 * tk)  # read q, k, v; write out
+    return raw, table, reference, bytes_fwd, 2 * bytes_fwd, flops
+
+
+def setup_bias_gelu(device, dtype, rows, cols, providers):
+    from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
+
+    x = _leaf(torch.randn(rows, cols, device=device, dtype=dtype))
+    bias = _leaf(0.1 * torch.randn(cols, device=device, dtype=dtype))
+    table = {"triton": bias_gelu, "eager": bias_gelu_reference}
+    size = torch.finfo(dtype).bits // 8
+    numel = rows * cols
+    # fwd: read x, write y; bwd: read dy and x, write dx (bias vectors are negligible).
+    reference = lambda x, b: bias_gelu_reference(x.float(), b.float())
+    return (
+        [x, bias],
+        {k: v for k, v in table.items() if k in providers},
+        reference,
+        2 * numel * size,
+        3 * numel * size,
+        None,
+    )
+
+
+def setup_residual_layer_norm(device, dtype, rows, cols, dropout_p, providers):
+    from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
+
+    x = _leaf(torch.randn(rows, cols, device=device, dtype=dtype))
+    residual = _leaf(torch.randn(rows, cols, device=device, dtype=dtype))
+    vecs = [_leaf(s * torch.randn(cols, device=device, dtype=dtype) + m) for s, m in ((0.1, 0), (0.1, 1), (0.1, 0))]
+    bias, weight, ln_bias = vecs
+    table = {
+        "triton": lambda x, b, r, w, lb: residual_layer_norm(x, b, r, w, lb, 1e-12, dropout_p),
+        "eager": lambda x, b, r, w, lb: residual_layer_norm_reference(x, b, r, w, lb, 1e-12, dropout_p),
+    }
+    # With dropout the outputs are random: the correctness check then runs at p = 0.
+    reference = lambda x, b, r, w, lb: residual_layer_norm_reference(*(t.float() for t in (x, b, r, w, lb)), 1e-12)
+    size = torch.finfo(dtype).bits // 8
+    numel = rows * cols
+    # fwd: read x, residual, write y; bwd: read dy, x, residual, write d residual (+ dx if dropout).
+    bytes_bwd = (4 + (dropout_p > 0)) * numel * size
+    inputs = [x, bias, residual, weight, ln_bias]
+    return inputs, {k: v for k, v in table.items() if k in providers}, reference, 3 * numel * size, bytes_bwd, None
+
+
+def setup_linear_cross_entropy(device, dtype, rows, hidden, vocab, providers):
+    from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    h = _leaf(torch.randn(rows, hidden, device=device, dtype=dtype))
+    w = _leaf(torch.randn(vocab, hidden, device=device, dtype=dtype) / math.sqrt(hidden))
+    b = _leaf(0.1 * torch.randn(vocab, device=device, dtype=dtype))
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    table = {
+        "triton": lambda h, w, b: linear_cross_entropy(h, w, b, labels),
+        "eager": lambda h, w, b: linear_cross_entropy_reference(h, w, b, labels),
+    }
+    reference = lambda h, w, b: linear_cross_entropy_reference(h.float(), w.float(), b.float(), labels)
+    return (
+        [h, w, b],
+        {k: v for k, v in table.items() if k in providers},
+        reference,
+        None,
+        None,
+        (2 * rows * hidden * vocab, 6 * rows * hidden * vocab),
+    )
+
+
+# ---------------------------------------------------------------- measuring one case
+
+
+def measure_case(op, case, setup, timer, device, modes, results, with_check=True):
+    try:
+        inputs, providers, reference, bytes_fwd, bytes_bwd, flops_fwd = setup()
+    except Exception as exc:  # noqa: BLE001 - record and keep going
+        results.append({"op": op, "case": case, "provider": "*", "error": f"setup: {exc!r}"})
+        return
+    expected = None
+    if with_check:
+        try:
+            expected = reference(*inputs).detach()
+        except Exception as exc:  # noqa: BLE001
+            results.append({"op": op, "case": case, "provider": "reference", "error": repr(exc)})
+    for provider, fn in providers.items():
+        row_base = {"op": op, "case": case, "provider": provider}
+        try:
+            out = fn(*inputs)
+            grad = torch.randn_like(out)
+            check = None
+            if expected is not None and not (op == "residual_layer_norm" and "drop" in case):
+                check = (out.float() - expected.float()).abs().max().item()
+        except Exception as exc:  # noqa: BLE001
+            results.append({**row_base, "mode": "check", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        for mode in modes:
+            row = {**row_base, "mode": mode, "max_abs_diff_vs_fp32_reference": check}
+            try:
+                if mode == "forward":
+                    closure = lambda fn=fn: fn(*inputs)
+                else:
+
+                    def closure(fn=fn, grad=grad):
+                        torch.autograd.backward(fn(*inputs), grad)
+
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                p50, p20, p80 = timer(closure, grad_to_none=inputs)
+                row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80)
+                if device.type == "cuda":
+                    row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                bytes_moved = bytes_fwd if mode == "forward" else (bytes_fwd + bytes_bwd if bytes_fwd else None)
+                if bytes_moved:
+                    row["GBps"] = bytes_moved / p50 / 1e6
+                if flops_fwd:
+                    flops = flops_fwd[0] if mode == "forward" else flops_fwd[1]
+                    row["TFLOPs"] = flops / p50 / 1e9
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            for t in inputs:
+                t.grad = None
+            results.append(row)
+            print(_format_row(row), flush=True)
+
+
+def _format_row(row: dict) -> str:
+    if "error" in row:
+        where = f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row.get('mode', ''):<8}"
+        return f"{where} ERROR {row['error'][:80]}"
+    extra = ""
+    if "GBps" in row:
+        extra += f" {row['GBps']:8.1f} GB/s"
+    if "TFLOPs" in row:
+        extra += f" {row['TFLOPs']:7.1f} TFLOP/s"
+    return f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8} {row['p50_ms']:8.3f} ms{extra}"
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """triton vs eager and vs the fastest non-triton provider, per (op, case, mode)."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        if "p50_ms" in r:
+            groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["p50_ms"]
+    out = []
+    for (op, case, mode), times in groups.items():
+        if "triton" not in times:
+            continue
+        others = {p: t for p, t in times.items() if p != "triton"}
+        best = min(others, key=others.get) if others else None
+        out.append(
+            {
+                "op": op,
+                "case": case,
+                "mode": mode,
+                "triton_ms": times["triton"],
+                "speedup_vs_eager": times["eager"] / times["triton"] if "eager" in times else None,
+                "best_other": best,
+                "speedup_vs_best_other": others[best] / times["triton"] if best else None,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
+    parser.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 2 on CPU")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if on_gpu else "fp32")
+    ]
+    batch = args.batch or (64 if on_gpu else 2)
+    # CPU: tiny shapes and reference providers only (no interpreter), so the script cannot rot.
+    heads, head_dim, hidden, ffn, vocab = (12, 64, 768, 3072, 30522) if on_gpu else (2, 32, 64, 256, 1000)
+    attention_providers = (
+        ["triton", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"] if on_gpu else ["eager"]
+    )
+    fused_providers = ["triton", "eager"] if on_gpu else ["eager"]
+    modes = ["forward", "full"]
+    timer = Timer(device, args.quick)
+    torch.manual_seed(0)
+
+    meta = {
+        "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu",
+        "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(device)) if on_gpu else None,
+        **_versions(),
+        "git_commit": _git_commit(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": batch,
+        "quick": args.quick,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": dict(heads=heads, head_dim=head_dim, hidden=hidden, ffn=ffn, vocab=vocab),
+    }
+    print(json.dumps(meta), flush=True)
+    results: list[dict] = []
+    bandwidth = None
+    try:
+        bandwidth = copy_bandwidth(device, timer)
+        print(f"device-to-device copy: {bandwidth} GB/s", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        results.append({"op": "copy", "case": "-", "provider": "torch", "error": repr(exc)})
+
+    text_lengths = [20, 14, 9, 17]  # mixed caption lengths, repeated over the batch
+    attention_cases = [
+        ("single_121_masked", 121, 121, [101 + n for n in text_lengths]),
+        ("single_121_nomask", 121, 121, None),
+        ("image_101", 101, 101, None),
+        ("text_20_masked", 20, 20, text_lengths),
+        ("cross_101x20_masked", 101, 20, text_lengths),
+    ]
+    if args.quick:
+        attention_cases = [attention_cases[0], attention_cases[1], attention_cases[4]]
+    for case, tq, tk, lengths in attention_cases:
+        measure_case(
+            "attention",
+            case,
+            lambda tq=tq, tk=tk, lengths=lengths: setup_attention(
+                device, dtype, batch, heads, head_dim, tq, tk, lengths, attention_providers
+            ),
+            timer,
+            device,
+            modes,
+            results,
+        )
+
+    rows = batch * 121  # single-stream tokens
+    measure_case(
+        "bias_gelu",
+        f"{rows}x{ffn}",
+        lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers),
+        timer,
+        device,
+        modes,
+        results,
+    )
+    for p in [0.1] if args.quick else [0.0, 0.1]:
+        measure_case(
+            "residual_layer_norm",
+            f"{rows}x{hidden}_drop{p}",
+            lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers),
+            timer,
+            device,
+            modes,
+            results,
+        )
+    mlm_rows = [max(1, round(batch * 20 * 0.15))] + ([] if args.quick else [batch * 20])
+    for n in mlm_rows:
+        measure_case(
+            "linear_cross_entropy",
+            f"{n}x{hidden}->{vocab}",
+            lambda n=n: setup_linear_cross_entropy(device, dtype, n, hidden, vocab, fused_providers),
+            timer,
+            device,
+            modes,
+            results,
+        )
+
+    report = {"meta": meta, "copy_GBps": bandwidth, "results": results, "speedups": speedups(results)}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = (meta["device"] or "cpu").replace(" ", "_").replace("/", "_")
+    path = out_dir / f"kernels_{tag}_{meta['dtype']}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print("\nspeedups (triton p50 vs others):", flush=True)
+    for s in report["speedups"]:
+        eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""
+        best = f"{s['speedup_vs_best_other']:.2f}x {s['best_other']}" if s["best_other"] else ""
+        print(f"  {s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['triton_ms']:.3f} ms  {eager}  {best}")
+    errors = [r for r in results if "error" in r]
+    print(f"wrote {path} ({len(results)} rows, {len(errors)} errors)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:  # noqa: BLE001 - never lose the traceback in a batch job
+        traceback.print_exc()
+        sys.exit(1)
