@@ -1,0 +1,63 @@
+"""Data: the HDF5 feature store, converters, annotation readers, batches, and the toy world.
+
+Formats are documented in docs/data_format.md. The entry points:
+
+    ensure_toy_world(folder) -> path of data.json            (semvlp/data/toy.py)
+    DataConfig.load(path)                                     (semvlp/data/config.py)
+    build_pretrain_loader(data_config, tokenizer, batch_size, rank, world_size, seed,
+                          num_workers, split)                 (semvlp/data/pretrain_dataset.py)
+    build_finetune_loader(data_config, task, split, ...)      (semvlp/data/finetune_dataset.py)
+    FeatureStore(path), load_tokenizer(vocab_path)
+"""
+
+from semvlp.data.annotations import (
+    AnswerTable,
+    MissingImagesError,
+    load_flickr30k,
+    load_gqa,
+    load_nlvr2,
+    load_pretrain_annotations,
+    load_vqa,
+    normalize_answer,
+)
+from semvlp.data.config import DataConfig
+from semvlp.data.finetune_dataset import build_finetune_dataset, build_finetune_loader
+from semvlp.data.loader import BatchKey, ResumableLoader
+from semvlp.data.pretrain_dataset import (
+    MaskingConfig,
+    PretrainDataset,
+    build_pretrain_dataset,
+    build_pretrain_loader,
+    load_pretrain_answer_table,
+)
+from semvlp.data.store import FeatureStore, FeatureStoreSet, FeatureStoreWriter, ImageFeatures, open_stores
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.data.toy import ensure_toy_world
+
+__all__ = [
+    "AnswerTable",
+    "BatchKey",
+    "DataConfig",
+    "FeatureStore",
+    "FeatureStoreSet",
+    "FeatureStoreWriter",
+    "ImageFeatures",
+    "MaskingConfig",
+    "MissingImagesError",
+    "PretrainDataset",
+    "ResumableLoader",
+    "build_finetune_dataset",
+    "build_finetune_loader",
+    "build_pretrain_dataset",
+    "build_pretrain_loader",
+    "ensure_toy_world",
+    "load_flickr30k",
+    "load_gqa",
+    "load_nlvr2",
+    "load_pretrain_annotations",
+    "load_pretrain_answer_table",
+    "load_tokenizer",
+    "load_vqa",
+    "normalize_answer",
+    "open_stores",
+]

@@ -1,0 +1,329 @@
+"""Converters from the feature formats users have into the project's HDF5 store.
+
+    python -m semvlp.data.convert lxmert-tsv train2014_obj36.tsv [more.tsv ...] --out coco.h5 --num-objects 36
+    python -m semvlp.data.convert npz-dir features_folder/ --out coco.h5 [--num-objects 100]
+    options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet
+
+lxmert-tsv: LXMERT's feature TSV (`airsplay/lxmert src/utils.py`): tab-separated, no header,
+columns img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes,
+features; array columns are base64 of little-endian arrays: objects_id int64 (N,),
+objects_conf float32 (N,), attrs_id int64 (N,), attrs_conf float32 (N,), boxes float32 (N, 4)
+in pixels (x1, y1, x2, y2), features float32 (N, D). Files are streamed line by line (they
+reach 17 GB; loading them whole is LXMERT's best-known memory problem).
+
+npz-dir: one `<image id>.npz` per image (StructVBERT's layout), keys img_h (or image_h), img_w
+(or image_w), features (N, D), boxes (or bbox) (N, 4) in pixels, optionally num_boxes (or
+num_bbox) and objects_id / objects_conf / attrs_id / attrs_conf (LXMERT names; obj_ids,
+obj_confs, attr_ids, attr_confs also accepted). Absent labels are stored as id 0 with
+confidence 0, so confidence-weighted object losses ignore them.
+
+Objects per image: with N > K boxes the K most confident (by object confidence) are kept, in
+their original order; N < K is an error naming the image unless --pad, which appends zero
+objects and records the per-object validity mask. Boxes are divided by the image width and
+height (coordinates up to one pixel outside the image are clipped; further out is an error).
+
+Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
+the image, too few boxes, a duplicate id) stops the conversion with an error naming the file,
+the line (TSV) and image, and the field; with --skip-bad such records are skipped, counted and
+listed at the end. The store is written to a temporary file and renamed into place only when
+complete, so an interrupted conversion leaves no store behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import csv
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter
+
+TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
+              "num_boxes", "boxes", "features")
+_BOX_TOLERANCE_PX = 1.0
+
+
+class ConversionError(ValueError):
+    """A bad input record, with where it is: file, line or image, and field."""
+
+
+@dataclass
+class RawImage:
+    """One image as a detector wrote it: N boxes in pixels, full-precision features."""
+
+    image_id: str
+    img_h: int
+    img_w: int
+    boxes: np.ndarray  # [N, 4] pixels
+    features: np.ndarray  # [N, D]
+    obj_ids: np.ndarray  # [N]
+    obj_confs: np.ndarray
+    attr_ids: np.ndarray
+    attr_confs: np.ndarray
+
+
+@dataclass
+class ConversionReport:
+    written: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)  # the first few error messages
+
+
+def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
+    """Check one image and bring it to exactly K objects with normalized boxes."""
+    n = len(raw.boxes)
+    if raw.features.shape != (n, feature_dim):
+        raise BadRecordError("features", f"shape {raw.features.shape}, expected ({n}, {feature_dim})")
+    for name in ("obj_ids", "obj_confs", "attr_ids", "attr_confs"):
+        if getattr(raw, name).shape != (n,):
+            raise BadRecordError(name, f"shape {getattr(raw, name).shape}, expected ({n},)")
+    if raw.img_h <= 0 or raw.img_w <= 0:
+        raise BadRecordError("img_h/img_w", f"image size must be positive, got {raw.img_h}x{raw.img_w}")
+    for name in ("features", "boxes", "obj_confs", "attr_confs"):
+        if not np.isfinite(getattr(raw, name)).all():
+            raise BadRecordError(name, "contains NaN or infinite values")
+    if np.abs(raw.features).max(initial=0.0) > np.finfo(np.float16).max:
+        raise BadRecordError("features", "values overflow float16")
+    b, w, h, tol = raw.boxes, raw.img_w, raw.img_h, _BOX_TOLERANCE_PX
+    outside = ((b[:, 0] < -tol) | (b[:, 1] < -tol) | (b[:, 2] > w + tol) | (b[:, 3] > h + tol)
+               | (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise BadRecordError("boxes", f"box {i} {b[i].tolist()} lies outside the {w}x{h} image "
+                             f"(or has x2 < x1 / y2 < y1)")
+    if n > num_objects:
+        keep = np.sort(np.argsort(-raw.obj_confs, kind="stable")[:num_objects])
+    elif n < num_objects and not pad:
+        raise BadRecordError("num_boxes", f"{n} boxes, fewer than --num-objects {num_objects} "
+                             "(use --pad to pad and record a validity mask)")
+    else:
+        keep = np.arange(n)
+    k = len(keep)
+    out = {
+        "features": np.zeros((num_objects, feature_dim), np.float16),
+        "boxes": np.zeros((num_objects, 4), np.float32),
+        "obj_ids": np.zeros(num_objects, np.int64),
+        "obj_confs": np.zeros(num_objects, np.float32),
+        "attr_ids": np.zeros(num_objects, np.int64),
+        "attr_confs": np.zeros(num_objects, np.float32),
+    }
+    out["features"][:k] = raw.features[keep]
+    scale = np.array([w, h, w, h], np.float64)
+    out["boxes"][:k] = np.clip(raw.boxes[keep].astype(np.float64) / scale, 0.0, 1.0)
+    for name in ("obj_ids", "obj_confs", "attr_ids", "attr_confs"):
+        out[name][:k] = getattr(raw, name)[keep]
+    if pad:
+        out["valid_mask"] = np.arange(num_objects) < k
+    return dict(img_h=int(h), img_w=int(w), **out)
+
+
+def _b64_array(text: str, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        buf = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRecordError(name, f"invalid base64 ({e})") from None
+    itemsize = np.dtype(dtype).itemsize
+    expected = int(np.prod(shape))
+    if len(buf) != expected * itemsize:
+        raise BadRecordError(name, f"decodes to {len(buf) / itemsize:g} {np.dtype(dtype).name} values, "
+                             f"expected {expected} (shape {shape})")
+    return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRecordError(name, f"not an integer: {text[:40]!r}") from None
+
+
+def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
+    """One LXMERT TSV row; raises BadRecordError naming the field."""
+    if len(row) != len(TSV_FIELDS):
+        raise BadRecordError("columns", f"{len(row)} tab-separated columns, expected {len(TSV_FIELDS)} "
+                             f"({', '.join(TSV_FIELDS)})")
+    n = _int(row[7], "num_boxes")
+    if n < 0:
+        raise BadRecordError("num_boxes", f"negative: {n}")
+    return RawImage(
+        image_id=row[0],
+        img_h=_int(row[1], "img_h"),
+        img_w=_int(row[2], "img_w"),
+        obj_ids=_b64_array(row[3], np.int64, (n,), "objects_id"),
+        obj_confs=_b64_array(row[4], np.float32, (n,), "objects_conf"),
+        attr_ids=_b64_array(row[5], np.int64, (n,), "attrs_id"),
+        attr_confs=_b64_array(row[6], np.float32, (n,), "attrs_conf"),
+        boxes=_b64_array(row[8], np.float32, (n, 4), "boxes"),
+        features=_b64_array(row[9], np.float32, (n, feature_dim), "features"),
+    )
+
+
+# A record source yields (location, image id if known before parsing, parse function).
+Record = tuple[str, str | None, Callable[[], RawImage]]
+
+
+def tsv_records(paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_DIM) -> Iterator[Record]:
+    """Records of LXMERT TSV files, streamed line by line."""
+    csv.field_size_limit(sys.maxsize)  # one features column is ~300 KB of base64
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for row in reader:
+                image_id = row[0] if row else None
+                yield f"{path}, line {reader.line_num}", image_id, lambda row=row: parse_tsv_row(row, feature_dim)
+
+
+_NPZ_KEYS = {
+    "img_h": ("img_h", "image_h"),
+    "img_w": ("img_w", "image_w"),
+    "num_boxes": ("num_boxes", "num_bbox"),
+    "features": ("features",),
+    "boxes": ("boxes", "bbox"),
+    "obj_ids": ("objects_id", "obj_ids"),
+    "obj_confs": ("objects_conf", "obj_confs"),
+    "attr_ids": ("attrs_id", "attr_ids"),
+    "attr_confs": ("attrs_conf", "attr_confs"),
+}
+
+
+def parse_npz(path: str | os.PathLike) -> RawImage:
+    """One per-image .npz file; raises BadRecordError naming the key."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise BadRecordError("file", f"not a readable .npz ({e})") from None
+
+    def get(name: str, required: bool = True) -> np.ndarray | None:
+        for key in _NPZ_KEYS[name]:
+            if key in data:
+                return data[key]
+        if required:
+            raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; "
+                                 f"file has {sorted(data)})")
+        return None
+
+    features, boxes = get("features"), get("boxes")
+    if features.ndim != 2:
+        raise BadRecordError("features", f"expected a 2-d (N, D) array, got shape {features.shape}")
+    n = len(features)
+    if boxes.shape != (n, 4):
+        raise BadRecordError("boxes", f"shape {boxes.shape}, expected ({n}, 4)")
+    num_boxes = get("num_boxes", required=False)
+    if num_boxes is not None and int(num_boxes) != n:
+        raise BadRecordError("num_boxes", f"says {int(num_boxes)} but features has {n} rows")
+    labels = {}
+    for name, dtype in (("obj_ids", np.int64), ("obj_confs", np.float32),
+                        ("attr_ids", np.int64), ("attr_confs", np.float32)):
+        arr = get(name, required=False)
+        labels[name] = np.zeros(n, dtype) if arr is None else np.asarray(arr).reshape(-1).astype(dtype)
+    return RawImage(image_id=Path(path).stem, img_h=int(get("img_h")), img_w=int(get("img_w")),
+                    boxes=boxes.astype(np.float32), features=features, **labels)
+
+
+def npz_records(folder: str | os.PathLike) -> Iterator[Record]:
+    files = sorted(Path(folder).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no .npz files in {folder}")
+    for p in files:
+        yield str(p), p.stem, lambda p=p: parse_npz(p)
+
+
+def convert(
+    records: Iterable[Record],
+    out: str | os.PathLike,
+    num_objects: int = 100,
+    feature_dim: int = FEATURE_DIM,
+    pad: bool = False,
+    skip_bad: bool = False,
+    compression: str | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> ConversionReport:
+    """Write records into a store at `out` (atomically). Raises ConversionError on the first bad
+    record unless skip_bad. Returns what was written and skipped."""
+    report = ConversionReport()
+    with FeatureStoreWriter(out, num_objects, feature_dim, padded=pad, compression=compression) as writer:
+        bar = tqdm(records, total=total, unit="img", desc=f"-> {Path(out).name}", disable=not progress,
+                   mininterval=1.0, smoothing=0.1)
+        for location, image_id, parse in bar:
+            try:
+                raw = parse()
+                image_id = raw.image_id
+                writer.add(raw.image_id, **_fit(raw, num_objects, feature_dim, pad))
+            except BadRecordError as e:
+                where = location + (f" (image {image_id})" if image_id else "")
+                msg = f"{where}: {e}"
+                if not skip_bad:
+                    raise ConversionError(msg + " (pass --skip-bad to skip such records)") from None
+                report.skipped += 1
+                if len(report.skipped_examples) < 10:
+                    report.skipped_examples.append(msg)
+                continue
+            report.written += 1
+        bar.close()
+        if report.written == 0:
+            raise ConversionError(f"no images converted into {out} ({report.skipped} bad records skipped)")
+    return report
+
+
+def convert_lxmert_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
+    """LXMERT TSV file(s) -> store; kwargs as `convert`."""
+    return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM)), out, **kwargs)
+
+
+def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
+    """A folder of per-image .npz files -> store; kwargs as `convert`."""
+    total = len(list(Path(folder).glob("*.npz")))
+    return convert(npz_records(folder), out, total=total, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m semvlp.data.convert",
+                                     description="Convert region features into a semvlp HDF5 store.")
+    sub = parser.add_subparsers(dest="format", required=True)
+    tsv = sub.add_parser("lxmert-tsv", help="LXMERT feature TSV file(s)")
+    tsv.add_argument("inputs", nargs="+")
+    npz = sub.add_parser("npz-dir", help="a folder of per-image .npz files")
+    npz.add_argument("folder")
+    for p in (tsv, npz):
+        p.add_argument("--out", required=True, help="the store to write (.h5)")
+        p.add_argument("--num-objects", type=int, default=100, help="K, objects per image (default 100)")
+        p.add_argument("--feature-dim", type=int, default=FEATURE_DIM)
+        p.add_argument("--pad", action="store_true", help="pad images with fewer than K boxes")
+        p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+        p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
+                       help="compress features (smaller, slower to read; default none)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    kwargs = dict(num_objects=args.num_objects, feature_dim=args.feature_dim, pad=args.pad,
+                  skip_bad=args.skip_bad, progress=not args.quiet,
+                  compression=None if args.compression == "none" else args.compression)
+    try:
+        if args.format == "lxmert-tsv":
+            report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
+        else:
+            report = convert_npz_dir(args.folder, args.out, **kwargs)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"no store written at {args.out}", file=sys.stderr)
+        return 1
+    print(f"wrote {report.written} images (K={args.num_objects}) to {args.out}")
+    if report.skipped:
+        print(f"skipped {report.skipped} bad records; the first {len(report.skipped_examples)}:")
+        for msg in report.skipped_examples:
+            print(f"  {msg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

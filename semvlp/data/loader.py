@@ -1,0 +1,215 @@
+"""Deterministic, sharded, resumable batch loading shared by pre-training and fine-tuning.
+
+The unit of work is a whole batch. A `BatchKey` names it: (seed, epoch, global batch number,
+example indices). A dataset item *is* a batch: `dataset[key]` builds it with a random
+generator seeded from the key alone, so the batch does not depend on the number of
+DataLoader workers, on which worker built it, or on what came before. That gives:
+
+- determinism from (seed, epoch, rank, world_size);
+- exact mid-epoch resume: the loader's state is just (epoch, batches consumed), and a
+  resumed run regenerates the same keys and therefore the same batches;
+- fewer copies: one worker reads each image's features straight into the batch tensor,
+  allocated in shared memory, instead of per-sample arrays that a collate function stacks
+  and the worker queue then copies again.
+
+Sharding follows torch's DistributedSampler: one permutation of all examples per (seed,
+epoch), rank r takes positions r, r + W, r + 2W, ... In training every rank gets the same
+number of full batches (the remainder is dropped); in evaluation nothing is dropped or
+repeated, so ranks may get one batch more or less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything that determines one batch."""
+
+    seed: int
+    epoch: int
+    batch: int  # global batch number: local batch * world_size + rank
+    indices: tuple[int, ...]  # example indices into the dataset
+
+    def rng(self) -> np.random.Generator:
+        # Tag 1 separates batch streams from the permutation stream (tag 0).
+        return np.random.default_rng([self.seed, self.epoch, 1, self.batch])
+
+
+class BatchBuilder(Protocol):
+    """What a dataset provides to be loaded by ResumableLoader."""
+
+    def __len__(self) -> int: ...
+
+    def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict: ...
+
+
+class KeyedBatchDataset(Dataset):
+    """Base class: `dataset[key]` is the batch named by a BatchKey (see the module docstring)."""
+
+    def __getitem__(self, key: BatchKey) -> dict:
+        return self.make_batch(np.asarray(key.indices, dtype=np.int64), key.rng())
+
+    def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+
+class ShardedBatchSampler:
+    """The BatchKeys of one rank for any epoch."""
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
+        if drop_last and num_examples // world_size < batch_size:
+            raise ValueError(f"{num_examples} examples give no full batch of {batch_size} on each of "
+                             f"{world_size} ranks")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+
+    def _rank_examples(self) -> int:
+        if self.drop_last:
+            return (self.num_examples // self.world_size) // self.batch_size * self.batch_size
+        return len(range(self.rank, self.num_examples, self.world_size))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        n = self._rank_examples()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's example indices for an epoch, in order."""
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, 0, 0]).permutation(self.num_examples)
+        else:
+            perm = np.arange(self.num_examples)
+        return perm[self.rank::self.world_size][: self._rank_examples()]
+
+    def keys(self, epoch: int, start: int = 0) -> Iterator[BatchKey]:
+        """Batches `start`, `start + 1`, ... of an epoch."""
+        order = self.order(epoch)
+        b = self.batch_size
+        for i in range(start, len(self)):
+            yield BatchKey(self.seed, epoch, i * self.world_size + self.rank,
+                           tuple(order[i * b:(i + 1) * b].tolist()))
+
+
+class _CursorSampler(Sampler):
+    """Yields the keys from the loader's current position (read when iteration starts)."""
+
+    def __init__(self, loader: ResumableLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        return self.loader.sampler.keys(*self.loader._start())
+
+    def __len__(self) -> int:
+        return len(self.loader.sampler)
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor; in a DataLoader worker, directly in shared memory.
+
+    A worker must hand its tensors to the main process through shared memory; allocating
+    there from the start avoids a full copy of the 400 KB/sample features on the way out.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    if get_worker_info() is not None:
+        t.share_memory_()
+    return t
+
+
+class ResumableLoader:
+    """Iterates one rank's batches; a cursor over (epoch, batch) that can be saved and restored.
+
+    `for batch in loader` yields the rest of the current epoch, then moves to the next epoch.
+    `state_dict()` is the position after the last batch handed out: load it into a fresh
+    loader (same dataset, batch size, seed, world size) and iteration continues with exactly
+    the batches an uninterrupted run would have produced. With `repeatable=True` (evaluation)
+    every iteration yields the same batches from the start and the state never moves.
+    Only one iteration may be active at a time.
+    """
+
+    def __init__(
+        self,
+        dataset: KeyedBatchDataset,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        repeatable: bool = False,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+    ):
+        self.dataset = dataset
+        self.sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world_size, seed,
+                                           shuffle=shuffle, drop_last=drop_last)
+        self.repeatable = repeatable
+        self.epoch = 0
+        self.position = 0  # batches of `epoch` already handed out
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
+        self._loader = DataLoader(dataset, batch_size=None, sampler=_CursorSampler(self),
+                                  num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.sampler)
+
+    def _start(self) -> tuple[int, int]:
+        return (0, 0) if self.repeatable else (self.epoch, self.position)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.repeatable:
+            yield from self._loader
+            return
+        for batch in self._loader:
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": self.epoch, "position": self.position, "seed": s.seed,
+                "world_size": s.world_size, "rank": s.rank, "batch_size": s.batch_size,
+                "num_examples": s.num_examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position. The rank may differ (each rank restores its own
+        position), the other settings must match, or the batches would not be the same."""
+        s = self.sampler
+        for key in ("seed", "world_size", "batch_size", "num_examples"):
+            if state[key] != getattr(s, key):
+                raise ValueError(f"loader state has {key}={state[key]} but this loader has "
+                                 f"{key}={getattr(s, key)}; the resumed batches would differ")
+        if not 0 <= state["position"] <= len(s):
+            raise ValueError(f"loader state position {state['position']} outside 0..{len(s)}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

@@ -1,0 +1,450 @@
+"""The HDF5 region-feature store: exactly K detector objects per image, read one image per call.
+
+One file per image source (COCO, VG, ...). The layout (format version 1) is documented in
+docs/data_format.md; in short, for N images and K objects:
+
+    features    float16 [N, K, D]   chunked one image per chunk (D = 2048 for bottom-up features)
+    boxes       float32 [N, K, 4]   (x1, y1, x2, y2) divided by image width/height, in [0, 1]
+    img_h img_w int32   [N]
+    obj_ids     int32   [N, K]      detector class ids (stored int32, read as int64)
+    obj_confs   float32 [N, K]
+    attr_ids    int32   [N, K]
+    attr_confs  float32 [N, K]
+    image_ids   utf-8 strings [N]
+    valid_mask  bool    [N, K]      only in stores built with padding (`--pad`)
+    attrs: format_version, num_objects, feature_dim, padded
+
+Why it is built this way (DESIGN.md section 4): a fixed K means visual batches never need
+padding; fp16 halves the bytes; one chunk per image makes a random read touch one chunk; and
+h5py reads one image per `ds[i]` call at thousands of images per second, while fancy-indexing
+a list of rows is ~40x slower, so readers never do that. h5py file handles must not cross a
+fork, so `FeatureStore` opens its file lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+FEATURE_DIM = 2048
+# Small per-object fields are chunked by this many images: reads of one row stay cheap
+# (~5 us with h5py) without one HDF5 chunk per image for a 1.6 KB record.
+_SMALL_CHUNK_ROWS = 64
+# Per-object fields: name -> (on-disk dtype, in-memory dtype).
+_OBJECT_FIELDS = {
+    "obj_ids": (np.int32, np.int64),
+    "obj_confs": (np.float32, np.float32),
+    "attr_ids": (np.int32, np.int64),
+    "attr_confs": (np.float32, np.float32),
+}
+
+
+class StoreFormatError(ValueError):
+    """A file is not a feature store this code can read."""
+
+
+@dataclass
+class ImageFeatures:
+    """The detector output for one image, exactly K objects (see the module docstring)."""
+
+    image_id: str
+    features: np.ndarray  # [K, D] float16
+    boxes: np.ndarray  # [K, 4] float32, normalized (x1, y1, x2, y2)
+    img_h: int
+    img_w: int
+    obj_ids: np.ndarray  # [K] int64
+    obj_confs: np.ndarray  # [K] float32
+    attr_ids: np.ndarray  # [K] int64
+    attr_confs: np.ndarray  # [K] float32
+    valid_mask: np.ndarray | None  # [K] bool, only for stores built with padding
+
+
+class BadRecordError(ValueError):
+    """One input record is malformed; `field` names the offending column or key."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field {field!r}: {message}")
+        self.field = field
+
+
+def check_image(
+    features: np.ndarray,
+    boxes: np.ndarray,
+    img_h: int,
+    img_w: int,
+    obj_ids: np.ndarray,
+    obj_confs: np.ndarray,
+    attr_ids: np.ndarray,
+    attr_confs: np.ndarray,
+    num_objects: int,
+    feature_dim: int,
+    valid_mask: np.ndarray | None = None,
+) -> None:
+    """Raise BadRecordError naming the first field that does not fit the store's layout."""
+    k = num_objects
+    if features.shape != (k, feature_dim):
+        raise BadRecordError("features", f"shape {features.shape}, expected {(k, feature_dim)}")
+    if boxes.shape != (k, 4):
+        raise BadRecordError("boxes", f"shape {boxes.shape}, expected {(k, 4)}")
+    for name, arr in (("obj_ids", obj_ids), ("obj_confs", obj_confs),
+                      ("attr_ids", attr_ids), ("attr_confs", attr_confs)):
+        if arr.shape != (k,):
+            raise BadRecordError(name, f"shape {arr.shape}, expected {(k,)}")
+    if valid_mask is not None and valid_mask.shape != (k,):
+        raise BadRecordError("valid_mask", f"shape {valid_mask.shape}, expected {(k,)}")
+    if img_h <= 0 or img_w <= 0:
+        raise BadRecordError("img_h/img_w", f"image size must be positive, got {img_h}x{img_w}")
+    for name, arr in (("features", features), ("boxes", boxes),
+                      ("obj_confs", obj_confs), ("attr_confs", attr_confs)):
+        if not np.isfinite(arr).all():
+            raise BadRecordError(name, "contains NaN or infinite values")
+    if boxes.size and (boxes.min() < 0.0 or boxes.max() > 1.0):
+        raise BadRecordError("boxes", f"normalized coordinates outside [0, 1]: "
+                             f"min {boxes.min():.4f}, max {boxes.max():.4f}")
+    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise BadRecordError("boxes", "a box has x2 < x1 or y2 < y1")
+
+
+class FeatureStoreWriter:
+    """Writes a store to a temporary file and renames it into place only when complete.
+
+    Use as a context manager; an exception (or Ctrl-C) inside the block deletes the partial
+    file, so an interrupted conversion never leaves a plausible-looking broken store:
+
+        with FeatureStoreWriter("coco.h5", num_objects=36) as w:
+            w.add("COCO_1", features, boxes, img_h, img_w, obj_ids, obj_confs, attr_ids, attr_confs)
+
+    Args:
+        path: final file path.
+        num_objects: K, objects per image.
+        feature_dim: D, feature size.
+        padded: the store records a per-object validity mask (`add` then takes `valid_mask`).
+        compression: None (default: fastest reads), "gzip" or "lzf", for the features only.
+        compression_level: gzip level.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_objects: int = 100,
+        feature_dim: int = FEATURE_DIM,
+        padded: bool = False,
+        compression: str | None = None,
+        compression_level: int = 4,
+    ):
+        if compression not in (None, "gzip", "lzf"):
+            raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+        self.path = Path(path)
+        self.num_objects = num_objects
+        self.feature_dim = feature_dim
+        self.padded = padded
+        self._compression = compression
+        self._compression_level = compression_level if compression == "gzip" else None
+        self._file: h5py.File | None = None
+        self._tmp_path: Path | None = None
+        self._ids: set[str] = set()
+        self._n = 0
+        self._capacity = 0
+
+    def __enter__(self) -> FeatureStoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.close(fd)
+        self._tmp_path = Path(tmp)
+        f = h5py.File(self._tmp_path, "w")
+        self._file = f
+        k, d = self.num_objects, self.feature_dim
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["num_objects"] = k
+        f.attrs["feature_dim"] = d
+        f.attrs["padded"] = self.padded
+        f.attrs["box_format"] = "x1y1x2y2 normalized by image width/height"
+        f.create_dataset("features", (0, k, d), np.float16, maxshape=(None, k, d), chunks=(1, k, d),
+                         compression=self._compression, compression_opts=self._compression_level)
+        c = _SMALL_CHUNK_ROWS
+        f.create_dataset("boxes", (0, k, 4), np.float32, maxshape=(None, k, 4), chunks=(c, k, 4))
+        for name in ("img_h", "img_w"):
+            f.create_dataset(name, (0,), np.int32, maxshape=(None,), chunks=(1024,))
+        for name, (disk_dtype, _) in _OBJECT_FIELDS.items():
+            f.create_dataset(name, (0, k), disk_dtype, maxshape=(None, k), chunks=(c, k))
+        f.create_dataset("image_ids", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(1024,))
+        if self.padded:
+            f.create_dataset("valid_mask", (0, k), np.bool_, maxshape=(None, k), chunks=(c, k))
+        self._ds = {name: f[name] for name in f}
+        self._pending: dict[str, list] = {name: [] for name in self._ds if name != "features"}
+        return self
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._ids
+
+    def add(
+        self,
+        image_id: str,
+        features: np.ndarray,
+        boxes: np.ndarray,
+        img_h: int,
+        img_w: int,
+        obj_ids: np.ndarray,
+        obj_confs: np.ndarray,
+        attr_ids: np.ndarray,
+        attr_confs: np.ndarray,
+        valid_mask: np.ndarray | None = None,
+    ) -> None:
+        """Append one image. Boxes are already normalized. Raises BadRecordError on bad input."""
+        if self._file is None:
+            raise RuntimeError("FeatureStoreWriter.add outside its `with` block")
+        if image_id in self._ids:
+            raise BadRecordError("img_id", f"duplicate image id {image_id!r}")
+        if self.padded != (valid_mask is not None):
+            raise ValueError("valid_mask must be given exactly when the store is padded")
+        check_image(features, boxes, img_h, img_w, obj_ids, obj_confs, attr_ids, attr_confs,
+                    self.num_objects, self.feature_dim, valid_mask)
+        if features.dtype != np.float16 and np.abs(features).max(initial=0.0) > np.finfo(np.float16).max:
+            raise BadRecordError("features", "values overflow float16")
+        i = self._n
+        if i == self._capacity:
+            self._capacity = max(1024, 2 * self._capacity)
+            for ds in self._ds.values():
+                ds.resize(self._capacity, axis=0)
+        self._ds["features"][i] = features.astype(np.float16, copy=False)
+        record = {"boxes": boxes, "img_h": img_h, "img_w": img_w, "obj_ids": obj_ids,
+                  "obj_confs": obj_confs, "attr_ids": attr_ids, "attr_confs": attr_confs,
+                  "image_ids": image_id}
+        if valid_mask is not None:
+            record["valid_mask"] = valid_mask
+        for name, value in record.items():
+            self._pending[name].append(value)
+        self._ids.add(image_id)
+        self._n += 1
+        if len(self._pending["image_ids"]) == _SMALL_CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered small fields: one h5py call per field per 64 images, not per image."""
+        n = len(self._pending["image_ids"])
+        if n:
+            start = self._n - n
+            for name, values in self._pending.items():
+                ds = self._ds[name]
+                ds[start:self._n] = np.asarray(values, dtype=object if name == "image_ids" else ds.dtype)
+                values.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._file is not None and self._tmp_path is not None
+        try:
+            if exc_type is None:
+                self._flush()
+                for ds in self._file.values():
+                    ds.resize(self._n, axis=0)
+                self._file.attrs["num_images"] = self._n
+            self._file.close()
+            self._file = None
+            if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it private
+                os.replace(self._tmp_path, self.path)
+        finally:
+            if self._file is not None:
+                self._file.close()
+            if exc_type is not None or self._tmp_path.exists():
+                self._tmp_path.unlink(missing_ok=True)
+
+
+class FeatureStore:
+    """Read-only access to one store file; safe to pass to DataLoader workers.
+
+    The HDF5 file is opened on first read in each process (an h5py handle must not cross a
+    fork). `read` returns an ImageFeatures copy; `read_into` writes one image straight into
+    preallocated batch arrays, which is what the batch builders use.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"feature store not found: {self.path}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                version = f.attrs.get("format_version")
+                if version is None:
+                    raise StoreFormatError(f"{self.path}: not a semvlp feature store (no format_version)")
+                if int(version) != FORMAT_VERSION:
+                    raise StoreFormatError(f"{self.path}: store format version {int(version)}, "
+                                           f"this code reads version {FORMAT_VERSION}")
+                self.num_objects = int(f.attrs["num_objects"])
+                self.feature_dim = int(f.attrs["feature_dim"])
+                self.padded = bool(f.attrs["padded"])
+                self.image_ids: list[str] = [s.decode("utf-8") for s in f["image_ids"][:]]
+                dcpl = f["features"].id.get_create_plist()
+                # Unfiltered chunks can be read as raw bytes, skipping h5py's selection machinery.
+                self._raw_chunks = dcpl.get_nfilters() == 0
+        except OSError as e:
+            raise StoreFormatError(f"{self.path}: cannot open as HDF5 ({e})") from e
+        self._rows = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._rows
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, images={len(self)}, K={self.num_objects})"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+    def row(self, image_id: str) -> int:
+        """Row of an image id; KeyError naming the store if absent."""
+        try:
+            return self._rows[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in {self.path}") from None
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            # rdcc_nbytes=0: reads are random, so HDF5's chunk cache only adds a copy.
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=0)
+            self._pid = os.getpid()
+            self._ds = {name: self._file[name] for name in self._file}
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def read(self, key: str | int) -> ImageFeatures:
+        """One image by id or row."""
+        row = self.row(key) if isinstance(key, str) else int(key)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {self.path} with {len(self)} images")
+        k = self.num_objects
+        out = {
+            "features": np.empty((1, k, self.feature_dim), np.float16),
+            "boxes": np.empty((1, k, 4), np.float32),
+            "obj_ids": np.empty((1, k), np.int64),
+            "obj_confs": np.empty((1, k), np.float32),
+            "attr_ids": np.empty((1, k), np.int64),
+            "attr_confs": np.empty((1, k), np.float32),
+        }
+        if self.padded:
+            out["valid_mask"] = np.empty((1, k), np.bool_)
+        self.read_into(row, out, 0)
+        self._h5()
+        return ImageFeatures(
+            image_id=self.image_ids[row],
+            features=out["features"][0],
+            boxes=out["boxes"][0],
+            img_h=int(self._ds["img_h"][row]),
+            img_w=int(self._ds["img_w"][row]),
+            obj_ids=out["obj_ids"][0],
+            obj_confs=out["obj_confs"][0],
+            attr_ids=out["attr_ids"][0],
+            attr_confs=out["attr_confs"][0],
+            valid_mask=out["valid_mask"][0] if self.padded else None,
+        )
+
+    def read_into(self, row: int, out: dict[str, np.ndarray], j: int) -> None:
+        """Copy image `row` into `out[name][j]` for every array in `out`.
+
+        Recognized names: features, boxes, obj_ids, obj_confs, attr_ids, attr_confs, valid_mask
+        (filled with True for stores built without padding). Names are optional, so a caller
+        that needs only features and boxes pays only for those reads.
+        """
+        self._h5()
+        ds = self._ds
+        for name, dst in out.items():
+            if name == "features":
+                if self._raw_chunks:
+                    # One read of the chunk's bytes; ~2x faster than ds[row] for 400 KB chunks.
+                    _, raw = ds["features"].id.read_direct_chunk((row, 0, 0))
+                    dst[j] = np.frombuffer(raw, np.float16).reshape(dst.shape[1:])
+                else:
+                    dst[j] = ds["features"][row]
+            elif name == "valid_mask":
+                dst[j] = ds["valid_mask"][row] if self.padded else True
+            else:
+                dst[j] = ds[name][row]
+
+
+class FeatureStoreSet:
+    """Several stores seen as one: global rows, lookup by image id, the same K everywhere.
+
+    An image id present in more than one store resolves to the first store that has it.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore | str | os.PathLike]):
+        if not stores:
+            raise ValueError("FeatureStoreSet needs at least one store")
+        self.stores = [s if isinstance(s, FeatureStore) else FeatureStore(s) for s in stores]
+        ks = {s.num_objects for s in self.stores}
+        ds = {s.feature_dim for s in self.stores}
+        if len(ks) != 1 or len(ds) != 1:
+            detail = ", ".join(f"{s.path} (K={s.num_objects}, D={s.feature_dim})" for s in self.stores)
+            raise StoreFormatError(f"stores disagree on objects per image or feature size: {detail}")
+        self.num_objects = ks.pop()
+        self.feature_dim = ds.pop()
+        self.padded = any(s.padded for s in self.stores)
+        self._offsets = np.cumsum([0] + [len(s) for s in self.stores])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __contains__(self, image_id: object) -> bool:
+        return any(image_id in s for s in self.stores)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [i for s in self.stores for i in s.image_ids]
+
+    def row(self, image_id: str) -> int:
+        for offset, s in zip(self._offsets, self.stores, strict=False):
+            if image_id in s:
+                return int(offset) + s.row(image_id)
+        raise KeyError(f"image {image_id!r} is in none of the stores "
+                       f"{', '.join(str(s.path) for s in self.stores)}")
+
+    def rows(self, image_ids: Iterable[str]) -> np.ndarray:
+        """Global rows of many ids, -1 where an id is missing."""
+        return np.array([self.row(i) if i in self else -1 for i in image_ids], dtype=np.int64)
+
+    def _locate(self, row: int) -> tuple[FeatureStore, int]:
+        s = int(np.searchsorted(self._offsets, row, side="right")) - 1
+        if not 0 <= s < len(self.stores):
+            raise IndexError(f"row {row} out of range for {len(self)} images")
+        return self.stores[s], row - int(self._offsets[s])
+
+    def read(self, key: str | int) -> ImageFeatures:
+        row = self.row(key) if isinstance(key, str) else int(key)
+        store, local = self._locate(row)
+        feats = store.read(local)
+        if self.padded and feats.valid_mask is None:
+            feats.valid_mask = np.ones(self.num_objects, np.bool_)
+        return feats
+
+    def read_into(self, row: int, out: dict[str, np.ndarray], j: int) -> None:
+        store, local = self._locate(int(row))
+        store.read_into(local, out, j)
+
+
+def open_stores(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> FeatureStoreSet:
+    """A FeatureStoreSet from one path or a list of paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return FeatureStoreSet(list(paths))

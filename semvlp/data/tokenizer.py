@@ -1,0 +1,75 @@
+"""WordPiece tokenization from a local vocab.txt, done once per corpus into flat numpy arrays.
+
+transformers 5 quirk (DESIGN.md section 6): `BertTokenizerFast(vocab=path)` loads the file,
+while `vocab_file=path` is silently ignored and yields a 5-token vocabulary. `load_tokenizer`
+checks for exactly that failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from transformers import BertTokenizerFast
+
+MAX_TEXT_LEN = 20  # tokens including [CLS] and [SEP] (paper, section 4.1)
+_REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
+    """An uncased BERT WordPiece tokenizer from a vocab.txt (one token per line).
+
+    Also accepts a folder holding vocab.txt (a HuggingFace checkpoint folder).
+    Raises FileNotFoundError or ValueError with the path when the vocab is missing or not real.
+    """
+    path = Path(vocab_path)
+    if path.is_dir():
+        path = path / "vocab.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file not found: {path}")
+    tok = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    if len(tok) <= 5:
+        raise ValueError(f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
+                         "(is it a WordPiece vocab.txt with one token per line?)")
+    vocab = tok.get_vocab()
+    missing = [t for t in _REQUIRED_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"vocab {path} lacks the special tokens {missing}")
+    return tok
+
+
+def tokenize_texts(
+    tokenizer: BertTokenizerFast, texts: Sequence[str], max_len: int = MAX_TEXT_LEN, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of many texts as (flat int32 ids, int64 offsets of length n+1).
+
+    Each text becomes [CLS] tokens [SEP], truncated to max_len tokens (as LXMERT: tokens cut
+    to max_len - 2 before adding the special tokens). Flat numpy arrays rather than lists keep
+    the memory shared between DataLoader workers after fork (no per-object refcount writes).
+    """
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 to hold [CLS] x [SEP], got {max_len}")
+    lengths = np.empty(len(texts), np.int64)
+    pieces = []
+    for start in range(0, len(texts), chunk):
+        batch = [t.strip() for t in texts[start:start + chunk]]
+        enc = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=max_len,
+                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths[start:start + len(enc)] = [len(e) for e in enc]
+        pieces.append(np.fromiter((t for e in enc for t in e), np.int32))
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return ids, offsets
+
+
+def replacement_token_ids(tokenizer: BertTokenizerFast) -> np.ndarray:
+    """Ids a masked token may be replaced with (the 10% random case): not special, not [unused*]."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for t, i in tokenizer.get_vocab().items()
+           if i not in special and not (t.startswith("[") and t.endswith("]"))]
+    if not ids:
+        raise ValueError("the vocab has no ordinary tokens")
+    return np.array(sorted(ids), np.int64)

@@ -1,0 +1,482 @@
+"""The toy world: a small generated dataset in exactly the real formats, so everything runs anywhere.
+
+    python -m semvlp.data.toy --out data/toy [--seed 0]
+
+writes, deterministically from the seed, in well under a minute on 2 cores (~30 MB):
+
+    features.h5               one store (K=100, D=2048) with the train, valid and test images
+    vocab.txt                 WordPiece vocab covering every word used
+    pretrain_train.json       LXMERT pre-training layout (sentf/labelf), sources mscoco, vqa, gqa
+    pretrain_valid.json
+    all_ans.json              the pre-training answer table (LXMERT layout)
+    vqa_{train,valid,test}.json + vqa_ans2label.json / vqa_label2ans.json   (test: no labels)
+    gqa_{train,valid,testdev}.json + gqa_ans2label.json / gqa_label2ans.json
+    nlvr2_{train,valid,test}.json
+    dataset_flickr30k.json    Karpathy-split layout: train / val / test
+    data.json                 the DataConfig naming all of the above
+    toy_world.json            generator version, seed and sizes (to detect stale folders)
+
+The world. Each image has 2-5 salient objects drawn from 16 classes, each with one of 8
+colors, plus clutter up to K=100 objects. A salient object's 2048-d feature is a sparse
+class prototype plus a sparse color prototype plus noise (norm ~30) with a high detector
+confidence; clutter is a low-norm (~2) background prototype with low confidence, the same
+for the whole image (which "scene" it is). Captions are coarse ("a scene of grass with a dog
+and two cups .") or fine ("the red car is left of the blue dog ."); questions ask what color,
+how many, is there, is the X <color>, is X left of Y. By construction the text never reveals
+its answer or whether it matches: a question's answer is balanced given its words, and a
+caption from another image almost always names an object or color absent from this one. So
+image-text matching and QA can only beat chance by looking at the features.
+
+Size trade-off: features are gzip-compressed (the clutter is highly repetitive), which costs
+~0.3 ms per image read; real stores stay uncompressed for speed (~0.06 ms per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semvlp.data.config import DataConfig, NLVR2Data, PretrainData, QAData, RetrievalData
+from semvlp.data.store import FeatureStoreWriter
+
+TOY_VERSION = 1
+
+OBJECTS = ("car", "dog", "cat", "cup", "ball", "chair", "tree", "bird",
+           "hat", "book", "boat", "bike", "lamp", "shoe", "clock", "horse")
+COLORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+BACKGROUNDS = ("wall", "floor", "sky", "grass", "road", "water", "sand", "table")
+CLUTTER_ATTRS = ("plain", "dark", "bright", "dull")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+ANSWERS = COLORS + ("yes", "no", "1", "2", "3")
+NUM_OBJECT_LABELS = len(OBJECTS) + len(BACKGROUNDS)
+NUM_ATTRIBUTE_LABELS = len(COLORS) + len(CLUTTER_ATTRS)
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Sizes of the world. The defaults are the bundled world; tests use smaller ones."""
+
+    train_images: int = 2000
+    valid_images: int = 200
+    test_images: int = 200
+    num_objects: int = 100
+    feature_dim: int = 2048
+    captions_per_image: int = 5
+    vqa_per_image: int = 4
+    gqa_per_image: int = 2
+    nlvr2_train: int = 3000
+    nlvr2_eval: int = 300  # valid and test each
+    flickr_train_images: int = 1000
+
+
+@dataclass
+class _Obj:
+    cls: int
+    color: int
+    box: tuple[float, float, float, float]  # normalized x1, y1, x2, y2
+
+    @property
+    def cx(self) -> float:
+        return (self.box[0] + self.box[2]) / 2
+
+
+@dataclass
+class _Image:
+    image_id: str
+    background: int
+    objects: list[_Obj]  # salient objects only
+
+    def count(self, cls: int) -> int:
+        return sum(o.cls == cls for o in self.objects)
+
+    def classes(self) -> set[int]:
+        return {o.cls for o in self.objects}
+
+    def has(self, cls: int, color: int | None = None) -> bool:
+        return any(o.cls == cls and (color is None or o.color == color) for o in self.objects)
+
+    def singles(self) -> list[_Obj]:
+        """Objects whose class appears once (so "the car" is unambiguous)."""
+        return [o for o in self.objects if self.count(o.cls) == 1]
+
+
+def _plural(cls: int) -> str:
+    return OBJECTS[cls] + "s"
+
+
+def _phrase(cls: int, n: int) -> str:
+    return f"a {OBJECTS[cls]}" if n == 1 else f"{NUMBER_WORDS[n]} {_plural(cls)}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _sample_image(rng: np.random.Generator, image_id: str) -> _Image:
+    n_classes = int(rng.integers(2, 4))  # 2-3 distinct classes
+    classes = rng.choice(len(OBJECTS), n_classes, replace=False)
+    # The first class appears 1-3 times (uniform: "how many" answers are balanced), others once.
+    counts = [int(rng.integers(1, 4))] + [1] * (n_classes - 1)
+    objects = []
+    for cls, n in zip(classes.tolist(), counts, strict=True):
+        for _ in range(n):
+            w, h = rng.uniform(0.15, 0.35, 2)
+            x1, y1 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+            objects.append(_Obj(cls, int(rng.integers(len(COLORS))), (x1, y1, x1 + w, y1 + h)))
+    return _Image(image_id, int(rng.integers(len(BACKGROUNDS))), objects)
+
+
+def _prototypes(rng: np.random.Generator, n: int, dim: int, support: int, lo: float, hi: float) -> np.ndarray:
+    protos = np.zeros((n, dim), np.float32)
+    for p in protos:
+        p[rng.choice(dim, support, replace=False)] = rng.uniform(lo, hi, support)
+    return protos
+
+
+class _FeatureMaker:
+    """Detector outputs for an image: salient objects are class + color prototypes + noise."""
+
+    def __init__(self, rng: np.random.Generator, spec: ToySpec):
+        d = spec.feature_dim
+        self.k, self.d = spec.num_objects, d
+        self.cls = _prototypes(rng, len(OBJECTS), d, 96, 1.5, 3.0)
+        self.color = _prototypes(rng, len(COLORS), d, 96, 1.5, 3.0)
+        self.background = _prototypes(rng, len(BACKGROUNDS), d, 48, 0.2, 0.5)
+
+    def make(self, rng: np.random.Generator, img: _Image, img_w: int, img_h: int) -> dict:
+        k, n = self.k, len(img.objects)
+        # Clutter: the image's background prototype at one of three scales (compresses well).
+        scale = np.array([0.5, 0.75, 1.0], np.float32)[rng.integers(0, 3, k)]
+        feats = self.background[img.background][None, :] * scale[:, None]
+        obj_ids = np.full(k, len(OBJECTS) + img.background, np.int64)
+        obj_confs = rng.uniform(0.05, 0.4, k).astype(np.float32)
+        attr_ids = len(COLORS) + rng.integers(0, len(CLUTTER_ATTRS), k)
+        attr_confs = rng.uniform(0.05, 0.3, k).astype(np.float32)
+        # Clutter boxes: small, anywhere; whole pixels as a detector would give.
+        wh = rng.uniform(0.02, 0.15, (k, 2))
+        xy = rng.uniform(0, 1, (k, 2)) * (1 - wh)
+        boxes = np.concatenate([xy, xy + wh], axis=1)
+        slots = rng.permutation(k)[:n]  # salient objects sit at random positions among the K
+        for slot, o in zip(slots.tolist(), img.objects, strict=True):
+            proto = self.cls[o.cls] + self.color[o.color]
+            noise = rng.normal(0.0, 0.3, self.d).astype(np.float32) * (proto > 0)
+            feats[slot] = np.maximum(proto + noise, 0.0)
+            obj_ids[slot], attr_ids[slot] = o.cls, o.color
+            obj_confs[slot] = rng.uniform(0.7, 0.99)
+            attr_confs[slot] = rng.uniform(0.6, 0.95)
+            boxes[slot] = o.box
+        px = np.round(boxes * np.array([img_w, img_h, img_w, img_h])) / np.array([img_w, img_h, img_w, img_h])
+        return dict(features=feats.astype(np.float16), boxes=np.clip(px, 0, 1).astype(np.float32),
+                    img_h=img_h, img_w=img_w, obj_ids=obj_ids, obj_confs=obj_confs,
+                    attr_ids=attr_ids.astype(np.int64), attr_confs=attr_confs)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _captions(rng: np.random.Generator, img: _Image, n: int) -> list[str]:
+    """n captions: the first coarse (the whole scene, no colors), the rest fine (details)."""
+    out = []
+    classes = list(dict.fromkeys(o.cls for o in img.objects))
+    rng.shuffle(classes)
+    scene = _join([_phrase(c, img.count(c)) for c in classes])
+    out.append(f"a scene of {BACKGROUNDS[img.background]} with {scene} .")
+    while len(out) < n:
+        kind = rng.integers(3)
+        a, b = (img.objects[i] for i in rng.choice(len(img.objects), 2, replace=False))
+        if kind == 0:
+            out.append(f"a {COLORS[a.color]} {OBJECTS[a.cls]} .")
+        elif kind == 1:
+            out.append(f"a {COLORS[a.color]} {OBJECTS[a.cls]} next to a {COLORS[b.color]} {OBJECTS[b.cls]} .")
+        else:
+            left, right = (a, b) if a.cx <= b.cx else (b, a)
+            out.append(f"the {COLORS[left.color]} {OBJECTS[left.cls]} is left of the "
+                       f"{COLORS[right.color]} {OBJECTS[right.cls]} .")
+    return out
+
+
+def _question(rng: np.random.Generator, img: _Image, kind: str) -> tuple[str, str, str]:
+    """(question, answer, VQA answer_type). Every answer is balanced given the question's words."""
+    singles = img.singles()
+    if kind == "color":
+        o = singles[rng.integers(len(singles))]
+        return f"what color is the {OBJECTS[o.cls]} ?", COLORS[o.color], "other"
+    if kind == "count":
+        cls = img.objects[0].cls  # the class with a uniform 1-3 count
+        return f"how many {_plural(cls)} are there ?", str(img.count(cls)), "number"
+    if kind == "there":
+        anchor = singles[rng.integers(len(singles))]
+        others = sorted(img.classes() - {anchor.cls})
+        absent = sorted(set(range(len(OBJECTS))) - img.classes())
+        yes = bool(rng.random() < 0.5)
+        cls = others[rng.integers(len(others))] if yes else absent[rng.integers(len(absent))]
+        q = f"is there a {OBJECTS[cls]} next to the {COLORS[anchor.color]} {OBJECTS[anchor.cls]} ?"
+        return q, "yes" if yes else "no", "yes/no"
+    if kind == "is_color":
+        o = singles[rng.integers(len(singles))]
+        yes = bool(rng.random() < 0.5)
+        color = o.color if yes else int((o.color + rng.integers(1, len(COLORS))) % len(COLORS))
+        return f"is the {OBJECTS[o.cls]} {COLORS[color]} ?", "yes" if yes else "no", "yes/no"
+    if kind == "left":
+        a, b = (singles[i] for i in rng.choice(len(singles), 2, replace=False))
+        return (f"is the {OBJECTS[a.cls]} left of the {OBJECTS[b.cls]} ?",
+                "yes" if a.cx < b.cx else "no", "yes/no")
+    raise ValueError(kind)
+
+
+def _questions(rng: np.random.Generator, img: _Image, n: int, kinds: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    out = []
+    usable = [k for k in kinds if k != "left" or len(img.singles()) >= 2]
+    for _ in range(n):
+        out.append(_question(rng, img, usable[rng.integers(len(usable))]))
+    return out
+
+
+_VQA_KINDS = ("color", "count", "there", "is_color")
+_GQA_KINDS = ("color", "is_color", "left", "there")
+
+
+def _nlvr2(rng: np.random.Generator, images: list[_Image], n: int, split: str) -> list[dict]:
+    """Statements about an ordered pair of images, half true and half false."""
+    out = []
+    while len(out) < n:
+        i0, i1 = rng.choice(len(images), 2, replace=False)
+        left, right = images[i0], images[i1]
+        want = bool(rng.random() < 0.5)
+        kind = rng.integers(4)
+        cls = int(rng.integers(len(OBJECTS)))
+        color = int(rng.integers(len(COLORS)))
+        if want and kind in (0, 3):  # pick a true (class, color) from the relevant image
+            src = left if kind == 0 or rng.random() < 0.5 else right
+            o = src.objects[rng.integers(len(src.objects))]
+            cls, color = o.cls, o.color
+        if kind == 0:
+            sent = f"there is a {COLORS[color]} {OBJECTS[cls]} in the left image ."
+            truth = left.has(cls, color)
+        elif kind == 1:
+            cls = right.objects[rng.integers(len(right.objects))].cls
+            number = right.count(cls) if want else int(rng.integers(1, 4))
+            sent = f"the right image contains exactly {NUMBER_WORDS[number]} {_plural(cls)} ."
+            truth = right.count(cls) == number
+        elif kind == 2:
+            shared = sorted(left.classes() & right.classes())
+            if want and shared:
+                cls = shared[rng.integers(len(shared))]
+            sent = f"both images contain a {OBJECTS[cls]} ."
+            truth = left.has(cls) and right.has(cls)
+        else:
+            sent = f"at least one image has a {COLORS[color]} {OBJECTS[cls]} ."
+            truth = left.has(cls, color) or right.has(cls, color)
+        if truth != want:
+            continue  # rejection keeps the labels balanced within every statement type
+        k = len(out)
+        out.append({"identifier": f"{split}-{k}-0-0", "img0": left.image_id, "img1": right.image_id,
+                    "sent": sent, "label": int(truth), "uid": f"nlvr2_{split}_{k}"})
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _write_json(path: Path, data: object) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder, dump does not
+
+
+def generate_toy_world(out: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None,
+                       progress: bool = False) -> Path:
+    """Write the toy world into folder `out` (created; existing files are overwritten).
+
+    Returns the path of its data.json. Prefer ensure_toy_world, which is atomic and reuses an
+    existing world.
+    """
+    spec = spec or ToySpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seq = np.random.SeedSequence(seed)
+    scene_rng, feat_rng, text_rng, task_rng = (np.random.default_rng(s) for s in seq.spawn(4))
+    t0 = time.time()
+
+    n_train, n_valid, n_test = spec.train_images, spec.valid_images, spec.test_images
+    images = [_sample_image(scene_rng, f"toy_{i:06d}") for i in range(n_train + n_valid + n_test)]
+    splits = {"train": images[:n_train], "valid": images[n_train:n_train + n_valid],
+              "test": images[n_train + n_valid:]}
+
+    maker = _FeatureMaker(feat_rng, spec)
+    sizes = [(640, 480), (480, 640), (500, 375), (640, 427), (427, 640)]
+    with FeatureStoreWriter(out / "features.h5", spec.num_objects, spec.feature_dim,
+                            compression="gzip", compression_level=4) as w:
+        for n, img in enumerate(images):
+            img_w, img_h = sizes[feat_rng.integers(len(sizes))]
+            w.add(img.image_id, **maker.make(feat_rng, img, img_w, img_h))
+            if progress and (n + 1) % 500 == 0:
+                print(f"  {n + 1}/{len(images)} images ({time.time() - t0:.1f}s)", flush=True)
+
+    # Pre-training records (LXMERT layout) and the VQA / GQA questions they contain.
+    words: set[str] = set()
+    pretrain: dict[str, list] = {"train": [], "valid": []}
+    vqa: dict[str, list] = {"train": [], "valid": [], "test": []}
+    gqa: dict[str, list] = {"train": [], "valid": [], "test": []}
+    for split, imgs in splits.items():
+        for img in imgs:
+            caps = _captions(text_rng, img, spec.captions_per_image)
+            vq = _questions(text_rng, img, spec.vqa_per_image, _VQA_KINDS)
+            gq = _questions(text_rng, img, spec.gqa_per_image, _GQA_KINDS)
+            for s in caps + [q for q, _, _ in vq + gq]:
+                words.update(s.split())
+            row = int(img.image_id.split("_")[1])
+            if split != "test":
+                pretrain[split].append({
+                    "img_id": img.image_id,
+                    "sentf": {"mscoco": caps, "vqa": [q for q, _, _ in vq], "gqa": [q for q, _, _ in gq]},
+                    "labelf": {"vqa": [{a: 1.0} for _, a, _ in vq], "gqa": [{a: 1.0} for _, a, _ in gq]},
+                })
+            for j, (q, a, atype) in enumerate(vq):
+                label = {a: 1.0}
+                if a in COLORS and text_rng.random() < 0.2:  # a minority of annotators disagree
+                    label[COLORS[(COLORS.index(a) + 1) % len(COLORS)]] = 0.3
+                rec = {"answer_type": atype, "img_id": img.image_id, "question_id": row * 10 + j,
+                       "question_type": " ".join(q.split()[:3]), "sent": q}
+                if split != "test":
+                    rec["label"] = label
+                vqa[split].append(rec)
+            for j, (q, a, _) in enumerate(gq):
+                gqa[split].append({"img_id": img.image_id, "question_id": f"{row * 10 + j:08d}",
+                                   "sent": q, "label": {a: 1.0}})
+
+    nlvr2 = {"train": _nlvr2(task_rng, splits["train"], spec.nlvr2_train, "train"),
+             "valid": _nlvr2(task_rng, splits["valid"], spec.nlvr2_eval, "dev"),
+             "test": _nlvr2(task_rng, splits["test"], spec.nlvr2_eval, "test1")}
+    for recs in nlvr2.values():
+        for r in recs:
+            words.update(r["sent"].split())
+
+    flickr = []
+    karpathy = [("train", splits["train"][:spec.flickr_train_images]), ("val", splits["valid"]),
+                ("test", splits["test"])]
+    for split, imgs in karpathy:
+        for img in imgs:
+            caps = _captions(task_rng, img, 5)
+            words.update(w for c in caps for w in c.split())
+            flickr.append({"filename": f"{img.image_id}.jpg", "imgid": len(flickr), "split": split,
+                           "sentences": [{"raw": c, "tokens": c.split()[:-1]} for c in caps]})
+
+    for split, recs in pretrain.items():
+        _write_json(out / f"pretrain_{split}.json", recs)
+    all_ans = [{"ans": a, "ans_count": 0, "dsets": ["vqa", "gqa"]} for a in ANSWERS]
+    _write_json(out / "all_ans.json", all_ans)
+    for name, recs, test_name in (("vqa", vqa, "test"), ("gqa", gqa, "testdev")):
+        for split, file_split in (("train", "train"), ("valid", "valid"), ("test", test_name)):
+            _write_json(out / f"{name}_{file_split}.json", recs[split])
+        _write_json(out / f"{name}_ans2label.json", {a: i for i, a in enumerate(ANSWERS)})
+        _write_json(out / f"{name}_label2ans.json", list(ANSWERS))
+    for split, recs in nlvr2.items():
+        _write_json(out / f"nlvr2_{split}.json", recs)
+    _write_json(out / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": flickr})
+
+    words.update(ANSWERS)
+    words.update(".,?!'-")
+    words.update(str(i) for i in range(10))
+    with open(out / "vocab.txt", "w") as f:
+        f.write("\n".join(SPECIAL_TOKENS + tuple(sorted(words))) + "\n")
+
+    base = out.resolve()
+    config = DataConfig(
+        stores=(str(base / "features.h5"),),
+        vocab=str(base / "vocab.txt"),
+        max_text_len=20,
+        num_object_labels=NUM_OBJECT_LABELS,
+        num_attribute_labels=NUM_ATTRIBUTE_LABELS,
+        pretrain=PretrainData(train=(str(base / "pretrain_train.json"),),
+                              valid=(str(base / "pretrain_valid.json"),),
+                              sources=("mscoco", "vqa", "gqa"), answer_table=str(base / "all_ans.json")),
+        vqa=QAData(train=(str(base / "vqa_train.json"),), valid=(str(base / "vqa_valid.json"),),
+                   test=(str(base / "vqa_test.json"),), ans2label=str(base / "vqa_ans2label.json"),
+                   label2ans=str(base / "vqa_label2ans.json")),
+        gqa=QAData(train=(str(base / "gqa_train.json"),), valid=(str(base / "gqa_valid.json"),),
+                   test=(str(base / "gqa_testdev.json"),), ans2label=str(base / "gqa_ans2label.json"),
+                   label2ans=str(base / "gqa_label2ans.json")),
+        nlvr2=NLVR2Data(train=(str(base / "nlvr2_train.json"),), valid=(str(base / "nlvr2_valid.json"),),
+                        test=(str(base / "nlvr2_test.json"),)),
+        flickr30k=RetrievalData(annotations=str(base / "dataset_flickr30k.json")),
+    )
+    config.save(out / "data.json")
+    _write_json(out / "toy_world.json", {"version": TOY_VERSION, "seed": seed, "spec": asdict(spec)})
+    return out / "data.json"
+
+
+def _manifest_matches(folder: Path, seed: int, spec: ToySpec) -> bool:
+    try:
+        with open(folder / "toy_world.json") as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (m.get("version") == TOY_VERSION and m.get("seed") == seed and m.get("spec") == asdict(spec)
+            and (folder / "data.json").is_file())
+
+
+def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None) -> Path:
+    """The data.json of the toy world in `folder`, generating it first if absent or stale.
+
+    Safe to call from several processes at once (e.g. every rank): one generates under a lock,
+    into a temporary folder renamed into place when complete; the others wait and reuse it.
+    A folder that exists but holds something other than a toy world is an error.
+    """
+    spec = spec or ToySpec()
+    folder = Path(folder)
+    if _manifest_matches(folder, seed, spec):
+        return folder / "data.json"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _manifest_matches(folder, seed, spec):
+            return folder / "data.json"
+        if folder.exists() and any(folder.iterdir()) and not (folder / "toy_world.json").exists():
+            raise FileExistsError(f"{folder} exists and is not a toy world; choose another folder")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+        try:
+            generate_toy_world(tmp, seed, spec)
+            # data.json holds paths relative to its folder, so the renamed world stays valid.
+            if folder.exists():
+                stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+                os.replace(folder, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / "data.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m semvlp.data.toy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the world into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="regenerate even if an up-to-date world exists")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out)
+    if args.force and (out / "toy_world.json").exists():
+        shutil.rmtree(out)
+    path = ensure_toy_world(out, args.seed)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"toy world in {out} ({size:.1f} MB, {time.time() - t0:.1f}s); data configuration: {path}")
+
+
+if __name__ == "__main__":
+    main()
