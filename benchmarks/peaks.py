@@ -1,0 +1,39 @@
+"""Dense tensor-core peak TFLOP/s per device and precision, for MFU (model FLOPs utilization).
+
+Only numbers from the vendor's datasheet are listed, dense (the datasheets' headline figures for
+Ampere and Hopper are "with sparsity", i.e. 2x these). A device or precision that is not listed
+gets no peak, and the benchmark then leaves MFU empty rather than guessing.
+
+Sources:
+- H100 SXM5 and H100 PCIe: NVIDIA H100 Tensor Core GPU datasheet (BF16/FP16 Tensor Core 1,979 /
+  1,513 TFLOPS with sparsity -> 989 / 756 dense). torch names the SXM part "NVIDIA H100 80GB HBM3".
+- H200 SXM: NVIDIA H200 datasheet, BF16/FP16 1,979 TFLOPS with sparsity -> 989 dense (same SMs
+  and clocks as H100 SXM, more and faster memory).
+- A100 (SXM4 and PCIe, 40/80 GB): NVIDIA A100 datasheet, BF16/FP16 Tensor Core 312 TFLOPS dense.
+- V100 SXM2 / PCIe: NVIDIA V100 datasheet, Tensor (FP16) 125 / 112 TFLOPS; no bf16 on Volta.
+DESIGN.md section 5 quotes the same H100 and V100 figures.
+"""
+
+from __future__ import annotations
+
+# (substrings that must all occur in the upper-cased device name, label, {precision: TFLOP/s}, source)
+PEAKS: list[tuple[tuple[str, ...], str, dict[str, float], str]] = [
+    (("H100", "PCIE"), "H100 PCIe", {"bf16": 756.0, "fp16": 756.0}, "NVIDIA H100 datasheet (PCIe), dense"),
+    (("H100", "HBM3"), "H100 SXM", {"bf16": 989.0, "fp16": 989.0}, "NVIDIA H100 datasheet (SXM5), dense"),
+    (("H100", "SXM"), "H100 SXM", {"bf16": 989.0, "fp16": 989.0}, "NVIDIA H100 datasheet (SXM5), dense"),
+    (("H200",), "H200", {"bf16": 989.0, "fp16": 989.0}, "NVIDIA H200 datasheet (SXM), dense"),
+    (("A100",), "A100", {"bf16": 312.0, "fp16": 312.0}, "NVIDIA A100 datasheet, dense"),
+    (("V100", "PCIE"), "V100 PCIe", {"fp16": 112.0}, "NVIDIA V100 datasheet (PCIe), tensor fp16"),
+    (("V100",), "V100 SXM2", {"fp16": 125.0}, "NVIDIA V100 datasheet (SXM2), tensor fp16"),
+]
+
+
+def peak_tflops(device_name: str, precision: str) -> tuple[float | None, str]:
+    """(peak dense TFLOP/s or None, where the number comes from or why there is none)."""
+    name = device_name.upper()
+    for needles, label, table, source in PEAKS:
+        if all(n in name for n in needles):
+            if precision in table:
+                return table[precision], f"{label} {precision}: {source}"
+            return None, f"{label}: no {precision} tensor-core peak listed (MFU left empty)"
+    return None, f"unknown device {device_name!r}: no peak listed (MFU left empty)"
