@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# One prepared check for a GPU machine without network: kernel tests, kernel benchmarks and the
+# training-step throughput benchmark, all results in one flat folder, a summary table last.
+#
+#   bash benchmarks/gpu_check.sh WHEEL_DIR OUT_DIR
+#
+# WHEEL_DIR holds the wheels the image lacks (shared/wheels/gpu-py312: deepspeed and its needs);
+# they go to /tmp/site, put on PYTHONPATH. "-" skips that. The project is installed editable with
+# --no-build-isolation (no network for a build environment); if that fails, the repository and the
+# kernels folder are put on PYTHONPATH instead.
+#
+# Time: every stage runs under `timeout`, and its limit is also cut so that the stages after it
+# keep their minimum time before one deadline (GPU_CHECK_BUDGET seconds from the start, default
+# 450), so the whole script ends within 8 minutes on an H100 whatever hangs. A failing or
+# timed-out stage does not stop the others.
+#
+#   stage             limit  min  what
+#   install              60   60  wheels into /tmp/site, `pip install -e .`
+#   info                 20   20  nvidia-smi, versions
+#   kernel-tests        150   60  pytest -m gpu tests/kernels
+#   kernel-bench        120   45  benchmarks/kernels.py --out (when the file exists)
+#   throughput          200  150  base, micro-batch 64, bf16: triton/sdpa/eager x single/two/alternate,
+#                                 then VisualBERT + LXMERT, padding study, largest micro-batch + its runs
+#   throughput-compile  110   45  the same main grid under torch.compile (triton, sdpa)
+#   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
+#   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
+#   summary              15   10  benchmarks/report.py over the JSON files, stage table
+# Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
+# stage gets its full 200 s when the kernel tests take about a minute.
+#
+# OUT_DIR stays flat and small (the device tool brings back at most 8 files): gpu_check.log (all
+# output), throughput.json, throughput_compile.json, throughput_fp16.json, and the kernel
+# benchmark's files (tarred into kernels.tar.gz if there are more than two).
+#
+# Environment: PYTHON (default python3); GPU_CHECK_BUDGET (seconds, default 450);
+# GPU_CHECK_CPU=1 shrinks everything to a CPU smoke run (tiny preset, no compile) to test this script.
+set -u
+
+if [ $# -ne 2 ]; then
+    echo "usage: bash benchmarks/gpu_check.sh WHEEL_DIR|- OUT_DIR" >&2
+    exit 2
+fi
+WHEEL_DIR=$1
+OUT=$(mkdir -p "$2" && cd "$2" && pwd) || { echo "cannot create $2" >&2; exit 2; }
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 2
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+CPU_MODE=${GPU_CHECK_CPU:-0}
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+STAGES=(install info kernel-tests kernel-bench throughput throughput-compile throughput-fp16 model-kernels summary)
+declare -A LIMIT=([install]=60 [info]=20 [kernel-tests]=150 [kernel-bench]=120 [throughput]=200
+    [throughput-compile]=110 [throughput-fp16]=60 [model-kernels]=60 [summary]=15)
+declare -A MIN=([install]=60 [info]=20 [kernel-tests]=60 [kernel-bench]=45 [throughput]=150
+    [throughput-compile]=45 [throughput-fp16]=25 [model-kernels]=0 [summary]=10)
+declare -A RESULT=()
+KILL_GRACE=5
+
+# Seconds stage $1 may run: its limit, cut to leave the later stages their minimum before the deadline.
+stage_limit() {
+    local name=$1 reserve=0 later=0 s
+    for s in "${STAGES[@]}"; do
+        if [ "$later" = 1 ]; then reserve=$((reserve + MIN[$s])); fi
+        if [ "$s" = "$name" ]; then later=1; fi
+    done
+    local left=$((BUDGET - SECONDS - reserve - KILL_GRACE))
+    local limit=${LIMIT[$name]}
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    echo "$limit"
+}
+
+# run_stage NAME COMMAND...: run under the stage's time limit; record ok / failed (rc) / timeout / skipped.
+run_stage() {
+    local name=$1
+    shift
+    local limit
+    limit=$(stage_limit "$name")
+    echo
+    echo "=== [$name] limit ${limit}s (elapsed ${SECONDS}s of ${BUDGET}s): $*"
+    if [ "$limit" -lt 10 ]; then
+        RESULT[$name]="skipped (no time left)"
+        echo "=== [$name] skipped: no time left"
+        return
+    fi
+    local start=$SECONDS rc cmd=("$@")
+    if [ "$(type -t "$1")" = function ]; then
+        # timeout runs programs, not shell functions: hand the function and its variables to a child bash.
+        cmd=(bash -c "$(declare -f "$1"); $(declare -p PY WHEEL_DIR REPO WORK OUT SIZE CPU_MODE); \"\$@\"" _ "$@")
+    fi
+    STAGE_LIMIT=$limit timeout -k "$KILL_GRACE" "$limit" "${cmd[@]}"
+    rc=$?
+    local took=$((SECONDS - start))
+    case $rc in
+        0) RESULT[$name]="ok (${took}s)" ;;
+        124 | 137) RESULT[$name]="TIMEOUT after ${took}s (limit ${limit}s)" ;;
+        *) RESULT[$name]="FAILED rc=$rc (${took}s)" ;;
+    esac
+    echo "=== [$name] ${RESULT[$name]}"
+}
+
+skip_stage() {
+    RESULT[$1]="skipped ($2)"
+    echo
+    echo "=== [$1] skipped: $2"
+}
+
+# ---------------------------------------------------------------- stages
+
+install() {
+    if [ "$WHEEL_DIR" != "-" ]; then
+        if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEEL_DIR"/*.whl ||
+                echo "wheel install failed (deepspeed is not needed by these checks)"
+        else
+            echo "no wheels in $WHEEL_DIR"
+        fi
+    fi
+    if [ "$CPU_MODE" = 1 ]; then
+        echo "cpu mode: not reinstalling the project (it is already installed in this environment)"
+    else
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+    fi
+}
+
+info() {
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+    else
+        echo "no nvidia-smi"
+    fi
+    "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+for name in ("triton", "transformers", "deepspeed", "h5py", "nvidia-ml-py", "semvlp"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+EOF
+}
+
+kernel_bench() {
+    "$PY" benchmarks/kernels.py --out "$WORK/kernels"
+    local rc=$? files=()
+    mapfile -t files < <(find "$WORK/kernels" -type f 2>/dev/null | sort)
+    if [ "${#files[@]}" -gt 2 ]; then
+        tar -czf "$OUT/kernels.tar.gz" -C "$WORK/kernels" . && echo "kernel results: ${#files[@]} files -> kernels.tar.gz"
+    elif [ "${#files[@]}" -gt 0 ]; then
+        cp "${files[@]}" "$OUT/" && echo "kernel results: ${files[*]##*/}"
+    fi
+    return $rc
+}
+
+# throughput NAME ARGS...: the benchmark with an internal budget a little under the stage limit,
+# so it stops between runs and keeps its JSON (written after every run) even if killed.
+throughput() {
+    local out=$1
+    shift
+    "$PY" benchmarks/throughput.py "${SIZE[@]}" --out "$OUT/$out" --time-budget $((STAGE_LIMIT - 25)) "$@"
+}
+
+if [ "$CPU_MODE" = 1 ]; then
+    SIZE=(--preset tiny --batch-size 2 --warmup 1 --steps 2 --repeats 1 --max-batch-cap 8 --device cpu)
+    PRECISIONS=(fp32 bf16)
+else
+    # Fewer timed steps than the defaults (5 warm-up, 5 x 10): each run is then ~1 s after warm-up.
+    SIZE=(--preset base --batch-size 64 --warmup 3 --steps 8 --repeats 3 --device cuda)
+    PRECISIONS=(bf16 fp16)
+fi
+
+echo "gpu_check: repo $REPO, out $OUT, python $PY, budget ${BUDGET}s, cpu mode $CPU_MODE, $(date -u +%FT%TZ)"
+SEMVLP_GIT_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+export SEMVLP_GIT_COMMIT
+run_stage install install
+if [ "$WHEEL_DIR" != "-" ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+IMPORT_CHECK="import semvlp, semvlp_kernels.dispatch; print('semvlp from', semvlp.__file__)"
+if ! "$PY" -c "$IMPORT_CHECK"; then
+    echo "the project does not import after the install: falling back to PYTHONPATH (repo + semvlp_kernels link)"
+    mkdir -p "$WORK/path" && ln -sfn "$REPO/kernels" "$WORK/path/semvlp_kernels"
+    export PYTHONPATH=$WORK/path:$REPO${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" -c "$IMPORT_CHECK" || echo "the project still does not import: later stages will fail"
+fi
+run_stage info info
+
+if [ -d tests/kernels ]; then
+    run_stage kernel-tests "$PY" -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+else
+    skip_stage kernel-tests "no tests/kernels"
+fi
+
+if [ -f benchmarks/kernels.py ]; then
+    run_stage kernel-bench kernel_bench
+else
+    skip_stage kernel-bench "no benchmarks/kernels.py yet"
+fi
+
+run_stage throughput throughput throughput.json --precision "${PRECISIONS[0]}" \
+    --backends triton,sdpa,eager --modes single,two,alternate --peers --padding-study --find-max-batch
+
+if [ "$CPU_MODE" = 1 ]; then
+    skip_stage throughput-compile "cpu mode"
+else
+    run_stage throughput-compile throughput throughput_compile.json --precision "${PRECISIONS[0]}" \
+        --backends triton,sdpa --modes single,two,alternate --compile on
+fi
+
+run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISIONS[1]}" \
+    --backends triton,sdpa --modes single,two,alternate
+
+if [ -f tests/test_model_kernels.py ] && [ "$CPU_MODE" != 1 ]; then
+    run_stage model-kernels "$PY" -m pytest tests/test_model_kernels.py -q -p no:cacheprovider
+else
+    skip_stage model-kernels "cpu mode or no tests/test_model_kernels.py"
+fi
+
+summary() {
+    local files=()
+    mapfile -t files < <(ls "$OUT"/throughput*.json 2>/dev/null)
+    if [ "${#files[@]}" -gt 0 ]; then
+        "$PY" benchmarks/report.py --detail "${files[@]}"
+    else
+        echo "no throughput results"
+    fi
+}
+# The summary prints last: the per-file detail, then the pooled table, then the stage table.
+run_stage summary summary
+
+# Keep OUT_DIR flat and within 8 files (the device tool's limit): fold any extras into one tarball.
+mapfile -t extra < <(find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu_check.log ! -name 'throughput*.json' | sort)
+if [ "$(find "$OUT" -mindepth 1 | wc -l)" -gt 8 ] || find "$OUT" -mindepth 2 | grep -q .; then
+    tar -czf "$WORK/extra.tar.gz" -C "$OUT" "${extra[@]##*/}" && rm -rf "${extra[@]}" && mv "$WORK/extra.tar.gz" "$OUT/"
+fi
+rm -rf "$WORK"
+
+echo
+echo "| stage | result |"
+echo "|---|---|"
+for s in "${STAGES[@]}"; do echo "| $s | ${RESULT[$s]:-not run} |"; done
+echo "gpu_check: done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,207 @@
+"""The throughput benchmark on CPU: the CLI end to end (tiny preset, 2 steps per mode), the JSON it
+writes, report.py on that JSON, the model-FLOPs formula against torch's FLOP counter, the
+DeepSpeed-style mixed-precision step, and the peak table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"semvlp_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _load("throughput")
+report = _load("report")
+peaks = _load("peaks")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, more threads only add contention to these small models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    # Without the interpreter the triton backend is unavailable on CPU: the run must record why.
+    # (tests/kernels/conftest.py sets TRITON_INTERPRET in this process when that folder is collected.)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(BENCH / "throughput.py"), "--preset", "tiny", "--batch-size", "2"]
+    cmd += ["--modes", "single,two,alternate", "--backends", "sdpa,triton", "--precision", "fp32"]
+    cmd += ["--warmup", "0", "--steps", "2", "--repeats", "1", "--peers", "--padding-study"]
+    cmd += ["--padding-modes", "single", "--find-max-batch", "--max-batch-cap", "4", "--device", "cpu"]
+    cmd += ["--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout, out
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_has_run_metadata(cli_run):
+    doc, _, _ = cli_run
+    assert doc["schema"] == throughput.SCHEMA
+    assert doc["device"]["type"] == "cpu"
+    assert {"torch", "triton", "transformers", "deepspeed"} <= set(doc["versions"])
+    assert doc["versions"]["torch"] == torch.__version__
+    assert len(doc["git"]["commit"]) == 40 or doc["git"]["commit"] == "unknown"
+    assert doc["date"][:4].isdigit()
+    assert doc["backends"]["sdpa/fp32"] == "available"
+    assert doc["backends"]["triton/fp32"] != "available"  # the reason select_ops gave
+    assert doc["peak"]["fp32"]["tflops"] is None  # CPU: no peak, so no MFU
+    assert doc["packed_attention"].startswith(("not available", "not measured"))
+
+
+def test_every_run_has_finite_positive_figures(cli_run):
+    doc, _, _ = cli_run
+    assert doc["runs"], "no runs recorded"
+    for run in doc["runs"]:
+        assert run["status"] == "ok", run
+        for key in ("ms_per_step", "samples_per_s", "tokens_per_s", "tflops", "flops_per_step", "fwd_bwd_ms"):
+            assert _positive(run[key]), (key, run)
+        assert run["ms_min"] <= run["ms_per_step"] <= run["ms_max"]
+        assert math.isfinite(run["loss"])
+        assert run["mfu"] is None
+        assert run["samples_per_s"] == pytest.approx(run["batch_size"] / (run["ms_per_step"] / 1e3))
+
+
+def test_main_grid_peers_padding_and_max_batch(cli_run):
+    doc, _, _ = cli_run
+    runs = doc["runs"]
+    main = {(r["backend"], r["mode"]) for r in runs if r["section"] == "main"}
+    assert main == {("sdpa", "single"), ("sdpa", "two"), ("sdpa", "alternate")}
+    assert {r["model"] for r in runs if r["section"] == "peer"} == {"visualbert", "lxmert"}
+    assert {(q["peer"], q["mode"]) for q in doc["ratios"]} == {("visualbert", "single"), ("lxmert", "two")}
+    assert all(_positive(q["ratio"]) for q in doc["ratios"])
+    padding = {r["text"]: r for r in runs if r["section"] == "padding"}
+    assert set(padding) == set(throughput.LAYOUTS)
+    assert padding["full"]["text_pad_to"] == padding["pad20"]["text_pad_to"] == 20
+    assert padding["bucket-longest"]["text_pad_to"] <= 12
+    # Padding is not credited: the same lengths padded further cost the same model FLOPs.
+    assert padding["pad20"]["flops_per_step"] == padding["longest"]["flops_per_step"]
+    assert padding["pad20"]["flops_per_step"] < padding["full"]["flops_per_step"]
+    assert doc["max_batch"]["largest"] == 4
+    assert [t["batch_size"] for t in doc["max_batch"]["tried"]] == [2, 4]
+    assert {r["mode"] for r in runs if r["section"] == "max_batch" and r["batch_size"] == 4} == set(throughput.MODES)
+
+
+def test_table_is_printed_last(cli_run):
+    _, stdout, _ = cli_run
+    lines = stdout.strip().splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith("| section | model | mode |")]
+    assert len(header) == 1
+    assert not any(line.startswith("[throughput]") for line in lines[header[0] :])  # nothing after the tables
+    assert any(line.startswith("largest micro-batch") for line in lines[-2:])
+
+
+def test_report_summary_and_readme_block(cli_run, tmp_path, capsys):
+    doc, _, path = cli_run
+    assert report.main([str(path)]) == 0
+    summary = capsys.readouterr().out
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "tiny" in line]
+    assert {row.split(" | ")[6] for row in rows} == {"single", "two", "alternate"}
+    assert any("x visualbert" in row for row in rows) and any("x lxmert" in row for row in rows)
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{report.START}\nstale\n{report.END}\nafter\n")
+    assert report.main([str(path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith("after\n")
+    assert "stale" not in text and "6N + 12·L·d·s" in text and "| device | date | commit |" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        report.main([str(path), "--readme", str(readme)])
+
+
+def test_model_flops_formula_matches_the_flop_counter():
+    """Our analytic model FLOPs equal the matmul FLOPs torch counts when no text is padded."""
+    from semvlp.config import config_from_preset
+    from semvlp.model import SemVLPForPreTraining
+
+    cfg = config_from_preset("tiny", kernel_backend="eager")
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(cfg).train()
+    cpu = torch.device("cpu")
+    full = throughput.make_batch(cfg, [20, 20], 20, False, cpu)
+    padded = throughput.make_batch(cfg, [9, 14], 20, True, cpu)
+    for mode in ("single", "two"):
+        counted = throughput.counted_step_flops(lambda b=full, m=mode: model(**b.inputs, mode=m).loss)
+        assert throughput.semvlp_step_flops(cfg, full, mode) == pytest.approx(counted, rel=1e-9), mode
+        # With padding the counter sees the padded work; the model FLOPs count real tokens only.
+        counted = throughput.counted_step_flops(lambda b=padded, m=mode: model(**b.inputs, mode=m).loss)
+        assert throughput.semvlp_step_flops(cfg, padded, mode) < counted
+    alternate = throughput.semvlp_step_flops(cfg, full, "alternate")
+    assert alternate == pytest.approx(
+        (throughput.semvlp_step_flops(cfg, full, "single") + throughput.semvlp_step_flops(cfg, full, "two")) / 2
+    )
+
+
+def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
+    """--amp cast: bf16 model, fp32 master weights; a single-stream step leaves cross-attention alone."""
+    from semvlp.config import config_from_preset
+    from semvlp.model import SemVLPForPreTraining
+
+    cfg = config_from_preset("tiny", kernel_backend="eager")
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(cfg).train()
+    cpu = torch.device("cpu")
+    train = throughput.TrainStep(model, "bf16", "cast", cpu)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = throughput.make_batch(cfg, [20, 20], 20, False, cpu)
+    loss, _ = train(lambda: model(**batch.inputs, mode="single").loss, throughput.Clock(cpu))
+    assert math.isfinite(loss.item())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.dtype == torch.float32 for m in train.masters)
+    for param, master in zip(train.params, train.masters, strict=True):
+        assert torch.equal(param.detach(), master.to(torch.bfloat16))
+    named = dict(model.named_parameters())
+    masters = {n: train.masters[i] for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    cross = [n for n in named if ".cross_attention." in n]
+    # Not even weight decay touched them (in fp32, where a 1e-6 relative change is visible).
+    assert cross and all(torch.equal(masters[n], before[n].float()) for n in cross)
+    assert not torch.equal(
+        named["semvlp.encoder.layers.0.ffn.up.weight"], before["semvlp.encoder.layers.0.ffn.up.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    "name, precision, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+        ("Tesla V100-SXM2-32GB", "bf16", None),  # no bf16 tensor cores on Volta
+        ("NVIDIA H100 80GB HBM3", "fp32", None),
+        ("NVIDIA GeForce RTX 4090", "bf16", None),  # not listed: MFU stays empty
+    ],
+)
+def test_peak_table(name, precision, expected):
+    value, source = peaks.peak_tflops(name, precision)
+    assert value == expected, source
+    assert source
