@@ -7,9 +7,8 @@
 
 One JSON file: meta (device, torch/triton/CUDA versions, git commit, dtype, batch) + the measured
 device-to-device copy bandwidth + one row per (op, case, provider, mode) with p50/p20/p80 ms
-(triton.testing.do_bench on CUDA: wall time, host launch overhead included), graph_ms (one CUDA
-graph replay via do_bench_cudagraph: GPU time only), GB/s for the memory-bound ops (bytes moved / p50, counted as
-in tutorial 05: inputs read + outputs written, forward and backward; from graph_ms), TFLOP/s for attention
+(triton.testing.do_bench on CUDA), GB/s for the memory-bound ops (bytes moved / p50, counted as
+in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
 difference against the fp32 reference checked once before timing. Every op/provider runs in its
 own try/except: a failure is recorded in its row and the rest still run.
@@ -85,16 +84,6 @@ class Timer:
             times.append((time.perf_counter() - start) * 1e3)
         times.sort()
         return times[1], times[0], times[2]
-
-    def graphed(self, fn, grad_to_none=None) -> float | None:
-        """GPU time without host overhead: one CUDA graph replay (p50 ms); None off CUDA or if the
-        closure cannot be captured. do_bench's wall time is launch-bound for small fused ops
-        (Python autograd.Function + Triton launcher, ~0.1-0.3 ms), which this separates out."""
-        if self.device.type != "cuda":
-            return None
-        import triton.testing
-
-        return triton.testing.do_bench_cudagraph(fn, rep=self.rep, grad_to_none=grad_to_none, quantiles=[0.5])[0]
 
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> float | None:
@@ -270,19 +259,14 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                     torch.cuda.reset_peak_memory_stats()
                 p50, p20, p80 = timer(closure, grad_to_none=inputs)
                 row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80)
-                try:
-                    row["graph_ms"] = timer.graphed(closure, grad_to_none=inputs)
-                except Exception as exc:  # noqa: BLE001
-                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 if device.type == "cuda":
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 bytes_moved = bytes_fwd if mode == "forward" else (bytes_fwd + bytes_bwd if bytes_fwd else None)
-                gpu_ms = row.get("graph_ms") or p50
                 if bytes_moved:
-                    row["GBps"] = bytes_moved / gpu_ms / 1e6  # from graph_ms where measured
+                    row["GBps"] = bytes_moved / p50 / 1e6
                 if flops_fwd:
                     flops = flops_fwd[0] if mode == "forward" else flops_fwd[1]
-                    row["TFLOPs"] = flops / gpu_ms / 1e9
+                    row["TFLOPs"] = flops / p50 / 1e9
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             for t in inputs:
@@ -300,20 +284,17 @@ def _format_row(row: dict) -> str:
         extra += f" {row['GBps']:8.1f} GB/s"
     if "TFLOPs" in row:
         extra += f" {row['TFLOPs']:7.1f} TFLOP/s"
-    graph = f" graph {row['graph_ms']:7.3f} ms" if row.get("graph_ms") else ""
-    where = f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8}"
-    return f"{where} {row['p50_ms']:8.3f} ms{graph}{extra}"
+    return f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8} {row['p50_ms']:8.3f} ms{extra}"
 
 
 def speedups(results: list[dict]) -> list[dict]:
     """triton vs eager and vs the fastest non-triton provider, per (op, case, mode)."""
     groups: dict[tuple, dict[str, float]] = {}
     for r in results:
-        for timing in ("p50_ms", "graph_ms"):
-            if r.get(timing):
-                groups.setdefault((r["op"], r["case"], r["mode"], timing), {})[r["provider"]] = r[timing]
+        if "p50_ms" in r:
+            groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["p50_ms"]
     out = []
-    for (op, case, mode, timing), times in groups.items():
+    for (op, case, mode), times in groups.items():
         if "triton" not in times:
             continue
         others = {p: t for p, t in times.items() if p != "triton"}
@@ -323,7 +304,6 @@ def speedups(results: list[dict]) -> list[dict]:
                 "op": op,
                 "case": case,
                 "mode": mode,
-                "timing": timing,
                 "triton_ms": times["triton"],
                 "speedup_vs_eager": times["eager"] / times["triton"] if "eager" in times else None,
                 "best_other": best,
@@ -443,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in report["speedups"]:
         eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""
         best = f"{s['speedup_vs_best_other']:.2f}x {s['best_other']}" if s["best_other"] else ""
-        print(
-            f"  {s['op']:>20} {s['case']:<22} {s['mode']:<8} {s['timing']:<8} {s['triton_ms']:.3f} ms  {eager}  {best}"
-        )
+        print(f"  {s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['triton_ms']:.3f} ms  {eager}  {best}")
     errors = [r for r in results if "error" in r]
     print(f"wrote {path} ({len(results)} rows, {len(errors)} errors)")
     return 0
