@@ -7,8 +7,11 @@
 
 One JSON file: meta (device, torch/triton/CUDA versions, git commit, dtype, batch) + the measured
 device-to-device copy bandwidth + one row per (op, case, provider, mode) with p50/p20/p80 ms
-(triton.testing.do_bench on CUDA), GB/s for the memory-bound ops (bytes moved / p50, counted as
-in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
+(triton.testing.do_bench on CUDA; wall time, so host launch overhead counts: for the small fused
+ops the Python autograd.Function + Triton launcher cost ~0.1-0.3 ms, more than their GPU time;
+CUDA-graph timing was tried and dropped because a failed backward capture poisons the process),
+GB/s for the memory-bound ops (bytes moved / p50, counted as in tutorial 05: inputs read +
+outputs written, forward and backward), TFLOP/s for attention
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
 difference against the fp32 reference checked once before timing. Every op/provider runs in its
 own try/except: a failure is recorded in its row and the rest still run.
@@ -42,11 +45,10 @@ def _git_commit() -> str:
     if os.environ.get("SEMVLP_GIT_COMMIT"):
         return os.environ["SEMVLP_GIT_COMMIT"]
     try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     except OSError:
         return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def _versions() -> dict:
