@@ -116,17 +116,29 @@ class ShardedBatchSampler:
                            tuple(order[i * b:(i + 1) * b].tolist()))
 
 
-class _CursorSampler(Sampler):
-    """Yields the keys from the loader's current position (read when iteration starts)."""
+@dataclass
+class _Cursor:
+    epoch: int = 0
+    position: int = 0  # batches of `epoch` already handed out
+    repeatable: bool = False
 
-    def __init__(self, loader: ResumableLoader):
-        self.loader = loader
+
+class _CursorSampler(Sampler):
+    """Yields the keys from the cursor's position (read when an iteration starts).
+
+    It holds the cursor, not the ResumableLoader: a reference cycle through the DataLoader
+    would leave worker shutdown to the garbage collector, which then waits 5 s per worker.
+    """
+
+    def __init__(self, sampler: ShardedBatchSampler, cursor: _Cursor):
+        self.sampler, self.cursor = sampler, cursor
 
     def __iter__(self) -> Iterator[BatchKey]:
-        return self.loader.sampler.keys(*self.loader._start())
+        c = self.cursor
+        return self.sampler.keys(0, 0) if c.repeatable else self.sampler.keys(c.epoch, c.position)
 
     def __len__(self) -> int:
-        return len(self.loader.sampler)
+        return len(self.sampler)
 
 
 def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -170,30 +182,36 @@ class ResumableLoader:
         self.sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world_size, seed,
                                            shuffle=shuffle, drop_last=drop_last)
         self.repeatable = repeatable
-        self.epoch = 0
-        self.position = 0  # batches of `epoch` already handed out
+        self._cursor = _Cursor(repeatable=repeatable)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
-        self._loader = DataLoader(dataset, batch_size=None, sampler=_CursorSampler(self),
+        self._loader = DataLoader(dataset, batch_size=None, sampler=_CursorSampler(self.sampler, self._cursor),
                                   num_workers=num_workers, pin_memory=pin_memory, **extra)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return len(self.sampler)
 
-    def _start(self) -> tuple[int, int]:
-        return (0, 0) if self.repeatable else (self.epoch, self.position)
+    @property
+    def epoch(self) -> int:
+        return self._cursor.epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already handed out."""
+        return self._cursor.position
 
     def __iter__(self) -> Iterator[dict]:
         if self.repeatable:
             yield from self._loader
             return
+        c = self._cursor
         for batch in self._loader:
-            self.position += 1
+            c.position += 1
             yield batch
-        self.epoch += 1
-        self.position = 0
+        c.epoch += 1
+        c.position = 0
 
     def state_dict(self) -> dict:
         s = self.sampler
@@ -211,5 +229,5 @@ class ResumableLoader:
                                  f"{key}={getattr(s, key)}; the resumed batches would differ")
         if not 0 <= state["position"] <= len(s):
             raise ValueError(f"loader state position {state['position']} outside 0..{len(s)}")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self._cursor.epoch = int(state["epoch"])
+        self._cursor.position = int(state["position"])

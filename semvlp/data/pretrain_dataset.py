@@ -52,6 +52,7 @@ with several answers is drawn in proportion to their scores.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ class PretrainDataset(KeyedBatchDataset):
         self.replacement_ids = replacement_token_ids(tokenizer)
         if self.masking.mismatch_prob > 0 and len(np.unique(self.sent_image_row)) < 2:
             raise ValueError("image-text matching needs sentences of at least two images")
-        self._corpus = corpus  # kept for uid(); texts are not used after tokenization
+        # Kept for uid(); the texts are dropped: after tokenization they would only hold memory.
+        self._corpus = dataclasses.replace(corpus, texts=[])
 
     def __len__(self) -> int:
         return len(self.sent_image_row)

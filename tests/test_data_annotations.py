@@ -1,0 +1,179 @@
+"""Annotation readers, answer tables, missing images, tokenizer and the data configuration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from semvlp.data.annotations import (
+    AnnotationError,
+    AnswerTable,
+    MissingImagesError,
+    check_images,
+    load_flickr30k,
+    load_gqa,
+    load_nlvr2,
+    load_pretrain_annotations,
+    load_vqa,
+    normalize_answer,
+)
+from semvlp.data.config import DataConfig, PretrainData
+from semvlp.data.tokenizer import load_tokenizer, replacement_token_ids, tokenize_texts
+
+
+def dump(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Two", "2"), ("a man", "man"), ("The Woman", "woman"), ("grey", "gray"), ("yes.", "yes"),
+    ("an apple", "apple"), ("the red car", "red car"), ("", ""), ("ten", "10"), ("net", "net"),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_answer_tables(tmp_path):
+    all_ans = dump(tmp_path / "all_ans.json", [{"ans": "yes", "dsets": ["vqa", "gqa"]},
+                                               {"ans": "net", "dsets": ["vqa"]},
+                                               {"ans": "pipe", "dsets": ["gqa"]}])
+    assert AnswerTable.from_all_ans(all_ans).answers == ["yes", "net", "pipe"]
+    assert AnswerTable.from_all_ans(all_ans, dsets=["gqa"]).answers == ["yes", "pipe"]
+    assert AnswerTable.load(all_ans).ans2id("pipe") == 2
+    a2l = dump(tmp_path / "a2l.json", {"no": 1, "yes": 0})
+    l2a = dump(tmp_path / "l2a.json", ["yes", "no"])
+    assert AnswerTable.load(a2l).answers == AnswerTable.load(l2a).answers == ["yes", "no"]
+    table = AnswerTable(["yes", "2", "man"])
+    assert table.label_ids({"Two": 0.3, "a man": 1.0, "unknown": 0.9}) == {1: 0.3, 2: 1.0}
+    assert table.label_ids({"Two": 0.3}, normalize=False) == {}
+    with pytest.raises(AnnotationError, match="labels must be distinct"):
+        AnswerTable.load(dump(tmp_path / "bad.json", {"yes": 0, "no": 0}))
+    with pytest.raises(AnnotationError, match="record 1 has no field 'ans'"):
+        AnswerTable.from_all_ans(dump(tmp_path / "bad2.json", [{"ans": "x"}, {"answer": "y"}]))
+
+
+def pretrain_records():
+    return [
+        {"img_id": "i0", "sentf": {"mscoco": ["a dog .", "a cat ."], "vqa": ["how many dogs ?"]},
+         "labelf": {"vqa": [{"Two": 0.6, "three": 0.3}]}},
+        {"img_id": "i1", "sentf": {"vg": ["a tree ."], "vqa": ["what is it ?", "is it red ?"]},
+         "labelf": {"vqa": [{"unknown answer": 1.0}, {"yes": 1.0}]}},
+    ]
+
+
+def test_pretrain_annotations(tmp_path):
+    f = dump(tmp_path / "p.json", pretrain_records())
+    table = AnswerTable(["yes", "no", "2", "3"])
+    c = load_pretrain_annotations([f], sources=("mscoco", "vqa"), answer_table=table)
+    assert c.texts == ["a dog .", "a cat .", "how many dogs ?", "what is it ?", "is it red ?"]
+    assert c.image_ids == ["i0", "i1"] and c.sent_image.tolist() == [0, 0, 0, 1, 1]
+    assert c.uid(2) == "i0_vqa_000" and c.uid(4) == "i1_vqa_001"
+    assert c.source_counts == {"mscoco": 2, "vqa": 3}
+    ids, scores = c.answers(2)  # normalized ("Two" -> "2") and looked up
+    assert dict(zip(ids.tolist(), scores.tolist(), strict=True)) == pytest.approx({2: 0.6, 3: 0.3})
+    assert len(c.answers(0)[0]) == 0 and len(c.answers(3)[0]) == 0  # a caption; an answer not in the table
+    assert c.answers(4)[0].tolist() == [0]
+    sub = c.select(np.array([False, False, True, False, True]))
+    assert sub.texts == ["how many dogs ?", "is it red ?"] and sub.answers(1)[0].tolist() == [0]
+    assert sub.answers(0)[0].tolist() == [2, 3]
+    no_table = load_pretrain_annotations([f], sources=("vqa",))
+    assert len(no_table) == 3 and len(no_table.qa_answers) == 0
+
+    bad = pretrain_records()
+    bad[1]["labelf"]["vqa"] = [{"yes": 1.0}]
+    with pytest.raises(AnnotationError, match=r"p2.json: record 1 \(img_id i1\) field 'labelf.vqa'"):
+        load_pretrain_annotations([dump(tmp_path / "p2.json", bad)], answer_table=table)
+    with pytest.raises(AnnotationError, match=r"p3.json: record 0 has no field 'sentf'"):
+        load_pretrain_annotations([dump(tmp_path / "p3.json", [{"img_id": "x"}])])
+    (tmp_path / "p4.json").write_text('[{"img_id": "x",\n "sentf": }]')
+    with pytest.raises(AnnotationError, match="p4.json: invalid JSON at line 2"):
+        load_pretrain_annotations([tmp_path / "p4.json"])
+
+
+def test_finetune_readers(tmp_path):
+    vqa = dump(tmp_path / "vqa.json", [
+        {"question_id": 458752000, "img_id": "COCO_1", "sent": "What is this?", "label": {"net": 1, "pipe": 0.3}},
+        {"question_id": 458752001, "img_id": "COCO_1", "sent": "Why?"}])
+    q = load_vqa(vqa)
+    assert q[0].label == {"net": 1.0, "pipe": 0.3} and q[1].label is None and q[0].question_id == 458752000
+    gqa = load_gqa([dump(tmp_path / "gqa.json", [{"question_id": "07333408", "img_id": "2375429",
+                                                  "sent": "Is it?", "label": {"yes": 1.0}}])])
+    assert gqa[0].question_id == "07333408"
+    with pytest.raises(AnnotationError, match=r"record 0 \(question_id 1\) field 'label'"):
+        load_vqa(dump(tmp_path / "bad.json", [{"question_id": 1, "img_id": "a", "sent": "s", "label": ["x"]}]))
+    nl = load_nlvr2(dump(tmp_path / "n.json", [{"identifier": "train-1-0-0", "img0": "a-img0", "img1": "a-img1",
+                                                "sent": "s", "label": 1}]))
+    assert (nl[0].img0, nl[0].label) == ("a-img0", 1)
+    with pytest.raises(AnnotationError, match=r"record 0 \(identifier x\) field 'label' must be 0 or 1"):
+        load_nlvr2(dump(tmp_path / "n2.json", [{"identifier": "x", "img0": "a", "img1": "b", "sent": "s", "label": 2}]))
+    karpathy = dump(tmp_path / "dataset_flickr30k.json", {"images": [
+        {"filename": "1000092795.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A.", "tokens": ["a"]}]},
+        {"filename": "10002456.jpg", "imgid": 1, "split": "test",
+         "sentences": [{"raw": "B.", "tokens": ["b"]}, {"raw": "C.", "tokens": ["c"]}]},
+        {"filename": "1001.jpg", "imgid": 2, "split": "test", "sentences": [{"raw": "D.", "tokens": ["d"]}]}]})
+    r = load_flickr30k(karpathy, "test")
+    assert r.image_ids == ["10002456", "1001"] and r.captions == ["B.", "C.", "D."]
+    assert r.caption_image.tolist() == [0, 0, 1]
+    sub = r.select_images(np.array([False, True]))
+    assert sub.image_ids == ["1001"] and sub.captions == ["D."] and sub.caption_image.tolist() == [0]
+    with pytest.raises(AnnotationError, match="no images in split"):
+        load_flickr30k(karpathy, "val")
+
+
+def test_missing_images():
+    ids = ["a", "b", "x1", "a", "x2", "x3", "x4", "x5", "x6", "x7"]
+    with pytest.raises(MissingImagesError) as e:
+        check_images(ids, {"a", "b"}, "VQA annotations")
+    msg = str(e.value)
+    assert "7 images missing" in msg and "['x1', 'x2', 'x3', 'x4', 'x5']" in msg and "x6" not in msg
+    assert "skip_missing" in msg
+    keep = check_images(ids, {"a", "b"}, "VQA annotations", skip_missing=True)
+    assert keep.tolist() == [True, True, False, True] + [False] * 6
+
+
+def test_tokenizer(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "a", "red", "car", "?"]))
+    tok = load_tokenizer(vocab)
+    assert len(tok) == 10 and load_tokenizer(tmp_path).vocab_size == 10  # a folder holding vocab.txt works
+    ids, offsets = tokenize_texts(tok, ["A red CAR ?", "a a a a a a", "car"], max_len=5)
+    rows = [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(3)]
+    assert rows == [[2, 6, 7, 8, 3], [2, 6, 6, 6, 3], [2, 8, 3]]  # truncated to 5 with [CLS]/[SEP]
+    assert replacement_token_ids(tok).tolist() == [6, 7, 8, 9]
+    (tmp_path / "tiny.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(ValueError, match="only 5 tokens"):
+        load_tokenizer(tmp_path / "tiny.txt")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "none.txt")
+
+
+def test_data_config(tmp_path):
+    cfg_file = dump(tmp_path / "data.json", {
+        "stores": ["feats/a.h5", "/abs/b.h5"], "vocab": "vocab.txt", "num_object_labels": 24,
+        "pretrain": {"train": ["p.json"], "sources": ["mscoco", "vqa"], "answer_table": "all_ans.json"},
+        "flickr30k": {"annotations": "k.json"}})
+    cfg = DataConfig.load(cfg_file)
+    assert cfg.stores == (str(tmp_path / "feats/a.h5"), "/abs/b.h5")
+    assert cfg.pretrain == PretrainData(train=(str(tmp_path / "p.json"),), sources=("mscoco", "vqa"),
+                                        answer_table=str(tmp_path / "all_ans.json"))
+    assert cfg.num_object_labels == 24 and cfg.num_attribute_labels == 400 and cfg.vqa is None
+    assert cfg.flickr30k.test_splits == ("test",)
+    cfg.save(tmp_path / "copy.json")
+    saved = json.loads((tmp_path / "copy.json").read_text())
+    assert saved["stores"] == ["feats/a.h5", "/abs/b.h5"] and saved["pretrain"]["train"] == ["p.json"]
+    assert DataConfig.load(tmp_path / "copy.json") == cfg
+
+    def load(data):
+        return DataConfig.load(dump(tmp_path / "x.json", data))
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) pretrain.trian"):
+        load({"stores": ["a"], "vocab": "v", "pretrain": {"trian": ["p"]}})
+    with pytest.raises(ValueError, match="unknown key"):
+        load({"stores": ["a"], "vocab": "v", "extra": 1})
+    with pytest.raises(ValueError, match="max_text_len: expected an integer"):
+        load({"stores": ["a"], "vocab": "v", "max_text_len": "20"})
+    with pytest.raises(ValueError, match="stores: expected a list"):
+        load({"stores": "a.h5", "vocab": "v"})
+    with pytest.raises(ValueError, match="missing required key"):
+        load({"stores": ["a"]})

@@ -1,0 +1,183 @@
+"""Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
+
+import base64
+
+import numpy as np
+import pytest
+
+from semvlp.data import convert as conv
+from semvlp.data.convert import ConversionError, convert_lxmert_tsv, convert_npz_dir
+from semvlp.data.store import FeatureStore
+
+D = 16  # --feature-dim; real files have 2048
+
+
+def b64(arr) -> str:
+    if isinstance(arr, str):  # already a column's text (used to inject bad base64)
+        return arr
+    return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()
+
+
+def raw_image(rng, image_id, n, w=640, h=480):
+    x1 = rng.uniform(0, w / 2, n)
+    y1 = rng.uniform(0, h / 2, n)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1)
+    return dict(img_id=image_id, img_h=h, img_w=w,
+                objects_id=rng.integers(0, 1600, n).astype(np.int64),
+                objects_conf=rng.permutation(np.linspace(0.1, 0.9, n)).astype(np.float32),
+                attrs_id=rng.integers(0, 400, n).astype(np.int64),
+                attrs_conf=rng.random(n).astype(np.float32),
+                num_boxes=n, boxes=boxes.astype(np.float32),
+                features=(rng.random((n, D)) * 10).astype(np.float32))
+
+
+def tsv_line(img, **override) -> str:
+    img = {**img, **override}
+    cols = [img["img_id"], str(img["img_h"]), str(img["img_w"]), b64(img["objects_id"]), b64(img["objects_conf"]),
+            b64(img["attrs_id"]), b64(img["attrs_conf"]), str(img["num_boxes"]), b64(img["boxes"]),
+            b64(img["features"])]
+    return "\t".join(str(c) for c in cols)
+
+
+def write_tsv(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_tsv_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [raw_image(rng, f"COCO_{i}", n) for i, n in enumerate([5, 5, 8])]
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(img) for img in images])
+    report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=5, feature_dim=D, progress=False)
+    assert (report.written, report.skipped) == (3, 0)
+    store = FeatureStore(tmp_path / "s.h5")
+    assert store.image_ids == ["COCO_0", "COCO_1", "COCO_2"] and store.num_objects == 5
+    for img in images:
+        got = store.read(img["img_id"])
+        # > K boxes: the K most confident, in their original order.
+        keep = np.sort(np.argsort(-img["objects_conf"])[:5])
+        scale = np.array([img["img_w"], img["img_h"]] * 2, np.float64)
+        np.testing.assert_array_equal(got.boxes, (img["boxes"][keep] / scale).astype(np.float32))
+        np.testing.assert_array_equal(got.obj_ids, img["objects_id"][keep])
+        np.testing.assert_array_equal(got.obj_confs, img["objects_conf"][keep])
+        np.testing.assert_array_equal(got.attr_ids, img["attrs_id"][keep])
+        np.testing.assert_array_equal(got.attr_confs, img["attrs_conf"][keep])
+        np.testing.assert_array_equal(got.features, img["features"][keep].astype(np.float16))  # fp16 rounding
+        assert (got.img_h, got.img_w) == (img["img_h"], img["img_w"])
+    assert sorted(store.read("COCO_2").obj_confs) == sorted(images[2]["objects_conf"])[-5:]
+
+
+def test_too_few_boxes_needs_pad(tmp_path):
+    rng = np.random.default_rng(1)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, "a", 6)), tsv_line(raw_image(rng, "b", 3))])
+    with pytest.raises(ConversionError, match=r"f.tsv, line 2 \(image b\): field 'num_boxes'.*--pad"):
+        convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    assert not (tmp_path / "s.h5").exists()
+    convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, pad=True, progress=False)
+    got = FeatureStore(tmp_path / "s.h5").read("b")
+    assert got.valid_mask.tolist() == [True, True, True, False]
+    assert not got.features[3].any() and got.obj_confs[3] == 0
+
+
+def bad_lines(rng):
+    """(line, expected message fragment) for every kind of bad record."""
+    good = raw_image(rng, "bad", 4)
+    nan_feats = good["features"].copy()
+    nan_feats[1, 2] = np.nan
+    far_boxes = good["boxes"].copy()
+    far_boxes[2, 2] = good["img_w"] + 50
+    return [
+        (tsv_line(good).rsplit("\t", 1)[0], "field 'columns': 9 tab-separated columns"),
+        (tsv_line(good, boxes="@@notbase64@@"), "field 'boxes': invalid base64"),
+        (tsv_line(good, objects_conf=good["objects_conf"][:3]), "field 'objects_conf': decodes to 3"),
+        (tsv_line(good, features=good["features"][:, :-1]), "field 'features': decodes to"),
+        (tsv_line(good, features=nan_feats), "field 'features': contains NaN"),
+        (tsv_line(good, boxes=far_boxes), "field 'boxes': box 2"),
+        (tsv_line(good, num_boxes="four"), "field 'num_boxes': not an integer"),
+    ]
+
+
+def test_every_bad_record_is_named(tmp_path):
+    rng = np.random.default_rng(2)
+    ok = tsv_line(raw_image(rng, "ok", 4))
+    for k, (line, fragment) in enumerate(bad_lines(rng)):
+        tsv = write_tsv(tmp_path / f"f{k}.tsv", [ok, line])
+        with pytest.raises(ConversionError) as e:
+            convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+        msg = str(e.value)
+        assert f"f{k}.tsv, line 2" in msg and "(image bad)" in msg and fragment in msg, msg
+        assert not (tmp_path / "s.h5").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tsv")) == []  # no temp files
+
+
+def test_skip_bad_counts_and_reports(tmp_path):
+    rng = np.random.default_rng(3)
+    bad = bad_lines(rng)
+    lines = [tsv_line(raw_image(rng, "ok0", 4))] + [b for b, _ in bad] + [tsv_line(raw_image(rng, "ok1", 4)),
+                                                                         tsv_line(raw_image(rng, "ok0", 4))]
+    tsv = write_tsv(tmp_path / "f.tsv", lines)
+    report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, skip_bad=True,
+                                progress=False)
+    assert report.written == 2 and report.skipped == len(bad) + 1  # + the duplicate id
+    assert "line 10 (image ok0): field 'img_id': duplicate" in report.skipped_examples[-1]
+    assert FeatureStore(tmp_path / "s.h5").image_ids == ["ok0", "ok1"]
+
+
+def test_interrupted_conversion_leaves_no_store(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
+    real = conv.tsv_records
+
+    def interrupted(paths, feature_dim):
+        for n, rec in enumerate(real(paths, feature_dim)):
+            if n == 3:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of a file
+            yield rec
+
+    monkeypatch.setattr(conv, "tsv_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
+
+
+def test_npz_dir(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    a = raw_image(rng, "a", 6)
+    np.savez(folder / "img_a.npz", img_h=a["img_h"], img_w=a["img_w"], num_boxes=6, features=a["features"],
+             boxes=a["boxes"], objects_id=a["objects_id"], objects_conf=a["objects_conf"],
+             attrs_id=a["attrs_id"], attrs_conf=a["attrs_conf"])
+    b = raw_image(rng, "b", 6)  # alias key names, no detector labels
+    np.savez(folder / "img_b.npz", image_h=b["img_h"], image_w=b["img_w"], features=b["features"], bbox=b["boxes"])
+    report = convert_npz_dir(folder, tmp_path / "s.h5", num_objects=6, feature_dim=D, progress=False)
+    assert report.written == 2
+    store = FeatureStore(tmp_path / "s.h5")
+    got = store.read("img_a")
+    np.testing.assert_array_equal(got.features, a["features"].astype(np.float16))
+    np.testing.assert_array_equal(got.obj_ids, a["objects_id"])
+    np.testing.assert_array_equal(got.attr_confs, a["attrs_conf"])
+    np.testing.assert_array_equal(got.boxes[:, 2], (a["boxes"][:, 2] / a["img_w"]).astype(np.float32))
+    got = store.read("img_b")
+    assert not got.obj_confs.any() and not got.obj_ids.any()  # absent labels: id 0, confidence 0
+    np.savez(folder / "img_c.npz", img_h=10, img_w=10, features=b["features"])
+    with pytest.raises(ConversionError, match=r"img_c.npz \(image img_c\): field 'boxes': missing"):
+        convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, progress=False)
+    (folder / "img_d.npz").write_bytes(b"garbage")
+    report = convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, skip_bad=True,
+                             progress=False)
+    assert (report.written, report.skipped) == (2, 2)
+
+
+def test_cli_progress_and_errors(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(3)])
+    assert conv.main(["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4",
+                      "--feature-dim", str(D)]) == 0
+    out = capsys.readouterr()
+    assert "img/s" in out.err and "wrote 3 images" in out.out  # the progress bar reports images/s
+    assert conv.main(["lxmert-tsv", str(tsv), "--out", str(tmp_path / "t.h5"), "--num-objects", "5",
+                      "--feature-dim", str(D), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "line 1 (image i0): field 'num_boxes'" in err and "no store written" in err
+    assert not (tmp_path / "t.h5").exists()

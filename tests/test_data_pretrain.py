@@ -1,0 +1,297 @@
+"""Pre-training batches: layout, masking statistics, ITM/QA targets, determinism, resume, sharding."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semvlp.data import build_pretrain_loader, ensure_toy_world
+from semvlp.data.annotations import AnswerTable, MissingImagesError, PretrainCorpus
+from semvlp.data.batching import gather_tokens
+from semvlp.data.config import DataConfig
+from semvlp.data.convert import RawImage, convert
+from semvlp.data.loader import ShardedBatchSampler
+from semvlp.data.pretrain_dataset import MaskingConfig, PretrainDataset, build_pretrain_dataset
+from semvlp.data.store import FeatureStore, FeatureStoreWriter, open_stores
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.data.toy import ToySpec
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    # Shared by the data test files through the session's base temp folder.
+    return ensure_toy_world(tmp_path_factory.getbasetemp() / "toy_small", spec=ToySpec.small())
+
+
+@pytest.fixture(scope="module")
+def light(toy, tmp_path_factory):
+    """The toy world with 16-d uncompressed features: same annotations, ~50x cheaper reads, for the
+    tests that draw thousands of examples."""
+    cfg = DataConfig.load(toy)
+    src = FeatureStore(cfg.stores[0])
+    path = tmp_path_factory.mktemp("light") / "light.h5"
+    with FeatureStoreWriter(path, src.num_objects, 16) as w:
+        for row in range(len(src)):
+            img = src.read(row)
+            w.add(img.image_id, img.features[:, :16], img.boxes, img.img_h, img.img_w, img.obj_ids,
+                  img.obj_confs, img.attr_ids, img.attr_confs)
+    return DataConfig.from_dict({**cfg.to_dict(), "stores": [str(path)]})
+
+
+@pytest.fixture(scope="module")
+def dataset(light):
+    return build_pretrain_dataset(light)
+
+
+def batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_batch_layout(toy):
+    loader = build_pretrain_loader(toy, batch_size=8, seed=3)
+    dataset = loader.dataset
+    key = next(loader.sampler.keys(0))
+    batch = next(iter(loader))
+    b, k = 8, 100
+    lengths = batch["attention_mask"].sum(1)
+    t = int(lengths.max())
+    assert batch["input_ids"].shape == (b, t) and t <= 20  # padded to the longest text only
+    for name, dtype, shape in [
+        ("input_ids", torch.int64, (b, t)), ("attention_mask", torch.int64, (b, t)),
+        ("token_type_ids", torch.int64, (b, t)), ("mlm_labels", torch.int64, (b, t)),
+        ("visual_feats", torch.float16, (b, k, 2048)), ("visual_pos", torch.float32, (b, k, 4)),
+        ("obj_mask", torch.bool, (b, k)), ("obj_labels", torch.int64, (b, k)), ("obj_confs", torch.float32, (b, k)),
+        ("attr_labels", torch.int64, (b, k)), ("attr_confs", torch.float32, (b, k)),
+        ("itm_labels", torch.int64, (b,)), ("qa_labels", torch.int64, (b,)), ("cu_seqlens", torch.int32, (b + 1,)),
+    ]:
+        assert batch[name].dtype == dtype and tuple(batch[name].shape) == shape, name
+    assert "visual_attention_mask" not in batch  # the toy store has no padding
+    assert not batch["token_type_ids"].any()
+    assert batch["attention_mask"][torch.arange(b), lengths - 1].all()
+    # Packed form = the real tokens of every row, concatenated.
+    mask = batch["attention_mask"].bool()
+    assert batch["cu_seqlens"].tolist() == [0] + lengths.cumsum(0).tolist() and batch["max_seqlen"] == t
+    assert torch.equal(batch["packed_input_ids"], batch["input_ids"][mask])
+    assert torch.equal(batch["packed_mlm_labels"], batch["mlm_labels"][mask])
+    assert torch.equal(batch["packed_position_ids"], torch.cat([torch.arange(n) for n in lengths.tolist()]))
+    assert batch["packed_token_type_ids"].shape == batch["packed_input_ids"].shape
+    # Visual tensors are the example's own image, unmodified (never zeroed).
+    store = FeatureStore(DataConfig.load(toy).stores[0])
+    for j, i in enumerate(key.indices):
+        img = store.read(int(dataset.sent_image_row[i]))
+        assert torch.equal(batch["visual_feats"][j], torch.from_numpy(img.features))
+        assert torch.equal(batch["visual_pos"][j], torch.from_numpy(img.boxes))
+        assert torch.equal(batch["obj_labels"][j], torch.from_numpy(img.obj_ids))
+        assert torch.equal(batch["attr_confs"][j], torch.from_numpy(img.attr_confs))
+
+
+def test_masking_statistics(dataset):
+    counts = dict(maskable=0, masked=0, as_mask=0, as_random=0, kept=0, obj=0, obj_masked=0,
+                  mis_maskable=0, mis_mask_tokens=0, mis_obj=0, mis_obj_masked=0, n=0, matched=0)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        indices = rng.choice(len(dataset), 256, replace=False)
+        batch = dataset.make_batch(indices, np.random.default_rng(rng.integers(1 << 30)))
+        ids, labels, am = batch["input_ids"].numpy(), batch["mlm_labels"].numpy(), batch["attention_mask"].numpy()
+        matched = batch["itm_labels"].numpy().astype(bool)
+        lengths = am.sum(1)
+        col = np.arange(ids.shape[1])[None]
+        maskable = (col >= 1) & (col < lengths[:, None] - 1)
+        assert ids[:, 0].tolist() == [dataset.cls_id] * 256  # [CLS]/[SEP] never touched
+        assert (ids[np.arange(256), lengths - 1] == dataset.sep_id).all()
+        assert (labels[~maskable] == -100).all()
+        # Matched rows: labels hold the original ids; unlabelled positions are untouched.
+        orig, _ = gather_tokens(dataset.token_ids, dataset.token_offsets, indices)
+        m = matched[:, None] & maskable
+        lab = m & (labels != -100)
+        np.testing.assert_array_equal(labels[lab], orig[lab])
+        np.testing.assert_array_equal(ids[m & ~lab], orig[m & ~lab])
+        counts["maskable"] += m.sum()
+        counts["masked"] += lab.sum()
+        counts["as_mask"] += (lab & (ids == dataset.mask_id)).sum()
+        counts["as_random"] += (lab & (ids != dataset.mask_id) & (ids != orig)).sum()
+        counts["kept"] += (lab & (ids == orig)).sum()
+        obj_mask = batch["obj_mask"].numpy()
+        counts["obj"] += matched.sum() * 100
+        counts["obj_masked"] += obj_mask[matched].sum()
+        # Mismatched rows: no targets at all, but the same corruption (else it would leak the label).
+        assert (labels[~matched] == -100).all() and (batch["qa_labels"].numpy()[~matched] == -100).all()
+        counts["mis_maskable"] += (maskable & ~matched[:, None]).sum()
+        counts["mis_mask_tokens"] += ((ids == dataset.mask_id) & ~matched[:, None]).sum()
+        counts["mis_obj"] += (~matched).sum() * 100
+        counts["mis_obj_masked"] += obj_mask[~matched].sum()
+        counts["n"] += 256
+        counts["matched"] += matched.sum()
+    c = {k: float(v) for k, v in counts.items()}
+    assert c["maskable"] > 10_000
+    assert abs(c["masked"] / c["maskable"] - 0.15) < 0.012
+    assert abs(c["as_mask"] / c["masked"] - 0.8) < 0.03
+    # A random replacement can draw the original token (1 / vocab); it then counts as kept.
+    assert abs(c["as_random"] / c["masked"] - 0.1) < 0.025
+    assert abs(c["kept"] / c["masked"] - 0.1) < 0.025
+    assert abs(c["obj_masked"] / c["obj"] - 0.15) < 0.005
+    assert abs(c["matched"] / c["n"] - 0.5) < 0.035
+    assert abs(c["mis_mask_tokens"] / c["mis_maskable"] - 0.15 * 0.8) < 0.015
+    assert abs(c["mis_obj_masked"] / c["mis_obj"] - 0.15) < 0.005
+
+
+def test_negatives_come_from_other_images(dataset):
+    rng = np.random.default_rng(1)
+    indices = rng.choice(len(dataset), 2000)
+    neg = dataset._negatives(indices, rng)
+    assert (dataset.sent_image_row[neg] != dataset.sent_image_row[indices]).all()
+    assert len(np.unique(neg)) > 1000  # spread over the corpus, not one fixed sentence
+
+
+def test_qa_labels(light, dataset):
+    rng = np.random.default_rng(2)
+    indices = rng.choice(len(dataset), 512, replace=False)
+    batch = dataset.make_batch(indices, np.random.default_rng(5))
+    matched = batch["itm_labels"].bool().numpy()
+    qa = batch["qa_labels"].numpy()
+    for j, i in enumerate(indices):
+        a, z = dataset.qa_offsets[i], dataset.qa_offsets[i + 1]
+        if matched[j] and z > a:
+            assert qa[j] in dataset.qa_answers[a:z]
+        else:
+            assert qa[j] == -100
+    assert (qa >= 0).sum() > 100  # the toy world has many questions
+
+    # Several answers: drawn in proportion to their scores (LXMERT).
+    cfg = light
+    stores = open_stores(cfg.stores)
+    table = AnswerTable(["red", "blue", "green"])
+    corpus = PretrainCorpus(
+        sources=("vqa",), image_ids=stores.image_ids[:2], sent_image=np.array([0, 1]),
+        sent_source=np.zeros(2, np.int8), sent_index=np.zeros(2, np.int32),
+        texts=["what color is the car ?", "a dog ."], qa_offsets=np.array([0, 2, 2]),
+        qa_answers=np.array([0, 1], np.int32), qa_scores=np.array([0.6, 0.3], np.float32))
+    ds = PretrainDataset(corpus, stores, load_tokenizer(cfg.vocab), table, MaskingConfig(mismatch_prob=0.0))
+    assert ds.make_batch(np.array([0, 1]), np.random.default_rng(0))["qa_labels"].tolist()[1] == -100
+    # Only the QA draw: reading 3000 images would test nothing more.
+    labels = ds._qa_labels(np.zeros(3000, np.int64), np.ones(3000, bool), np.random.default_rng(0))
+    assert set(labels.tolist()) == {0, 1} and abs((labels == 0).mean() - 2 / 3) < 0.03
+
+
+def collect(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_determinism_and_workers(light):
+    a = collect(build_pretrain_loader(light, batch_size=16, seed=7), 3)
+    b = collect(build_pretrain_loader(light, batch_size=16, seed=7, num_workers=2), 3)
+    for x, y in zip(a, b, strict=True):
+        batches_equal(x, y)  # same batches whatever the number of worker processes
+    c = collect(build_pretrain_loader(light, batch_size=16, seed=8), 1)
+    assert not torch.equal(a[0]["visual_feats"], c[0]["visual_feats"])
+    assert all(x["visual_feats"].is_shared() for x in b)  # workers handed their tensors over in shared memory
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch(light, num_workers):
+    full = build_pretrain_loader(light, batch_size=128, seed=1)
+    per_epoch = len(full)
+    assert 5 < per_epoch < 20
+    reference = []
+    for _ in range(2):  # two whole epochs, uninterrupted
+        reference += list(full)
+    assert full.state_dict()["epoch"] == 2
+    assert not torch.equal(reference[0]["input_ids"][:, :3], reference[per_epoch]["input_ids"][:, :3])
+
+    k = per_epoch - 3
+    first = build_pretrain_loader(light, batch_size=128, seed=1, num_workers=num_workers)
+    assert len(collect(first, k)) == k
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (0, k)
+    resumed = build_pretrain_loader(light, batch_size=128, seed=1, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    got = list(resumed)  # the rest of epoch 0 ...
+    got += collect(resumed, 2)  # ... then epoch 1 begins
+    assert len(got) == 5
+    for x, y in zip(got, reference[k:k + 5], strict=True):
+        batches_equal(x, y)
+    other = build_pretrain_loader(light, batch_size=64, seed=1)
+    with pytest.raises(ValueError, match="batch_size=128 but this loader has batch_size=64"):
+        other.load_state_dict(state)
+
+
+def test_sharding():
+    n = 1003
+    train = [ShardedBatchSampler(n, 10, rank=r, world_size=3, seed=0) for r in range(3)]
+    assert len({len(s) for s in train}) == 1 and len(train[0]) == 33  # same batch count on every rank
+    seen = [set(s.order(4).tolist()) for s in train]
+    assert all(len(a & b) == 0 for a in seen for b in seen if a is not b)
+    assert sum(map(len, seen)) == 990
+    keys = [list(s.keys(4)) for s in train]
+    assert sorted(k.batch for ks in keys for k in ks) == list(range(99))  # distinct random streams
+    assert train[0].order(4).tolist() != train[0].order(5).tolist()
+    evals = [ShardedBatchSampler(n, 10, rank=r, world_size=3, shuffle=False, drop_last=False) for r in range(3)]
+    assert sorted(i for s in evals for k in s.keys(0) for i in k.indices) == list(range(n))  # all, once
+    with pytest.raises(ValueError, match="rank 3"):
+        ShardedBatchSampler(n, 10, rank=3, world_size=3)
+
+
+def test_valid_split_is_repeatable(light):
+    loader = build_pretrain_loader(light, batch_size=100, split="valid", seed=0)
+    first, second = list(loader), list(loader)
+    assert len(first) == len(loader) == -(-len(loader.dataset) // 100)
+    assert sum(len(b["itm_labels"]) for b in first) == len(loader.dataset)
+    for x, y in zip(first, second, strict=True):
+        batches_equal(x, y)
+    assert loader.state_dict()["position"] == 0
+
+
+def test_padded_store_masks(tmp_path, toy):
+    """A store built with --pad: visual_attention_mask appears and padding is never masked."""
+    cfg = DataConfig.load(toy)
+    src = FeatureStore(cfg.stores[0])
+
+    def records():
+        for i in range(40):
+            img = src.read(i)
+            n = 30 + i % 50  # fewer than K=100 boxes: padded
+            boxes = img.boxes[:n] * np.array([img.img_w, img.img_h] * 2, np.float32)
+            raw = RawImage(img.image_id, img.img_h, img.img_w, boxes, img.features[:n].astype(np.float32),
+                           img.obj_ids[:n], img.obj_confs[:n], img.attr_ids[:n], img.attr_confs[:n])
+            yield img.image_id, img.image_id, lambda raw=raw: raw
+
+    convert(records(), tmp_path / "padded.h5", num_objects=100, pad=True, progress=False)
+    table = AnswerTable(["yes"])
+    stores = open_stores([tmp_path / "padded.h5"])
+    corpus = PretrainCorpus(
+        sources=("mscoco",), image_ids=stores.image_ids, sent_image=np.arange(40),
+        sent_source=np.zeros(40, np.int8), sent_index=np.zeros(40, np.int32), texts=["a red car ."] * 40,
+        qa_offsets=np.zeros(41, np.int64), qa_answers=np.zeros(0, np.int32), qa_scores=np.zeros(0, np.float32))
+    ds = PretrainDataset(corpus, stores, load_tokenizer(cfg.vocab), table)
+    batch = ds.make_batch(np.arange(40), np.random.default_rng(0))
+    vmask = batch["visual_attention_mask"]
+    assert vmask.dtype == torch.int64 and vmask.sum(1).tolist() == [30 + i % 50 for i in range(40)]
+    assert not (batch["obj_mask"] & (vmask == 0)).any() and batch["obj_mask"].any()
+
+
+def test_missing_images_in_pretraining(light, tmp_path):
+    cfg = light
+    records = json.loads(Path(cfg.pretrain.valid[0]).read_text())
+    records[3]["img_id"] = "nowhere_1"
+    records[5]["img_id"] = "nowhere_2"
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(records))
+    bad = DataConfig.from_dict({**cfg.to_dict(), "pretrain": {**cfg.to_dict()["pretrain"], "valid": [str(path)]}})
+    with pytest.raises(MissingImagesError, match=r"2 images missing.*'nowhere_1', 'nowhere_2'"):
+        build_pretrain_dataset(bad, split="valid")
+    ds = build_pretrain_dataset(bad, split="valid", skip_missing=True)
+    full = build_pretrain_dataset(cfg, split="valid")
+    per_image = len(full) // len(records)
+    assert ds.num_skipped == 2 * per_image and len(ds) == len(full) - 2 * per_image
