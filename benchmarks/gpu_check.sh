@@ -50,6 +50,7 @@ CPU_MODE=${GPU_CHECK_CPU:-0}
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 
 STAGES=(install info kernel-tests kernel-bench throughput throughput-compile throughput-fp16 model-kernels summary)
 declare -A LIMIT=([install]=60 [info]=20 [kernel-tests]=150 [kernel-bench]=120 [throughput]=200
@@ -163,7 +164,9 @@ kernel_bench() {
 throughput() {
     local out=$1
     shift
-    "$PY" benchmarks/throughput.py "${SIZE[@]}" --out "$OUT/$out" --time-budget $((STAGE_LIMIT - 25)) "$@"
+    local budget=$((STAGE_LIMIT - 25))
+    if [ "$budget" -lt $((STAGE_LIMIT * 3 / 4)) ]; then budget=$((STAGE_LIMIT * 3 / 4)); fi
+    "$PY" benchmarks/throughput.py "${SIZE[@]}" --out "$OUT/$out" --time-budget "$budget" "$@"
 }
 
 if [ "$CPU_MODE" = 1 ]; then
@@ -244,3 +247,5 @@ echo "| stage | result |"
 echo "|---|---|"
 for s in "${STAGES[@]}"; do echo "| $s | ${RESULT[$s]:-not run} |"; done
 echo "gpu_check: done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null || sleep 1  # let tee finish the log file

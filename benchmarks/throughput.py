@@ -8,12 +8,16 @@ What one step is. A full optimizer step of `SemVLPForPreTraining` on one fixed s
 real shapes (K = 100 objects x 2048-d fp16 features, text up to 20 tokens, 15% masked tokens and
 objects, half the pairs mismatched, a quarter with a QA label), already on the device: forward with
 all pre-training losses, backward, then `torch.optim.AdamW` (fused where torch has it). The batch is
-fixed so the input pipeline is out of the measurement (nanoGPT `bench.py`); benchmarks/dataloader.py
-is where the pipeline is measured. The step is plain PyTorch, not the DeepSpeed engine, so that the
-number isolates the model and its kernels; the precision handling copies what DeepSpeed's bf16/fp16
-modes do (below), so the optimizer's share of the step is the same one the trainer pays.
+fixed so the input pipeline is out of the measurement (nanoGPT `bench.py`). The step is plain
+PyTorch, not the DeepSpeed engine, so that the number isolates the model and its kernels; the
+precision handling copies what DeepSpeed's bf16/fp16 modes do (below), so the optimizer's share of
+the step is the same one the trainer pays.
 Modes: "single" and "two" stream, and "alternate" (single, two, single, ... as the paper's 50/50
 strategy; its per-step figures are the mean of both).
+Text (`--text`): the main runs use "full" by default, every caption 20 real tokens and no attention
+mask (the most work per sample, and SDPA may pick its flash kernel); "pad20" / "longest" give them
+lengths uniform in 8..20 padded to 20 / to the batch's longest. `--padding-study` times all layouts
+(text_lengths) on the fastest backend, and says whether a packed (padding-free) attention exists.
 
 Precision (`--amp cast`, the default): like DeepSpeed's bf16/fp16 modes, the model's parameters are
 cast to bf16/fp16 and the optimizer keeps fp32 master weights: after backward the grads are copied
@@ -129,19 +133,19 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
     """A pre-training batch with the statistics of the real one, on `device`."""
     g = torch.Generator().manual_seed(seed)
     batch, num_objects = len(lengths), cfg.num_objects
-    input_ids = torch.zeros(batch, pad_to, dtype=torch.long)  # [PAD] = 0
-    attention_mask = torch.zeros(batch, pad_to, dtype=torch.long)
-    mlm_labels = torch.full((batch, pad_to), -100, dtype=torch.long)
-    for i, m in enumerate(lengths):
-        words = torch.randint(min(1000, cfg.vocab_size - 1), cfg.vocab_size, (m,), generator=g)
-        words[0], words[m - 1] = CLS_ID, SEP_ID
-        picked = torch.rand(m, generator=g) < MASK_PROB
-        picked[0] = picked[m - 1] = False
-        if not picked.any() and m > 2:
-            picked[1] = True  # at least one masked token per caption
-        mlm_labels[i, :m][picked] = words[picked]
-        input_ids[i, :m] = words.masked_fill(picked, MASK_ID)
-        attention_mask[i, :m] = 1
+    length = torch.tensor(lengths)[:, None]
+    position = torch.arange(pad_to)[None, :]
+    # Drawn at the longest caption's width, then padded: the same lengths padded further hold the same text.
+    longest = max(lengths)
+    words = torch.randint(min(1000, cfg.vocab_size - 1), cfg.vocab_size, (batch, longest), generator=g)
+    words = torch.nn.functional.pad(words, (0, pad_to - longest))
+    words = torch.where(position == 0, CLS_ID, torch.where(position == length - 1, SEP_ID, words))
+    inner = (position > 0) & (position < length - 1)  # word positions, between [CLS] and [SEP]
+    picked = torch.nn.functional.pad(torch.rand(batch, longest, generator=g) < MASK_PROB, (0, pad_to - longest)) & inner
+    picked[:, 1] |= ~picked.any(dim=1) & (length[:, 0] > 2)  # at least one masked token per caption
+    mlm_labels = torch.where(picked, words, -100)
+    attention_mask = (position < length).long()
+    input_ids = torch.where(picked, MASK_ID, words) * attention_mask  # [PAD] = 0
     matched = torch.arange(batch) % 2 == 0  # half the pairs mismatched
     x1y1 = torch.rand(batch, num_objects, 2, generator=g) * 0.8
     x2y2 = (x1y1 + 0.05 + 0.15 * torch.rand(batch, num_objects, 2, generator=g)).clamp(max=1.0)
@@ -149,7 +153,7 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
     inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask if with_mask else None,
-        visual_feats=torch.relu(torch.randn(batch, num_objects, cfg.visual_feat_dim, generator=g)).half(),
+        visual_feats=None,  # made on the device below: at large batches it is most of the batch
         visual_pos=torch.cat([x1y1, x2y2], dim=-1),
         mlm_labels=mlm_labels,
         obj_mask=obj_mask,
@@ -165,6 +169,10 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
     num_mlm = int(((mlm_labels != -100) & matched[:, None]).sum())
     num_obj = int((obj_mask & matched[:, None]).sum())
     on_device = {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}
+    # Detector features are post-ReLU and stored in fp16 (DESIGN.md 4).
+    feats_generator = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, num_objects, cfg.visual_feat_dim)
+    on_device["visual_feats"] = torch.randn(shape, generator=feats_generator, device=device, dtype=torch.half).relu_()
     return Batch(on_device, lengths, num_mlm, num_obj)
 
 
@@ -439,7 +447,12 @@ def device_info(device: torch.device) -> dict:
             "memory_gib": props.total_memory / 2**30,
             "multiprocessors": props.multi_processor_count,
         }
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        name = f"{models[0]} x{len(models)}" if models else name
+    return {"type": "cpu", "name": name, "threads": torch.get_num_threads()}
 
 
 def backend_available(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -823,7 +836,8 @@ def resolve_out(out: str, info: dict, args: argparse.Namespace) -> Path:
     if path.suffix == ".json":
         return path
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    device = "".join(c if c.isalnum() else "-" for c in info["name"].replace("NVIDIA ", "")).strip("-").lower()
+    name = info["name"].replace("NVIDIA ", "").replace("(R)", "").replace("(TM)", "")
+    device = "-".join("".join(c if c.isalnum() else " " for c in name).lower().split())
     return path / f"throughput-{device or info['type']}-{args.preset}-b{args.batch_size}-{stamp}.json"
 
 
