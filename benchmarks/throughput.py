@@ -416,15 +416,21 @@ def time_steps(
 
 
 def git_commit() -> dict:
+    """HEAD and whether tracked files differ from it; SEMVLP_GIT_COMMIT wins when set (copied trees)."""
+    if os.environ.get("SEMVLP_GIT_COMMIT", "unknown") != "unknown":
+        return {"commit": os.environ["SEMVLP_GIT_COMMIT"], "dirty": None}
+
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("SEMVLP_GIT_COMMIT", "unknown"), "dirty": None}
+        commit = git("rev-parse", "--verify", "-q", "HEAD")
+        if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
+            raise ValueError(commit)
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
 
 
 def versions() -> dict:
