@@ -9,10 +9,10 @@
 # --no-build-isolation (no network for a build environment); if that fails, the repository and the
 # kernels folder are put on PYTHONPATH instead.
 #
-# Time: every stage runs under `timeout`, and its limit is also cut so that the stages after it
-# keep their minimum time before one deadline (GPU_CHECK_BUDGET seconds from the start, default
-# 450), so the whole script ends within 8 minutes on an H100 whatever hangs. A failing or
-# timed-out stage does not stop the others.
+# Time: every stage runs under `timeout`; the limits of the long stages are also cut so that the
+# stages after them keep their minimum time before one deadline (GPU_CHECK_BUDGET seconds from the
+# start, default 450), so the whole script ends within 8 minutes on an H100 whatever hangs (each
+# kill adds at most 5 s, counted in). A failing or timed-out stage does not stop the others.
 #
 #   stage             limit  min  what
 #   install              60   60  wheels into /tmp/site, `pip install -e .`
@@ -26,7 +26,8 @@
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
-# stage gets its full 200 s when the kernel tests take about a minute.
+# stage gets its full 200 s when the kernel tests take about a minute. With a smaller budget the
+# lowest-priority stages (model-kernels, fp16, compile) shrink or are skipped first.
 #
 # OUT_DIR stays flat and small (the device tool brings back at most 8 files): gpu_check.log (all
 # output), throughput.json, throughput_compile.json, throughput_fp16.json, and the kernel
@@ -61,15 +62,19 @@ declare -A MIN=([install]=60 [info]=20 [kernel-tests]=60 [kernel-bench]=45 [thro
 declare -A RESULT=()
 KILL_GRACE=5
 
-# Seconds stage $1 may run: its limit, cut to leave the later stages their minimum before the deadline.
+# Seconds stage $1 may run. install, info and summary always get their own (short) limits; every
+# other stage's limit is cut so that the stages after it keep their minimum (scaled down when
+# GPU_CHECK_BUDGET is under 450 s) and the summary still fits before the budget ends.
 stage_limit() {
     local name=$1 reserve=0 later=0 s
+    local limit=${LIMIT[$name]}
+    case $name in install | info | summary) echo "$limit"; return ;; esac
     for s in "${STAGES[@]}"; do
-        if [ "$later" = 1 ]; then reserve=$((reserve + MIN[$s])); fi
+        if [ "$later" = 1 ] && [ "$s" != summary ]; then reserve=$((reserve + MIN[$s])); fi
         if [ "$s" = "$name" ]; then later=1; fi
     done
-    local left=$((BUDGET - SECONDS - reserve - KILL_GRACE))
-    local limit=${LIMIT[$name]}
+    if [ "$BUDGET" -lt 450 ]; then reserve=$((reserve * BUDGET / 450)); fi
+    local left=$((BUDGET - SECONDS - reserve - LIMIT[summary] - 2 * KILL_GRACE))
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     echo "$limit"
 }
