@@ -19,9 +19,9 @@
 #   info                 20   20  nvidia-smi, versions
 #   kernel-tests        150   60  pytest -m gpu tests/kernels
 #   kernel-bench        120   45  benchmarks/kernels.py --out (when the file exists)
-#   throughput          200  150  base, micro-batch 64, bf16: triton/sdpa/eager x single/two/alternate,
-#                                 then VisualBERT + LXMERT, padding study, largest micro-batch + its runs
-#   throughput-compile  110   45  the same main grid under torch.compile (triton, sdpa)
+#   throughput          200  150  base, micro-batch 64, bf16: sdpa/eager/triton x single/two/alternate,
+#                                 VisualBERT + LXMERT, padding study, largest micro-batch + its runs
+#   throughput-compile  110   45  the same main grid under torch.compile (sdpa, then triton)
 #   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
@@ -219,14 +219,16 @@ else
     skip_stage kernel-bench "no benchmarks/kernels.py yet"
 fi
 
+# Backend order: the first backend's grid runs before the peers, and a CUDA error in one backend
+# ends the process (later runs are recorded as skipped): the newest code (triton) goes last.
 run_stage throughput throughput throughput.json --precision "${PRECISIONS[0]}" \
-    --backends triton,sdpa,eager --modes single,two,alternate --peers --padding-study --find-max-batch
+    --backends sdpa,eager,triton --modes single,two,alternate --peers --padding-study --find-max-batch
 
 if [ "$CPU_MODE" = 1 ]; then
     skip_stage throughput-compile "cpu mode"
 else
     run_stage throughput-compile throughput throughput_compile.json --precision "${PRECISIONS[0]}" \
-        --backends triton,sdpa --modes single,two,alternate --compile on
+        --backends sdpa,triton --modes single,two,alternate --compile on
 fi
 
 run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISIONS[1]}" \
