@@ -1,19 +1,24 @@
 """The one place that decides which implementation of each fused op runs.
 
-Per device and dtype (DESIGN.md section 5), for kernel_backend="auto":
+For kernel_backend="auto", what was measured to pay (benchmarks/kernels.py; H100 bf16, batch 64,
+forward+backward, benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_bfloat16_*.json):
 
-| device                      | attention                          | bias+GELU, residual+LN, linear CE |
-|-----------------------------|------------------------------------|-----------------------------------|
-| CPU                         | eager reference                    | eager reference                   |
-| CUDA sm_70..sm_7x (V100)    | SDPA (memory-efficient backend)    | Triton (memory-bound, no tl.dot)  |
-| CUDA sm_80+ (A100, H100)    | Triton (Tk <= 128, else SDPA)      | Triton                            |
-| CUDA older than sm_70       | SDPA                               | eager reference                   |
+| device                 | attention                       | bias+GELU, residual+LN | linear CE (masked LM) |
+|------------------------|---------------------------------|------------------------|-----------------------|
+| CPU                    | eager reference                 | eager reference        | eager reference       |
+| CUDA (V100, A100, H100)| SDPA (cuDNN / flash / mem-eff.) | eager (cuBLAS + torch) | Triton (1.04-1.13x)   |
+
+Why not more Triton on "auto": on the H100 the Triton forwards win (attention 1.5x cuDNN at 121
+masked tokens and 2.4x on 101x20 cross-attention; bias+GELU 2.2x and residual+LayerNorm 2.6x eager),
+but forward+backward loses (attention 0.14-0.76x the best SDPA backend, the elementwise fusions
+0.4-0.5x eager), so training would be slower. The linear cross-entropy needs no tl.dot (its GEMM
+is cuBLAS), so it is also right for V100, where tl.dot has no tensor cores (DESIGN.md section 5).
 
 GEMMs are always cuBLAS (F.linear in the model). Explicit backends override "auto":
 "eager" (references everywhere), "sdpa" (SDPA attention + references), "triton" (all Triton
-kernels; on CPU only under TRITON_INTERPRET=1, for tests). bf16 on sm_70 has no hardware
-support: "auto" then uses "sdpa". The Triton attention supports head dims 16/32/64/128 and up to
-MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call by call.
+kernels; on CPU only under TRITON_INTERPRET=1, for tests). The Triton attention supports head
+dims 16/32/64/128 and up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call
+by call.
 
 Attention-probability dropout is implemented in the Triton attention (Philox, regenerated in the
 backward), so training with dropout stays on the Triton path. The choice is logged once per
@@ -66,20 +71,18 @@ EAGER = KernelOps(
 SDPA = KernelOps(
     "sdpa", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference
 )
-# sm_70: cuBLAS GEMMs + SDPA memory-efficient attention + Triton memory-bound fusions.
-VOLTA = KernelOps("sdpa+triton-fusions", attention_sdpa, bias_gelu, residual_layer_norm, linear_cross_entropy)
+CUDA_AUTO = KernelOps(
+    "sdpa+triton-ce", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy
+)
 TRITON = KernelOps("triton", attention_triton_or_fallback, bias_gelu, residual_layer_norm, linear_cross_entropy)
 
 
 def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:
     if device.type != "cuda":
         return EAGER
-    major, _ = torch.cuda.get_device_capability(device)
-    if major >= 8:
-        return TRITON
-    if major == 7:
-        return SDPA if dtype == torch.bfloat16 else VOLTA
-    return SDPA
+    if torch.cuda.get_device_capability(device)[0] < 7:
+        return SDPA  # Triton does not support pre-Volta GPUs
+    return CUDA_AUTO
 
 
 def _check_triton_usable(device: torch.device) -> None:
