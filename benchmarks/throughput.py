@@ -31,7 +31,8 @@ the end of a repeat), on CPU with time.perf_counter. ms/step is the median over 
 is (max - min) / median of the repeats. Events between backward and the optimizer split the step
 into fwd+bwd and optimizer time (medians over all timed steps).
 
-Model FLOPs (`semvlp_step_flops`), the MFU convention of nanoGPT / llm-foundry made exact per matmul:
+Model FLOPs (`semvlp.flops.training_step_flops`, summarized here), the MFU convention of nanoGPT /
+llm-foundry made exact per matmul:
 a matmul [rows, n_in] x [n_in, n_out] costs 2 * rows * n_in * n_out forward and twice that backward,
 6 * rows * n_in * n_out per step; attention (scores and weighted sum) costs 12 * s_q * s_k * d per
 layer per sequence. For one stream of s tokens through L blocks of N_block matmul weights this is
@@ -78,6 +79,7 @@ from pathlib import Path
 import torch
 
 from semvlp.config import config_from_preset
+from semvlp.flops import training_step_flops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -180,34 +182,8 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
 
 
 def semvlp_step_flops(cfg, batch: Batch, mode: str) -> float:
-    """Model FLOPs of one training step (forward + backward) of SemVLPForPreTraining; see module docstring."""
-    if mode == "alternate":
-        return (semvlp_step_flops(cfg, batch, "single") + semvlp_step_flops(cfg, batch, "two")) / 2
-    d, ffn, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    cross_layers = layers - cfg.cross_attention_start_layer
-    n_block = 4 * d * d + 2 * d * ffn  # qkv (3d^2) + output (d^2) + FFN up and down (2 d ffn)
-    size, visual = batch.size, 1 + cfg.num_objects  # visual tokens: [IMG] + K objects
-    text = batch.lengths
-    if mode == "single":
-        seqs = [visual + m for m in text]
-        encoder = 6 * layers * n_block * sum(seqs) + 12 * layers * d * sum(s * s for s in seqs)
-    elif mode == "two":
-        text_stream = 6 * layers * n_block * sum(text) + 12 * layers * d * sum(m * m for m in text)
-        image_stream = 6 * layers * n_block * size * visual + 12 * layers * d * size * visual * visual
-        cross = cross_layers * (
-            6 * 2 * d * d * size * visual  # query and output projections on image rows
-            + 6 * 2 * d * d * sum(text)  # fused key/value projection on text rows
-            + 12 * d * visual * sum(text)  # cross attention, s_q = 1 + K, s_k = m
-        )
-        encoder = text_stream + image_stream + cross
-    else:
-        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    projection = 4 * size * cfg.num_objects * (cfg.visual_feat_dim + cfg.visual_pos_dim) * d
-    pooler = 6 * size * d * d
-    mlm = 6 * batch.num_mlm * (d * d + d * cfg.vocab_size)
-    objects = 6 * batch.num_obj * (d * d + d * (cfg.visual_feat_dim + cfg.num_object_labels + cfg.num_attribute_labels))
-    pooled_heads = 6 * size * (2 * d + 2 * d * d + 2 * d * cfg.num_qa_labels)  # ITM; QA transform + classifier
-    return float(encoder + projection + pooler + mlm + objects + pooled_heads)
+    """Model FLOPs of one training step (forward + backward) of SemVLPForPreTraining (semvlp/flops.py)."""
+    return training_step_flops(cfg, batch.lengths, mode, batch.num_mlm, batch.num_obj)
 
 
 def counted_step_flops(forward: Callable[[], torch.Tensor]) -> float:

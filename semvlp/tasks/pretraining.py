@@ -12,7 +12,7 @@ import torch
 
 from semvlp import dist
 from semvlp.config import SemVLPConfig
-from semvlp.flops import training_flops_per_sample
+from semvlp.flops import training_step_flops
 from semvlp.model import LOSS_NAMES
 from semvlp.schedule import mode_for_step
 
@@ -49,9 +49,15 @@ class PretrainTask:
         return batch["input_ids"].shape[0]
 
     def batch_flops(self, batch: dict, mode: str) -> float:
-        batch_size, text_len = batch["input_ids"].shape
-        num_objects = batch["visual_feats"].shape[1]
-        return batch_size * training_flops_per_sample(self.config, text_len, mode, num_objects)
+        """Model FLOPs of the step, counted from the batch while it is still on the host."""
+        return training_step_flops(
+            self.config,
+            batch["attention_mask"].sum(dim=1).tolist(),
+            mode,
+            num_masked_tokens=int((batch["mlm_labels"] != -100).sum()),
+            num_masked_objects=int(batch["obj_mask"].sum()),
+            num_objects=batch["visual_feats"].shape[1],
+        )
 
     def evaluate(self, engine) -> dict[str, float]:
         metrics = {}
