@@ -45,7 +45,7 @@ def one_thread():
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "result.json"
     # Without the interpreter the triton backend is unavailable on CPU: the run must record why.
-    # (tests/kernels/conftest.py sets TRITON_INTERPRET in this process when that folder is collected.)
+    # (tests/conftest.py sets TRITON_INTERPRET in this process.)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, str(BENCH / "throughput.py"), "--preset", "tiny", "--batch-size", "2"]

@@ -5,25 +5,19 @@ losses of a second forward from those parameters.
 The step is SGD: Adam's first step is ~lr * sign(grad), so gradients that are ~0 and differ only
 by rounding would move parameters by +-lr and make the comparison meaningless.
 
-Runs on CPU under the Triton interpreter (TRITON_INTERPRET is set below when no GPU is present,
-before `semvlp` imports the kernels; on a CUDA machine both models run on the GPU, compiled).
+Runs on CPU under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET when no GPU is
+present; on a CUDA machine both models run on the GPU, compiled).
 Dropout is off for the equality checks (the two paths draw different masks); one more test runs
 a training step with dropout on the Triton path.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from semvlp import SemVLPForPreTraining  # noqa: E402
-from semvlp.config import config_from_preset  # noqa: E402
+from semvlp import SemVLPForPreTraining
+from semvlp.config import config_from_preset
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VOCAB, K, BATCH, LENGTH = 97, 20, 2, 9

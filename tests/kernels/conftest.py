@@ -1,8 +1,6 @@
 """Kernel tests: compiled on CUDA when a GPU is present, else under the Triton interpreter.
 
-TRITON_INTERPRET must be set before any `@triton.jit` function is defined (triton reads it at
-decoration time), so it is set here, before the test modules import `semvlp_kernels.*`, and
-only on machines without CUDA.
+TRITON_INTERPRET is set for the whole suite in tests/conftest.py.
 
 Every test that takes a `device` argument runs twice: "cpu" (interpreter; skipped on CUDA
 machines, where the kernels are compiled and cannot take CPU tensors) and "cuda" (marked `gpu`;
@@ -15,8 +13,6 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SEMVLP_TRITON_AUTOTUNE", "0")  # one pinned config per kernel under pytest
 
 DEVICES = [
