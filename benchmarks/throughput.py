@@ -31,21 +31,9 @@ the end of a repeat), on CPU with time.perf_counter. ms/step is the median over 
 is (max - min) / median of the repeats. Events between backward and the optimizer split the step
 into fwd+bwd and optimizer time (medians over all timed steps).
 
-Model FLOPs (`semvlp.flops.training_step_flops`, summarized here), the MFU convention of nanoGPT /
-llm-foundry made exact per matmul:
-a matmul [rows, n_in] x [n_in, n_out] costs 2 * rows * n_in * n_out forward and twice that backward,
-6 * rows * n_in * n_out per step; attention (scores and weighted sum) costs 12 * s_q * s_k * d per
-layer per sequence. For one stream of s tokens through L blocks of N_block matmul weights this is
-the usual 6 * N + 12 * L * d * s per token. Here:
-- single-stream: s = 1 + K + m tokens ([IMG], objects, text) through all L blocks;
-- two-stream, per stream: the text (s = m) through all L blocks; the image (s = 1 + K) through all L
-  blocks, plus in each of the L - L_s cross blocks a query/output projection on the image rows, a
-  key/value projection on the text rows, and cross attention with s_q = 1 + K, s_k = m;
-- the rest at 6x per row through it: pooler (B rows), masked-LM transform and decoder (masked text
-  rows of matched pairs only, which is all our model computes), object transform and feature /
-  label / attribute heads (masked objects of matched pairs), ITM and QA heads (B rows); the visual
-  projection at 4x, because its input needs no gradient.
-Only real tokens count (m = unpadded text length): padding is never credited as useful work.
+Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
+n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
+lengths, real tokens only), the MFU convention of nanoGPT / llm-foundry made exact per matmul.
 Peers are measured with torch.utils.flop_counter (executed matmul FLOPs, which for them include
 e.g. VisualBERT's masked-LM logits at every position); tests/test_benchmarks.py checks that our
 formula matches the counter on our model.
