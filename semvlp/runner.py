@@ -117,10 +117,13 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
                   f"{len(report.new)} new", flush=True)  # fmt: skip
 
 
-def start(run: RunConfig) -> tuple[Path, dict]:
-    """Check the ds_config against this run (before the process group exists), then start."""
+def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
+    """Check the ds_config against this run (before the process group exists), then start.
+
+    `lr` / `train_batch_size` replace the ds_config's (train.override_batch_and_lr).
+    """
     world = world_size_from_env()
-    ds_config = resolve_ds_config(run, world, Path(run.output_dir))
+    ds_config = resolve_ds_config(run, world, Path(run.output_dir), lr, train_batch_size)
     init_distributed()
     run_dir = prepare_run_dir(run)
     if dist.is_main():
@@ -135,15 +138,16 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def export(engine, run_dir: Path, vocab: str | Path) -> Path:
-    """Write the final fp32 weights with save_pretrained (+ vocab.txt) to run_dir/export, rank 0."""
+def export(engine, run_dir: Path, vocab: str | Path, ckpt_dir: Path | None = None) -> Path:
+    """Write the fp32 weights of the newest checkpoint in `ckpt_dir` (default run_dir/checkpoints)
+    with save_pretrained (+ vocab.txt) to run_dir/export, rank 0."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from semvlp.checkpoint import latest_tag
 
     out = run_dir / "export"
+    ckpt_dir = ckpt_dir if ckpt_dir is not None else run_dir / "checkpoints"
     if dist.is_main():
-        ckpt_dir = run_dir / "checkpoints"
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))
         model = type(engine.module)(engine.module.config)
         model.load_state_dict(state)

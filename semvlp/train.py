@@ -46,6 +46,10 @@ class Task(Protocol):
     def evaluate(self, engine) -> dict[str, float]:
         """Held-out metrics, reduced over ranks, named "<mode>/<metric>"."""
 
+    # Optional: `best_metric = "<mode>/<metric>"` (higher is better). The loop then copies the
+    # weights of the best evaluation so far into run_dir/best (a checkpoint folder, see
+    # semvlp.checkpoint) and returns that evaluation in TrainResult.best.
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -58,16 +62,20 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- ds_config
 
 
-def resolve_ds_config(run: RunConfig, world_size: int, run_dir: Path) -> dict:
+def resolve_ds_config(
+    run: RunConfig, world_size: int, run_dir: Path, lr: float | None = None, train_batch_size: int | None = None
+) -> dict:
     """Load the ds_config, check it against this run, and fill its "auto" values.
 
-    Raises ConfigError naming the option at fault.
+    `lr` and `train_batch_size` (a launcher's own defaults, e.g. a fine-tuning task's) replace
+    the file's values; see `override_batch_and_lr`. Raises ConfigError naming the option at fault.
     """
     path = Path(run.deepspeed_config)
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config {path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    override_batch_and_lr(cfg, world_size, lr, train_batch_size)
     micro = cfg.get("train_micro_batch_size_per_gpu")
     accum = cfg.get("gradient_accumulation_steps", 1)
     total = cfg.get("train_batch_size")
@@ -96,6 +104,34 @@ def resolve_ds_config(run: RunConfig, world_size: int, run_dir: Path) -> dict:
         if cfg.get(monitor, {}).get("output_path") == "auto":
             cfg[monitor]["output_path"] = str(run_dir / monitor)
     return cfg
+
+
+def override_batch_and_lr(cfg: dict, world_size: int, lr: float | None, train_batch_size: int | None) -> None:
+    """Set the global batch and the peak learning rate of a ds_config in place.
+
+    The batch keeps the file's micro-batch when it divides the per-process share, else takes the
+    largest micro-batch below it that does; accumulation makes up the rest. The lr sets the
+    optimizer's lr and the scheduler's peak (`warmup_max_lr` of WarmupLR / WarmupDecayLR).
+    """
+    if train_batch_size is not None:
+        if train_batch_size < 1 or train_batch_size % world_size:
+            raise ConfigError(f"--batch_size {train_batch_size}: not a positive multiple of {world_size} processes")
+        per_process = train_batch_size // world_size
+        micro = min(cfg.get("train_micro_batch_size_per_gpu") or per_process, per_process)
+        while per_process % micro:
+            micro -= 1
+        cfg["train_batch_size"] = train_batch_size
+        cfg["train_micro_batch_size_per_gpu"] = micro
+        cfg["gradient_accumulation_steps"] = per_process // micro
+    if lr is not None:
+        if "optimizer" not in cfg:
+            raise ConfigError('--lr needs an "optimizer" section in the ds_config')
+        cfg["optimizer"].setdefault("params", {})["lr"] = lr
+        params = cfg.get("scheduler", {}).get("params", {})
+        if "warmup_max_lr" in params:
+            params["warmup_max_lr"] = lr
+        elif params:
+            raise ConfigError(f"--lr: don't know the peak lr of scheduler {cfg['scheduler'].get('type')!r}")
 
 
 def precision(ds_config: dict) -> str:
@@ -217,6 +253,7 @@ class TrainResult:
     step: int  # global optimizer steps done
     finished: bool  # reached --max_steps (False: stopped by --exit_after_steps)
     metrics: dict[str, float]  # the final held-out metrics (empty when not finished)
+    best: dict | None = None  # {"step", "metric", "value", "metrics"} of the best evaluation (task.best_metric)
 
 
 def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) -> TrainResult:
@@ -233,6 +270,8 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
     """
     log = MetricsLog(run_dir, engine)
     ckpt_dir = run_dir / "checkpoints"
+    best_metric = getattr(task, "best_metric", None)
+    best: dict | None = None
     step = 0
     if run.resume:
         state = checkpoint.load_latest(engine, ckpt_dir)
@@ -240,19 +279,31 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
             raise ConfigError(f"--resume: no complete checkpoint in {ckpt_dir}")
         step = state["step"]
         task.train_loader.load_state_dict(state["loader"])
+        best = state.get("best")
         log.write({"kind": "resume", "step": step, "from": checkpoint.latest_tag(ckpt_dir)})
     mixed = precision(ds_config)
 
+    def client_state(at_step: int) -> dict:
+        return {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__, "best": best}
+
     def save(at_step: int) -> None:
-        client_state = {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__}
-        checkpoint.save(engine, ckpt_dir, at_step, client_state, run.keep_checkpoints)
+        checkpoint.save(engine, ckpt_dir, at_step, client_state(at_step), run.keep_checkpoints)
 
     def evaluate(at_step: int) -> dict[str, float]:
+        nonlocal best
         engine.eval()
         with torch.no_grad():
             metrics = task.evaluate(engine)
         engine.train()
         log.write({"kind": "eval", "step": at_step, **metrics})
+        if best_metric is not None:
+            if best_metric not in metrics:
+                raise KeyError(f"the task's best_metric {best_metric!r} is not among its metrics {sorted(metrics)}")
+            # Every rank holds the same metrics (tasks reduce over ranks), so all take this branch together.
+            if best is None or metrics[best_metric] > best["value"]:
+                best = {"step": at_step, "metric": best_metric, "value": metrics[best_metric], "metrics": metrics}
+                checkpoint.save(engine, run_dir / "best", at_step, client_state(at_step), keep_last=1)
+                log.write({"kind": "best", "step": at_step, best_metric: metrics[best_metric]})
         return metrics
 
     progress = tqdm(total=run.max_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
@@ -286,7 +337,8 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
     progress.close()
     save(step)
     finished = step == run.max_steps
-    return TrainResult(step, finished, evaluate(step) if finished else {})
+    metrics = evaluate(step) if finished else {}  # may update `best`
+    return TrainResult(step, finished, metrics, best)
 
 
 def _log_record(window: Window, step: int, engine, mixed: str, skipped_before: int) -> dict:
