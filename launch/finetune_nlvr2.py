@@ -1,0 +1,41 @@
+"""NLVR2 fine-tuning under DeepSpeed (paper 4.2; LXMERT's settings: lr 5e-5, batch 32, 4 epochs).
+
+    # from a pre-trained export, 4 GPUs:
+    deepspeed launch/finetune_nlvr2.py --deepspeed_config ds_configs/v100.json \
+        --data /data/semvlp/data.json --init_from runs/pretrain/export --mode single
+    # CPU, 2 processes, tiny model, the toy world:
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/finetune_nlvr2.py --deepspeed_config ds_configs/cpu.json \
+        --preset tiny --init_from runs/pretrain/export
+    # predictions only, from a fine-tuned export:
+    deepspeed launch/finetune_nlvr2.py --deepspeed_config ds_configs/v100.json --data ... \
+        --init_from runs/nlvr2/export --predict_only --predict_splits test
+
+Writes OUTPUT_DIR/predictions/nlvr2_<split>.csv (`identifier,True|False` lines), results.json and
+export/ (the best dev checkpoint). Every option: `python launch/finetune_nlvr2.py --help`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from semvlp import runner
+from semvlp.tasks.finetune import FinetuneConfig, run_finetuning
+from semvlp.tasks.nlvr2 import NLVR2Task
+
+
+@dataclass(frozen=True)
+class NLVR2Config(FinetuneConfig):
+    """NLVR2 fine-tuning (accuracy, consistency)."""
+
+    output_dir: str = "runs/nlvr2"
+    lr: float = 5e-5
+    batch_size: int = 32
+    epochs: float = 4.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_finetuning(NLVR2Config.from_args(argv), NLVR2Task)
+
+
+if __name__ == "__main__":
+    runner.run_main(main)

@@ -1,0 +1,304 @@
+"""What the fine-tuning tasks share: their options, the Task base class and the launcher body.
+
+A fine-tuning run (launch/finetune_*.py calls `run_finetuning`):
+1. reads the task's annotation files and stores (before the process group exists, so that the
+   number of training examples can set --max_steps from --epochs);
+2. starts like pre-training (semvlp.runner): run directory, resolved ds_config with the task's
+   --lr and --batch_size, model from --init_from (a SemVLP export or a BERT folder);
+3. trains with the one loop (semvlp.train), evaluating on the dev split after every epoch; the
+   loop keeps the best evaluation's weights in OUTPUT_DIR/best (task.best_metric);
+4. restores the best weights, exports them to OUTPUT_DIR/export, and writes prediction files
+   for --predict_splits into OUTPUT_DIR/predictions/ (metrics only for splits with labels);
+   OUTPUT_DIR/results.json gathers the best dev metrics, the per-split metrics and the
+   answer-table coverage.
+With --predict_only, step 3 is skipped and --init_from must be a fine-tuned export.
+
+Evaluation is sharded: rank r scores examples r, r + W, ... of a split; the predictions are
+gathered so every rank computes the same metrics (the loop relies on that to pick the best
+checkpoint on all ranks together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semvlp import checkpoint, dist, runner
+from semvlp.data.annotations import check_images
+from semvlp.data.config import DataConfig
+from semvlp.data.loader import ResumableLoader
+from semvlp.data.store import FeatureStoreSet, open_stores
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.flops import training_step_flops
+from semvlp.model.modeling import MODES
+from semvlp.run_config import RunConfig
+from semvlp.train import ConfigError, resolve_ds_config, train
+
+SPLITS = ("train", "valid", "test")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(RunConfig):
+    """Options shared by every fine-tuning launcher (each subclass sets its task's defaults)."""
+
+    output_dir: str = "runs/finetune"
+    mode: str = "single"  # single | two: the stream mode to fine-tune and predict in (paper Table 5)
+    epochs: float = 4.0  # training length; dev evaluation after each epoch. 0: train --max_steps steps
+    lr: float = 5e-5  # peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr
+    batch_size: int = 32  # global batch; replaces the ds_config's train_batch_size
+    warmup_ratio: float = 0.1  # LXMERT's BertAdam warmup
+    eval_batches: int = 0  # dev evaluation: batches per rank, 0: the whole dev split
+    eval_batch_size: int = 0  # per rank; 0: twice the training micro-batch
+    predict_splits: str = "valid,test"  # comma-separated; predicted with the best weights at the end
+    predict_only: bool = False  # no training: --init_from a fine-tuned export, predict --predict_splits
+    skip_missing: bool = False  # drop examples whose images no store holds (reported) instead of failing
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode {self.mode!r}; expected one of {MODES}")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.eval_batch_size < 0:
+            raise ConfigError("--epochs must be >= 0, --lr > 0, --batch_size >= 1 and --eval_batch_size >= 0")
+        unknown = set(self.prediction_splits) - set(SPLITS)
+        if unknown or not self.prediction_splits:
+            raise ConfigError(f"--predict_splits {self.predict_splits!r}: use a comma-separated subset of {SPLITS}")
+        if self.predict_only and self.init_from is None:
+            raise ConfigError("--predict_only needs --init_from, a fine-tuned export (OUTPUT_DIR/export)")
+
+    @property
+    def prediction_splits(self) -> tuple[str, ...]:
+        return tuple(s for s in self.predict_splits.split(",") if s)
+
+
+def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneConfig:
+    """--epochs -> --max_steps (loop steps, one micro-batch per rank each) and per-epoch --eval_every."""
+    default_steps = RunConfig.__dataclass_fields__["max_steps"].default
+    if run.epochs > 0 and run.max_steps != default_steps:
+        raise ConfigError(f"--max_steps {run.max_steps} and --epochs {run.epochs:g} both set the training length; "
+                          "add --epochs 0 to train a fixed number of steps")  # fmt: skip
+    ds_config = resolve_ds_config(run, world, Path(run.output_dir), run.lr, run.batch_size)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    steps_per_epoch = (num_train // world) // micro
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{num_train} training examples give no batch of {micro} on each of {world} processes")
+    if run.epochs == 0:
+        return run
+    return dataclasses.replace(run, max_steps=max(1, round(run.epochs * steps_per_epoch)), eval_every=steps_per_epoch)
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def image_rows(image_ids: list[str], stores: FeatureStoreSet, what: str, skip_missing: bool) -> np.ndarray:
+    """Global store rows of `image_ids`, -1 for images dropped by --skip_missing (else an error)."""
+    check_images(image_ids, stores, what, skip_missing)
+    return stores.rows(image_ids)
+
+
+def model_inputs(batch: dict, prefix: str = "") -> dict:
+    return {k: batch[prefix + k] for k in MODEL_INPUTS if prefix + k in batch}
+
+
+# --------------------------------------------------------------------------- the Task base
+
+
+class FinetuneTask:
+    """A fine-tuning task for semvlp.train: fixed stream mode, dev evaluation, prediction files.
+
+    Subclasses set `model_class`, `metric` (the dev metric that picks the best checkpoint) and
+    implement `loss`, `predictions(engine, split, limit)`, `metrics(split, predictions)` and
+    `write_predictions(split, predictions, out_dir)`. `datasets[split]` holds what each split
+    needs; training batches carry `index` [B], the examples they were built from.
+    """
+
+    model_class: type
+    metric: str
+    pairs_per_sample = 1  # (text, image) pairs the encoder runs per training example, for FLOPs
+
+    def __init__(self, run: FinetuneConfig, datasets: dict):
+        self.run = run
+        self.datasets = datasets
+        self.best_metric = f"{run.mode}/{self.metric}" if "valid" in datasets else None
+        self.train_loader = None
+        self._eval_loaders: dict[str, ResumableLoader] = {}
+        self.notes: list[str] = []  # data reports (answer coverage, skipped images), printed by rank 0
+
+    # -- set-up
+    def model_fields(self) -> dict:
+        """Model config fields the data decides (e.g. the number of answers)."""
+        return {}
+
+    def num_train_examples(self) -> int:
+        return len(self.datasets["train"])
+
+    def attach(self, config, micro_batch: int, eval_batch_size: int) -> None:
+        """Called once the model config and the ds_config are known."""
+        self.config = config
+        self.micro_batch = micro_batch
+        self.eval_batch_size = eval_batch_size
+        if "train" in self.datasets:
+            self.train_loader = ResumableLoader(
+                self.datasets["train"], micro_batch, dist.rank(), dist.world_size(), self.run.seed,
+                self.run.num_workers, shuffle=True, drop_last=True,
+            )  # fmt: skip
+
+    def eval_loader(self, split: str) -> ResumableLoader:
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = ResumableLoader(
+                self.datasets[split], self.eval_batch_size, dist.rank(), dist.world_size(), self.run.seed,
+                self.run.num_workers, shuffle=False, drop_last=False, repeatable=True,
+            )  # fmt: skip
+        return self._eval_loaders[split]
+
+    # -- the loop's Task protocol
+    def mode(self, step: int) -> str:
+        return self.run.mode
+
+    def batch_samples(self, batch: dict) -> int:
+        return batch["index"].shape[0]
+
+    def batch_flops(self, batch: dict, mode: str) -> float:
+        """The encoder's FLOPs (semvlp.flops; the task heads are small), from the host copy: the mean
+        cost of the batch's text rows times the (text, image) pairs the step runs."""
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        rows = training_step_flops(self.config, lengths, mode, num_objects=batch["visual_feats"].shape[-2])
+        return rows / len(lengths) * self.batch_samples(batch) * self.pairs_per_sample
+
+    def evaluate(self, engine) -> dict[str, float]:
+        predictions = self.predictions(engine, "valid", self.run.eval_batches)
+        return {f"{self.run.mode}/{k}": v for k, v in self.metrics("valid", predictions).items()}
+
+    # -- prediction files
+    def labeled(self, split: str) -> bool:
+        return bool(getattr(self.datasets[split], "labeled", True))
+
+    def predict(self, engine, split: str, out_dir: Path) -> dict[str, float]:
+        """Write `split`'s prediction file (rank 0); its metrics when the split has labels, else {}."""
+        engine.eval()
+        with torch.no_grad():
+            predictions = self.predictions(engine, split, 0)
+        if dist.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.write_predictions(split, predictions, out_dir)
+            print(f"{split}: predictions in {path}", flush=True)
+        dist.barrier()
+        return self.metrics(split, predictions) if self.labeled(split) else {}
+
+    # -- per task
+    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def predictions(self, engine, split: str, limit: int):
+        raise NotImplementedError
+
+    def metrics(self, split: str, predictions) -> dict[str, float]:
+        raise NotImplementedError
+
+    def write_predictions(self, split: str, predictions, out_dir: Path) -> Path:
+        raise NotImplementedError
+
+    # -- shared by the classification tasks
+    def classify(self, engine, split: str, limit: int, predict: Callable[[dict], list]) -> dict[int, object]:
+        """{example index: predict(batch)[row]} over a split (or `limit` batches per rank), all ranks."""
+        indices: list[int] = []
+        values: list = []
+        for i, batch in enumerate(self.eval_loader(split)):
+            if limit and i == limit:
+                break
+            batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            indices += batch["index"].tolist()
+            values += predict(batch)
+        merged: dict[int, object] = {}
+        for part_indices, part_values in dist.all_gather_object((indices, values)):
+            merged.update(zip(part_indices, part_values, strict=True))
+        return dict(sorted(merged.items()))
+
+
+# --------------------------------------------------------------------------- the launcher body
+
+
+def load_data(run: FinetuneConfig) -> tuple[DataConfig, object, FeatureStoreSet]:
+    """The data configuration, tokenizer and stores (before the process group exists)."""
+    data = DataConfig.load(runner.resolve_data(run))
+    return data, load_tokenizer(data.vocab), open_stores(data.stores)
+
+
+def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, DataConfig, object, FeatureStoreSet,
+                                                             tuple[str, ...]], FinetuneTask]) -> None:  # fmt: skip
+    """Fine-tune (or, with --predict_only, predict) with the task `make_task` builds; see the module docstring."""
+    data, tokenizer, stores = load_data(run)
+    splits = run.prediction_splits
+    if not run.predict_only:
+        splits = tuple(dict.fromkeys(("train", "valid", *splits)))
+    task = make_task(run, data, tokenizer, stores, splits)
+    if not run.predict_only:
+        run = resolve_length(run, task.num_train_examples(), runner.world_size_from_env())
+        task.run = run
+    run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
+    if dist.is_main():
+        for note in task.notes:
+            print(note, flush=True)
+    config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
+    if config.vocab_size != len(tokenizer):
+        raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
+    for name, value in task.model_fields().items():
+        if getattr(config, name) != value:
+            raise ConfigError(f"the model's {name}={getattr(config, name)} but the data needs {value}")
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    task.attach(config, micro, run.eval_batch_size or 2 * micro)
+    model = task.model_class(config)
+    if run.predict_only:
+        _check_complete_export(model, run.init_from)
+    runner.initialize_model(model, run)
+    engine = runner.build_engine(model, ds_config)
+
+    results: dict = {"mode": run.mode, "notes": task.notes}
+    if not run.predict_only:
+        result = train(engine, task, run, run_dir, ds_config)
+        if not result.finished:
+            if dist.is_main():
+                print(f"stopped at step {result.step} of {run.max_steps}; continue with --resume")
+            return
+        results["best"] = result.best
+        best_dir = run_dir / "best"
+        checkpoint.load_latest(engine, best_dir)  # the best dev evaluation's weights
+        results["export"] = str(runner.export(engine, run_dir, data.vocab, best_dir))
+    results["splits"] = {}
+    for split in run.prediction_splits:
+        results["splits"][split] = task.predict(engine, split, run_dir / "predictions")
+    if dist.is_main():
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _print_summary(run, results)
+
+
+def _check_complete_export(model: torch.nn.Module, folder: str) -> None:
+    """--predict_only must not run with freshly initialized heads: every tensor must come from the export."""
+    from safetensors import safe_open
+
+    if not runner.is_semvlp_export(folder):
+        raise ConfigError(f"--predict_only: --init_from {folder} is not a SemVLP export")
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"--predict_only: {path} not found")
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    missing = [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    if missing:
+        raise ConfigError(f"--predict_only: {folder} lacks (or has other shapes for) {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}: is it an export of this task?")  # fmt: skip
+
+
+def _print_summary(run: FinetuneConfig, results: dict) -> None:
+    best = results.get("best")
+    if best is not None:
+        print(f"\nbest dev {best['metric']} = {best['value']:.4f} at step {best['step']} of {run.max_steps}")
+    for split, metrics in results["splits"].items():
+        shown = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"  {split:>5} ({run.mode}-stream): {shown or 'no labels: predictions only'}")

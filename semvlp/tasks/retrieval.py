@@ -1,0 +1,247 @@
+"""Image-text retrieval fine-tuning (Flickr30K, Karpathy split) on the ITM score.
+
+Training. Every caption of a training image is a positive pair. The batch also carries, per
+positive, `--negatives` N other images (pairs with its caption: image-retrieval negatives) and N
+captions of other images (pairs with its image: text-retrieval negatives), sampled uniformly.
+- Sampled negatives (default): all 2N negatives are trained on.
+- Hard negatives (`--hard_negatives H`, UNITER's `train_itm_hard_negatives.py`): the 2N candidates
+  are scored without gradients in eval mode, and the H highest-scoring of each kind are trained on;
+  N is then the pool (UNITER: 399 candidates, 31 kept, over several GPUs).
+Loss: `itm` (default), binary cross-entropy of the ITM head over positives and negatives, as in
+pre-training; or `rank`, UNITER's triplet loss max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)).
+
+Evaluation scores every (image, caption) pair of the split: rank r takes images r, r + W, ...,
+scores each against all captions in chunks of --eval_batch_size, and the rows are summed over
+ranks into the full [images, captions] matrix (semvlp.metrics.retrieval_metrics). That is
+images x captions forward passes (1K x 5K for the Flickr30K test split); --eval_images keeps the
+first N images of a split (and their captions) for quick checks.
+The prediction file holds, per caption, the top-10 images and, per image, the top-10 captions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from semvlp import dist
+from semvlp.data.annotations import RetrievalSplit, load_flickr30k
+from semvlp.data.batching import gather_tokens, text_batch, visual_batch
+from semvlp.data.config import DataConfig
+from semvlp.data.loader import KeyedBatchDataset
+from semvlp.data.store import FeatureStoreSet
+from semvlp.data.tokenizer import tokenize_texts
+from semvlp.metrics import rankings, retrieval_metrics
+from semvlp.model import SemVLPForRetrieval
+from semvlp.tasks.finetune import FinetuneConfig, FinetuneTask, image_rows, model_inputs
+from semvlp.train import ConfigError
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+VISUAL_KEYS = ("visual_feats", "visual_pos", "visual_attention_mask")
+LOSSES = ("itm", "rank")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(FinetuneConfig):
+    """Flickr30K image-text retrieval fine-tuning."""
+
+    output_dir: str = "runs/retrieval"
+    negatives: int = 1  # per positive and direction: sampled negatives, or the pool hard negatives come from
+    hard_negatives: int = 0  # >0: train on the H hardest of the pool per direction (UNITER)
+    loss: str = "itm"  # itm (binary cross-entropy) | rank (UNITER's triplet loss)
+    margin: float = 0.2  # of the rank loss
+    eval_images: int = 0  # >0: evaluate and predict on the first N images of a split only
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss!r}; expected one of {LOSSES}")
+        if self.negatives < 1 or self.hard_negatives < 0 or self.eval_images < 0:
+            raise ConfigError("--negatives must be >= 1, --hard_negatives and --eval_images >= 0")
+        if 0 < self.negatives <= self.hard_negatives:
+            raise ConfigError(f"--hard_negatives {self.hard_negatives} must be below the pool --negatives "
+                              f"{self.negatives}")  # fmt: skip
+
+
+def _split_rows(split: RetrievalSplit, stores: FeatureStoreSet, skip_missing: bool, what: str):
+    rows = image_rows(split.image_ids, stores, what, skip_missing)
+    keep = rows >= 0
+    return (split.select_images(keep), rows[keep], int((~keep).sum())) if not keep.all() else (split, rows, 0)
+
+
+class RetrievalTrainDataset(KeyedBatchDataset):
+    """One example per caption. A batch: visual tensors [B, 1+N, K, ...] (column 0 the caption's own
+    image, then N others) and text [B*(1+N), T] (row b*(1+N) the caption, then N captions of other
+    images), plus `index` [B]."""
+
+    def __init__(self, split: RetrievalSplit, rows: np.ndarray, stores: FeatureStoreSet, tokenizer,
+                 max_text_len: int, negatives: int):  # fmt: skip
+        if len(split.image_ids) < 2:
+            raise ValueError("retrieval training needs at least two images")
+        self.split, self.rows, self.stores, self.negatives = split, rows, stores, negatives
+        self.token_ids, self.token_offsets = tokenize_texts(tokenizer, split.captions, max_text_len)
+
+    def __len__(self) -> int:
+        return len(self.split.captions)
+
+    def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
+        b, n = len(indices), self.negatives
+        own = self.split.caption_image[indices]  # [B]
+        neg_images = rng.integers(0, len(self.split.image_ids), (b, n))
+        neg_captions = rng.integers(0, len(self), (b, n))
+        for j in range(b):  # resample the rare draws that hit the positive's own image
+            while (bad := neg_images[j] == own[j]).any():
+                neg_images[j, bad] = rng.integers(0, len(self.split.image_ids), int(bad.sum()))
+            while (bad := self.split.caption_image[neg_captions[j]] == own[j]).any():
+                neg_captions[j, bad] = rng.integers(0, len(self), int(bad.sum()))
+        captions = np.concatenate([indices[:, None], neg_captions], 1).reshape(-1)
+        images = np.concatenate([own[:, None], neg_images], 1)
+        batch = text_batch(*gather_tokens(self.token_ids, self.token_offsets, captions))
+        batch.update(visual_batch(self.stores, self.rows[images]))
+        batch["index"] = torch.from_numpy(indices.copy())
+        return batch
+
+
+@dataclass
+class RetrievalEvalSplit:
+    """Images and captions of an evaluation split, captions tokenized once."""
+
+    split: RetrievalSplit
+    rows: np.ndarray
+    token_ids: np.ndarray
+    token_offsets: np.ndarray
+    labeled = True
+
+
+class RetrievalTask(FinetuneTask):
+    model_class = SemVLPForRetrieval
+    metric = "r_mean"
+
+    def __init__(self, run: RetrievalConfig, data: DataConfig, tokenizer, stores: FeatureStoreSet,
+                 splits: tuple[str, ...]):  # fmt: skip
+        if data.flickr30k is None:
+            raise ConfigError("the data configuration has no 'flickr30k' section")
+        self.stores = stores
+        datasets, notes = {}, []
+        for split in splits:
+            what = f"flickr30k {split}"
+            names = getattr(data.flickr30k, f"{split}_splits")
+            part, rows, skipped = _split_rows(load_flickr30k(data.flickr30k.annotations, names), stores,
+                                              run.skip_missing, what)  # fmt: skip
+            if split == "train":
+                datasets[split] = RetrievalTrainDataset(part, rows, stores, tokenizer, data.max_text_len, run.negatives)
+            else:
+                if run.eval_images:
+                    keep = np.arange(len(part.image_ids)) < run.eval_images
+                    part, rows = part.select_images(keep), rows[keep]
+                ids, offsets = tokenize_texts(tokenizer, part.captions, data.max_text_len)
+                datasets[split] = RetrievalEvalSplit(part, rows, ids, offsets)
+            notes.append(f"{what}: {len(part.image_ids)} images, {len(part.captions)} captions"
+                         + (f", {skipped} images skipped (in no store)" if skipped else ""))  # fmt: skip
+        super().__init__(run, datasets)
+        self.notes = notes
+        kept = run.hard_negatives or run.negatives
+        # Training pairs per positive, plus the pool's scoring forward passes (1/3 of a training pass each).
+        self.pairs_per_sample = 1 + 2 * kept + (2 * run.negatives / 3 if run.hard_negatives else 0)
+
+    # -- training
+    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        run = self.run
+        b, m = batch["visual_feats"].shape[:2]  # m = 1 + N candidates per positive, column 0 positive
+        n = m - 1
+        text = {k: batch[k] for k in TEXT_KEYS}  # [B*m, T]
+        visual = {k: batch[k].flatten(0, 1) for k in VISUAL_KEYS if k in batch}  # [B*m, K, ...]
+        device = batch["input_ids"].device
+        positive = (torch.arange(b, device=device) * m)[:, None]  # [B, 1] row of each positive
+        others = positive + torch.arange(1, m, device=device)  # [B, N] rows of its candidates
+        # (text row, image row) of each negative: N image negatives, then N caption negatives.
+        neg_text = torch.cat([positive.expand(b, n), others], 1)  # [B, 2N]
+        neg_image = torch.cat([others, positive.expand(b, n)], 1)
+        if run.hard_negatives:
+            engine.eval()
+            with torch.no_grad():
+                pool = self._score(engine, text, visual, neg_text, neg_image, mode).view(b, 2 * n)
+            engine.train()
+            hard = run.hard_negatives
+            pick = torch.cat([pool[:, :n].topk(hard, dim=1).indices, n + pool[:, n:].topk(hard, dim=1).indices], 1)
+            neg_text, neg_image = neg_text.gather(1, pick), neg_image.gather(1, pick)
+        pair_text = torch.cat([positive, neg_text], 1)  # [B, 1 + 2H]
+        pair_image = torch.cat([positive, neg_image], 1)
+        labels = torch.zeros_like(pair_text)
+        labels[:, 0] = 1
+        inputs = self._pairs(text, visual, pair_text, pair_image)
+        if run.loss == "itm":
+            out = engine(**inputs, labels=labels.reshape(-1), mode=mode)
+            return out.loss, {"itm": out.loss.detach()}
+        scores = torch.sigmoid(SemVLPForRetrieval.score(engine(**inputs, mode=mode).logits)).view(pair_text.shape)
+        loss = F.relu(run.margin + scores[:, 1:] - scores[:, :1]).mean()
+        return loss, {"rank": loss.detach()}
+
+    @staticmethod
+    def _pairs(text: dict, visual: dict, text_rows: torch.Tensor, image_rows_: torch.Tensor) -> dict:
+        t, v = text_rows.reshape(-1), image_rows_.reshape(-1)
+        return {**{k: x[t] for k, x in text.items()}, **{k: x[v] for k, x in visual.items()}}
+
+    def _score(self, engine, text, visual, text_rows, image_rows_, mode) -> torch.Tensor:
+        """Scores of the (text row, image row) pairs, flattened, in chunks of --eval_batch_size pairs."""
+        t, v = text_rows.reshape(-1), image_rows_.reshape(-1)
+        scores = []
+        for start in range(0, len(t), self.eval_batch_size):
+            part = slice(start, start + self.eval_batch_size)
+            logits = engine(**self._pairs(text, visual, t[part], v[part]), mode=mode).logits
+            scores.append(SemVLPForRetrieval.score(logits))
+        return torch.cat(scores)
+
+    # -- evaluation
+    def predictions(self, engine, split: str, limit: int) -> torch.Tensor:
+        """The [images, captions] score matrix of a split (`limit` is ignored: see --eval_images)."""
+        ev: RetrievalEvalSplit = self.datasets[split]
+        num_images, num_captions = len(ev.split.image_ids), len(ev.split.captions)
+        scores = torch.zeros(num_images, num_captions, device=engine.device)
+        chunk = self.eval_batch_size
+        texts = []
+        for start in range(0, num_captions, chunk):
+            caps = np.arange(start, min(start + chunk, num_captions))
+            tb = text_batch(*gather_tokens(ev.token_ids, ev.token_offsets, caps))
+            texts.append((start, {k: tb[k].to(engine.device) for k in TEXT_KEYS}))
+        for i in range(dist.rank(), num_images, dist.world_size()):
+            image = visual_batch(self.stores, ev.rows[i : i + 1])
+            image = {k: v.to(engine.device) for k, v in image.items()}
+            for start, text in texts:
+                size = text["input_ids"].shape[0]
+                pairs = {**text, **{k: v.expand(size, *v.shape[1:]) for k, v in image.items()}}
+                logits = engine(**model_inputs(pairs), mode=self.run.mode).logits
+                scores[i, start : start + size] = SemVLPForRetrieval.score(logits).float()
+        return dist.all_reduce_sum(scores).cpu()  # each row was filled by exactly one rank
+
+    def metrics(self, split: str, predictions: torch.Tensor) -> dict[str, float]:
+        ev: RetrievalEvalSplit = self.datasets[split]
+        out = retrieval_metrics(predictions, torch.from_numpy(ev.split.caption_image))
+        out.update(images=len(ev.split.image_ids), captions=len(ev.split.captions))
+        return out
+
+    def write_predictions(self, split: str, predictions: torch.Tensor, out_dir: Path) -> Path:
+        ev: RetrievalEvalSplit = self.datasets[split]
+        ids = ev.split.image_ids
+        by_caption, by_image = rankings(predictions, k=10)
+        record = {
+            "split": split,
+            "mode": self.run.mode,
+            "image_retrieval": [
+                {"caption_index": c, "caption": ev.split.captions[c], "image_id": ids[ev.split.caption_image[c]],
+                 "ranked_image_ids": [ids[j] for j in top]}
+                for c, top in enumerate(by_caption.tolist())
+            ],
+            "text_retrieval": [
+                {"image_id": ids[i], "ranked_caption_indices": top,
+                 "true_caption_indices": np.flatnonzero(ev.split.caption_image == i).tolist()}
+                for i, top in enumerate(by_image.tolist())
+            ],
+        }  # fmt: skip
+        path = out_dir / f"retrieval_{split}.json"
+        path.write_text(json.dumps(record))
+        return path

@@ -1,0 +1,299 @@
+"""launch/finetune_*.py end to end: real DeepSpeed engines in 2 CPU processes (gloo) on a small toy world.
+
+A session fixture builds the world (K=36 objects and fewer images than the bundled one, so a
+step costs ~0.13 s on 2 cores). Each launcher fine-tunes the tiny model from random init and
+predicts its valid and test splits; the tests check the prediction files against the split
+files, the reported metrics against the files, and the best-checkpoint selection.
+
+What the budget can show. In 150 steps (and in 400, measured on a GPU) the tiny model learns
+the language prior of the toy questions but no cross-modal grounding, from random init and from
+a short pre-training alike: launch/pretrain.py's image-text matching reaches 100% through a
+shortcut (only matched pairs get masked objects, so "are some objects zeroed?" answers it), so
+its export carries no grounding either. Hence VQA, where the prior is worth ~+0.10 over the
+majority answer, must beat it by a clear margin in both stream modes; GQA (prior worth ~+0.03)
+by a small one; NLVR2 and retrieval, whose labels the text alone does not give away, run a
+shorter schedule and are checked for complete, well-formed predictions and metrics only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
+
+
+def launch(script: str, args: list[str], processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    path = REPO / "launch" / script
+    if processes == 1:
+        cmd = [sys.executable, str(path)]
+    else:
+        port = str(29300 + os.getpid() % 300)
+        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(path)]
+    cmd += ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--num_workers", "1", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    from semvlp.data.toy import ToySpec, ensure_toy_world
+
+    spec = ToySpec(
+        train_images=800, valid_images=100, test_images=100, num_objects=36,
+        nlvr2_train=2000, nlvr2_eval=200, flickr_train_images=400,
+    )  # fmt: skip
+    return Path(ensure_toy_world(tmp_path_factory.mktemp("toy") / "world", spec=spec))
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+# 150 steps of 16 (8 per process), dev evaluation at steps 75 and 150 on 3 batches per process.
+TRAIN = ["--epochs", "0", "--max_steps", "150", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "75",
+         "--eval_batches", "3", "--log_every", "25"]  # fmt: skip
+# NLVR2 and retrieval cannot beat chance in this budget (module docstring): a shorter run checks the pipeline.
+SHORT = ["--epochs", "0", "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "20",
+         "--eval_batches", "3", "--log_every", "10"]  # fmt: skip
+
+
+def majority_baseline(toy: Path, task: str, score) -> float:
+    """The score of always answering the most frequent training answer, on the valid split."""
+    train = load(toy.parent / f"{task}_train.json")
+    valid = load(toy.parent / f"{task}_valid.json")
+    top = Counter(max(q["label"], key=q["label"].get) for q in train).most_common(1)[0][0]
+    return score([top] * len(valid), [q["label"] for q in valid])
+
+
+_runs: dict[tuple, tuple[Path, dict]] = {}
+
+
+@pytest.fixture(scope="session")
+def finetuned(toy, tmp_path_factory):
+    """finetuned(script, *args) -> (run_dir, results.json); each distinct run happens once per session."""
+
+    def run(script: str, *args: str) -> tuple[Path, dict]:
+        key = (script, *args)
+        if key not in _runs:
+            out = tmp_path_factory.mktemp(Path(script).stem)
+            result = launch(script, ["--data", str(toy), "--output_dir", str(out), *args])
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+            _runs[key] = (out, json.loads((out / "results.json").read_text()))
+        return _runs[key]
+
+    return run
+
+
+def check_best_checkpoint(out: Path, results: dict, metric: str, steps: tuple[int, int] = (75, 150)) -> None:
+    """The loop kept the best of the dev evaluations, and the export holds its weights."""
+    evals = records(out, "eval")
+    assert [e["step"] for e in evals] == list(steps)
+    best = results["best"]
+    assert best["metric"] == metric and best["value"] == max(e[metric] for e in evals)
+    assert best["step"] == max(evals, key=lambda e: e[metric])["step"]  # the first of equals
+    assert (out / "best" / "latest").read_text() == f"step{best['step']:08d}"
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "vocab.txt").is_file()
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_vqa_beats_the_majority_answer_in_both_stream_modes(toy, finetuned, mode):
+    from semvlp.metrics import vqa_score
+
+    out, results = finetuned("finetune_vqa.py", "--mode", mode, *TRAIN)
+    assert results["mode"] == mode
+    valid = results["splits"]["valid"]
+    baseline = majority_baseline(toy, "vqa", vqa_score)  # "no": 0.29 on this world
+    assert valid["score"] >= baseline + 0.06, (valid, baseline)
+    assert valid["questions"] == len(load(toy.parent / "vqa_valid.json")) and valid["score_cap"] == 1.0
+    assert results["splits"]["test"] == {}  # the toy VQA test split has no labels: predictions only
+    check_best_checkpoint(out, results, f"{mode}/score")
+
+
+def test_vqa_prediction_files_have_one_answer_per_question(toy, finetuned):
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    answers = set(load(toy.parent / "vqa_label2ans.json"))
+    for split in ("valid", "test"):
+        questions = load(toy.parent / f"vqa_{split}.json")
+        predictions = load(out / "predictions" / f"vqa_{split}.json")
+        assert all(set(p) == {"question_id", "answer"} for p in predictions)
+        assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in questions)
+        assert {p["answer"] for p in predictions} <= answers
+
+
+def test_predict_only_reproduces_the_predictions_from_the_export(toy, finetuned, tmp_path):
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    result = launch(
+        "finetune_vqa.py",
+        ["--data", str(toy), "--output_dir", str(tmp_path), "--init_from", str(out / "export"), "--predict_only",
+         "--predict_splits", "test"],
+        processes=1,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test (single-stream): no labels: predictions only" in result.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    assert load(tmp_path / "predictions" / "vqa_test.json") == load(out / "predictions" / "vqa_test.json")
+
+
+def test_gqa_predictions_and_exact_match(toy, finetuned):
+    from semvlp.metrics import exact_match
+
+    out, results = finetuned("finetune_gqa.py", *TRAIN)
+    check_best_checkpoint(out, results, "single/accuracy")
+    for split, file in (("valid", "gqa_valid.json"), ("test", "gqa_testdev.json")):
+        questions = load(toy.parent / file)
+        predictions = load(out / "predictions" / f"gqa_{split}.json")
+        assert all(set(p) == {"questionId", "prediction"} and isinstance(p["questionId"], str) for p in predictions)
+        assert sorted(p["questionId"] for p in predictions) == sorted(q["question_id"] for q in questions)
+        # the reported accuracy is the exact match of the file's answers (testdev has labels in the toy world)
+        by_id = {p["questionId"]: p["prediction"] for p in predictions}
+        expected = exact_match([by_id[q["question_id"]] for q in questions], [q["label"] for q in questions])
+        assert results["splits"][split]["accuracy"] == pytest.approx(expected)
+    # GQA's text prior is worth only ~+0.03 over the majority answer here ("no", 0.35); measured +0.06.
+    assert results["splits"]["valid"]["accuracy"] >= majority_baseline(toy, "gqa", exact_match) + 0.02
+
+
+def test_nlvr2_csv_has_one_line_per_statement(toy, finetuned):
+    out, results = finetuned("finetune_nlvr2.py", "--mode", "two", *SHORT)
+    check_best_checkpoint(out, results, "two/accuracy", steps=(20, 40))
+    for split in ("valid", "test"):
+        statements = load(toy.parent / f"nlvr2_{split}.json")
+        with open(out / "predictions" / f"nlvr2_{split}.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert sorted(r[0] for r in rows) == sorted(s["identifier"] for s in statements)
+        assert {r[1] for r in rows} <= {"True", "False"} and all(len(r) == 2 for r in rows)
+        truth = {s["identifier"]: s["label"] == 1 for s in statements}
+        accuracy = sum((r[1] == "True") == truth[r[0]] for r in rows) / len(rows)
+        assert results["splits"][split]["accuracy"] == pytest.approx(accuracy)
+        assert results["splits"][split]["statements"] == len(statements)
+
+
+def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetuned):
+    out, results = finetuned(
+        "finetune_retrieval.py", "--eval_images", "12", "--negatives", "2", "--hard_negatives", "1", *SHORT
+    )
+    check_best_checkpoint(out, results, "single/r_mean", steps=(20, 40))
+    rankings = load(out / "predictions" / "retrieval_test.json")
+    assert len(rankings["text_retrieval"]) == 12 and len(rankings["image_retrieval"]) == 60
+    images = {r["image_id"] for r in rankings["text_retrieval"]}
+    for r in rankings["image_retrieval"]:
+        assert len(r["ranked_image_ids"]) == 10 and set(r["ranked_image_ids"]) <= images and r["image_id"] in images
+    for r in rankings["text_retrieval"]:
+        assert len(r["ranked_caption_indices"]) == 10 and len(r["true_caption_indices"]) == 5
+    test = results["splits"]["test"]
+    assert (test["images"], test["captions"]) == (12, 60)
+    # R@1 from the file's rankings agrees with the reported metric (ties, counted against the true
+    # image by the metric, can only put it first in the file's stable order)
+    r1 = sum(r["ranked_image_ids"][0] == r["image_id"] for r in rankings["image_retrieval"]) / 60
+    assert test["image_r1"] - 1e-6 <= r1 <= test["image_r1"] + 2 / 60
+    assert 0.0 <= test["r_mean"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("finetune_vqa.py", ["--max_steps", "10"], "--max_steps 10 and --epochs 4 both set the training length"),
+        ("finetune_retrieval.py", ["--negatives", "2", "--hard_negatives", "2"], "--hard_negatives 2 must be below"),
+    ],
+)  # fmt: skip
+def test_option_errors_name_the_option(toy, tmp_path, script, args, message):
+    result = launch(script, ["--data", str(toy), "--output_dir", str(tmp_path / "run"), *args], processes=1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- in-process pieces
+
+
+def test_answers_outside_the_table_are_counted_with_the_cap_they_imply(toy, tmp_path):
+    from semvlp.data.config import DataConfig
+    from semvlp.data.store import open_stores
+    from semvlp.data.tokenizer import load_tokenizer
+    from semvlp.tasks.finetune import FinetuneConfig
+    from semvlp.tasks.qa import VQA, QATask
+
+    valid = load(toy.parent / "vqa_valid.json")[:40]
+    for q in valid[:10]:
+        q["label"] = {"purple-ish": 1.0}  # outside the table: unanswerable
+    for q in valid[10:15]:
+        q["label"] = {"maybe": 0.9, "yes": 0.3}  # best reachable: 0.3
+    (tmp_path / "valid.json").write_text(json.dumps(valid))
+    data = DataConfig.load(toy)
+    data = DataConfig.from_dict(
+        {**data.to_dict(), "vqa": {**data.to_dict()["vqa"], "valid": [str(tmp_path / "valid.json")]}}
+    )
+    run = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), predict_only=True,
+                         init_from=str(toy.parent))  # fmt: skip
+    task = QATask(run, VQA, data, load_tokenizer(data.vocab), open_stores(data.stores), ("valid", "test"))
+    cap = (25 * 1.0 + 5 * 0.3) / 40
+    assert any("15 with answers outside the 13-answer table (2 distinct), 10 unanswerable" in n for n in task.notes)
+    assert any(f"capped at {cap:.4f}" in n for n in task.notes)
+    assert any("vqa test: 400 questions without labels" in n for n in task.notes)
+    oracle = {i: max((a for a in q["label"] if a in task.table), key=q["label"].get, default="yes")
+              for i, q in enumerate(valid)}  # fmt: skip
+    assert task.metrics("valid", oracle)["score"] == pytest.approx(cap)
+    assert task.metrics("valid", oracle)["score_cap"] == pytest.approx(cap)
+
+
+def test_batch_and_lr_overrides_keep_the_batch_arithmetic():
+    from semvlp.train import ConfigError, override_batch_and_lr
+
+    cfg = json.loads(CPU_CONFIG.read_text())  # micro-batch 16
+    override_batch_and_lr(cfg, world_size=2, lr=1e-5, train_batch_size=32)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        32, 16, 1)  # fmt: skip
+    assert cfg["optimizer"]["params"]["lr"] == cfg["scheduler"]["params"]["warmup_max_lr"] == 1e-5
+    override_batch_and_lr(cfg, world_size=1, lr=None, train_batch_size=48)  # 48 = 16 x 3
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (16, 3)
+    override_batch_and_lr(cfg, world_size=4, lr=None, train_batch_size=40)  # 10 per process: micro 10
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (10, 1)
+    with pytest.raises(ConfigError, match="--batch_size 30: not a positive multiple of 4 processes"):
+        override_batch_and_lr(cfg, world_size=4, lr=None, train_batch_size=30)
+
+
+def test_epochs_set_the_steps_and_a_dev_evaluation_per_epoch(toy):
+    from semvlp.tasks.finetune import FinetuneConfig, resolve_length
+
+    run = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), epochs=2.5, batch_size=32)
+    resolved = resolve_length(run, num_train=1000, world=2)  # 500 per process / 16 = 31 batches per epoch
+    assert (resolved.max_steps, resolved.eval_every) == (78, 31)
+    fixed = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), data=str(toy), epochs=0, max_steps=7, eval_every=3)
+    assert resolve_length(fixed, num_train=1000, world=2) == fixed
+
+
+def test_questions_on_missing_images_fail_or_are_skipped_and_reported(toy, tmp_path):
+    from semvlp.data.annotations import MissingImagesError
+    from semvlp.data.config import DataConfig
+    from semvlp.data.store import open_stores
+    from semvlp.data.tokenizer import load_tokenizer
+    from semvlp.tasks.finetune import FinetuneConfig
+    from semvlp.tasks.nlvr2 import NLVR2Task
+
+    valid = load(toy.parent / "nlvr2_valid.json")[:20]
+    valid[3]["img1"] = "not_in_any_store"
+    (tmp_path / "valid.json").write_text(json.dumps(valid))
+    raw = DataConfig.load(toy).to_dict()
+    data = DataConfig.from_dict({**raw, "nlvr2": {**raw["nlvr2"], "valid": [str(tmp_path / "valid.json")]}})
+    tokenizer, stores = load_tokenizer(data.vocab), open_stores(data.stores)
+    common = dict(deepspeed_config=str(CPU_CONFIG), data=str(toy), predict_only=True, init_from=str(toy.parent))
+    with pytest.raises(MissingImagesError, match="1 images missing"):
+        NLVR2Task(FinetuneConfig(**common), data, tokenizer, stores, ("valid",))
+    task = NLVR2Task(FinetuneConfig(**common, skip_missing=True), data, tokenizer, stores, ("valid",))
+    assert len(task.datasets["valid"]) == 19
+    assert "nlvr2 valid: 19 statements, 1 skipped (an image in no store)" in task.notes
