@@ -41,7 +41,7 @@ class Task(Protocol):
     def batch_samples(self, batch: dict) -> int: ...
 
     def batch_flops(self, batch: dict, mode: str) -> float:
-        """Model FLOPs of forward + backward for this batch (semvlp.flops)."""
+        """Model FLOPs of forward + backward for this batch (semvlp.flops), from the host copy."""
 
     def evaluate(self, engine) -> dict[str, float]:
         """Held-out metrics, reduced over ranks, named "<mode>/<metric>"."""
@@ -313,15 +313,17 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
     batches = _batches(task.train_loader)
     stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
     while step < stop_at:
-        batch = _to_device(next(batches), engine.device)
+        host_batch = next(batches)
         mode = task.mode(step)
+        samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
+        batch = _to_device(host_batch, engine.device)
         loss, terms = task.loss(engine, batch, mode)
         if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
             _check_finite(loss, terms, step)
         engine.backward(loss)
         engine.step()
         step += 1
-        window.add({"loss": loss, **terms}, mode, task.batch_samples(batch), task.batch_flops(batch, mode))
+        window.add({"loss": loss, **terms}, mode, samples, flops)
 
         if step % run.log_every == 0 or step == stop_at:
             record = _log_record(window, step, engine, mixed, skipped_before)
