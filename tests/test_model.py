@@ -296,3 +296,16 @@ def test_unknown_mode_and_bad_config_are_rejected(model):
         tiny_config(cross_attention_start_layer=5)
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         config_from_preset("huge")
+
+
+def test_masked_objects_are_zeroed_in_mismatched_pairs_too():
+    """Otherwise "some objects are zero" would give the ITM label away (a shortcut)."""
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config()).eval()
+    inputs = make_inputs()
+    targets = pretraining_targets(inputs)  # example 1 is mismatched, with objects 0..14 masked
+    seen = {}
+    model.semvlp.visual_embeddings.register_forward_hook(lambda m, args, out: seen.update(feats=args[0]))
+    model(**inputs, **targets, mode="single")
+    assert torch.all(seen["feats"][:, :15] == 0)
+    torch.testing.assert_close(seen["feats"][:, 15:], inputs["visual_feats"][:, 15:])

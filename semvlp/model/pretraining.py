@@ -6,9 +6,9 @@
   by the detector's confidence (LXMERT). As the paper says, only masked objects are predicted.
 - Image-text matching on the pooled vector.
 - Image QA (answer classification) on the pooled vector.
-Mismatched pairs (itm_labels == 0) contribute no masked-LM, object or QA loss. All losses are
-summed with equal weights. Objects are zeroed here, on the device, from `obj_mask`; the batch
-carries the original features, which are also the regression targets.
+Mismatched pairs (itm_labels == 0) contribute no masked-LM, object or QA loss, but are corrupted
+like matched ones (LXMERT). All losses are summed with equal weights. Objects are zeroed here, on
+the device, from `obj_mask`; the batch carries the original features, the regression targets.
 """
 
 from __future__ import annotations
@@ -78,8 +78,11 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
         mode: str = "single",
     ) -> PreTrainingOutput:
         matched = itm_labels.bool()
+        # Zero the masked objects of every pair, matched or not: if only matched pairs had zeroed
+        # objects, "some objects are zero" would give the ITM label away. Only the losses skip
+        # mismatched pairs.
+        masked_feats = visual_feats.masked_fill(obj_mask.bool()[..., None], 0)
         obj_mask = obj_mask.bool() & matched[:, None]
-        masked_feats = visual_feats.masked_fill(obj_mask[..., None], 0)
         out = self.semvlp(
             input_ids, attention_mask, token_type_ids, masked_feats, visual_pos, visual_attention_mask, mode
         )
