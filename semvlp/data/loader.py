@@ -186,8 +186,12 @@ class ResumableLoader:
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
+        # Each new iterator draws a worker base seed; from its own generator, not the global
+        # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.
+        # Batches do not depend on it: they are built from their BatchKey alone.
         self._loader = DataLoader(dataset, batch_size=None, sampler=_CursorSampler(self.sampler, self._cursor),
-                                  num_workers=num_workers, pin_memory=pin_memory, **extra)
+                                  num_workers=num_workers, pin_memory=pin_memory,
+                                  generator=torch.Generator().manual_seed(seed), **extra)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
