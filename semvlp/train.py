@@ -210,18 +210,17 @@ class Window:
     """Sums since the last log line; tensors stay on the device until the log step."""
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    modes: list[str] = field(default_factory=list)
-    steps: int = 0
+    modes: list[str] = field(default_factory=list)  # one per optimizer step
+    micro_batches: int = 0
     samples: int = 0
     flops: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, terms: dict[str, torch.Tensor], mode: str, samples: int, flops: float) -> None:
+    def add(self, terms: dict[str, torch.Tensor], samples: int, flops: float) -> None:
         for name, value in terms.items():
             value = value.detach().float()
             self.terms[name] = self.terms[name] + value if name in self.terms else value
-        self.modes.append(mode)
-        self.steps += 1
+        self.micro_batches += 1
         self.samples += samples
         self.flops += flops
 
@@ -312,18 +311,21 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
     engine.train()
     batches = _batches(task.train_loader)
     stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
+    accumulation = engine.gradient_accumulation_steps()
     while step < stop_at:
-        host_batch = next(batches)
-        mode = task.mode(step)
-        samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
-        batch = _to_device(host_batch, engine.device)
-        loss, terms = task.loss(engine, batch, mode)
-        if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
-            _check_finite(loss, terms, step)
-        engine.backward(loss)
-        engine.step()
+        mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
+        for _ in range(accumulation):
+            host_batch = next(batches)
+            samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
+            batch = _to_device(host_batch, engine.device)
+            loss, terms = task.loss(engine, batch, mode)
+            if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
+                _check_finite(loss, terms, step)
+            engine.backward(loss)
+            engine.step()  # the optimizer steps at the accumulation boundary only
+            window.add({"loss": loss, **terms}, samples, flops)
         step += 1
-        window.add({"loss": loss, **terms}, mode, samples, flops)
+        window.modes.append(mode)
 
         if step % run.log_every == 0 or step == stop_at:
             record = _log_record(window, step, engine, mixed, skipped_before)
@@ -348,18 +350,20 @@ def _log_record(window: Window, step: int, engine, mixed: str, skipped_before: i
     # The window's modes must agree across ranks; a mismatch would silently train a mixture.
     all_modes = dist.all_gather_object(window.modes)
     if any(m != all_modes[0] for m in all_modes):
-        raise RuntimeError(f"ranks disagree on the stream mode at steps {step - window.steps + 1}..{step}: {all_modes}")
+        raise RuntimeError(
+            f"ranks disagree on the stream mode at steps {step - len(window.modes) + 1}..{step}: {all_modes}"
+        )
     world = dist.world_size()
     record = {
         "kind": "train",
         "step": step,
-        **{k: float(v) / window.steps for k, v in window.terms.items()},
+        **{k: float(v) / window.micro_batches for k, v in window.terms.items()},
         "modes": window.modes,
         "modes_agree_across_ranks": True,
         "lr": engine.get_lr()[0],
         "samples_per_s": window.samples * world / elapsed,
         "tflops_per_s": window.flops * world / elapsed / 1e12,
-        "step_time_s": elapsed / window.steps,
+        "step_time_s": elapsed / len(window.modes),
         "world_size": world,
     }
     grad_norm = engine.get_global_grad_norm()

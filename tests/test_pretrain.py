@@ -56,6 +56,9 @@ def assert_same(a, b, where: str = "") -> None:
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):  # e.g. DeepSpeed's loss scaler object
+        assert type(a) is type(b), where
+        assert_same(vars(a), vars(b), where)
     else:
         assert a == b, where
 
@@ -144,6 +147,23 @@ def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):
         "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
         in (result.stderr)
     )
+
+
+def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_data):
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
+    accumulating = tmp_path / "accumulate.json"
+    accumulating.write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--deepspeed_config", str(accumulating),
+         "--max_steps", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
+    states = torch.load(run_dir / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["global_steps"] == 3  # optimizer steps
+    assert states["loader"]["position"] == 6  # micro-batches consumed: 3 steps x 2
 
 
 def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
