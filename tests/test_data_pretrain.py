@@ -295,3 +295,14 @@ def test_missing_images_in_pretraining(light, tmp_path):
     full = build_pretrain_dataset(cfg, split="valid")
     per_image = len(full) // len(records)
     assert ds.num_skipped == 2 * per_image and len(ds) == len(full) - 2 * per_image
+
+
+def test_iterating_leaves_the_global_rng_alone(light):
+    """A resumed run starts one more iteration than an uninterrupted one; that must not shift the
+    model's dropout masks (DataLoader would otherwise draw its worker seed from the global RNG)."""
+    loader = build_pretrain_loader(light, batch_size=16, seed=0, num_workers=1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    collect(loader, 2)
+    assert torch.equal(torch.rand(3), expected)

@@ -1,6 +1,7 @@
 """The HDF5 feature store: write/read round trip, padding, atomic writes, fork safety, bad input."""
 
 import multiprocessing as mp
+import pickle
 
 import h5py
 import numpy as np
@@ -149,3 +150,13 @@ def test_handle_reopened_after_fork(tmp_path):
     assert p.exitcode == 0
     np.testing.assert_array_equal(got, images["img2"]["features"])
     assert store._file is not None and store.read("img1").image_id == "img1"  # parent unaffected
+
+
+def test_pickle_after_reading(tmp_path):
+    """A store that has read (open handle, file descriptor) still pickles, as spawn-started workers need."""
+    images = write_store(tmp_path / "s.h5", n=3)
+    store = FeatureStore(tmp_path / "s.h5")
+    store.read(0)
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone.read("img1").boxes, images["img1"]["boxes"])
+    np.testing.assert_array_equal(store.read("img1").features, images["img1"]["features"])
