@@ -19,17 +19,17 @@ count the loader runs --warmup batches untimed (worker start-up), then batches f
 --seconds; samples/s = samples / elapsed. `read_images_per_s` is the bare store read rate
 (FeatureStore.read_into of every field, one process), the ceiling of the pipeline.
 
-Memory: with 2 workers, each worker's private dirty memory (/proc/PID/smaps_rollup) is measured for
-the corpus repeated --memory-scale / 4 and --memory-scale times. Per-sentence data lives in numpy
-arrays built before the fork, shared copy-on-write, so the figure should not grow with the number
-of sentences.
+Memory: with 2 workers, each worker's private memory (Private_Dirty of /proc/PID/smaps_rollup less
+RssShmem, i.e. less the batches in flight) is measured for the corpus repeated --memory-scale / 4
+and --memory-scale times. Per-sentence data lives in numpy arrays built before the fork, shared
+copy-on-write, so the figure should not grow with the number of sentences.
 
 Output: benchmarks/results/dataloader-<machine>-<date>.json (machine, versions, git commit, every
-figure), and a table. Workers hand batches over in shared memory, whose pages cost more to fault in
-than private memory (~50 ms vs ~13 ms per 100 MB batch on the project's CPU machine), so on a
-2-core machine the in-process loader is the fastest. The target in issue 3 is >= 5,000 samples/s per loader process from a
-page-cached store on a 2-core machine. Numbers on a shared machine depend on its load: the JSON
-records the load average before and after.
+figure), and a table. The target in issue 3 is >= 5,000 samples/s per loader process from a
+page-cached store on a 2-core machine. Workers hand batches over in shared memory, whose pages
+cost more to fault in than private memory (~50 ms vs ~13 ms per 100 MB batch on the project's CPU
+machine), so on a 2-core machine the in-process loader is the fastest. Numbers on a shared
+machine depend on its load: the JSON records the load average before and after.
 """
 
 from __future__ import annotations
@@ -141,12 +141,17 @@ def read_rate(path: Path, seconds: float = 3.0) -> float:
 
 
 def worker_private_mb(loader: ResumableLoader) -> list[float]:
+    """Per worker: private dirty memory minus resident shared memory (the batches in flight,
+    which count as private until the main process maps them), in MB."""
     it = loader._loader._iterator  # persistent workers keep their iterator here
     out = []
     for w in getattr(it, "_workers", []):
         try:
-            text = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
-            out.append(round(int(re.search(r"Private_Dirty:\s*(\d+) kB", text).group(1)) / 1024, 1))
+            smaps = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
+            status = Path(f"/proc/{w.pid}/status").read_text()
+            private = int(re.search(r"Private_Dirty:\s*(\d+) kB", smaps).group(1))
+            shmem = int(re.search(r"RssShmem:\s*(\d+) kB", status).group(1))
+            out.append(round(max(private - shmem, 0) / 1024, 1))
         except (OSError, AttributeError):
             pass
     return out
