@@ -27,7 +27,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/cpu.json \
-		--preset tiny --output_dir runs/demo --max_steps 400 --eval_every 100 --eval_batches 10 --num_workers 1
+		--preset tiny --output_dir runs/demo --max_steps 400 --eval_every 100 --eval_batches 10 --num_workers 0
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
