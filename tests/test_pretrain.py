@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,19 @@ DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
 def run_pretrain(args: list[str], processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """launch/pretrain.py on ds_configs/cpu.json (2 ranks x 16); one process runs with a global batch of 16."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    config = REPO / "ds_configs" / "cpu.json"
     if processes == 1:
         cmd = [sys.executable, str(LAUNCHER)]
+        single = json.loads(config.read_text())
+        single["train_batch_size"] = single["train_micro_batch_size_per_gpu"]
+        config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
+        config.write_text(json.dumps(single))
     else:
         port = str(29600 + os.getpid() % 300)
         cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(LAUNCHER)]
-    cmd += ["--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"), "--preset", "tiny", *args]
+    cmd += ["--deepspeed_config", str(config), "--preset", "tiny", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -197,7 +204,7 @@ def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
 
 @pytest.mark.slow
 def test_demo_length_run_learns(tmp_path, toy_data):
-    """Held-out masked-LM accuracy rises in both modes over a demo-length run.
+    """Held-out masked-LM accuracy rises in both modes over a demo-length run (what `make demo` runs).
 
     Not asserted, because not reached yet: ITM and QA above chance on the toy world. Once the
     zeroed-object shortcut was removed (see test_model.py), the tiny model stays at chance on both
@@ -206,14 +213,14 @@ def test_demo_length_run_learns(tmp_path, toy_data):
     """
     run_dir = tmp_path / "demo"
     result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "300", "--eval_every", "100",
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "400", "--eval_every", "100",
          "--eval_batches", "10", "--log_every", "50", "--num_workers", "0"],
         timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     evaluations = records(run_dir, "eval")
     first, final = evaluations[0], evaluations[-1]
-    assert (first["step"], final["step"]) == (100, 300)
+    assert (first["step"], final["step"]) == (100, 400)
     for mode in ("single", "two"):
         assert final[f"{mode}/mlm_acc"] >= first[f"{mode}/mlm_acc"] + 0.05, (first, final)
         assert final[f"{mode}/loss_mlm"] < first[f"{mode}/loss_mlm"], (first, final)
