@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import deepspeed
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def engine_factory():
+    # init_distributed fills RANK, WORLD_SIZE, MASTER_PORT...; restore the environment afterwards so
+    # that later tests' launcher subprocesses do not inherit this process group's rendezvous port.
+    saved_env = dict(os.environ)
     runner.init_distributed()  # one gloo process
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config.update(train_batch_size=2, train_micro_batch_size_per_gpu=2)
@@ -35,6 +39,8 @@ def engine_factory():
 
     yield make
     torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
 def train_step(engine) -> None:
