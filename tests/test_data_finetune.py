@@ -1,20 +1,28 @@
-"""Fine-tuning batches: VQA/GQA soft targets, NLVR2 image pairs, retrieval pairs, missing images."""
+"""Fine-tuning batches as the launchers build them (semvlp/tasks): VQA/GQA soft targets, NLVR2
+image pairs, retrieval training pairs with negatives, retrieval evaluation over every pair,
+hard-negative selection, and images missing from the stores."""
 
+import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from semvlp.data import build_finetune_dataset, build_finetune_loader, ensure_toy_world
+from semvlp.data import ensure_toy_world
 from semvlp.data.annotations import MissingImagesError, load_flickr30k, load_nlvr2, load_vqa
 from semvlp.data.config import DataConfig
-from semvlp.data.finetune_dataset import NLVR2Dataset, QADataset, RetrievalEvalDataset, RetrievalTrainDataset
-from semvlp.data.loader import ResumableLoader
 from semvlp.data.store import FeatureStore, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import ToySpec
+from semvlp.tasks.finetune import FinetuneConfig
+from semvlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task
+from semvlp.tasks.qa import GQA, VQA, QADataset, QATask
+from semvlp.tasks.retrieval import RetrievalConfig, RetrievalTask
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
 
 
 @pytest.fixture(scope="module")
@@ -32,105 +40,229 @@ def store(cfg):
     return FeatureStore(cfg.stores[0])
 
 
-def test_vqa_batches(cfg, store):
-    loader = build_finetune_loader(cfg, "vqa", "valid", batch_size=16)
-    ds = loader.dataset
-    assert isinstance(ds, QADataset) and len(ds) == len(load_vqa(cfg.vqa.valid))
-    batch = next(iter(loader))
-    table = ds.answer_table
-    assert batch["answer_targets"].shape == (16, len(table)) and batch["answer_targets"].dtype == torch.float32
-    assert len(batch["question_ids"]) == 16 and batch["visual_feats"].shape == (16, 100, 2048)
+@pytest.fixture(scope="module")
+def tok(cfg):
+    return load_tokenizer(cfg.vocab)
+
+
+@pytest.fixture(scope="module")
+def stores(cfg):
+    return open_stores(cfg.stores)
+
+
+def run_config(toy, cls=FinetuneConfig, **kw):
+    """Task options as a launcher parses them; batches built in-process."""
+    return cls(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), num_workers=0, **kw)
+
+
+def features(store, img_id: str) -> torch.Tensor:
+    return torch.from_numpy(store.read(img_id).features)
+
+
+def digest(feats: torch.Tensor) -> bytes:
+    return hashlib.blake2b(feats.contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def image_index(split, store) -> dict[bytes, int]:
+    """The split's image index of each image's features (the toy images' features are distinct)."""
+    index = {digest(features(store, i)): n for n, i in enumerate(split.image_ids)}
+    assert len(index) == len(split.image_ids)
+    return index
+
+
+def tokens(batch: dict, row: int) -> tuple[int, ...]:
+    return tuple(batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist())
+
+
+def caption_tokens(ids: np.ndarray, offsets: np.ndarray, c: int) -> tuple[int, ...]:
+    return tuple(ids[offsets[c] : offsets[c + 1]].tolist())
+
+
+def test_vqa_batches_carry_the_labels_soft_scores(toy, cfg, store, tok, stores):
+    task = QATask(run_config(toy), VQA, cfg, tok, stores, ("train", "valid", "test"))
+    task.attach(None, 8, 16)
+    ds = task.datasets["valid"]
+    examples = load_vqa(cfg.vqa.valid)
+    assert len(ds) == len(examples) and ds.labeled
+    batch = next(iter(task.eval_loader("valid")))
+    assert batch["index"].tolist() == list(range(16))  # evaluation batches keep the file order
+    targets = batch["answer_targets"]
+    assert targets.shape == (16, len(task.table)) and targets.dtype == torch.float32
+    assert batch["visual_feats"].shape == (16, 100, 2048)
     for j in range(16):
-        ex = ds.examples[j]  # valid batches keep the file order
-        assert batch["question_ids"][j] == ex.question_id
-        expected = torch.zeros(len(table))
+        ex = examples[j]
+        assert ds.examples[j].question_id == ex.question_id
+        expected = torch.zeros(len(task.table))
         for ans, score in ex.label.items():  # the label values are the soft scores, used as given
-            expected[table.ans2id(ans)] = score
-        assert torch.equal(batch["answer_targets"][j], expected)
-        assert torch.equal(batch["visual_feats"][j], torch.from_numpy(store.read(ex.img_id).features))
-    assert (batch["answer_targets"] == 0.3).any()  # the toy world has annotator disagreement
-    test = next(iter(build_finetune_loader(cfg, "vqa", "test", batch_size=4)))
-    assert "answer_targets" not in test and len(test["question_ids"]) == 4
-    gqa = next(iter(build_finetune_loader(cfg, "gqa", "train", batch_size=8, seed=1)))
-    assert gqa["answer_targets"].sum(1).tolist() == [1.0] * 8
-    assert isinstance(gqa["question_ids"][0], str)
+            expected[task.table.ans2id(ans)] = score
+        assert torch.equal(targets[j], expected)
+        assert torch.equal(batch["visual_feats"][j], features(store, ex.img_id))
+    assert (targets == 0.3).any()  # the toy world has annotator disagreement
+    # the toy VQA test split has no labels: batches without targets, predictions only
+    test = next(iter(task.eval_loader("test")))
+    assert not task.labeled("test") and "answer_targets" not in test
+    assert test["index"].tolist() == list(range(16))
+    gqa = QATask(run_config(toy), GQA, cfg, tok, stores, ("train", "valid"))
+    gqa.attach(None, 8, 16)
+    batch = next(iter(gqa.train_loader))
+    assert batch["answer_targets"].sum(1).tolist() == [1.0] * 8  # one answer per GQA question
+    assert all(isinstance(gqa.datasets["train"].examples[i].question_id, str) for i in batch["index"].tolist())
 
 
-def test_nlvr2_batches(cfg, store):
-    loader = build_finetune_loader(cfg, "nlvr2", "valid", batch_size=6)
-    ds = loader.dataset
-    assert isinstance(ds, NLVR2Dataset)
-    batch = next(iter(loader))
+def test_nlvr2_batches_pair_the_statement_with_both_images(toy, cfg, store, tok, stores):
+    task = NLVR2Task(run_config(toy), cfg, tok, stores, ("valid",))
+    task.attach(None, 8, 6)
+    ds = task.datasets["valid"]
+    examples = load_nlvr2(cfg.nlvr2.valid)
+    batch = next(iter(task.eval_loader("valid")))
     assert batch["visual_feats"].shape == (6, 2, 100, 2048) and batch["visual_pos"].shape == (6, 2, 100, 4)
-    assert batch["labels"].dtype == torch.int64
+    assert batch["labels"].dtype == torch.int64 and batch["index"].tolist() == list(range(6))
     for j in range(6):
-        ex = ds.examples[j]
-        assert batch["identifiers"][j] == ex.identifier and batch["labels"][j] == ex.label
-        assert torch.equal(batch["visual_feats"][j, 0], torch.from_numpy(store.read(ex.img0).features))
+        ex = examples[j]
+        assert ds.examples[j].identifier == ex.identifier and batch["labels"][j] == ex.label
+        assert torch.equal(batch["visual_feats"][j, 0], features(store, ex.img0))
         assert torch.equal(batch["visual_pos"][j, 1], torch.from_numpy(store.read(ex.img1).boxes))
     labels = [e.label for e in load_nlvr2(cfg.nlvr2.train)]
     assert abs(np.mean(labels) - 0.5) < 0.15  # balanced statements
 
 
-def test_retrieval_eval_enumerates_every_pair_once(cfg):
-    full = build_finetune_dataset(cfg, "flickr30k", "test")
-    assert isinstance(full, RetrievalEvalDataset)
-    assert len(full.split.captions) == 5 * len(full.split.image_ids)
-    assert len(full) == len(full.split.image_ids) * len(full.split.captions)
-    # 7 images x 35 captions keep the test fast; batches of 17 straddle images.
-    split = full.split.select_images(np.arange(len(full.split.image_ids)) < 7)
-    ds = RetrievalEvalDataset(split, open_stores(cfg.stores), load_tokenizer(cfg.vocab))
+class PairScorer:
+    """Stands in for the engine: identifies each (caption, image) pair of its inputs by content,
+    records it, and scores it `score(image, caption)` (logits whose ITM log-odds is that score).
+    Captions are identified by their first index with the same tokens (the toy world repeats some)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, images: dict[bytes, int], ids: np.ndarray, offsets: np.ndarray, score):
+        self.images, self.score = images, score
+        self.captions: dict[tuple, int] = {}
+        for c in range(len(offsets) - 1):
+            self.captions.setdefault(caption_tokens(ids, offsets, c), c)
+        self.calls: list[tuple[list[tuple[int, int]], torch.Tensor | None]] = []
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def __call__(self, *, mode, labels=None, **batch):
+        pairs = [(self.captions[tokens(batch, r)], self.images[digest(batch["visual_feats"][r])])
+                 for r in range(batch["input_ids"].shape[0])]  # fmt: skip
+        self.calls.append((pairs, labels))
+        scores = torch.tensor([float(self.score(i, c)) for c, i in pairs])
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(scores), scores], 1), loss=scores.sum())
+
+
+def test_retrieval_evaluation_scores_every_pair_once(toy, cfg, store, tok, stores):
+    full = load_flickr30k(cfg.flickr30k.annotations, cfg.flickr30k.test_splits)
+    assert len(full.captions) == 5 * len(full.image_ids)
+    # 7 images x 35 captions keep the test fast; chunks of 17 captions leave a partial one.
+    task = RetrievalTask(run_config(toy, RetrievalConfig, eval_images=7), cfg, tok, stores, ("test",))
+    task.attach(None, 8, 17)
+    ev = task.datasets["test"]
     n_img, n_cap = 7, 35
-    loader = ResumableLoader(ds, 17, shuffle=False, drop_last=False, repeatable=True)
-    scores = torch.full((n_img, n_cap), -1.0)
-    store = FeatureStore(cfg.stores[0])
-    for batch in loader:
-        i, c = batch["image_index"], batch["caption_index"]
-        assert (scores[i, c] == -1).all()
-        scores[i, c] = 1.0
-        j = len(i) // 2
-        img = store.read(ds.split.image_ids[int(i[j])])
-        assert torch.equal(batch["visual_feats"][j], torch.from_numpy(img.features))
-    assert (scores == 1).all()
+    assert ev.split.image_ids == full.image_ids[:n_img] and len(ev.split.captions) == n_cap
+    assert (ev.split.caption_image == np.repeat(np.arange(n_img), 5)).all()
+    engine = PairScorer(image_index(ev.split, store), ev.token_ids, ev.token_offsets, lambda i, c: 1000 * i + c)
+    scores = task.predictions(engine, "test", 0)
+    # every pair was scored exactly once, with the cell's own image and caption
+    assert sorted(p for pairs, _ in engine.calls for p in pairs) == sorted(
+        (engine.captions[caption_tokens(ev.token_ids, ev.token_offsets, c)], i)
+        for i in range(n_img) for c in range(n_cap)
+    )  # fmt: skip
+    canonical = [engine.captions[caption_tokens(ev.token_ids, ev.token_offsets, c)] for c in range(n_cap)]
+    expected = torch.tensor([[1000.0 * i + canonical[c] for c in range(n_cap)] for i in range(n_img)])
+    assert torch.equal(scores, expected)
+    assert task.metrics("test", scores)["captions"] == n_cap
 
 
-def test_retrieval_train_pairs(cfg):
-    ds = build_finetune_dataset(cfg, "flickr30k", "train")
-    assert isinstance(ds, RetrievalTrainDataset)
+def test_retrieval_training_pairs_each_caption_with_other_images_and_captions(toy, cfg, store, tok, stores):
+    task = RetrievalTask(run_config(toy, RetrievalConfig, negatives=3), cfg, tok, stores, ("train",))
+    ds = task.datasets["train"]
+    split, m = ds.split, 4  # the positive and 3 negatives per direction
+    images = image_index(split, store)
     batch = ds.make_batch(np.arange(200), np.random.default_rng(0))
-    own = torch.from_numpy(ds.split.caption_image[:200])
-    matched = batch["itm_labels"].bool()
-    assert torch.equal(batch["caption_index"], torch.arange(200))
-    assert (batch["image_index"][matched] == own[matched]).all()
-    assert (batch["image_index"][~matched] != own[~matched]).all()
-    assert 0.35 < matched.float().mean() < 0.65
-    hard = ds.pair_batch(np.array([3, 3, 0]), np.array([0, 1, 2]), np.array([1, 0, 0]))
-    assert torch.equal(hard["visual_feats"][0], hard["visual_feats"][1])
-    assert hard["itm_labels"].tolist() == [1, 0, 0]
+    assert batch["index"].tolist() == list(range(200))
+    assert batch["visual_feats"].shape == (200, m, 100, 2048) and batch["input_ids"].shape[0] == 200 * m
+    of_image: dict[tuple, set[int]] = {}  # the images that have a caption with these tokens
+    for c in range(len(split.captions)):
+        of_image.setdefault(caption_tokens(ds.token_ids, ds.token_offsets, c), set()).add(split.caption_image[c])
+    neg_images, neg_captions = set(), set()
+    for b in range(200):
+        own = split.caption_image[b]
+        assert tokens(batch, b * m) == caption_tokens(ds.token_ids, ds.token_offsets, b)  # the positive
+        assert images[digest(batch["visual_feats"][b, 0])] == own
+        for k in range(1, m):
+            image = images[digest(batch["visual_feats"][b, k])]
+            assert image != own
+            neg_images.add(image)
+            caption = tokens(batch, b * m + k)
+            assert of_image[caption] - {own}  # a caption of another image
+            neg_captions.add(caption)
+    # sampled uniformly: 600 draws of each kind reach nearly every image and caption
+    assert len(neg_images) >= 0.9 * len(split.image_ids)
+    assert len(neg_captions) >= 0.6 * len(of_image)
 
 
-def test_missing_images_in_finetuning(cfg, tmp_path):
-    tok = load_tokenizer(cfg.vocab)
-    stores = open_stores(cfg.stores)
+def test_hard_negatives_are_the_highest_scoring_candidates(toy, cfg, store, tok, stores):
+    task = RetrievalTask(run_config(toy, RetrievalConfig, negatives=3, hard_negatives=1), cfg, tok, stores,
+                         ("train",))  # fmt: skip
+    task.attach(None, 8, 5)  # the pool is scored in chunks of 5 pairs
+    ds = task.datasets["train"]
+    batch = ds.make_batch(np.arange(8), np.random.default_rng(1))
+    engine = PairScorer(image_index(ds.split, store), ds.token_ids, ds.token_offsets, lambda i, c: i + c / 1000)
+    task.loss(engine, batch, "single")
+    *pool, (trained, labels) = engine.calls
+    assert sum(len(p) for p, _ in pool) == 8 * 2 * 3 and all(lab is None for _, lab in pool)
+    assert labels.tolist() == [1, 0, 0] * 8  # the positive, the hardest image, the hardest caption
+    for b in range(8):
+        (cap, img), (neg_cap, neg_img) = trained[3 * b], trained[3 * b + 2]
+        assert (cap, img) == (engine.captions[caption_tokens(ds.token_ids, ds.token_offsets, b)],
+                              ds.split.caption_image[b])  # fmt: skip
+        candidates = [engine.images[digest(batch["visual_feats"][b, k])] for k in (1, 2, 3)]
+        assert trained[3 * b + 1] == (cap, max(candidates))  # image negatives score i + c/1000
+        captions = [engine.captions[tokens(batch, 4 * b + k)] for k in (1, 2, 3)]
+        assert (neg_cap, neg_img) == (max(captions), img)
+
+
+def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, stores, tmp_path):
     examples = load_vqa(cfg.vqa.valid)[:10]
     examples[2].img_id = "missing_a"
     examples[7].img_id = "missing_b"
-    table = build_finetune_dataset(cfg, "vqa", "valid").answer_table
-    with pytest.raises(MissingImagesError, match=r"2 images missing.*\['missing_a', 'missing_b'\]"):
-        QADataset(examples, stores, tok, table)
-    ds = QADataset(examples, stores, tok, table, skip_missing=True)
+    table = QATask(run_config(toy), VQA, cfg, tok, stores, ("valid",)).table
+    with pytest.raises(MissingImagesError, match=r"vqa valid: 2 images missing.*\['missing_a', 'missing_b'\]"):
+        QADataset(examples, stores, tok, table, cfg.max_text_len, False, "vqa valid")
+    ds = QADataset(examples, stores, tok, table, cfg.max_text_len, True, "vqa valid")
     assert len(ds) == 8 and ds.num_skipped == 2
+    kept = [examples[i] for i in (0, 1, 3, 4, 5, 6, 8, 9)]
+    assert [e.question_id for e in ds.examples] == [e.question_id for e in kept]
+    batch = ds.make_batch(np.arange(8), np.random.default_rng(0))
+    for j, e in enumerate(kept):  # the kept questions keep their own images
+        assert torch.equal(batch["visual_feats"][j], features(store, e.img_id))
+
     nl = load_nlvr2(cfg.nlvr2.valid)[:5]
     nl[1].img1 = "missing_c"
-    ds = NLVR2Dataset(nl, stores, tok, skip_missing=True)
+    with pytest.raises(MissingImagesError, match="nlvr2 valid: 1 images missing.*missing_c"):
+        NLVR2Dataset(nl, stores, tok, cfg.max_text_len, False, "nlvr2 valid")
+    ds = NLVR2Dataset(nl, stores, tok, cfg.max_text_len, True, "nlvr2 valid")
     assert len(ds) == 4 and [e.identifier for e in ds.examples] == [nl[i].identifier for i in (0, 2, 3, 4)]
+    batch = ds.make_batch(np.arange(4), np.random.default_rng(0))
+    assert torch.equal(batch["visual_feats"][1, 1], features(store, nl[2].img1))
+
     data = json.loads(Path(cfg.flickr30k.annotations).read_text())
     data["images"][-1]["filename"] = "missing_d.jpg"
     path = tmp_path / "k.json"
     path.write_text(json.dumps(data))
+    raw = cfg.to_dict()
+    edited = DataConfig.from_dict({**raw, "flickr30k": {**raw["flickr30k"], "annotations": str(path)}})
     split = load_flickr30k(path, "test")
-    with pytest.raises(MissingImagesError, match="missing_d"):
-        RetrievalEvalDataset(split, stores, tok)
-    ds = RetrievalEvalDataset(split, stores, tok, skip_missing=True)
-    assert len(ds.split.image_ids) == len(split.image_ids) - 1
-    assert len(ds.split.captions) == len(split.captions) - 5
+    with pytest.raises(MissingImagesError, match="flickr30k test: 1 images missing.*missing_d"):
+        RetrievalTask(run_config(toy, RetrievalConfig), edited, tok, stores, ("test",))
+    task = RetrievalTask(run_config(toy, RetrievalConfig, skip_missing=True), edited, tok, stores, ("test",))
+    ev = task.datasets["test"]
+    assert ev.split.image_ids == split.image_ids[:-1]  # the missing image was the last
+    assert len(ev.split.captions) == len(split.captions) - 5
+    assert (ev.rows == stores.rows(ev.split.image_ids)).all()
+    assert f"flickr30k test: {len(split.image_ids) - 1} images, {len(split.captions) - 5} captions, " \
+           "1 images skipped (in no store)" in task.notes  # fmt: skip

@@ -6,7 +6,6 @@ Formats are documented in docs/data_format.md. The entry points:
     DataConfig.load(path)                                     (semvlp/data/config.py)
     build_pretrain_loader(data_config, tokenizer, batch_size, rank, world_size, seed,
                           num_workers, split)                 (semvlp/data/pretrain_dataset.py)
-    build_finetune_loader(data_config, task, split, ...)      (semvlp/data/finetune_dataset.py)
     FeatureStore(path), load_tokenizer(vocab_path)
 """
 
@@ -21,7 +20,6 @@ from semvlp.data.annotations import (
     normalize_answer,
 )
 from semvlp.data.config import DataConfig
-from semvlp.data.finetune_dataset import build_finetune_dataset, build_finetune_loader
 from semvlp.data.loader import BatchKey, ResumableLoader
 from semvlp.data.pretrain_dataset import (
     MaskingConfig,
@@ -46,8 +44,6 @@ __all__ = [
     "MissingImagesError",
     "PretrainDataset",
     "ResumableLoader",
-    "build_finetune_dataset",
-    "build_finetune_loader",
     "build_pretrain_dataset",
     "build_pretrain_loader",
     "ensure_toy_world",
