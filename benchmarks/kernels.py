@@ -18,7 +18,8 @@ own try/except: a failure is recorded in its row and the rest still run.
 
 Shapes follow the model (DESIGN.md 1): base preset (12 heads x 64, hidden 768, FFN 3072),
 single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text, cross-attention
-101 x 20; masked LM on 15% of 20 text tokens.
+101 x 20; packed (varlen) text attention over captions of 8..20 tokens vs the same text padded;
+masked LM on 15% of 20 text tokens.
 """
 
 from __future__ import annotations
@@ -155,6 +156,41 @@ def setup_attention(device, dtype, batch, heads, head_dim, tq, tk, lengths, prov
     size = torch.finfo(dtype).bits // 8
     bytes_fwd = size * batch * heads * head_dim * (2 * tq + 2 * tk)  # read q, k, v; write out
     return raw, table, reference, bytes_fwd, 2 * bytes_fwd, flops
+
+
+def setup_varlen_attention(device, dtype, batch, heads, head_dim, lengths, providers):
+    """Packed text ([total, H, D] + cu_seqlens) through the varlen kernel vs the same tokens
+    padded to the longest: the padded providers pay pad + unpad around the padded kernel, the
+    cost a packed model would pay to call it (on today's padded activations they would not)."""
+    from semvlp_kernels.attention import attention, attention_reference
+    from semvlp_kernels.varlen_attention import check_cu_seqlens, varlen_attention, varlen_attention_reference
+
+    total, max_len = sum(lengths), max(lengths)
+    raw = [_leaf(torch.randn(total, heads, head_dim, device=device, dtype=dtype)) for _ in range(3)]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    check_cu_seqlens(cu_seqlens, total, max_len)  # once here, so the timed calls skip the host sync
+    valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+
+    def padded(attend):
+        def fn(q, k, v):  # [T, H, D] -> [B, max_len, H, D] -> heads view -> back to [T, H, D]
+            pad = lambda x: x.new_zeros(batch, max_len, heads, head_dim).index_put((valid,), x).transpose(1, 2)
+            return attend(pad(q), pad(k), pad(v)).transpose(1, 2)[valid]
+
+        return fn
+
+    table = {
+        "triton": lambda q, k, v: varlen_attention(q, k, v, cu_seqlens, max_len, check_offsets=False),
+        "triton_padded": padded(lambda q, k, v: attention(q, k, v, valid)),
+        "eager": lambda q, k, v: varlen_attention_reference(q, k, v, cu_seqlens, max_len),
+        "eager_padded": padded(lambda q, k, v: attention_reference(q, k, v, valid)),
+        "sdpa_padded": padded(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None])),
+    }
+    table = {k: v for k, v in table.items() if k in providers}
+    reference = lambda q, k, v: varlen_attention_reference(q.float(), k.float(), v.float(), cu_seqlens, max_len)
+    flops = 4 * heads * head_dim * sum(n * n for n in lengths)  # real tokens only: padding is not credited
+    size = torch.finfo(dtype).bits // 8
+    bytes_fwd = size * heads * head_dim * 4 * total  # read q, k, v; write out
+    return raw, table, reference, bytes_fwd, 2 * bytes_fwd, (flops, 3.5 * flops)
 
 
 def setup_bias_gelu(device, dtype, rows, cols, providers):
@@ -336,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         ["triton", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"] if on_gpu else ["eager"]
     )
     fused_providers = ["triton", "eager"] if on_gpu else ["eager"]
+    varlen_providers = (
+        ["triton", "triton_padded", "eager", "eager_padded", "sdpa_padded"] if on_gpu else ["eager", "eager_padded"]
+    )
     modes = ["forward", "full"]
     timer = Timer(device, args.quick)
     torch.manual_seed(0)
@@ -382,6 +421,19 @@ def main(argv: list[str] | None = None) -> int:
             modes,
             results,
         )
+
+    # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
+    # padded to the longest.
+    caption_lengths = [8 + (5 * i) % 13 for i in range(batch)]
+    measure_case(
+        "varlen_attention",
+        "text_8..20_packed",
+        lambda: setup_varlen_attention(device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers),
+        timer,
+        device,
+        modes,
+        results,
+    )
 
     rows = batch * 121  # single-stream tokens
     measure_case(

@@ -440,9 +440,11 @@ def packed_attention() -> str:
     """Whether a packed (padding-free, variable-length) attention exists in semvlp_kernels."""
     import semvlp_kernels.attention as attention
     import semvlp_kernels.dispatch as dispatch
+    import semvlp_kernels.varlen_attention as varlen_attention
 
-    names = [f.name for f in dispatch.KernelOps.__dataclass_fields__.values()] + dir(attention)
-    found = [n for n in names if "varlen" in n.lower() or "packed" in n.lower()]
+    names = [f.name for f in dispatch.KernelOps.__dataclass_fields__.values()]
+    names += [n for module in (attention, varlen_attention) for n in dir(module) if not n.startswith("_")]
+    found = sorted({n for n in names if "varlen" in n.lower() or "packed" in n.lower()})
     if not found:
         return "not available: semvlp_kernels has no packed/varlen attention"
     return f"not measured: found {found}, but the model has no packed input path to drive it"
