@@ -53,6 +53,78 @@ def _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p):
     return tl.rand(seed, rng_offsets) >= dropout_p
 
 
+# The per-tile math below is shared with varlen_attention.py: the padded and the packed kernels
+# differ only in where a (batch, head)'s rows live (pointers, masks) and in the (TQ, TK) that key
+# the dropout stream, so both pass those in and keep identical numerics.
+@triton.jit
+def _forward_tile(
+    q, k, v,  # [M, D] query tile; [N, D] all keys and values of its (batch, head)
+    key_ok,  # [N] bool, False for padding / masked keys
+    qk_scale,  # softmax scale * log2(e)
+    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,  # dropout key, as for _keep_mask
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Exact softmax attention of one query tile over all its keys.
+
+    Returns out [M, D] fp32 = dropout(softmax(S)) V and lse [M], the log2-domain logsumexp of
+    the scaled scores S (0, with out = 0, for a row without any valid key).
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # row without keys: keep exp2(-inf - 0) = 0, not NaN
+    p = tl.exp2(s - m[:, None])
+    denom = tl.sum(p, 1)
+    denom_safe = tl.where(denom == 0.0, 1.0, denom)
+    p = p / denom_safe[:, None]
+    lse = tl.where(denom == 0.0, 0.0, m + tl.log2(denom_safe))
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return out, lse
+
+
+# Backward, per (b, h), with P = softmax(S) (S = scale * Q K^T, masked), Z = keep / (1 - p_drop),
+# O = (P * Z) V and upstream dO:
+#   dV    = (P * Z)^T dO
+#   dP    = (dO V^T) * Z
+#   delta = rowsum(P * dP) = rowsum(dO * O)
+#   dS    = P * (dP - delta)
+#   dQ    = scale * dS K,   dK = scale * dS^T Q
+# P is recomputed from the saved log2-domain logsumexp: P = exp2(S * log2(e) - lse).
+@triton.jit
+def _backward_tile(
+    q, do, o, lse, row_ok,  # one query tile: [M, D] x 3, [M] fp32, [M] bool
+    k, v, key_ok,  # all keys of its (batch, head): [N, D] x 2, [N] bool
+    dk, dv,  # [N, D] fp32 accumulators over the query tiles
+    sm_scale, qk_scale,
+    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,  # dropout key, as for _keep_mask
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One query tile's share of the backward (formulas above).
+
+    Returns dq [M, D] fp32 (complete: every key is in this tile) and dk, dv with this tile's
+    contributions added; dk still lacks the final factor sm_scale.
+    """
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+    valid = row_ok[:, None] & key_ok[None, :]
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = dp * z
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)  # [M, N]
+    dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+    return dq, dk, dv
+
+
 @triton.autotune(configs=_configs([64, 128]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _attention_forward_kernel(
@@ -92,33 +164,15 @@ def _attention_forward_kernel(
     if HAS_MASK:
         key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + offs_n * stride_mt, mask=key_ok, other=0) != 0)
 
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all-masked row: keep exp2(-inf - 0) = 0, not NaN
-    p = tl.exp2(s - m[:, None])
-    denom = tl.sum(p, 1)
-    denom_safe = tl.where(denom == 0.0, 1.0, denom)
-    p = p / denom_safe[:, None]
-    lse = tl.where(denom == 0.0, 0.0, m + tl.log2(denom_safe))
-    if HAS_DROPOUT:
-        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
-        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    out, lse = _forward_tile(q, k, v, key_ok, qk_scale, seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
+                             HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
 
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
     tl.store(lse_ptr + pid_bh * TQ + offs_m, lse, mask=row_ok)
 
 
-# Backward, per (b, h), with P = softmax(S) (S = scale * Q K^T, masked), Z = keep / (1 - p_drop),
-# O = (P * Z) V and upstream dO:
-#   dV    = (P * Z)^T dO
-#   dP    = (dO V^T) * Z
-#   delta = rowsum(P * dP) = rowsum(dO * O)
-#   dS    = P * (dP - delta)
-#   dQ    = scale * dS K,   dK = scale * dS^T Q
-# P is recomputed from the saved log2-domain logsumexp: P = exp2(S * log2(e) - lse).
+# Backward: one program per (b, h) sweeps its query tiles through _backward_tile.
 @triton.autotune(configs=_configs([32, 64]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _attention_backward_kernel(
@@ -171,22 +225,9 @@ def _attention_backward_kernel(
         o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)  # fmt: skip
         lse = tl.load(lse_ptr + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-        valid = row_ok[:, None] & key_ok[None, :]
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
-            z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = dp * z
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)  # [M, N]
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
+                                    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
+                                    HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
         tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 

@@ -38,7 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
-from semvlp_kernels.attention import LOG2E, MAX_KEYS, _configs, _keep_mask, _new_seed, attention_reference
+from semvlp_kernels.attention import (
+    LOG2E,
+    MAX_KEYS,
+    _backward_tile,
+    _configs,
+    _forward_tile,
+    _new_seed,
+    attention_reference,
+)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,31 +92,18 @@ def _varlen_attention_forward_kernel(
     v = tl.load(v_ptr + (start + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=key_ok[:, None], other=0.0)  # fmt: skip
 
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    # Every stored row has a key (itself). Only a zero-length sequence has rows without any;
-    # they are never stored, but are kept finite (0/0 avoided) so no lane computes NaN.
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m[:, None])
-    denom = tl.sum(p, 1)
-    denom_safe = tl.where(denom == 0.0, 1.0, denom)
-    p = p / denom_safe[:, None]
-    lse = m + tl.log2(denom_safe)
-    if HAS_DROPOUT:
-        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, MAX_SEQLEN, MAX_SEQLEN, dropout_p)
-        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    # Every stored row has a key (itself); only a zero-length sequence has rows without any, and
+    # those are never stored. Dropout is keyed as if padded to MAX_SEQLEN (module docstring).
+    out, lse = _forward_tile(q, k, v, key_ok, qk_scale, seed, pid_bh, offs_m, offs_n, MAX_SEQLEN, MAX_SEQLEN,
+                             dropout_p, HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
 
     tl.store(out_ptr + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
     tl.store(lse_ptr + h * TOTAL + start + offs_m, lse, mask=row_ok)
 
 
-# Backward, per (sequence b, head h), the same math as attention.py's with the sequence's rows:
-#   P = exp2(S * log2(e) - lse),  Z = keep / (1 - p_drop),  delta = rowsum(dO * O)
-#   dV = (P * Z)^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),
-#   dQ = scale * dS K,  dK = scale * dS^T Q
+# Backward: one program per (sequence b, head h) sweeps the sequence's query tiles through
+# attention.py's _backward_tile (the math is written out there).
 @triton.autotune(configs=_configs([32, 64]), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _varlen_attention_backward_kernel(
@@ -159,22 +154,9 @@ def _varlen_attention_backward_kernel(
         do = tl.load(dout_ptr + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         o = tl.load(out_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + h * TOTAL + start + offs_m, mask=row_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-        valid = row_ok[:, None] & key_ok[None, :]
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
-        if HAS_DROPOUT:
-            keep = _keep_mask(seed, pid_bh, offs_m, offs_n, MAX_SEQLEN, MAX_SEQLEN, dropout_p)
-            z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = dp * z
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)  # [M, N]
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
+                                    seed, pid_bh, offs_m, offs_n, MAX_SEQLEN, MAX_SEQLEN, dropout_p,
+                                    HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
         tl.store(dq_ptr + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
                  dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
