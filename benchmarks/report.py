@@ -88,7 +88,8 @@ def format_tables(doc: dict) -> str:
         ref = {r["mode"]: r["samples_per_s"] for r in padding if r["text"] == "pad20"}
         for r in padding:
             rel = r["samples_per_s"] / ref[r["mode"]] if r["mode"] in ref else None
-            cells = [r["mode"], r["text"], str(r["text_pad_to"]), f"{r['text_mean_len']:.1f}"]
+            pad_to = "-" if r["text_pad_to"] is None else str(r["text_pad_to"])  # None: packed, no padding
+            cells = [r["mode"], r["text"], pad_to, f"{r['text_mean_len']:.1f}"]
             lines.append(_row(cells + [f"{r['samples_per_s']:.1f}", _fmt(rel, ".3f") + "x"]))
         lines.append(_row(["any", "packed", "-", "-", "-", doc["packed_attention"]]))
     if doc.get("max_batch"):

@@ -17,7 +17,8 @@ strategy; its per-step figures are the mean of both).
 Text (`--text`): the main runs use "full" by default, every caption 20 real tokens and no attention
 mask (the most work per sample, and SDPA may pick its flash kernel); "pad20" / "longest" give them
 lengths uniform in 8..20 padded to 20 / to the batch's longest. `--padding-study` times all layouts
-(text_lengths) on the fastest backend, and says whether a packed (padding-free) attention exists.
+(text_lengths) on the fastest backend, including "packed": the same lengths without any padding
+(PackedText through the model), and records which attention the packed path ran (packed_attention).
 
 Precision (`--amp cast`, the default): like DeepSpeed's bf16/fp16 modes, the model's parameters are
 cast to bf16/fp16 and the optimizer keeps fp32 master weights: after backward the grads are copied
@@ -82,7 +83,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's WordPiece ids
 MASK_PROB = 0.15
 # Text layouts of the padding study (see text_lengths).
-LAYOUTS = ("full", "pad20", "longest", "bucket-pad20", "bucket-longest")
+LAYOUTS = ("full", "pad20", "longest", "bucket-pad20", "bucket-longest", "packed")
 # Errors after which the CUDA context is unusable: later runs are skipped, not attempted.
 CUDA_FATAL = ("illegal memory access", "unspecified launch failure", "device-side assert", "CUDA error: misaligned")
 
@@ -107,7 +108,8 @@ def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[l
 
     full: every caption max_len tokens, no mask; pad20: lengths uniform in [8, max_len], padded to
     max_len; longest: the same lengths padded to the batch's longest; bucket-pad20 / bucket-longest:
-    a length-bucketed batch of short captions (uniform in [8, 12]) padded to max_len / to its longest.
+    a length-bucketed batch of short captions (uniform in [8, 12]) padded to max_len / to its longest;
+    packed: longest's lengths, built padded to the longest and then packed (pack_text).
     """
     g = torch.Generator().manual_seed(seed + 1)
     low = min(8, max_len)
@@ -115,7 +117,7 @@ def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[l
         return [max_len] * batch_size, max_len, False
     high = min(12, max_len) if kind.startswith("bucket") else max_len
     lengths = torch.randint(low, high + 1, (batch_size,), generator=g).tolist()
-    pad_to = max(lengths) if kind.endswith("longest") else max_len
+    pad_to = max(lengths) if kind.endswith("longest") or kind == "packed" else max_len
     return lengths, pad_to, True
 
 
@@ -164,6 +166,18 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
     shape = (batch, num_objects, cfg.visual_feat_dim)
     on_device["visual_feats"] = torch.randn(shape, generator=feats_generator, device=device, dtype=torch.half).relu_()
     return Batch(on_device, lengths, num_mlm, num_obj)
+
+
+def pack_text(batch: Batch) -> Batch:
+    """The same batch with its text packed: a PackedText as input_ids, packed mlm_labels, no mask."""
+    from semvlp.model import PackedText
+
+    inputs = dict(batch.inputs)
+    real = inputs["attention_mask"].bool()
+    offsets = torch.tensor([0, *torch.tensor(batch.lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = PackedText(inputs["input_ids"][real], offsets.to(real.device), max(batch.lengths))
+    inputs.update(input_ids=packed, attention_mask=None, mlm_labels=inputs["mlm_labels"][real])
+    return Batch(inputs, batch.lengths, batch.num_mlm, batch.num_obj)
 
 
 # ---------------------------------------------------------------- model FLOPs
@@ -436,18 +450,17 @@ def backend_available(backend: str, device: torch.device, dtype: torch.dtype) ->
     return None
 
 
-def packed_attention() -> str:
-    """Whether a packed (padding-free, variable-length) attention exists in semvlp_kernels."""
-    import semvlp_kernels.attention as attention
-    import semvlp_kernels.dispatch as dispatch
-    import semvlp_kernels.varlen_attention as varlen_attention
+def packed_attention(backend: str | None = None, device: torch.device | None = None, dtype=None) -> str:
+    """Which attention the padding study's "packed" layout ran (None: it has not run)."""
+    from semvlp_kernels.dispatch import select_ops, varlen_attention_triton_or_fallback
 
-    names = [f.name for f in dispatch.KernelOps.__dataclass_fields__.values()]
-    names += [n for module in (attention, varlen_attention) for n in dir(module) if not n.startswith("_")]
-    found = sorted({n for n in names if "varlen" in n.lower() or "packed" in n.lower()})
-    if not found:
-        return "not available: semvlp_kernels has no packed/varlen attention"
-    return f"not measured: found {found}, but the model has no packed input path to drive it"
+    if backend is None:
+        return "not measured: the padding study's 'packed' layout (--padding-study) drives the model's packed path"
+    if select_ops(backend, device, dtype).varlen_attention is varlen_attention_triton_or_fallback:
+        how = "the Triton varlen kernel (sequences <= 128 tokens, head dims 16-128; else padded)"
+    else:
+        how = "padded attention: packed tokens scattered to [B, longest] and back, only the rest is padding-free"
+    return f"measured: 'packed' padding-study rows on {backend} ran {how}"
 
 
 class Runner:
@@ -611,9 +624,11 @@ class Runner:
             if run["text"] not in batches:
                 batches.clear()  # one batch alive at a time
                 lengths, pad_to, with_mask = text_lengths(run["text"], batch_size, self.args.max_text_len, seed=0)
-                batches[run["text"]] = make_batch(self.cfg, lengths, pad_to, with_mask, self.device)
+                batch = make_batch(self.cfg, lengths, pad_to, with_mask, self.device)
+                batches[run["text"]] = pack_text(batch) if run["text"] == "packed" else batch
             batch = batches[run["text"]]
-            run.update(text_pad_to=batch.inputs["input_ids"].shape[1], text_mean_len=statistics.mean(batch.lengths))
+            pad_to = None if run["text"] == "packed" else batch.inputs["input_ids"].shape[1]
+            run.update(text_pad_to=pad_to, text_mean_len=statistics.mean(batch.lengths))
             flops = semvlp_step_flops(self.cfg, batch, run["mode"])
             runs.append(self.measure(run, train, semvlp_forward_for(call, batch, run["mode"]), flops, batch, timing))
         del train, call, batches
@@ -746,6 +761,7 @@ class Runner:
         best = self.best_backend(first, compiled) or backends[0]
         if args.padding_study:
             self.run_ours("padding", best, first, False, args.padding_modes, list(LAYOUTS), args.batch_size)
+            self.doc["packed_attention"] = packed_attention(best, device, DTYPES[first])
         if args.find_max_batch:
             largest = self.find_max_batch(best, first)
             if largest and largest != args.batch_size:
@@ -856,7 +872,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-text-len", type=int, default=20)
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
     p.add_argument("--peers", type=_csv(tuple(PEER_MODE)), nargs="?", const=list(PEER_MODE), default=[])
-    p.add_argument("--padding-study", action="store_true", help="full / pad20 / longest / bucketed text layouts")
+    p.add_argument("--padding-study", action="store_true", help="all text layouts (LAYOUTS), packed included")
     p.add_argument("--padding-modes", type=_csv(("single", "two")), default=["single", "two"])
     p.add_argument("--find-max-batch", action="store_true", help="double the micro-batch until OOM, then run there")
     p.add_argument("--max-batch-cap", type=int, default=4096 if cuda else 16)

@@ -8,6 +8,12 @@ forward+backward, benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_bfloat16_*.js
 | CPU                    | eager reference                 | eager reference        | eager reference       |
 | CUDA (V100, A100, H100)| SDPA (cuDNN / flash / mem-eff.) | eager (cuBLAS + torch) | Triton (1.04-1.13x)   |
 
+Packed text (KernelOps.varlen_attention, sequences end to end without padding): the Triton varlen
+kernel wherever the Triton attention is chosen ("triton"); everywhere else the packed tokens are
+scattered into a padded batch, run through that backend's padded attention with a key mask, and
+gathered back (`varlen_attention_via_padding`): correct, but it does the padded work. Not yet
+measured against padded attention on a GPU, so "auto" keeps SDPA here too.
+
 Why not more Triton on "auto": on the H100 the Triton forwards win (attention 1.5x cuDNN at 121
 masked tokens and 2.4x on 101x20 cross-attention; bias+GELU 2.2x and residual+LayerNorm 2.6x eager),
 but forward+backward loses (attention 0.14-0.76x the best SDPA backend, the elementwise fusions
@@ -38,6 +44,7 @@ from semvlp_kernels.attention import INTERPRETED, MAX_KEYS, attention, attention
 from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
+from semvlp_kernels.varlen_attention import HEAD_DIMS, sequence_positions, varlen_attention
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ class KernelOps:
     bias_gelu: Callable[..., torch.Tensor]
     residual_layer_norm: Callable[..., torch.Tensor]
     linear_cross_entropy: Callable[..., torch.Tensor]
+    varlen_attention: Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_seqlen, dropout_p), [T, H, D]
 
 
 def _triton_attention_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -65,16 +73,53 @@ def attention_triton_or_fallback(q, k, v, key_padding_mask=None, dropout_p=0.0):
     return fallback(q, k, v, key_padding_mask, dropout_p)
 
 
+def varlen_attention_via_padding(padded_attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Packed self-attention through `padded_attention` (q [B, H, L, D], key padding mask).
+
+    Scatters the T packed tokens into [B, max_seqlen] slots, attends with a key mask, gathers the
+    T rows back: no host sync, any max_seqlen. Every sequence must have at least one token.
+    """
+
+    def varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
+        total, heads, dim = q.shape
+        batch = cu_seqlens.numel() - 1
+        sequence, position = sequence_positions(cu_seqlens, total)
+        slots = sequence * max_seqlen + position  # [T], row of each token in [B * max_seqlen]
+        pad = lambda t: t.new_zeros(batch * max_seqlen, heads, dim).index_copy(0, slots, t)
+        heads_first = lambda t: pad(t).view(batch, max_seqlen, heads, dim).transpose(1, 2)  # (B, H, L, D)
+        mask = torch.zeros(batch * max_seqlen, dtype=torch.bool, device=q.device).index_fill(0, slots, True)
+        out = padded_attention(heads_first(q), heads_first(k), heads_first(v), mask.view(batch, max_seqlen), dropout_p)
+        return out.transpose(1, 2).reshape(batch * max_seqlen, heads, dim).index_select(0, slots)
+
+    return varlen
+
+
+def varlen_attention_triton_or_fallback(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
+    """Triton varlen attention where its limits allow, else padded SDPA (CUDA) or the reference (CPU).
+
+    cu_seqlens is not re-read here (check_offsets=False): the model validates it once per batch."""
+    if max_seqlen <= MAX_KEYS and q.shape[-1] in HEAD_DIMS:
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, check_offsets=False)
+    fallback = attention_sdpa if q.is_cuda else attention_reference
+    return varlen_attention_via_padding(fallback)(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+
+
 EAGER = KernelOps(
-    "eager", attention_reference, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference
-)
+    "eager", attention_reference, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference,
+    varlen_attention_via_padding(attention_reference),
+)  # fmt: skip
 SDPA = KernelOps(
-    "sdpa", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference
-)
+    "sdpa", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference,
+    varlen_attention_via_padding(attention_sdpa),
+)  # fmt: skip
 CUDA_AUTO = KernelOps(
-    "sdpa+triton-ce", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy
-)
-TRITON = KernelOps("triton", attention_triton_or_fallback, bias_gelu, residual_layer_norm, linear_cross_entropy)
+    "sdpa+triton-ce", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy,
+    varlen_attention_via_padding(attention_sdpa),
+)  # fmt: skip
+TRITON = KernelOps(
+    "triton", attention_triton_or_fallback, bias_gelu, residual_layer_norm, linear_cross_entropy,
+    varlen_attention_triton_or_fallback,
+)  # fmt: skip
 
 
 def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:

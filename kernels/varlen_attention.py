@@ -23,8 +23,9 @@ seed, device)` materialises it for tests, and switching between the padded and t
 path keeps the dropout pattern. (It also means the mask depends on max_seqlen.)
 
 Longer sequences (> MAX_KEYS) raise: they would need an online softmax over key tiles and a
-dQ reduction across them, which SemVLP's shapes never call for. Not routed by dispatch.py yet:
-the model has no packed input path (benchmarks/throughput.py reports this).
+dQ reduction across them, which SemVLP's shapes never call for. dispatch.py routes the model's
+packed text here (KernelOps.varlen_attention) and sends longer sequences, other head dims and
+the non-Triton backends through padded attention instead.
 
 References: Dao et al., FlashAttention-2 (2023), varlen interface (`flash_attn_varlen_func`,
 cu_seqlens / max_seqlen); backward math as in attention.py.
@@ -178,6 +179,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: in
         raise ValueError(f"cu_seqlens must end at total_tokens = q.shape[0] = {total_tokens}; got {offsets[-1]}")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen = {max_seqlen} but cu_seqlens holds a sequence of {max(lengths)} tokens")
+
+
+def sequence_positions(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position within the sequence) of every packed token, both int64 [T].
+
+    Computed on cu_seqlens' device without reading it on the host (no sync); total_tokens is the
+    packed tensor's length, cu_seqlens[-1]."""
+    tokens = torch.arange(total_tokens, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    sequence = torch.searchsorted(cu_seqlens[1:], tokens, right=True)  # [T]
+    return sequence, (tokens - cu_seqlens[sequence]).long()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:

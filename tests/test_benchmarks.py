@@ -73,7 +73,8 @@ def test_json_has_run_metadata(cli_run):
     assert doc["backends"]["sdpa/fp32"] == "available"
     assert doc["backends"]["triton/fp32"] != "available"  # the reason select_ops gave
     assert doc["peak"]["fp32"]["tflops"] is None  # CPU: no peak, so no MFU
-    assert doc["packed_attention"].startswith(("not available", "not measured"))
+    # The padding study ran the packed layout on sdpa (the only backend here): attention via padding.
+    assert doc["packed_attention"].startswith("measured: 'packed' padding-study rows on sdpa ran padded attention")
 
 
 def test_every_run_has_finite_positive_figures(cli_run):
@@ -104,6 +105,8 @@ def test_main_grid_peers_padding_and_max_batch(cli_run):
     # Padding is not credited: the same lengths padded further cost the same model FLOPs.
     assert padding["pad20"]["flops_per_step"] == padding["longest"]["flops_per_step"]
     assert padding["pad20"]["flops_per_step"] < padding["full"]["flops_per_step"]
+    assert padding["packed"]["text_pad_to"] is None  # no padding at all
+    assert padding["packed"]["flops_per_step"] == padding["longest"]["flops_per_step"]
     assert doc["max_batch"]["largest"] == 4
     assert [t["batch_size"] for t in doc["max_batch"]["tried"]] == [2, 4]
     assert {r["mode"] for r in runs if r["section"] == "max_batch" and r["batch_size"] == 4} == set(throughput.MODES)

@@ -1,10 +1,11 @@
 from semvlp.model.bert_init import init_from_bert
 from semvlp.model.finetuning import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
-from semvlp.model.modeling import SemVLPModel, SemVLPOutput
+from semvlp.model.modeling import PackedText, SemVLPModel, SemVLPOutput
 from semvlp.model.pretraining import LOSS_NAMES, PreTrainingOutput, SemVLPForPreTraining
 
 __all__ = [
     "LOSS_NAMES",
+    "PackedText",
     "PreTrainingOutput",
     "SemVLPForNLVR2",
     "SemVLPForPreTraining",

@@ -9,6 +9,12 @@ Two-stream: the text runs alone through all L blocks (H^L); the image runs alone
 same blocks, and in blocks l > L_s attends to H^L after its self-attention; pooled = o_IMG^L.
 Text never attends to the image in two-stream mode (paper footnote 1).
 
+Text comes padded ([B, m, H] + a key padding mask) or packed ([T, H], the captions end to end,
+described by a `Packed` in the mask's place). Only attention looks at the layout: packed
+self-attention is `ops.varlen_attention`. Packed single-stream runs example b as the one
+sequence [IMG, o_1..o_K, text_b] of a varlen batch (no padding at all); packed two-stream runs the
+text pass packed and gives cross-attention the final text states padded, with a key mask.
+
 All fusion sites (attention, bias+GELU, bias+dropout+residual+LayerNorm) go through the
 `KernelOps` chosen by `semvlp_kernels.dispatch`, so a kernel plugs in without touching the model.
 """
@@ -23,6 +29,49 @@ from torch import nn
 
 from semvlp.config import SemVLPConfig
 from semvlp_kernels.dispatch import KernelOps
+from semvlp_kernels.varlen_attention import sequence_positions
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Layout of packed rows [T, ...]: sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]."""
+
+    cu_seqlens: torch.Tensor  # [B + 1] int32, starts at 0, ends at T
+    max_seqlen: int  # longest sequence (bound), a Python int: padded outputs are [B, max_seqlen, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def slots(self, total: int) -> torch.Tensor:
+        """[T] int64: the row of each packed token in a padded [B * max_seqlen] layout."""
+        sequence, position = sequence_positions(self.cu_seqlens, total)
+        return sequence * self.max_seqlen + position
+
+    def pad(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """[T, ...] -> [B, max_seqlen, ...], `fill` at the padding positions."""
+        padded = x.new_full((self.batch_size * self.max_seqlen, *x.shape[1:]), fill)
+        return padded.index_copy(0, self.slots(x.shape[0]), x).view(self.batch_size, self.max_seqlen, *x.shape[1:])
+
+    def key_padding_mask(self, total: int) -> torch.Tensor:
+        """[B, max_seqlen] bool, True at real tokens."""
+        return self.pad(torch.ones(total, dtype=torch.bool, device=self.cu_seqlens.device), fill=False)
+
+    def prepend(self, prefix: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Packed, torch.Tensor]:
+        """Put prefix[b] ([B, P, H]) before sequence b of x ([T, H]).
+
+        Returns the packed [B*P + T, H] rows, their layout, and `rows` [B*P + T]: where each row of
+        cat([prefix.flatten(0, 1), x]) went (`joined[rows]` takes them back out, in that order).
+        """
+        batch, num_prefix, hidden = prefix.shape
+        arange = torch.arange(batch + 1, dtype=self.cu_seqlens.dtype, device=self.cu_seqlens.device)
+        joined = Packed(self.cu_seqlens + num_prefix * arange, self.max_seqlen + num_prefix)
+        sequence, _ = sequence_positions(self.cu_seqlens, x.shape[0])
+        prefix_rows = joined.cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=x.device)  # [B, P]
+        x_rows = torch.arange(x.shape[0], device=x.device) + num_prefix * (sequence + 1)  # [T]
+        rows = torch.cat([prefix_rows.flatten(), x_rows])
+        out = x.new_empty(rows.shape[0], hidden).index_copy(0, rows, torch.cat([prefix.flatten(0, 1), x]))
+        return out, joined, rows
 
 
 class Attention(nn.Module):
@@ -49,28 +98,29 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
-        return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+        return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(
         self,
         x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
+        mask: torch.Tensor | Packed | None,
         ops: KernelOps,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x [B, T, H] with `mask` a key padding mask [B, T_keys] (or None), or packed x [T, H] with
+        `mask` its Packed layout (self-attention only)."""
         if self.cross:
             q = self.query(x)
             k, v = self.key_value(context).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
-        attended = ops.attention(
-            self._heads(q),
-            self._heads(k),
-            self._heads(v),
-            key_padding_mask,
-            self.attention_dropout if self.training else 0.0,
-        )
-        attended = attended.transpose(1, 2).reshape(x.shape)
+        dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(mask, Packed):
+            heads = lambda t: t.view(t.shape[0], self.num_heads, -1)  # (T, nh, hs)
+            attended = ops.varlen_attention(heads(q), heads(k), heads(v), mask.cu_seqlens, mask.max_seqlen, dropout)
+        else:
+            attended = ops.attention(self._heads(q), self._heads(k), self._heads(v), mask, dropout).transpose(1, 2)
+        attended = attended.reshape(x.shape)
         return ops.residual_layer_norm(
             F.linear(attended, self.out.weight),
             self.out.bias,
@@ -117,7 +167,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Packed | None,
         ops: KernelOps,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
@@ -130,7 +180,7 @@ class Block(nn.Module):
 
 @dataclass
 class EncoderOutput:
-    text_states: torch.Tensor  # [B, m, H]
+    text_states: torch.Tensor  # [B, m, H], or [T, H] for packed text
     visual_states: torch.Tensor  # [B, 1+K, H], [IMG] first
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None  # after embeddings and each block
 
@@ -146,26 +196,32 @@ class Encoder(nn.Module):
     def single_stream(
         self,
         text: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | Packed | None,
         visual: torch.Tensor,
         visual_mask: torch.Tensor | None,
         ops: KernelOps,
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
-        num_visual = visual.shape[1]
-        x = torch.cat([visual, text], dim=1)
-        mask = _concat_masks(visual_mask, text_mask, visual.shape[:2], text.shape[:2], x.device)
-        hidden = [x[:, :num_visual]] if output_hidden_states else None
+        batch, num_visual, hidden_size = visual.shape
+        if isinstance(text_mask, Packed):  # example b = [IMG, o_1..o_K, text_b], one varlen batch
+            x, mask, rows = text_mask.prepend(visual, text)
+            visual_of = lambda x: x[rows[: batch * num_visual]].view(batch, num_visual, hidden_size)
+            text_of = lambda x: x[rows[batch * num_visual :]]
+        else:
+            x = torch.cat([visual, text], dim=1)
+            mask = _concat_masks(visual_mask, text_mask, visual.shape[:2], text.shape[:2], x.device)
+            visual_of, text_of = (lambda x: x[:, :num_visual]), (lambda x: x[:, num_visual:])
+        hidden = [visual] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, mask, ops)
             if hidden is not None:
-                hidden.append(x[:, :num_visual])
-        return EncoderOutput(x[:, num_visual:], x[:, :num_visual], tuple(hidden) if hidden else None)
+                hidden.append(visual_of(x))
+        return EncoderOutput(text_of(x), visual_of(x), tuple(hidden) if hidden else None)
 
     def two_stream(
         self,
         text: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | Packed | None,
         visual: torch.Tensor,
         visual_mask: torch.Tensor | None,
         ops: KernelOps,
@@ -173,12 +229,16 @@ class Encoder(nn.Module):
     ) -> EncoderOutput:
         for layer in self.layers:
             text = layer(text, text_mask, ops)
+        # Cross-attention keys: the final text states, padded if packed (queries and keys differ).
+        context, context_mask = text, text_mask
+        if isinstance(text_mask, Packed):
+            context, context_mask = text_mask.pad(text), text_mask.key_padding_mask(text.shape[0])
         hidden = [visual] if output_hidden_states else None
         for layer in self.layers:
             if layer.cross_attention is None:
                 visual = layer(visual, visual_mask, ops)
             else:
-                visual = layer(visual, visual_mask, ops, context=text, context_mask=text_mask)
+                visual = layer(visual, visual_mask, ops, context=context, context_mask=context_mask)
             if hidden is not None:
                 hidden.append(visual)
         return EncoderOutput(text, visual, tuple(hidden) if hidden else None)

@@ -1,4 +1,10 @@
-"""SemVLPModel: embeddings + the shared encoder + pooler, run in "single" or "two" stream mode."""
+"""SemVLPModel: embeddings + the shared encoder + pooler, run in "single" or "two" stream mode.
+
+Text comes padded (input_ids [B, m] + attention_mask) or packed (a `PackedText` in input_ids'
+place: the captions end to end, no padding tokens). Packed text runs the encoder without padding
+(encoder.py); the outputs are the same either way: text_states [B, m, H] with m = max_seqlen and
+zeros at the padding positions, so heads and losses do not care which form came in.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,39 @@ from transformers.utils import ModelOutput
 
 from semvlp.config import SemVLPConfig
 from semvlp.model.embeddings import TextEmbeddings, VisualEmbeddings
-from semvlp.model.encoder import Encoder
+from semvlp.model.encoder import Encoder, Packed
 from semvlp_kernels.dispatch import KernelOps, select_ops
+from semvlp_kernels.varlen_attention import sequence_positions
 
 MODES = ("single", "two")
 
 
 @dataclass
+class PackedText:
+    """A batch of captions without padding (FlashAttention's varlen layout).
+
+    Caption b is input_ids[cu_seqlens[b]:cu_seqlens[b + 1]], `[CLS] ... [SEP]`; its positions
+    restart at 0 (the model derives them from cu_seqlens). Pre-training batches carry these as
+    packed_input_ids, packed_token_type_ids, cu_seqlens and max_seqlen: see `from_batch`.
+    """
+
+    input_ids: torch.Tensor  # [T] int64, T = total tokens
+    cu_seqlens: torch.Tensor  # [B + 1] int32, 0, ..., T
+    max_seqlen: int  # the longest caption, a Python int; text_states come back [B, max_seqlen, H]
+    token_type_ids: torch.Tensor | None = None  # [T]; zeros if None
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> PackedText:
+        return cls(batch["packed_input_ids"], batch["cu_seqlens"], batch["max_seqlen"], batch["packed_token_type_ids"])
+
+    @property
+    def layout(self) -> Packed:
+        return Packed(self.cu_seqlens, self.max_seqlen)
+
+
+@dataclass
 class SemVLPOutput(ModelOutput):
-    text_states: torch.Tensor | None = None  # [B, m, H]
+    text_states: torch.Tensor | None = None  # [B, m, H] (m = max_seqlen for PackedText, zeros past each caption)
     visual_states: torch.Tensor | None = None  # [B, 1+K, H], [IMG] first
     pooled: torch.Tensor | None = None  # [B, H]: pooler(h_CLS) single-stream, pooler(o_IMG) two-stream
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -73,7 +103,7 @@ class SemVLPModel(SemVLPPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | PackedText,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         visual_feats: torch.Tensor | None = None,
@@ -85,7 +115,8 @@ class SemVLPModel(SemVLPPreTrainedModel):
         """Encode a batch of (text, image) pairs.
 
         Args:
-            input_ids: [B, m] WordPiece ids, `[CLS] ... [SEP]`.
+            input_ids: [B, m] WordPiece ids, `[CLS] ... [SEP]`; or a PackedText, the same text
+                without padding (then attention_mask and token_type_ids must be None).
             attention_mask: [B, m], 1 for real tokens, 0 for padding.
             token_type_ids: [B, m] segment ids (zeros if None).
             visual_feats: [B, K, visual_feat_dim] region features.
@@ -97,11 +128,17 @@ class SemVLPModel(SemVLPPreTrainedModel):
         self._check_inputs(
             input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
         )
+        position_ids = None
+        if isinstance(input_ids, PackedText):  # text [T, H]; its layout goes where the mask would
+            text_mask, token_type_ids = input_ids.layout, input_ids.token_type_ids
+            input_ids = input_ids.input_ids
+            _, position_ids = sequence_positions(text_mask.cu_seqlens, input_ids.shape[0])
+        else:
+            text_mask = None if attention_mask is None else attention_mask.bool()
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        text = self.embeddings(input_ids, token_type_ids)
+        text = self.embeddings(input_ids, token_type_ids, position_ids)
         visual = self.visual_embeddings(visual_feats, visual_pos)
-        text_mask = None if attention_mask is None else attention_mask.bool()
         visual_mask = None
         if visual_attention_mask is not None:
             img_is_valid = visual_attention_mask.new_ones(visual_attention_mask.shape[0], 1)
@@ -110,8 +147,9 @@ class SemVLPModel(SemVLPPreTrainedModel):
         ops = self.kernel_ops(text)
         run = self.encoder.single_stream if mode == "single" else self.encoder.two_stream
         out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states)
-        first = out.text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
-        return SemVLPOutput(out.text_states, out.visual_states, self.pooler(first), out.visual_hidden_states)
+        text_states = text_mask.pad(out.text_states) if isinstance(text_mask, Packed) else out.text_states
+        first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
+        return SemVLPOutput(text_states, out.visual_states, self.pooler(first), out.visual_hidden_states)
 
     def _check_inputs(
         self, input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
@@ -119,12 +157,21 @@ class SemVLPModel(SemVLPPreTrainedModel):
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-        if input_ids.dim() != 2:
+        if isinstance(input_ids, PackedText):
+            batch, length = self._check_packed_text(input_ids, attention_mask, token_type_ids)
+            if mode == "single" and visual_attention_mask is not None:
+                raise ValueError(
+                    "visual_attention_mask with PackedText in single-stream mode is not supported "
+                    "(the packed sequences [IMG, objects, text] cannot mask objects); pass padded text"
+                )
+        elif input_ids.dim() != 2:
             raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, text_len]")
-        batch, length = input_ids.shape
+        else:
+            batch, length = input_ids.shape
         if length > cfg.max_position_embeddings:
+            what = "PackedText.max_seqlen is" if isinstance(input_ids, PackedText) else "input_ids has"
             raise ValueError(
-                f"input_ids has {length} tokens; the position table holds "
+                f"{what} {length} tokens; the position table holds "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
         if visual_feats is None or visual_pos is None:
@@ -150,10 +197,51 @@ class SemVLPModel(SemVLPPreTrainedModel):
             raise ValueError(
                 f"visual_attention_mask has shape {tuple(visual_attention_mask.shape)}; expected {(batch, num_objects)}"
             )
-        # One host sync per forward; skipped while torch.compile traces the model.
+        # One host sync per forward (two with PackedText); skipped while torch.compile traces the model.
         if not torch.compiler.is_compiling():
+            if isinstance(input_ids, PackedText):
+                self._check_packed_lengths(input_ids)
             low, high = torch.stack(torch.aminmax(visual_pos.float())).tolist()
             if low < -1e-4 or high > 1 + 1e-4:
                 raise ValueError(
                     f"visual_pos holds values in [{low:.4g}, {high:.4g}]; boxes must be normalized to [0, 1]"
                 )
+
+    @staticmethod
+    def _check_packed_text(text: PackedText, attention_mask, token_type_ids) -> tuple[int, int]:
+        """Shape checks of packed text (no device sync); returns (batch, max_seqlen)."""
+        if attention_mask is not None or token_type_ids is not None:
+            raise ValueError(
+                "attention_mask and token_type_ids must be None when input_ids is a PackedText "
+                "(cu_seqlens gives the lengths; PackedText.token_type_ids the segments)"
+            )
+        if text.input_ids.dim() != 1:
+            raise ValueError(f"PackedText.input_ids has shape {tuple(text.input_ids.shape)}; expected [total_tokens]")
+        if text.token_type_ids is not None and text.token_type_ids.shape != text.input_ids.shape:
+            raise ValueError(
+                f"PackedText.token_type_ids has shape {tuple(text.token_type_ids.shape)}; "
+                f"expected {tuple(text.input_ids.shape)} like PackedText.input_ids"
+            )
+        cu = text.cu_seqlens
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or cu.device != text.input_ids.device:
+            raise ValueError(
+                f"PackedText.cu_seqlens must be int32 [batch + 1] on input_ids' device; got {cu.dtype} "
+                f"{tuple(cu.shape)} on {cu.device}"
+            )
+        if isinstance(text.max_seqlen, bool) or not isinstance(text.max_seqlen, int) or text.max_seqlen < 1:
+            raise ValueError(f"PackedText.max_seqlen must be a positive Python int; got {text.max_seqlen!r}")
+        return cu.numel() - 1, text.max_seqlen
+
+    @staticmethod
+    def _check_packed_lengths(text: PackedText) -> None:
+        """cu_seqlens' values (a host read): 0 first, T last, every caption 1..max_seqlen tokens."""
+        offsets = text.cu_seqlens.tolist()
+        lengths = [end - begin for begin, end in zip(offsets[:-1], offsets[1:], strict=True)]
+        total = text.input_ids.shape[0]
+        if offsets[0] != 0 or offsets[-1] != total:
+            raise ValueError(f"PackedText.cu_seqlens must run from 0 to len(input_ids) = {total}; got {offsets}")
+        if min(lengths) < 1 or max(lengths) > text.max_seqlen:
+            raise ValueError(
+                f"PackedText.cu_seqlens gives caption lengths {lengths}; each must be in 1..max_seqlen="
+                f"{text.max_seqlen} (a caption has at least [CLS])"
+            )

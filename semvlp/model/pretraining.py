@@ -6,6 +6,8 @@
   by the detector's confidence (LXMERT). As the paper says, only masked objects are predicted.
 - Image-text matching on the pooled vector.
 - Image QA (answer classification) on the pooled vector.
+Text may come packed (a PackedText as input_ids); mlm_labels then follow it, packed [T] (the
+batch's packed_mlm_labels), and everything else is as for padded text.
 Mismatched pairs (itm_labels == 0) contribute no masked-LM, object or QA loss, but are corrupted
 like matched ones (LXMERT). All losses are summed with equal weights. Objects are zeroed here, on
 the device, from `obj_mask`; the batch carries the original features, the regression targets.
@@ -22,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from semvlp.config import SemVLPConfig
 from semvlp.model.heads import AnswerHead, Transform
-from semvlp.model.modeling import SemVLPModel, SemVLPPreTrainedModel
+from semvlp.model.modeling import PackedText, SemVLPModel, SemVLPPreTrainedModel
 
 LOSS_NAMES = ("mlm", "obj_feat", "obj_label", "attr_label", "itm", "qa")
 
@@ -61,7 +63,7 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | PackedText,
         visual_feats: torch.Tensor,
         visual_pos: torch.Tensor,
         mlm_labels: torch.Tensor,
@@ -77,6 +79,13 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
         visual_attention_mask: torch.Tensor | None = None,
         mode: str = "single",
     ) -> PreTrainingOutput:
+        if isinstance(input_ids, PackedText):
+            if mlm_labels.shape != input_ids.input_ids.shape:
+                raise ValueError(
+                    f"mlm_labels has shape {tuple(mlm_labels.shape)}; with PackedText it is packed like "
+                    f"PackedText.input_ids, {tuple(input_ids.input_ids.shape)} (the batch's packed_mlm_labels)"
+                )
+            mlm_labels = input_ids.layout.pad(mlm_labels, fill=-100)  # [B, max_seqlen], like text_states
         matched = itm_labels.bool()
         # Zero the masked objects of every pair, matched or not: if only matched pairs had zeroed
         # objects, "some objects are zero" would give the ITM label away. Only the losses skip
