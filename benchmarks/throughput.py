@@ -17,8 +17,10 @@ strategy; its per-step figures are the mean of both).
 Text (`--text`): the main runs use "full" by default, every caption 20 real tokens and no attention
 mask (the most work per sample, and SDPA may pick its flash kernel); "pad20" / "longest" give them
 lengths uniform in 8..20 padded to 20 / to the batch's longest. `--padding-study` times all layouts
-(text_lengths) on the fastest backend, including "packed": the same lengths without any padding
-(PackedText through the model), and records which attention the packed path ran (packed_attention).
+(text_lengths) on the fastest backend (or `--padding-backend`'s), including "packed": the same lengths
+without any padding (PackedText through the model, what `launch/pretrain.py --packed_text` trains
+with), and records which attention the packed path ran (packed_attention); `--padding-backend triton`
+times it with the Triton varlen kernel.
 
 Precision (`--amp cast`, the default): like DeepSpeed's bf16/fp16 modes, the model's parameters are
 cast to bf16/fp16 and the optimizer keeps fp32 master weights: after backward the grads are copied
@@ -730,8 +732,8 @@ class Runner:
 
         1. the main grid of the first available backend, first precision; 2. the peers (same batch and
         precision); 3. the main grid of the other backends; 4. the text padding study on the fastest
-        backend; 5. the largest micro-batch, and the main modes there; 6. the other precisions;
-        7. torch.compile variants (--compile both).
+        backend (or --padding-backend's); 5. the largest micro-batch, and the main modes there; 6. the
+        other precisions; 7. torch.compile variants (--compile both).
         """
         args, device = self.args, self.device
         first = args.precision[0]
@@ -760,8 +762,13 @@ class Runner:
         self.save()
         best = self.best_backend(first, compiled) or backends[0]
         if args.padding_study:
-            self.run_ours("padding", best, first, False, args.padding_modes, list(LAYOUTS), args.batch_size)
-            self.doc["packed_attention"] = packed_attention(best, device, DTYPES[first])
+            padding = best
+            if args.padding_backend in backends:
+                padding = args.padding_backend
+            elif args.padding_backend != "fastest":
+                print(f"[throughput] --padding-backend {args.padding_backend} is unavailable: the study runs on {best}")
+            self.run_ours("padding", padding, first, False, args.padding_modes, list(LAYOUTS), args.batch_size)
+            self.doc["packed_attention"] = packed_attention(padding, device, DTYPES[first])
         if args.find_max_batch:
             largest = self.find_max_batch(best, first)
             if largest and largest != args.batch_size:
@@ -874,6 +881,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", type=_csv(tuple(PEER_MODE)), nargs="?", const=list(PEER_MODE), default=[])
     p.add_argument("--padding-study", action="store_true", help="all text layouts (LAYOUTS), packed included")
     p.add_argument("--padding-modes", type=_csv(("single", "two")), default=["single", "two"])
+    p.add_argument("--padding-backend", choices=("fastest", *BACKENDS), default="fastest",
+                   help="backend of the padding study (fastest: the fastest main run's); falls back to fastest "
+                   "when not available")  # fmt: skip
     p.add_argument("--find-max-batch", action="store_true", help="double the micro-batch until OOM, then run there")
     p.add_argument("--max-batch-cap", type=int, default=4096 if cuda else 16)
     p.add_argument("--time-budget", type=float, default=0, help="seconds; later runs are skipped (recorded) past it")

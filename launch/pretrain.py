@@ -13,7 +13,7 @@ Every option: `python launch/pretrain.py --help`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
@@ -29,6 +29,15 @@ from semvlp.train import ConfigError, train
 @dataclass(frozen=True)
 class PretrainConfig(RunConfig):
     stream_schedule: str = "alternate"  # alternate | single | two (paper: alternate; the others are ablations)
+    packed_text: bool = field(
+        default=False,
+        metadata={
+            "help": "run the text without padding (PackedText) through the varlen attention; the losses are "
+            "those of padded text (equal without dropout; dropout draws differ). Meant to pay on GPUs with "
+            "--kernel_backend triton (the Triton varlen kernel); other backends pad inside attention, and "
+            "on CPU there is no gain"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,10 +68,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         for split in ("train", "valid")
     }
+    if run.packed_text and run.stream_schedule != "two" and loaders["train"].dataset.stores.padded:
+        raise ConfigError(
+            "--packed_text: the feature stores are padded (visual_attention_mask), which single-stream packed "
+            "text cannot mask; use padded text (no --packed_text) or --stream_schedule two"
+        )
     model = SemVLPForPreTraining(config)
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config)
-    task = PretrainTask(config, loaders["train"], loaders["valid"], run.stream_schedule, run.seed, run.eval_batches)
+    task = PretrainTask(
+        config, loaders["train"], loaders["valid"], run.stream_schedule, run.seed, run.eval_batches, run.packed_text
+    )
     result = train(engine, task, run, run_dir, ds_config)
     if not result.finished:
         if dist.is_main():

@@ -1,6 +1,7 @@
 """The training run's configuration: a frozen dataclass, filled from the command line.
 
-Every field is a `--flag`; a flag's type is the field's type, and an unknown flag is an error.
+Every field is a `--flag`; a flag's type is the field's type, and an unknown flag is an error; a
+field's `metadata={"help": ...}` is its `--help` text.
 `launch/*.py` add their task's fields by subclassing `RunConfig`. The resolved config is saved
 as `hparams.json` in the run directory.
 """
@@ -63,11 +64,13 @@ class RunConfig:
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
             required = f.default is dataclasses.MISSING
+            doc = f.metadata.get("help")
             if kind is bool:
-                parser.add_argument(f"--{f.name}", action="store_true")
+                parser.add_argument(f"--{f.name}", action="store_true", help=doc)
                 continue
             base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-            parser.add_argument(f"--{f.name}", type=base, required=required, default=None if required else f.default)
+            default = None if required else f.default
+            parser.add_argument(f"--{f.name}", type=base, required=required, default=default, help=doc)
         parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
         args = vars(parser.parse_args(argv))
         args.pop("local_rank")

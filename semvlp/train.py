@@ -233,7 +233,9 @@ def _batches(loader) -> Iterator[dict]:
         yield from loader
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device` (dtypes kept: cu_seqlens stays int32); everything else, such as the
+    packed text's max_seqlen (a Python int), as it is."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -317,7 +319,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
         for _ in range(accumulation):
             host_batch = next(batches)
             samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
-            batch = _to_device(host_batch, engine.device)
+            batch = to_device(host_batch, engine.device)
             loss, terms = task.loss(engine, batch, mode)
             if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
                 _check_finite(loss, terms, step)

@@ -52,6 +52,7 @@ def cli_run(tmp_path_factory):
     cmd += ["--modes", "single,two,alternate", "--backends", "sdpa,triton", "--precision", "fp32"]
     cmd += ["--warmup", "0", "--steps", "2", "--repeats", "1", "--peers", "--padding-study"]
     cmd += ["--padding-modes", "single", "--find-max-batch", "--max-batch-cap", "4", "--device", "cpu"]
+    cmd += ["--padding-backend", "triton"]  # unavailable here: the study falls back to the fastest backend
     cmd += ["--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -63,7 +64,7 @@ def _positive(value) -> bool:
 
 
 def test_json_has_run_metadata(cli_run):
-    doc, _, _ = cli_run
+    doc, stdout, _ = cli_run
     assert doc["schema"] == throughput.SCHEMA
     assert doc["device"]["type"] == "cpu"
     assert {"torch", "triton", "transformers", "deepspeed"} <= set(doc["versions"])
@@ -75,6 +76,7 @@ def test_json_has_run_metadata(cli_run):
     assert doc["peak"]["fp32"]["tflops"] is None  # CPU: no peak, so no MFU
     # The padding study ran the packed layout on sdpa (the only backend here): attention via padding.
     assert doc["packed_attention"].startswith("measured: 'packed' padding-study rows on sdpa ran padded attention")
+    assert "--padding-backend triton is unavailable: the study runs on sdpa" in stdout
 
 
 def test_every_run_has_finite_positive_figures(cli_run):

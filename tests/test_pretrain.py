@@ -124,6 +124,49 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
     assert_same(optimizer_state(pieces), optimizer_state(straight), "optimizer")
 
 
+def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data):
+    """--packed_text (PackedText + packed mlm_labels, training and evaluation) logs the padded run's losses.
+
+    Dropout is off: packed and padded text draw different dropout masks. The packed run stops after
+    step 1 and resumes, so its step 2 also checks that a resumed packed run continues unchanged.
+    """
+    from semvlp.config import config_from_preset
+    from semvlp.data import build_pretrain_loader
+    from semvlp.model import PackedText
+    from semvlp.tasks.pretraining import model_inputs
+
+    batch = next(iter(build_pretrain_loader(toy_data, batch_size=4)))
+    inputs = model_inputs(batch, packed_text=True)  # what PretrainTask(packed_text=True) gives the model
+    assert isinstance(inputs["input_ids"], PackedText) and inputs["mlm_labels"] is batch["packed_mlm_labels"]
+    assert "attention_mask" not in inputs and "token_type_ids" not in inputs
+
+    no_dropout = tmp_path / "no_dropout.json"
+    config_from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to_json_file(no_dropout)
+    common = ["--data", str(toy_data), "--model_config", str(no_dropout), "--max_steps", "2", "--log_every", "1",
+              "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]  # fmt: skip
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    result = run_pretrain([*common, "--output_dir", str(padded)], processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for extra in (["--exit_after_steps", "1"], ["--resume"]):
+        result = run_pretrain([*common, "--output_dir", str(packed), "--packed_text", *extra], processes=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    assert json.loads((packed / "hparams.json").read_text())["packed_text"] is True
+    assert records(packed, "resume")[0]["step"] == 1
+    padded_train, packed_train = records(padded, "train"), records(packed, "train")
+    assert [r["step"] for r in packed_train] == [r["step"] for r in padded_train] == [1, 2]
+    assert {m for r in padded_train for m in r["modes"]} == {"single", "two"}  # seed 42: single, then two
+    for expected, got in zip(padded_train, packed_train, strict=True):
+        assert got["modes"] == expected["modes"]
+        for name in ("loss", "mlm", "obj_feat", "obj_label", "attr_label", "itm", "qa", "grad_norm"):
+            assert got[name] == pytest.approx(expected[name], abs=1e-5), (expected["step"], name)
+    expected, got = records(padded, "eval")[-1], records(packed, "eval")[-1]
+    assert expected.keys() == got.keys() and "single/loss_mlm" in got and "two/mlm_acc" in got
+    for name, value in expected.items():
+        if name not in ("kind", "step"):
+            assert got[name] == pytest.approx(value, abs=1e-5), name
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -2,6 +2,10 @@
 
 Evaluation runs the held-out batches in every mode the schedule trains, and reports each
 loss and the accuracy of masked LM, ITM, QA and object labels, per mode.
+
+With `packed_text`, training and evaluation give the model the batch's text without padding (a
+PackedText and the packed mlm_labels; see semvlp/data/pretrain_dataset.py) instead of the padded
+input_ids, attention_mask, token_type_ids and mlm_labels. The losses and metrics are the same.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 from semvlp import dist
 from semvlp.config import SemVLPConfig
 from semvlp.flops import training_step_flops
-from semvlp.model import LOSS_NAMES
+from semvlp.model import LOSS_NAMES, PackedText
 from semvlp.schedule import mode_for_step
+from semvlp.train import to_device
 
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask",
@@ -22,13 +27,29 @@ MODEL_INPUTS = (
 )  # fmt: skip
 
 
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+PADDED_TEXT = ("attention_mask", "token_type_ids")  # what PackedText replaces besides input_ids
+
+
+def model_inputs(batch: dict, packed_text: bool = False) -> dict:
+    """The model's arguments from a batch: padded text, or packed text (PackedText + packed mlm_labels)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if packed_text:
+        for k in PADDED_TEXT:
+            inputs.pop(k, None)
+        inputs.update(input_ids=PackedText.from_batch(batch), mlm_labels=batch["packed_mlm_labels"])
+    return inputs
 
 
 class PretrainTask:
     def __init__(
-        self, config: SemVLPConfig, train_loader, eval_loader, stream_schedule: str, seed: int, eval_batches: int
+        self,
+        config: SemVLPConfig,
+        train_loader,
+        eval_loader,
+        stream_schedule: str,
+        seed: int,
+        eval_batches: int,
+        packed_text: bool = False,
     ):
         self.config = config
         self.train_loader = train_loader
@@ -36,13 +57,18 @@ class PretrainTask:
         self.stream_schedule = stream_schedule
         self.seed = seed
         self.eval_batches = eval_batches
+        self.packed_text = packed_text
         self.eval_modes = ("single", "two") if stream_schedule == "alternate" else (stream_schedule,)
 
     def mode(self, step: int) -> str:
         return mode_for_step(self.stream_schedule, step, self.seed)
 
+    def forward(self, engine, batch: dict, mode: str):
+        """The model on a device batch, its text padded or packed (`packed_text`)."""
+        return engine(**model_inputs(batch, self.packed_text), mode=mode)
+
     def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = engine(**model_inputs(batch), mode=mode)
+        out = self.forward(engine, batch, mode)
         return out.loss, out.losses
 
     def batch_samples(self, batch: dict) -> int:
@@ -66,8 +92,8 @@ class PretrainTask:
             for i, batch in enumerate(self.eval_loader):
                 if self.eval_batches and i == self.eval_batches:
                     break
-                batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                out = engine(**model_inputs(batch), mode=mode)
+                batch = to_device(batch, engine.device)
+                out = self.forward(engine, batch, mode)
                 for name in LOSS_NAMES:
                     sums[f"loss_{name}"] += out.losses[name].float()
                 sums["batches"] += 1
