@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from semvlp.config import config_from_preset
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "pretrain.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -105,8 +107,11 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
-    common = ["--data", str(toy_data), "--max_steps", "8", "--eval_every", "0", "--eval_batches", "1",
-              "--log_every", "2", "--num_workers", "1"]  # fmt: skip
+    # With dropout on (the tiny preset has none), so resuming must restore the model's RNG streams too.
+    dropout = tmp_path / "dropout.json"
+    config_from_preset("tiny", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).to_json_file(dropout)
+    common = ["--data", str(toy_data), "--model_config", str(dropout), "--max_steps", "8", "--eval_every", "0",
+              "--eval_batches", "1", "--log_every", "2", "--num_workers", "1"]  # fmt: skip
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
     assert run_pretrain([*common, "--output_dir", str(straight)]).returncode == 0
     first = run_pretrain([*common, "--output_dir", str(pieces), "--exit_after_steps", "5"])
@@ -130,7 +135,6 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
     Dropout is off: packed and padded text draw different dropout masks. The packed run stops after
     step 1 and resumes, so its step 2 also checks that a resumed packed run continues unchanged.
     """
-    from semvlp.config import config_from_preset
     from semvlp.data import build_pretrain_loader
     from semvlp.model import PackedText
     from semvlp.tasks.pretraining import model_inputs
@@ -217,7 +221,6 @@ def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_d
 
 
 def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
-    from semvlp.config import config_from_preset
     from semvlp.data.config import DataConfig
     from semvlp.data.pretrain_dataset import load_pretrain_answer_table
     from semvlp.data.tokenizer import load_tokenizer
@@ -247,23 +250,24 @@ def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
 
 @pytest.mark.slow
 def test_demo_length_run_learns(tmp_path, toy_data):
-    """Held-out masked-LM accuracy rises in both modes over a demo-length run (what `make demo` runs).
+    """What `make demo` runs (2 processes, 2,000 steps, ~8 CPU minutes) learns cross-modal matching.
 
-    Not asserted, because not reached yet: ITM and QA above chance on the toy world. Once the
-    zeroed-object shortcut was removed (see test_model.py), the tiny model stays at chance on both
-    within a few CPU minutes, while a bag-of-features MLP reaches 0.89 ITM on the same data: an
-    open optimisation problem of the post-LN model at this size, recorded in the issue.
+    Held-out image-text matching leaves chance after ~1,100 steps (two-stream first, single-stream
+    ~300 steps later) and ends above 0.9 in both modes; masked-LM accuracy climbs from the start.
+    Not asserted, because not reached at this length: QA well above its language prior (~0.38 on
+    the toy world; the run ends at 0.39-0.44).
     """
     run_dir = tmp_path / "demo"
     result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "400", "--eval_every", "100",
-         "--eval_batches", "10", "--log_every", "50", "--num_workers", "0"],
-        timeout=900,
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "2000", "--eval_every", "500",
+         "--eval_batches", "10", "--log_every", "100", "--num_workers", "0"],
+        timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     evaluations = records(run_dir, "eval")
     first, final = evaluations[0], evaluations[-1]
-    assert (first["step"], final["step"]) == (100, 400)
+    assert (first["step"], final["step"]) == (500, 2000)
     for mode in ("single", "two"):
-        assert final[f"{mode}/mlm_acc"] >= first[f"{mode}/mlm_acc"] + 0.05, (first, final)
-        assert final[f"{mode}/loss_mlm"] < first[f"{mode}/loss_mlm"], (first, final)
+        assert first[f"{mode}/itm_acc"] < 0.6, first  # chance at first: what follows is learned
+        assert final[f"{mode}/itm_acc"] >= 0.8, (first, final)
+        assert final[f"{mode}/mlm_acc"] >= first[f"{mode}/mlm_acc"] + 0.02, (first, final)
