@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
-from semvlp.data.pretrain_dataset import build_pretrain_loader, load_pretrain_answer_table
+from semvlp.data.pretrain_dataset import build_pretrain_loader, pretraining_model_fields
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPForPreTraining
 from semvlp.run_config import RunConfig
@@ -50,14 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, ds_config = runner.start(run)
     data = DataConfig.load(runner.resolve_data(run))
     tokenizer = load_tokenizer(data.vocab)
-    answers = load_pretrain_answer_table(data)
-    config = runner.build_model_config(
-        run,
-        vocab_size=len(tokenizer),
-        num_object_labels=data.num_object_labels,
-        num_attribute_labels=data.num_attribute_labels,
-        num_qa_labels=max(len(answers) if answers is not None else 0, 1),
-    )
+    config = runner.build_model_config(run, **pretraining_model_fields(data, tokenizer))
     if config.vocab_size != len(tokenizer):
         raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
 

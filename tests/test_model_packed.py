@@ -15,8 +15,7 @@ import torch
 from semvlp.config import config_from_preset
 from semvlp.data import build_pretrain_loader, ensure_toy_world
 from semvlp.data.config import DataConfig
-from semvlp.data.pretrain_dataset import load_pretrain_answer_table
-from semvlp.data.tokenizer import load_tokenizer
+from semvlp.data.pretrain_dataset import pretraining_model_fields
 from semvlp.data.toy import ToySpec
 from semvlp.model import PackedText, SemVLPForPreTraining, SemVLPModel
 from semvlp_kernels import dispatch
@@ -122,14 +121,7 @@ def toy(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["single", "two"])
 def test_pretraining_losses_equal_on_a_real_batch(toy, mode):
-    data = DataConfig.load(toy)
-    config = config_from_preset(
-        "tiny",
-        vocab_size=len(load_tokenizer(data.vocab)),
-        num_object_labels=data.num_object_labels,
-        num_attribute_labels=data.num_attribute_labels,
-        num_qa_labels=len(load_pretrain_answer_table(data)),
-    )
+    config = config_from_preset("tiny", **pretraining_model_fields(DataConfig.load(toy)))
     torch.manual_seed(0)
     model = SemVLPForPreTraining(config).to(DEVICE).eval()
     batch = next(iter(build_pretrain_loader(toy, batch_size=8)))

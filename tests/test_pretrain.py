@@ -224,18 +224,10 @@ def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_d
 
 def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
     from semvlp.data.config import DataConfig
-    from semvlp.data.pretrain_dataset import load_pretrain_answer_table
-    from semvlp.data.tokenizer import load_tokenizer
+    from semvlp.data.pretrain_dataset import pretraining_model_fields
     from semvlp.model import SemVLPForPreTraining
 
-    data = DataConfig.load(toy_data)
-    config = config_from_preset(
-        "tiny",
-        vocab_size=len(load_tokenizer(data.vocab)),
-        num_object_labels=data.num_object_labels,
-        num_attribute_labels=data.num_attribute_labels,
-        num_qa_labels=len(load_pretrain_answer_table(data)),
-    )
+    config = config_from_preset("tiny", **pretraining_model_fields(DataConfig.load(toy_data)))
     model = SemVLPForPreTraining(config)
     with torch.no_grad():
         model.itm_head.weight.fill_(float("inf"))  # only the ITM logits become non-finite

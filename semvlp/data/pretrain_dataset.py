@@ -215,6 +215,18 @@ def load_pretrain_answer_table(cfg: DataConfig) -> AnswerTable | None:
     return AnswerTable.from_all_ans(p.answer_table, p.answer_dsets)
 
 
+def pretraining_model_fields(cfg: DataConfig, tokenizer=None) -> dict[str, int]:
+    """The model config fields the data fixes: vocabulary size, label counts, QA answers (>= 1)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab)
+    answers = load_pretrain_answer_table(cfg)
+    return dict(
+        vocab_size=len(tokenizer),
+        num_object_labels=cfg.num_object_labels,
+        num_attribute_labels=cfg.num_attribute_labels,
+        num_qa_labels=max(len(answers) if answers is not None else 0, 1),
+    )
+
+
 def build_pretrain_dataset(
     data_config: DataConfig | str | os.PathLike,
     tokenizer=None,
