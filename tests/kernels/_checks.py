@@ -1,5 +1,6 @@
 """Comparison helpers shared by the kernel tests."""
 
+import pytest
 import torch
 
 
@@ -20,3 +21,33 @@ def assert_lowp_close(name: str, ours: torch.Tensor, ref32: torch.Tensor, torch_
     torch_err = (torch_lowp.float() - ref32.float()).abs().max().item()
     ulp = torch.finfo(ours.dtype).eps * ref32.float().abs().max().item()
     assert ours_err <= 2 * torch_err + ulp + 1e-6, f"{name}: max error {ours_err:.3g} vs torch's {torch_err:.3g}"
+
+
+def value_and_grads(fn, inputs, dout: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(fn(*inputs), its gradients with respect to `inputs` for output gradient `dout`)."""
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, dout))
+
+
+def assert_matches_reference(
+    names, ours, reference, inputs, dout=None, lowp_reference=None, atol: float = 2e-5, rtol: float = 1e-4
+) -> None:
+    """`ours` is a kernel's (output, *gradients) on `inputs`, named `names`. In fp32 it must equal
+    `reference` on the same inputs within atol / rtol. In fp16 / bf16 its error against `reference`
+    run in fp32 must stay within 2x that of `lowp_reference` (default: `reference`) run in the
+    inputs' own dtype, torch's own rounding error (assert_lowp_close)."""
+    upcast = [t.detach().float().requires_grad_() for t in inputs]
+    expected = value_and_grads(reference, upcast, None if dout is None else dout.float())
+    if inputs[0].dtype == torch.float32:
+        for name, a, e in zip(names, ours, expected, strict=True):
+            assert_close(name, a, e, atol=atol, rtol=rtol)
+        return
+    same_dtype = [t.detach().clone().requires_grad_() for t in inputs]
+    torch_lowp = value_and_grads(lowp_reference or reference, same_dtype, dout)
+    for name, a, e, lo in zip(names, ours, expected, torch_lowp, strict=True):
+        assert_lowp_close(name, a, e, lo)
+
+
+def skip_bf16_in_interpreter(dtype: torch.dtype, device: str) -> None:
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (DESIGN.md 6); tested compiled on CUDA")

@@ -9,10 +9,11 @@ them: transposed views of [B, T, H, D].
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
-from _checks import assert_close, assert_lowp_close
+from _checks import assert_matches_reference, skip_bf16_in_interpreter, value_and_grads
 
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask, attention_reference
 
@@ -25,6 +26,7 @@ CASES = [
     ("one_token", 2, 1, 1, 1, 32, [1, 1]),
     ("all_masked_rows", 2, 2, 37, 20, 32, [0, 9]),
 ]
+NAMES = ("out", "dq", "dk", "dv")
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
@@ -54,39 +56,21 @@ def _lowp_eager(q, k, v, mask):
     return torch.softmax(scores, -1) @ v
 
 
-def _grads(out, inputs, dout):
-    return torch.autograd.grad(out, inputs, dout)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_attention_matches_reference(case, dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (DESIGN.md 6); tested compiled on CUDA")
+    skip_bf16_in_interpreter(dtype, device)
     _, b, h, tq, tk, d, lengths = case
     q, k, v, mask = _inputs(b, h, tq, tk, d, lengths, dtype, device)
     before = [t.detach().clone() for t in (q, k, v)]
     dout = (0.1 * torch.randn(b, h, tq, d, device=device)).to(dtype)
 
-    out = attention(q, k, v, mask)
-    grads = _grads(out, (q, k, v), dout)
+    out, *grads = ours = value_and_grads(partial(attention, key_padding_mask=mask), (q, k, v), dout)
     assert out.dtype == dtype and out.shape == (b, h, tq, d)
     for name, t, t0 in zip("qkv", (q, k, v), before, strict=True):
         assert torch.equal(t.detach(), t0), f"attention modified its input {name}"
-
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = attention_reference(q32, k32, v32, mask)
-    ref_grads = _grads(ref, (q32, k32, v32), dout.float())
-    names = ("out", "dq", "dk", "dv")
-    if dtype == torch.float32:
-        for name, a, e in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
-            assert_close(name, a, e, atol=2e-5, rtol=1e-4)  # fp32 math, different summation order
-    else:
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        low = _lowp_eager(ql, kl, vl, mask)
-        low_grads = _grads(low, (ql, kl, vl), dout)
-        for name, a, e, lo in zip(names, (out, *grads), (ref, *ref_grads), (low, *low_grads), strict=True):
-            assert_lowp_close(name, a, e, lo)
+    reference = partial(attention_reference, key_padding_mask=mask)
+    assert_matches_reference(NAMES, ours, reference, (q, k, v), dout, lowp_reference=partial(_lowp_eager, mask=mask))
 
     if lengths is not None and 0 in lengths:  # defined behaviour for rows without any key
         empty = torch.tensor(lengths, device=device) == 0
@@ -97,14 +81,12 @@ def test_attention_dropout_matches_reference_with_same_mask(device):
     b, h, tq, tk, d, p = 2, 2, 101, 20, 32, 0.1
     q, k, v, mask = _inputs(b, h, tq, tk, d, [20, 11], torch.float32, device)
     dout = 0.1 * torch.randn(b, h, tq, d, device=device)
-    out = attention(q, k, v, mask, dropout_p=p, seed=42)
-    grads = _grads(out, (q, k, v), dout)
+    ours = value_and_grads(partial(attention, key_padding_mask=mask, dropout_p=p, seed=42), (q, k, v), dout)
+    out = ours[0]
     keep = attention_dropout_mask(b, h, tq, tk, p, 42, q.device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.02, "keep fraction far from 1 - p"
-    ref = attention_reference(q, k, v, mask, p, keep_mask=keep)
-    ref_grads = _grads(ref, (q, k, v), dout)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
-        assert_close(name, a, e, atol=2e-5, rtol=1e-4)
+    reference = partial(attention_reference, key_padding_mask=mask, dropout_p=p, keep_mask=keep)
+    assert_matches_reference(NAMES, ours, reference, (q, k, v), dout)
     # Seeds: the same seed repeats the mask, a new one changes it.
     assert torch.equal(attention(q, k, v, mask, dropout_p=p, seed=42), out)
     assert not torch.equal(attention(q, k, v, mask, dropout_p=p, seed=43), out)
@@ -116,11 +98,8 @@ def test_attention_accepts_contiguous_heads(device):
     k = torch.randn(1, 2, 20, 32, device=device).requires_grad_()
     v = torch.randn(1, 2, 20, 32, device=device).requires_grad_()
     dout = 0.1 * torch.randn(1, 2, 20, 32, device=device)
-    out = attention(q, k, v)
-    ref = attention_reference(q, k, v)
-    assert_close("out", out, ref, atol=2e-5, rtol=1e-4)
-    for name, a, e in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q, k, v), dout), strict=True):
-        assert_close("d" + name, a, e, atol=2e-5, rtol=1e-4)
+    ours = value_and_grads(attention, (q, k, v), dout)
+    assert_matches_reference(NAMES, ours, attention_reference, (q, k, v), dout)
 
 
 def test_attention_rejects_unsupported_shapes(device):

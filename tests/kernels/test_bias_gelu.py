@@ -3,7 +3,7 @@ after loading, so the interpreter's bf16 is trustworthy here, DESIGN.md 6)."""
 
 import pytest
 import torch
-from _checks import assert_close, assert_lowp_close
+from _checks import assert_matches_reference, value_and_grads
 
 from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
 
@@ -22,22 +22,9 @@ def test_bias_gelu_matches_reference(shape, dtype, device):
     dy = (0.1 * torch.randn(*rows, n, device=device)).to(dtype)
     x0, b0 = x.detach().clone(), bias.detach().clone()
 
-    y = bias_gelu(x, bias)
-    dx, db = torch.autograd.grad(y, (x, bias), dy)
+    ours = value_and_grads(bias_gelu, (x, bias), dy)
     assert torch.equal(x.detach(), x0) and torch.equal(bias.detach(), b0), "inputs modified"
-
-    x32, b32 = (t.detach().float().requires_grad_() for t in (x, bias))
-    ref = bias_gelu_reference(x32, b32)
-    ref_grads = torch.autograd.grad(ref, (x32, b32), dy.float())
-    if dtype == torch.float32:
-        for name, a, e in zip(("y", "dx", "dbias"), (y, dx, db), (ref, *ref_grads), strict=True):
-            assert_close(name, a, e, atol=1e-5, rtol=1e-5)
-    else:
-        xl, bl = (t.detach().clone().requires_grad_() for t in (x, bias))
-        low = bias_gelu_reference(xl, bl)
-        low_grads = torch.autograd.grad(low, (xl, bl), dy)
-        for name, a, e, lo in zip(("y", "dx", "dbias"), (y, dx, db), (ref, *ref_grads), (low, *low_grads), strict=True):
-            assert_lowp_close(name, a, e, lo)
+    assert_matches_reference(("y", "dx", "dbias"), ours, bias_gelu_reference, (x, bias), dy, atol=1e-5, rtol=1e-5)
 
 
 def test_bias_gelu_rejects_mismatched_bias(device):

@@ -4,7 +4,7 @@ GEMMs are cuBLAS/torch). The loss is multiplied by 3 so a grad_output == 1 short
 
 import pytest
 import torch
-from _checks import assert_close, assert_lowp_close
+from _checks import assert_matches_reference, value_and_grads
 
 import semvlp_kernels.linear_cross_entropy as lce
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -14,11 +14,6 @@ from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cro
 SHAPES = [(37, 128, 1000), (1, 64, 257), (5, 32, lce.BLOCK_V + 37), (0, 32, 100)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("loss", "dhidden", "dweight", "dbias")
-
-
-def _run(fn, hidden, weight, bias, labels):
-    loss = 3.0 * fn(hidden, weight, bias, labels)
-    return (loss, *torch.autograd.grad(loss, (hidden, weight, bias)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -32,19 +27,15 @@ def test_linear_cross_entropy_matches_reference(shape, dtype, device, monkeypatc
     labels = torch.randint(0, v, (n,), device=device)
     if n > 3:
         labels[2] = -100  # ignored rows count neither in the loss nor in the mean
-    ours = _run(linear_cross_entropy, hidden, weight, bias, labels)
-    assert ours[0].dtype == torch.float32
 
-    inputs32 = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
-    ref = _run(linear_cross_entropy_reference, *inputs32, labels)
-    if dtype == torch.float32:
-        for name, a, e in zip(NAMES, ours, ref, strict=True):
-            assert_close(name, a, e, atol=1e-5, rtol=1e-5)
-    else:
-        low_inputs = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-        low = _run(linear_cross_entropy_reference, *low_inputs, labels)
-        for name, a, e, lo in zip(NAMES, ours, ref, low, strict=True):
-            assert_lowp_close(name, a, e, lo)
+    def tripled(fn):
+        return lambda hidden, weight, bias: 3.0 * fn(hidden, weight, bias, labels)
+
+    ours = value_and_grads(tripled(linear_cross_entropy), (hidden, weight, bias))
+    assert ours[0].dtype == torch.float32
+    assert_matches_reference(
+        NAMES, ours, tripled(linear_cross_entropy_reference), (hidden, weight, bias), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_linear_cross_entropy_all_ignored_is_zero(device):

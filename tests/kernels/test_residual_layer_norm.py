@@ -2,9 +2,11 @@
 of x, bias, residual, weight and ln_bias, in fp32, fp16 and bf16 (kernels upcast after loading),
 with and without dropout (same Philox mask materialised for the reference)."""
 
+from functools import partial
+
 import pytest
 import torch
-from _checks import assert_close, assert_lowp_close
+from _checks import assert_matches_reference, value_and_grads
 
 from semvlp_kernels.residual_layer_norm import (
     MAX_COLS,
@@ -33,11 +35,6 @@ def _inputs(rows, n, dtype, device):
     )
 
 
-def _run(fn, inputs, dy, **kw):
-    y = fn(*inputs, 1e-12, **kw)
-    return (y, *torch.autograd.grad(y, inputs, dy))
-
-
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -46,23 +43,15 @@ def test_residual_layer_norm_matches_reference(shape, dtype, dropout_p, device):
     inputs = _inputs(rows, n, dtype, device)
     before = [t.detach().clone() for t in inputs]
     dy = (0.1 * torch.randn(*rows, n, device=device)).to(dtype)
-    ours = _run(residual_layer_norm, inputs, dy, dropout_p=dropout_p, seed=7)
+    ours = value_and_grads(partial(residual_layer_norm, eps=1e-12, dropout_p=dropout_p, seed=7), inputs, dy)
     for t, t0 in zip(inputs, before, strict=True):
         assert torch.equal(t.detach(), t0), "inputs modified"
 
     keep = residual_dropout_mask(inputs[0].shape, dropout_p, 7, inputs[0].device) if dropout_p else None
     if keep is not None and keep.numel() > 500:
         assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.03, "keep fraction far from 1 - p"
-    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
-    ref = _run(residual_layer_norm_reference, inputs32, dy.float(), dropout_p=dropout_p, keep_mask=keep)
-    if dtype == torch.float32:
-        for name, a, e in zip(NAMES, ours, ref, strict=True):
-            assert_close(name, a, e, atol=2e-5, rtol=1e-4)  # fp32, different reduction order
-    else:
-        low_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-        low = _run(residual_layer_norm_reference, low_inputs, dy, dropout_p=dropout_p, keep_mask=keep)
-        for name, a, e, lo in zip(NAMES, ours, ref, low, strict=True):
-            assert_lowp_close(name, a, e, lo)
+    reference = partial(residual_layer_norm_reference, eps=1e-12, dropout_p=dropout_p, keep_mask=keep)
+    assert_matches_reference(NAMES, ours, reference, inputs, dy)
 
 
 def test_residual_layer_norm_rejects_wide_rows(device):

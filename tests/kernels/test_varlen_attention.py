@@ -12,10 +12,11 @@ one ValueError per invalid argument.
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
-from _checks import assert_close, assert_lowp_close
+from _checks import assert_close, assert_matches_reference, skip_bf16_in_interpreter, value_and_grads
 
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask
 from semvlp_kernels.varlen_attention import varlen_attention, varlen_attention_reference
@@ -29,6 +30,7 @@ CASES = [
     ("loose_max_seqlen", 1, 32, [5, 3], 20),
     ("one_token", 1, 32, [1], None),
 ]
+NAMES = ("out", "dq", "dk", "dv")
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
@@ -58,10 +60,6 @@ def _lowp_eager(q, k, v, cu_seqlens):
     return torch.cat(outs)
 
 
-def _grads(out, inputs, dout):
-    return torch.autograd.grad(out, inputs, dout)
-
-
 def _valid(lengths, max_seqlen, device):
     return torch.arange(max_seqlen, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
 
@@ -75,33 +73,21 @@ def _pad(x, lengths, max_seqlen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_varlen_attention_matches_reference(case, dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (DESIGN.md 6); tested compiled on CUDA")
+    skip_bf16_in_interpreter(dtype, device)
     _, heads, dim, lengths, max_seqlen = case
     max_seqlen = max_seqlen or max(lengths)
     q, k, v, cu_seqlens = _inputs(lengths, heads, dim, dtype, device)
     before = [t.detach().clone() for t in (q, k, v, cu_seqlens)]
     dout = (0.1 * torch.randn(sum(lengths), heads, dim, device=device)).to(dtype)
 
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
-    grads = _grads(out, (q, k, v), dout)
-    assert out.dtype == dtype and out.shape == q.shape
+    packing = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    ours = value_and_grads(partial(varlen_attention, **packing), (q, k, v), dout)
+    assert ours[0].dtype == dtype and ours[0].shape == q.shape
     for name, t, t0 in zip(("q", "k", "v", "cu_seqlens"), (q, k, v, cu_seqlens), before, strict=True):
         assert torch.equal(t.detach(), t0), f"varlen_attention modified its input {name}"
-
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = varlen_attention_reference(q32, k32, v32, cu_seqlens, max_seqlen)
-    ref_grads = _grads(ref, (q32, k32, v32), dout.float())
-    names = ("out", "dq", "dk", "dv")
-    if dtype == torch.float32:
-        for name, a, e in zip(names, (out, *grads), (ref, *ref_grads), strict=True):
-            assert_close(name, a, e, atol=2e-5, rtol=1e-4)  # fp32 math, different summation order
-    else:
-        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        low = _lowp_eager(ql, kl, vl, cu_seqlens)
-        low_grads = _grads(low, (ql, kl, vl), dout)
-        for name, a, e, lo in zip(names, (out, *grads), (ref, *ref_grads), (low, *low_grads), strict=True):
-            assert_lowp_close(name, a, e, lo)
+    reference = partial(varlen_attention_reference, **packing)
+    lowp_eager = partial(_lowp_eager, cu_seqlens=cu_seqlens)
+    assert_matches_reference(NAMES, ours, reference, (q, k, v), dout, lowp_reference=lowp_eager)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["no_dropout", "dropout"])
@@ -111,15 +97,18 @@ def test_varlen_attention_equals_padded_attention(dropout_p, device):
     lengths, heads, dim, max_seqlen = [20, 1, 0, 13, 7], 2, 64, 20
     q, k, v, cu_seqlens = _inputs(lengths, heads, dim, torch.float32, device)
     dout = 0.1 * torch.randn_like(q)
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, seed=7)
-    grads = _grads(out, (q, k, v), dout)
+    packed = partial(varlen_attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, seed=7)
+    ours = value_and_grads(packed, (q, k, v), dout)
 
     valid = _valid(lengths, max_seqlen, device)
     qp, kp, vp = (_pad(t.detach(), lengths, max_seqlen).requires_grad_() for t in (q, k, v))  # [B, T, H, D]
+
     # Padded query rows get a zero upstream gradient, so they add nothing to dK and dV.
-    padded = attention(*(t.transpose(1, 2) for t in (qp, kp, vp)), valid, dropout_p, seed=7).transpose(1, 2)
-    padded_grads = _grads(padded, (qp, kp, vp), _pad(dout, lengths, max_seqlen))
-    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (padded, *padded_grads), strict=True):
+    def padded_attention(*qkv):  # [B, T, H, D] in and out
+        return attention(*(t.transpose(1, 2) for t in qkv), valid, dropout_p, seed=7).transpose(1, 2)
+
+    padded = value_and_grads(padded_attention, (qp, kp, vp), _pad(dout, lengths, max_seqlen))
+    for name, a, e in zip(NAMES, ours, padded, strict=True):
         assert_close(name, a, e[valid], atol=1e-6, rtol=1e-5)
 
 
@@ -128,14 +117,13 @@ def test_varlen_attention_dropout_matches_reference_with_same_mask(device):
     max_seqlen = max(lengths)
     q, k, v, cu_seqlens = _inputs(lengths, heads, dim, torch.float32, device)
     dout = 0.1 * torch.randn_like(q)
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=42)
-    grads = _grads(out, (q, k, v), dout)
+    packing = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
+    ours = value_and_grads(partial(varlen_attention, **packing, seed=42), (q, k, v), dout)
+    out = ours[0]
     keep = attention_dropout_mask(len(lengths), heads, max_seqlen, max_seqlen, p, 42, q.device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03, "keep fraction far from 1 - p"
-    ref = varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, p, keep_mask=keep)
-    ref_grads = _grads(ref, (q, k, v), dout)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
-        assert_close(name, a, e, atol=2e-5, rtol=1e-4)
+    reference = partial(varlen_attention_reference, **packing, keep_mask=keep)
+    assert_matches_reference(NAMES, ours, reference, (q, k, v), dout)
     # Seeds: the same seed repeats the mask, a new one changes it.
     assert torch.equal(varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=42), out)
     assert not torch.equal(varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=43), out)
@@ -147,17 +135,19 @@ def test_varlen_attention_accepts_fused_qkv_slices(device):
     qkv = (0.3 + torch.randn(sum(lengths), 3, heads, dim, device=device)).requires_grad_()
     cu_seqlens = _cu_seqlens(lengths, device)
     dout = 0.1 * torch.randn(sum(lengths), heads, dim, device=device)
-    out = varlen_attention(*qkv.unbind(1), cu_seqlens, max(lengths))
-    ref = varlen_attention_reference(*qkv.unbind(1), cu_seqlens, max(lengths))
-    assert_close("out", out, ref, atol=2e-5, rtol=1e-4)
-    assert_close("dqkv", _grads(out, qkv, dout)[0], _grads(ref, qkv, dout)[0], atol=2e-5, rtol=1e-4)
+
+    def sliced(attention_fn):
+        return lambda qkv: attention_fn(*qkv.unbind(1), cu_seqlens, max(lengths))
+
+    ours = value_and_grads(sliced(varlen_attention), (qkv,), dout)
+    assert_matches_reference(("out", "dqkv"), ours, sliced(varlen_attention_reference), (qkv,), dout)
 
 
 def test_varlen_attention_only_empty_sequences(device):
     q, k, v, cu_seqlens = _inputs([0, 0], 2, 32, torch.float32, device)
     out = varlen_attention(q, k, v, cu_seqlens, 0)
     assert out.shape == (0, 2, 32)
-    assert all(g.shape == (0, 2, 32) for g in _grads(out, (q, k, v), torch.zeros_like(out)))
+    assert all(g.shape == (0, 2, 32) for g in torch.autograd.grad(out, (q, k, v), torch.zeros_like(out)))
 
 
 # (what is wrong, build(q [10, 2, 32], cu_seqlens for lengths [4, 6]) -> (args, kwargs), message)
