@@ -148,6 +148,32 @@ def test_two_stream_image_ignores_text_up_to_cross_attention_start(model):
     assert not torch.allclose(a.pooled, b.pooled)
 
 
+def test_two_stream_pieces_score_pairs_as_the_full_forward():
+    """Retrieval's two-stream scoring: 4 captions and 2 images encoded once each (text stream; image
+    blocks below L_s), then only the blocks from L_s on per pair, gives forward(mode="two")'s scores."""
+    torch.manual_seed(0)
+    model = SemVLPForRetrieval(tiny_config()).eval()
+    text = make_inputs(batch=4, seed=1)  # caption 0 padded
+    images = make_inputs(batch=2, seed=2)
+    images["visual_attention_mask"] = torch.ones(2, K, dtype=torch.long)
+    images["visual_attention_mask"][1, 60:] = 0  # a padded image
+    image_keys = ("visual_feats", "visual_pos", "visual_attention_mask")
+    caption_rows, image_rows = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    with torch.no_grad():
+        full = model(
+            **{k: text[k][caption_rows] for k in ("input_ids", "attention_mask", "token_type_ids")},
+            **{k: images[k][image_rows] for k in image_keys},
+            mode="two",
+        )  # fmt: skip
+        text_states = model.semvlp.two_stream_text(text["input_ids"], text["attention_mask"], text["token_type_ids"])
+        image_states = model.semvlp.two_stream_image(*(images[k] for k in image_keys))
+        pieces = model.score_pairs(image_states.rows(image_rows), text_states.rows(caption_rows))
+    torch.testing.assert_close(pieces, SemVLPForRetrieval.score(full.logits), rtol=1e-5, atol=1e-6)
+    assert pieces[:4].unique().numel() == 4 and not torch.equal(pieces[:4], pieces[4:])  # scores vary
+    with pytest.raises(ValueError, match="2 images for 4 texts: pair them row by row"):
+        model.semvlp.two_stream_pairs(image_states, text_states)
+
+
 def test_bert_initialization_reproduces_bert_text_states(tmp_path):
     torch.manual_seed(0)
     bert_config = BertConfig(

@@ -1,6 +1,6 @@
 from semvlp.model.bert_init import init_from_bert
 from semvlp.model.finetuning import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
-from semvlp.model.modeling import PackedText, SemVLPModel, SemVLPOutput
+from semvlp.model.modeling import PackedText, SemVLPModel, SemVLPOutput, StreamStates
 from semvlp.model.pretraining import LOSS_NAMES, PreTrainingOutput, SemVLPForPreTraining
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "SemVLPForRetrieval",
     "SemVLPModel",
     "SemVLPOutput",
+    "StreamStates",
     "init_from_bert",
 ]

@@ -227,21 +227,46 @@ class Encoder(nn.Module):
         ops: KernelOps,
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
-        for layer in self.layers:
-            text = layer(text, text_mask, ops)
+        text = self.text_stream(text, text_mask, ops)
         # Cross-attention keys: the final text states, padded if packed (queries and keys differ).
         context, context_mask = text, text_mask
         if isinstance(text_mask, Packed):
             context, context_mask = text_mask.pad(text), text_mask.key_padding_mask(text.shape[0])
         hidden = [visual] if output_hidden_states else None
+        visual = self.visual_stream(visual, visual_mask, ops, context, context_mask, hidden=hidden)
+        return EncoderOutput(text, visual, tuple(hidden) if hidden else None)
+
+    # The two streams apart. The text never sees the image, and the image blocks below L_s never
+    # see the text: a retrieval scorer encodes each caption and each image's lower blocks once.
+
+    def text_stream(self, text: torch.Tensor, text_mask: torch.Tensor | Packed | None, ops: KernelOps) -> torch.Tensor:
+        """Two-stream text: every block, self-attention only."""
         for layer in self.layers:
+            text = layer(text, text_mask, ops)
+        return text
+
+    def visual_stream(
+        self,
+        visual: torch.Tensor,
+        visual_mask: torch.Tensor | None,
+        ops: KernelOps,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        blocks: slice = slice(None),
+        hidden: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Two-stream image through `self.layers[blocks]`; blocks from L_s on also attend to
+        `context`, the final text states (None is allowed only for blocks below L_s)."""
+        for layer in self.layers[blocks]:
             if layer.cross_attention is None:
                 visual = layer(visual, visual_mask, ops)
+            elif context is None:
+                raise ValueError("blocks from cross_attention_start_layer on need the text states as context")
             else:
                 visual = layer(visual, visual_mask, ops, context=context, context_mask=context_mask)
             if hidden is not None:
                 hidden.append(visual)
-        return EncoderOutput(text, visual, tuple(hidden) if hidden else None)
+        return visual
 
 
 def _concat_masks(

@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from semvlp.config import SemVLPConfig
 from semvlp.model.heads import AnswerHead, Transform
-from semvlp.model.modeling import SemVLPModel, SemVLPPreTrainedModel
+from semvlp.model.modeling import SemVLPModel, SemVLPPreTrainedModel, StreamStates
 
 
 @dataclass
@@ -129,6 +129,11 @@ class SemVLPForRetrieval(SemVLPPreTrainedModel):
         logits = self.itm_head(pooled).float()
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return ClassificationOutput(loss, logits)
+
+    def score_pairs(self, image: StreamStates, text: StreamStates) -> torch.Tensor:
+        """`score` of the two-stream pairs (image row i, text row i) from states computed apart
+        (SemVLPModel.two_stream_image / two_stream_text): equal to scoring forward(mode="two")."""
+        return self.score(self.itm_head(self.semvlp.two_stream_pairs(image, text).pooled).float())
 
     @staticmethod
     def score(logits: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,18 @@ class SemVLPOutput(ModelOutput):
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+@dataclass
+class StreamStates:
+    """One stream of mode="two" computed on its own (SemVLPModel.two_stream_text / two_stream_image)."""
+
+    states: torch.Tensor  # [B, n, H]
+    mask: torch.Tensor | None  # [B, n] bool, True for real tokens / objects; None when nothing is padded
+
+    def rows(self, index: torch.Tensor) -> StreamStates:
+        """The states (and mask) of rows `index`, e.g. one image repeated for a chunk of captions."""
+        return StreamStates(self.states[index], None if self.mask is None else self.mask[index])
+
+
 class SemVLPPreTrainedModel(PreTrainedModel):
     config_class = SemVLPConfig
     base_model_prefix = "semvlp"
@@ -125,9 +137,118 @@ class SemVLPModel(SemVLPPreTrainedModel):
             mode: "single" (image and text concatenated) or "two" (separate, cross-attention above L_s).
             output_hidden_states: also return the visual states after the embeddings and each block.
         """
-        self._check_inputs(
-            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
-        )
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if mode == "single" and isinstance(input_ids, PackedText) and visual_attention_mask is not None:
+            raise ValueError(
+                "visual_attention_mask with PackedText in single-stream mode is not supported "
+                "(the packed sequences [IMG, objects, text] cannot mask objects); pass padded text"
+            )
+        batch = self._check_text(input_ids, attention_mask, token_type_ids)
+        self._check_visual(visual_feats, visual_pos, visual_attention_mask, batch)
+        text, text_mask = self._embed_text(input_ids, attention_mask, token_type_ids)
+        visual, visual_mask = self._embed_visual(visual_feats, visual_pos, visual_attention_mask)
+        ops = self.kernel_ops(text)
+        run = self.encoder.single_stream if mode == "single" else self.encoder.two_stream
+        out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states)
+        text_states = text_mask.pad(out.text_states) if isinstance(text_mask, Packed) else out.text_states
+        first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
+        return SemVLPOutput(text_states, out.visual_states, self.pooler(first), out.visual_hidden_states)
+
+    # mode="two" in pieces. The text never sees the image and the image blocks below L_s never see
+    # the text, so scoring C captions against I images needs C text encodings and I lower-image
+    # encodings, and only the blocks from L_s on per pair (SemVLPForRetrieval.score_pairs).
+
+    def two_stream_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> StreamStates:
+        """The final text states of mode="two" (padded text: [B, m] as in forward)."""
+        if isinstance(input_ids, PackedText):
+            raise ValueError("two_stream_text takes padded text (input_ids [B, m]), not a PackedText")
+        self._check_text(input_ids, attention_mask, token_type_ids)
+        text, text_mask = self._embed_text(input_ids, attention_mask, token_type_ids)
+        return StreamStates(self.encoder.text_stream(text, text_mask, self.kernel_ops(text)), text_mask)
+
+    def two_stream_image(
+        self,
+        visual_feats: torch.Tensor,
+        visual_pos: torch.Tensor,
+        visual_attention_mask: torch.Tensor | None = None,
+    ) -> StreamStates:
+        """The image states of mode="two" after the blocks below L_s (those without cross-attention)."""
+        self._check_visual(visual_feats, visual_pos, visual_attention_mask, batch=None)
+        visual, visual_mask = self._embed_visual(visual_feats, visual_pos, visual_attention_mask)
+        below = slice(0, self.config.cross_attention_start_layer)
+        states = self.encoder.visual_stream(visual, visual_mask, self.kernel_ops(visual), None, None, below)
+        return StreamStates(states, visual_mask)
+
+    def two_stream_pairs(self, image: StreamStates, text: StreamStates) -> SemVLPOutput:
+        """forward(mode="two") of the pairs (image row i, text row i) from their pieces: the blocks
+        from L_s on, then the pooler on [IMG]."""
+        if image.states.shape[0] != text.states.shape[0]:
+            raise ValueError(f"{image.states.shape[0]} images for {text.states.shape[0]} texts: pair them row by row")
+        above = slice(self.config.cross_attention_start_layer, None)
+        ops = self.kernel_ops(image.states)
+        visual = self.encoder.visual_stream(image.states, image.mask, ops, text.states, text.mask, above)
+        return SemVLPOutput(text.states, visual, self.pooler(visual[:, 0]))
+
+    def _check_text(self, input_ids, attention_mask, token_type_ids) -> int:
+        """Shape checks of the text (padded or packed; a host read of cu_seqlens when packed).
+        Returns the batch size."""
+        if isinstance(input_ids, PackedText):
+            batch, length = self._check_packed_text(input_ids, attention_mask, token_type_ids)
+        elif input_ids.dim() != 2:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, text_len]")
+        else:
+            batch, length = input_ids.shape
+        if length > self.config.max_position_embeddings:
+            what = "PackedText.max_seqlen is" if isinstance(input_ids, PackedText) else "input_ids has"
+            raise ValueError(
+                f"{what} {length} tokens; the position table holds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None and tuple(tensor.shape) != (batch, length):
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {(batch, length)}")
+        # A host sync; skipped while torch.compile traces the model.
+        if isinstance(input_ids, PackedText) and not torch.compiler.is_compiling():
+            self._check_packed_lengths(input_ids)
+        return batch
+
+    def _check_visual(self, visual_feats, visual_pos, visual_attention_mask, batch: int | None) -> None:
+        """Shape checks of the image side (batch None: any batch size) and the box range (a host sync)."""
+        cfg = self.config
+        if visual_feats is None or visual_pos is None:
+            raise ValueError("visual_feats and visual_pos are required")
+        if visual_feats.dim() != 3 or visual_feats.shape[-1] != cfg.visual_feat_dim:
+            raise ValueError(
+                f"visual_feats has shape {tuple(visual_feats.shape)}; expected "
+                f"[batch, num_objects, visual_feat_dim={cfg.visual_feat_dim}]"
+            )
+        images, num_objects = visual_feats.shape[:2]
+        if tuple(visual_pos.shape) != (images, num_objects, cfg.visual_pos_dim):
+            raise ValueError(
+                f"visual_pos has shape {tuple(visual_pos.shape)}; expected {(images, num_objects, cfg.visual_pos_dim)}"
+            )
+        if batch is not None and images != batch:
+            raise ValueError(f"visual_feats has batch size {images} but input_ids has {batch}")
+        if visual_attention_mask is not None and tuple(visual_attention_mask.shape) != (images, num_objects):
+            shape = tuple(visual_attention_mask.shape)
+            raise ValueError(f"visual_attention_mask has shape {shape}; expected {(images, num_objects)}")
+        if not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(visual_pos.float())).tolist()
+            if low < -1e-4 or high > 1 + 1e-4:
+                raise ValueError(
+                    f"visual_pos holds values in [{low:.4g}, {high:.4g}]; boxes must be normalized to [0, 1]"
+                )
+
+    def _embed_text(
+        self, input_ids, attention_mask, token_type_ids
+    ) -> tuple[torch.Tensor, torch.Tensor | Packed | None]:
+        """Text embeddings and their mask: a bool key padding mask, or the Packed layout."""
         position_ids = None
         if isinstance(input_ids, PackedText):  # text [T, H]; its layout goes where the mask would
             text_mask, token_type_ids = input_ids.layout, input_ids.token_type_ids
@@ -137,75 +258,17 @@ class SemVLPModel(SemVLPPreTrainedModel):
             text_mask = None if attention_mask is None else attention_mask.bool()
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        text = self.embeddings(input_ids, token_type_ids, position_ids)
-        visual = self.visual_embeddings(visual_feats, visual_pos)
+        return self.embeddings(input_ids, token_type_ids, position_ids), text_mask
+
+    def _embed_visual(
+        self, visual_feats, visual_pos, visual_attention_mask
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[IMG] + object embeddings, and their bool key padding mask ([IMG] always valid)."""
         visual_mask = None
         if visual_attention_mask is not None:
             img_is_valid = visual_attention_mask.new_ones(visual_attention_mask.shape[0], 1)
             visual_mask = torch.cat([img_is_valid, visual_attention_mask], dim=1).bool()
-
-        ops = self.kernel_ops(text)
-        run = self.encoder.single_stream if mode == "single" else self.encoder.two_stream
-        out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states)
-        text_states = text_mask.pad(out.text_states) if isinstance(text_mask, Packed) else out.text_states
-        first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
-        return SemVLPOutput(text_states, out.visual_states, self.pooler(first), out.visual_hidden_states)
-
-    def _check_inputs(
-        self, input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
-    ) -> None:
-        cfg = self.config
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-        if isinstance(input_ids, PackedText):
-            batch, length = self._check_packed_text(input_ids, attention_mask, token_type_ids)
-            if mode == "single" and visual_attention_mask is not None:
-                raise ValueError(
-                    "visual_attention_mask with PackedText in single-stream mode is not supported "
-                    "(the packed sequences [IMG, objects, text] cannot mask objects); pass padded text"
-                )
-        elif input_ids.dim() != 2:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, text_len]")
-        else:
-            batch, length = input_ids.shape
-        if length > cfg.max_position_embeddings:
-            what = "PackedText.max_seqlen is" if isinstance(input_ids, PackedText) else "input_ids has"
-            raise ValueError(
-                f"{what} {length} tokens; the position table holds "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
-        if visual_feats is None or visual_pos is None:
-            raise ValueError("visual_feats and visual_pos are required")
-        if visual_feats.dim() != 3 or visual_feats.shape[-1] != cfg.visual_feat_dim:
-            raise ValueError(
-                f"visual_feats has shape {tuple(visual_feats.shape)}; expected "
-                f"[batch, num_objects, visual_feat_dim={cfg.visual_feat_dim}]"
-            )
-        num_objects = visual_feats.shape[1]
-        if tuple(visual_pos.shape) != (visual_feats.shape[0], num_objects, cfg.visual_pos_dim):
-            raise ValueError(
-                f"visual_pos has shape {tuple(visual_pos.shape)}; expected "
-                f"{(visual_feats.shape[0], num_objects, cfg.visual_pos_dim)}"
-            )
-        expected_text = (batch, length)
-        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if tensor is not None and tuple(tensor.shape) != expected_text:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {expected_text}")
-        if visual_feats.shape[0] != batch:
-            raise ValueError(f"visual_feats has batch size {visual_feats.shape[0]} but input_ids has {batch}")
-        if visual_attention_mask is not None and tuple(visual_attention_mask.shape) != (batch, num_objects):
-            raise ValueError(
-                f"visual_attention_mask has shape {tuple(visual_attention_mask.shape)}; expected {(batch, num_objects)}"
-            )
-        # One host sync per forward (two with PackedText); skipped while torch.compile traces the model.
-        if not torch.compiler.is_compiling():
-            if isinstance(input_ids, PackedText):
-                self._check_packed_lengths(input_ids)
-            low, high = torch.stack(torch.aminmax(visual_pos.float())).tolist()
-            if low < -1e-4 or high > 1 + 1e-4:
-                raise ValueError(
-                    f"visual_pos holds values in [{low:.4g}, {high:.4g}]; boxes must be normalized to [0, 1]"
-                )
+        return self.visual_embeddings(visual_feats, visual_pos), visual_mask
 
     @staticmethod
     def _check_packed_text(text: PackedText, attention_mask, token_type_ids) -> tuple[int, int]:

@@ -12,9 +12,11 @@ pre-training; or `rank`, UNITER's triplet loss max(0, margin + sigmoid(s_neg) - 
 
 Evaluation scores every (image, caption) pair of the split: rank r takes images r, r + W, ...,
 scores each against all captions in chunks of --eval_batch_size, and the rows are summed over
-ranks into the full [images, captions] matrix (semvlp.metrics.retrieval_metrics). That is
-images x captions forward passes (1K x 5K for the Flickr30K test split); --eval_images keeps the
-first N images of a split (and their captions) for quick checks.
+ranks into the full [images, captions] matrix (semvlp.metrics.retrieval_metrics). Single-stream,
+that is images x captions full forward passes (1K x 5K for the Flickr30K test split). Two-stream,
+each caption's text states and each image's states below L_s are computed once and only the
+blocks from L_s on run per pair (SemVLPForRetrieval.score_pairs; the same scores). --eval_images
+keeps the first N images of a split (and their captions) for quick checks.
 The prediction file holds, per caption, the top-10 images and, per image, the top-10 captions.
 """
 
@@ -203,19 +205,28 @@ class RetrievalTask(FinetuneTask):
         num_images, num_captions = len(ev.split.image_ids), len(ev.split.captions)
         scores = torch.zeros(num_images, num_captions, device=engine.device)
         chunk = self.eval_batch_size
+        two_stream = self.run.mode == "two"
+        model: SemVLPForRetrieval = engine.module  # ZeRO-1/2: every rank holds the full weights
         texts = []
         for start in range(0, num_captions, chunk):
             caps = np.arange(start, min(start + chunk, num_captions))
             tb = text_batch(*gather_tokens(ev.token_ids, ev.token_offsets, caps))
-            texts.append((start, {k: tb[k].to(engine.device) for k in TEXT_KEYS}))
+            text = {k: tb[k].to(engine.device) for k in TEXT_KEYS}
+            texts.append((start, model.semvlp.two_stream_text(**text) if two_stream else text))
         for i in range(dist.rank(), num_images, dist.world_size()):
             image = visual_batch(self.stores, ev.rows[i : i + 1])
-            image = {k: v.to(engine.device) for k, v in image.items()}
+            image = {k: v.to(engine.device) for k, v in model_inputs(image).items()}
+            if two_stream:
+                image = model.semvlp.two_stream_image(**image)
             for start, text in texts:
-                size = text["input_ids"].shape[0]
-                pairs = {**text, **{k: v.expand(size, *v.shape[1:]) for k, v in image.items()}}
-                logits = engine(**model_inputs(pairs), mode=self.run.mode).logits
-                scores[i, start : start + size] = SemVLPForRetrieval.score(logits).float()
+                if two_stream:
+                    size = text.states.shape[0]
+                    pair_scores = model.score_pairs(image.rows(torch.zeros(size, dtype=torch.long)), text)
+                else:
+                    size = text["input_ids"].shape[0]
+                    pairs = {**text, **{k: v.expand(size, *v.shape[1:]) for k, v in image.items()}}
+                    pair_scores = SemVLPForRetrieval.score(engine(**pairs, mode="single").logits)
+                scores[i, start : start + size] = pair_scores.float()
         return dist.all_reduce_sum(scores).cpu()  # each row was filled by exactly one rank
 
     def metrics(self, split: str, predictions: torch.Tensor) -> dict[str, float]:
