@@ -10,6 +10,7 @@ device-to-device copy bandwidth + one row per (op, case, provider, mode) with p5
 (triton.testing.do_bench on CUDA; wall time, so host launch overhead counts: for the small fused
 ops the Python autograd.Function + Triton launcher cost ~0.1-0.3 ms, more than their GPU time;
 CUDA-graph timing was tried and dropped because a failed backward capture poisons the process),
+host_ms (host time per call, calls back to back: above p50 the op is launch-bound at that size),
 GB/s for the memory-bound ops (bytes moved / p50, counted as in tutorial 05: inputs read +
 outputs written, forward and backward), TFLOP/s for attention
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
@@ -259,6 +260,21 @@ def setup_linear_cross_entropy(device, dtype, rows, hidden, vocab, providers):
 # ---------------------------------------------------------------- measuring one case
 
 
+def host_time(fn, device: torch.device, calls: int = 20) -> float:
+    """Host milliseconds per call (Python, autograd, launches), calls back to back without waiting
+    for the device. Above the device p50 the op is launch-bound at this size: in a model step it
+    then costs its host time unless enough earlier work is queued on the device to hide it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def measure_case(op, case, setup, timer, device, modes, results, with_check=True):
     try:
         inputs, providers, reference, bytes_fwd, bytes_bwd, flops_fwd = setup()
@@ -296,7 +312,7 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 p50, p20, p80 = timer(closure, grad_to_none=inputs)
-                row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80)
+                row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, host_ms=host_time(closure, device))
                 if device.type == "cuda":
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 bytes_moved = bytes_fwd if mode == "forward" else (bytes_fwd + bytes_bwd if bytes_fwd else None)
@@ -322,7 +338,8 @@ def _format_row(row: dict) -> str:
         extra += f" {row['GBps']:8.1f} GB/s"
     if "TFLOPs" in row:
         extra += f" {row['TFLOPs']:7.1f} TFLOP/s"
-    return f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8} {row['p50_ms']:8.3f} ms{extra}"
+    times = f"{row['p50_ms']:8.3f} ms (host {row['host_ms']:7.3f})"
+    return f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8} {times}{extra}"
 
 
 def speedups(results: list[dict]) -> list[dict]:
