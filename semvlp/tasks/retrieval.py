@@ -206,7 +206,8 @@ class RetrievalTask(FinetuneTask):
         scores = torch.zeros(num_images, num_captions, device=engine.device)
         chunk = self.eval_batch_size
         two_stream = self.run.mode == "two"
-        model: SemVLPForRetrieval = engine.module  # ZeRO-1/2: every rank holds the full weights
+        # Two-stream scoring calls the model's pieces (ZeRO-1/2: every rank holds the full weights).
+        model: SemVLPForRetrieval | None = engine.module if two_stream else None
         texts = []
         for start in range(0, num_captions, chunk):
             caps = np.arange(start, min(start + chunk, num_captions))
