@@ -177,6 +177,33 @@ def test_retrieval_evaluation_scores_every_pair_once(toy, cfg, store, tok, store
     assert task.metrics("test", scores)["captions"] == n_cap
 
 
+def test_two_stream_retrieval_evaluation_equals_scoring_every_pair(toy, cfg, tok, stores):
+    """Two-stream evaluation encodes each caption and image once (SemVLPForRetrieval.score_pairs);
+    its matrix equals forward(mode="two") on every (image, caption) pair, chunk edges included."""
+    from semvlp import runner
+    from semvlp.data.batching import gather_tokens, text_batch, visual_batch
+    from semvlp.model import SemVLPForRetrieval
+
+    run = run_config(toy, RetrievalConfig, eval_images=4, mode="two")
+    task = RetrievalTask(run, cfg, tok, stores, ("test",))
+    task.attach(None, 8, 7)  # 20 captions in chunks of 7: a partial chunk last
+    torch.manual_seed(0)
+    model = SemVLPForRetrieval(runner.build_model_config(run, vocab_size=len(tok), **task.model_fields())).eval()
+    with torch.no_grad():
+        scores = task.predictions(SimpleNamespace(module=model, device=torch.device("cpu")), "test", 0)
+        ev = task.datasets["test"]
+        text = text_batch(*gather_tokens(ev.token_ids, ev.token_offsets, np.arange(20)))
+        text = {k: text[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        expected = torch.stack([
+            SemVLPForRetrieval.score(model(**text, **{k: v.expand(20, *v.shape[1:]) for k, v in image.items()},
+                                           mode="two").logits)
+            for image in (visual_batch(stores, ev.rows[i : i + 1]) for i in range(4))
+        ])  # fmt: skip
+    assert scores.shape == (4, 20)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert scores.std() > 0  # a real score matrix, not a constant
+
+
 def test_retrieval_training_pairs_each_caption_with_other_images_and_captions(toy, cfg, store, tok, stores):
     task = RetrievalTask(run_config(toy, RetrievalConfig, negatives=3), cfg, tok, stores, ("train",))
     ds = task.datasets["train"]
