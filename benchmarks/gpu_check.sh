@@ -18,7 +18,7 @@
 #   install              60   60  wheels into /tmp/site, `pip install -e .`
 #   info                 20   20  nvidia-smi, versions
 #   kernel-tests        150   60  pytest -m gpu tests/kernels
-#   kernel-bench        120   45  benchmarks/kernels.py --out (when the file exists)
+#   kernel-bench        120   45  benchmarks/kernels.py --out --profile (when the file exists)
 #   throughput          200  150  base, micro-batch 64, bf16: sdpa/eager/triton x single/two/alternate,
 #                                 VisualBERT + LXMERT, padding study on triton (its "packed" rows run
 #                                 the Triton varlen kernel, as --packed_text training would), largest
@@ -157,9 +157,10 @@ EOF
 
 kernel_bench() {
     # The full run takes ~40 s on an H100 (its author's measurement); --quick ~30 s, for a cut limit.
+    # --profile adds a torch.profiler table per case (where each fused op's host time goes).
     local quick=()
     if [ "$STAGE_LIMIT" -lt 75 ]; then quick=(--quick); fi
-    "$PY" benchmarks/kernels.py --out "$WORK/kernels" "${quick[@]}"
+    "$PY" benchmarks/kernels.py --out "$WORK/kernels" --profile "${quick[@]}"
     local rc=$? files=()
     mapfile -t files < <(find "$WORK/kernels" -type f 2>/dev/null | sort)
     if [ "${#files[@]}" -gt 2 ]; then

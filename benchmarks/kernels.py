@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                     # GPU: base shapes, batch 64, bf16
     python benchmarks/kernels.py --quick             # fewer shapes, shorter timing (~30 s on H100)
     python benchmarks/kernels.py --out DIR           # JSON goes to DIR (default benchmarks/results)
+    python benchmarks/kernels.py --profile           # + <json>_profile.txt: a torch.profiler table per case
     python benchmarks/kernels.py                     # CPU: tiny shapes, reference providers only
 
 One JSON file: meta (device, torch/triton/CUDA versions, git commit, dtype, batch) + the measured
@@ -275,7 +276,24 @@ def host_time(fn, device: torch.device, calls: int = 20) -> float:
     return elapsed / calls * 1e3
 
 
-def measure_case(op, case, setup, timer, device, modes, results, with_check=True):
+def profile_table(fn, device: torch.device, calls: int = 10) -> str:
+    """torch.profiler over `calls` back-to-back calls: where the host time goes (Python, autograd,
+    launches, allocations) next to the device kernels, by total CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm caches outside the trace
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=20)
+
+
+def measure_case(op, case, setup, timer, device, modes, results, with_check=True, profiles=None):
+    """Time every provider of one case; with `profiles` (a list), also profile the first provider
+    (triton on a GPU) forward + backward and append (title, table) to it."""
     try:
         inputs, providers, reference, bytes_fwd, bytes_bwd, flops_fwd = setup()
     except Exception as exc:  # noqa: BLE001 - record and keep going
@@ -323,6 +341,11 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                     row["TFLOPs"] = flops / p50 / 1e9
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            if profiles is not None and mode == "full" and provider == next(iter(providers)) and "error" not in row:
+                try:
+                    profiles.append((f"{op} {case} {provider} forward+backward", profile_table(closure, device)))
+                except Exception as exc:  # noqa: BLE001
+                    profiles.append((f"{op} {case} {provider}", f"profiling failed: {exc!r}"))
             for t in inputs:
                 t.grad = None
             results.append(row)
@@ -375,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 2 on CPU")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile each case's first provider forward+backward (a .txt)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -409,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(meta), flush=True)
     results: list[dict] = []
+    profiles: list[tuple[str, str]] | None = [] if args.profile else None
     bandwidth = None
     try:
         bandwidth = copy_bandwidth(device, timer)
@@ -437,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             modes,
             results,
+            profiles=profiles,
         )
 
     # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
@@ -450,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         device,
         modes,
         results,
+        profiles=profiles,
     )
 
     rows = batch * 121  # single-stream tokens
@@ -461,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         device,
         modes,
         results,
+        profiles=profiles,
     )
     for p in [0.1] if args.quick else [0.0, 0.1]:
         measure_case(
@@ -471,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             modes,
             results,
+            profiles=profiles,
         )
     mlm_rows = [max(1, round(batch * 20 * 0.15))] + ([] if args.quick else [batch * 20])
     for n in mlm_rows:
@@ -482,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             device,
             modes,
             results,
+            profiles=profiles,
         )
 
     report = {"meta": meta, "copy_GBps": bandwidth, "results": results, "speedups": speedups(results)}
@@ -490,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     tag = (meta["device"] or "cpu").replace(" ", "_").replace("/", "_")
     path = out_dir / f"kernels_{tag}_{meta['dtype']}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
     path.write_text(json.dumps(report, indent=1))
+    if profiles:
+        profile_path = path.with_name(path.stem + "_profile.txt")
+        profile_path.write_text("".join(f"== {title}\n{table}\n\n" for title, table in profiles))
+        print(f"wrote {profile_path}")
     print("\nspeedups (triton p50 vs others):", flush=True)
     for s in report["speedups"]:
         eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""

@@ -213,13 +213,13 @@ def test_peak_table(name, precision, expected):
 
 
 def test_kernel_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/kernels.py on CPU (reference providers, tiny shapes): every op timed, no errors."""
+    """benchmarks/kernels.py on CPU (reference providers, tiny shapes): every op timed, no errors, profiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(BENCH / "kernels.py"), "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(BENCH / "kernels.py"), "--quick", "--profile", "--out", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("kernels_*_float32_*.json")
-    assert f"wrote {path}" in result.stdout.splitlines()[-1] and "0 errors" in result.stdout.splitlines()[-1]
+    assert f"wrote {path} (16 rows, 0 errors)" in result.stdout
     run = json.loads(path.read_text())
     assert run["meta"]["dtype"] == "float32" and run["meta"]["torch"] == torch.__version__
     assert len(run["meta"]["git_commit"]) == 40
@@ -229,3 +229,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     ops = ("attention", "varlen_attention", "bias_gelu", "residual_layer_norm", "linear_cross_entropy")
     assert timed == {(op, mode) for op in ops for mode in ("forward", "full")}
     assert all(_positive(r["p50_ms"]) and _positive(r["host_ms"]) and r["p20_ms"] <= r["p80_ms"] for r in rows)
+    # --profile: a profiler table per case, for its first provider (eager here, triton on a GPU)
+    profile = path.with_name(path.stem + "_profile.txt").read_text()
+    assert profile.count("== ") == len({(r["op"], r["case"]) for r in rows}) and "failed" not in profile
+    assert "== bias_gelu 242x256 eager forward+backward" in profile and "Self CPU time total" in profile
