@@ -222,7 +222,8 @@ class RetrievalTask(FinetuneTask):
             for start, text in texts:
                 if two_stream:
                     size = text.states.shape[0]
-                    pair_scores = model.score_pairs(image.rows(torch.zeros(size, dtype=torch.long)), text)
+                    repeated = image.rows(torch.zeros(size, dtype=torch.long, device=engine.device))
+                    pair_scores = model.score_pairs(repeated, text)
                 else:
                     size = text["input_ids"].shape[0]
                     pairs = {**text, **{k: v.expand(size, *v.shape[1:]) for k, v in image.items()}}
