@@ -6,8 +6,24 @@ kernels are compiled instead.
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# DeepSpeed's CPU all-reduce maps one 66 MB shared-memory buffer per rank, named after the master
+# port, and leaves it in /dev/shm when the processes exit. The launcher tests pick ports from the
+# pytest process id, so every session would leave new ones behind, held in RAM until a reboot.
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_deepspeed_shm_buffers():
+    shm = Path("/dev/shm")
+    before = set(shm.glob(SHM_BUFFERS))
+    yield
+    for path in set(shm.glob(SHM_BUFFERS)) - before:
+        path.unlink(missing_ok=True)
