@@ -287,8 +287,9 @@ def fine_tune_demo_export(demo_run: Path, toy_data: Path, out: Path, script: str
 @pytest.mark.slow
 def test_demo_export_fine_tunes_nlvr2_well_above_chance(demo_run, toy_data, tmp_path):
     """The pre-trained export carries grounding: NLVR2 (balanced labels, the text alone gives nothing
-    away) fine-tuned from it for 200 steps. From random init it stays at chance (test_finetune.py)."""
-    args = ["--max_steps", "200", "--eval_every", "200", "--lr", "1e-4"]
+    away) fine-tuned from it for 120 steps (measured 0.84 dev / 0.84 test). From random init it stays at
+    chance (test_finetune.py)."""
+    args = ["--max_steps", "120", "--eval_every", "120", "--lr", "1e-4"]
     results = fine_tune_demo_export(demo_run, toy_data, tmp_path / "nlvr2", "finetune_nlvr2.py", args)
     assert results["best"]["value"] >= 0.7, results["best"]  # dev accuracy; chance is 0.5
     assert results["splits"]["test"]["accuracy"] >= 0.7, results["splits"]["test"]
@@ -296,16 +297,16 @@ def test_demo_export_fine_tunes_nlvr2_well_above_chance(demo_run, toy_data, tmp_
 
 @pytest.mark.slow
 def test_demo_export_fine_tunes_gqa_beyond_the_question_prior(demo_run, toy_data, tmp_path):
-    """GQA fine-tuned from the export for 500 steps (2 epochs). A toy question's words give away only
+    """GQA fine-tuned from the export for 300 steps (1.2 epochs). A toy question's words give away only
     its kind (semvlp/data/toy.py): text alone is worth ~0.38 here (majority answer 0.35), and "what
     color is the X ?" stays at chance (1/8) unless the model reads the image. Measured: accuracy
-    0.49 dev / 0.50 test, 0.41 on the dev color questions; the same 500 steps from random init (lr
-    1e-3) end at 0.38 and 0.09.
+    0.49 dev / 0.48 test, 0.43 on the dev color questions; the same 300 steps from random init (lr
+    1e-3) end at 0.39 and 0.12.
     """
     from semvlp.metrics import exact_match
 
     out = tmp_path / "gqa"
-    args = ["--max_steps", "500", "--eval_every", "500", "--lr", "2e-4"]
+    args = ["--max_steps", "300", "--eval_every", "300", "--lr", "3e-4"]
     results = fine_tune_demo_export(demo_run, toy_data, out, "finetune_gqa.py", args)
     train, valid = (json.loads((toy_data.parent / f"gqa_{s}.json").read_text()) for s in ("train", "valid"))
     majority = Counter(max(q["label"], key=q["label"].get) for q in train).most_common(1)[0][0]
