@@ -23,7 +23,9 @@
 #                                 VisualBERT + LXMERT, padding study on triton (its "packed" rows run
 #                                 the Triton varlen kernel, as --packed_text training would), largest
 #                                 micro-batch + its runs
-#   throughput-compile  110   45  the same main grid under torch.compile (sdpa, then triton)
+#   throughput-compile  110   45  the same main grid under torch.compile with CUDA graphs
+#                                 (mode reduce-overhead; sdpa, then triton): how much of eager's
+#                                 step is launch overhead (compare the kernel busy % columns)
 #   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
@@ -236,7 +238,7 @@ if [ "$CPU_MODE" = 1 ]; then
     skip_stage throughput-compile "cpu mode"
 else
     run_stage throughput-compile throughput throughput_compile.json --precision "${PRECISIONS[0]}" \
-        --backends sdpa,triton --modes single,two,alternate --compile on
+        --backends sdpa,triton --modes single,two,alternate --compile on --compile-mode reduce-overhead
 fi
 
 run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISIONS[1]}" \

@@ -12,8 +12,10 @@ device-to-device copy bandwidth + one row per (op, case, provider, mode) with p5
 ops the Python autograd.Function + Triton launcher cost ~0.1-0.3 ms, more than their GPU time;
 CUDA-graph timing was tried and dropped because a failed backward capture poisons the process),
 host_ms (host time per call, calls back to back: above p50 the op is launch-bound at that size),
-GB/s for the memory-bound ops (bytes moved / p50, counted as in tutorial 05: inputs read +
-outputs written, forward and backward), TFLOP/s for attention
+on CUDA device_ms (the GPU's kernel time per call, from the profiler: benchmarks/device_time.py;
+what the op costs inside a step where the host runs ahead, and what the bandwidth targets are about),
+GB/s for the memory-bound ops (bytes moved / p50, and device_GBps = bytes moved / device_ms,
+counted as in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
 difference against the fp32 reference checked once before timing. Every op/provider runs in its
 own try/except: a failure is recorded in its row and the rest still run.
@@ -42,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_time import device_ms  # noqa: E402
 
 
 def _git_commit() -> str:
@@ -291,6 +295,12 @@ def profile_table(fn, device: torch.device, calls: int = 10) -> str:
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=20)
 
 
+def _fresh_grads(inputs: list[torch.Tensor], closure) -> None:
+    for t in inputs:  # as do_bench's grad_to_none: no accumulation kernels from earlier calls
+        t.grad = None
+    closure()
+
+
 def measure_case(op, case, setup, timer, device, modes, results, with_check=True, profiles=None):
     """Time every provider of one case; with `profiles` (a list), also profile the first provider
     (triton on a GPU) forward + backward and append (title, table) to it."""
@@ -333,9 +343,12 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                 row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, host_ms=host_time(closure, device))
                 if device.type == "cuda":
                     row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    row["device_ms"] = device_ms(lambda closure=closure: _fresh_grads(inputs, closure), device)
                 bytes_moved = bytes_fwd if mode == "forward" else (bytes_fwd + bytes_bwd if bytes_fwd else None)
                 if bytes_moved:
                     row["GBps"] = bytes_moved / p50 / 1e6
+                    if row.get("device_ms"):
+                        row["device_GBps"] = bytes_moved / row["device_ms"] / 1e6
                 if flops_fwd:
                     flops = flops_fwd[0] if mode == "forward" else flops_fwd[1]
                     row["TFLOPs"] = flops / p50 / 1e9
@@ -361,33 +374,29 @@ def _format_row(row: dict) -> str:
         extra += f" {row['GBps']:8.1f} GB/s"
     if "TFLOPs" in row:
         extra += f" {row['TFLOPs']:7.1f} TFLOP/s"
-    times = f"{row['p50_ms']:8.3f} ms (host {row['host_ms']:7.3f})"
+    times = f"{row['p50_ms']:8.3f} ms (host {row['host_ms']:7.3f}"
+    times += f", device {row['device_ms']:7.3f})" if row.get("device_ms") else ")"
     return f"{row['op']:>22} {row['case']:<18} {row['provider']:<15} {row['mode']:<8} {times}{extra}"
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    """triton vs eager and vs the fastest non-triton provider, per (op, case, mode)."""
-    groups: dict[tuple, dict[str, float]] = {}
-    for r in results:
-        if "p50_ms" in r:
-            groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r["p50_ms"]
+    """triton vs eager and vs the fastest non-triton provider, per (op, case, mode), once by wall-clock
+    p50 and (CUDA) once by device time: `timing` names which."""
     out = []
-    for (op, case, mode), times in groups.items():
-        if "triton" not in times:
-            continue
-        others = {p: t for p, t in times.items() if p != "triton"}
-        best = min(others, key=others.get) if others else None
-        out.append(
-            {
-                "op": op,
-                "case": case,
-                "mode": mode,
-                "triton_ms": times["triton"],
-                "speedup_vs_eager": times["eager"] / times["triton"] if "eager" in times else None,
-                "best_other": best,
-                "speedup_vs_best_other": others[best] / times["triton"] if best else None,
-            }
-        )
+    for key in ("p50_ms", "device_ms"):
+        groups: dict[tuple, dict[str, float]] = {}
+        for r in results:
+            if r.get(key):
+                groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r[key]
+        for (op, case, mode), times in groups.items():
+            if "triton" not in times:
+                continue
+            others = {p: t for p, t in times.items() if p != "triton"}
+            best = min(others, key=others.get) if others else None
+            row = {"op": op, "case": case, "mode": mode, "timing": key, "triton_ms": times["triton"]}
+            row["speedup_vs_eager"] = times["eager"] / times["triton"] if "eager" in times else None
+            row.update(best_other=best, speedup_vs_best_other=others[best] / times["triton"] if best else None)
+            out.append(row)
     return out
 
 
@@ -526,11 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         profile_path = path.with_name(path.stem + "_profile.txt")
         profile_path.write_text("".join(f"== {title}\n{table}\n\n" for title, table in profiles))
         print(f"wrote {profile_path}")
-    print("\nspeedups (triton p50 vs others):", flush=True)
+    print("\nspeedups (triton vs others, by wall-clock p50_ms and by device_ms):", flush=True)
     for s in report["speedups"]:
         eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""
         best = f"{s['speedup_vs_best_other']:.2f}x {s['best_other']}" if s["best_other"] else ""
-        print(f"  {s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['triton_ms']:.3f} ms  {eager}  {best}")
+        where = f"{s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['timing']:<9}"
+        print(f"  {where} {s['triton_ms']:.3f} ms  {eager}  {best}")
     errors = [r for r in results if "error" in r]
     print(f"wrote {path} ({len(results)} rows, {len(errors)} errors)")
     return 0

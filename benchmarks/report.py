@@ -60,18 +60,21 @@ def format_tables(doc: dict) -> str:
         "backends: " + ", ".join(f"{k}: {v}" for k, v in doc["backends"].items()),
         "",
         "| section | model | mode | backend | prec | compile | batch | text | ms/step | spread % | fwd+bwd ms "
-        "| optim ms | samples/s | tokens/s | TFLOP/s | MFU % | peak GiB | GPU util % | SM MHz | status |",
-        "|" + "---|" * 20,
+        "| optim ms | samples/s | tokens/s | TFLOP/s | MFU % | peak GiB | kernel busy % | GPU util % | SM MHz "
+        "| status |",
+        "|" + "---|" * 21,
     ]
     for r in doc["runs"]:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"[:100]
         nvml = r.get("nvml") or {}
         cells = [r["section"], r["model"], r["mode"], r["backend"], r["precision"]]
-        cells += ["yes" if r["compile"] else "no", str(r["batch_size"]), str(r.get("text", ""))]
+        compiled = (r.get("compile_mode") or "yes") if r["compile"] else "no"
+        cells += [compiled, str(r["batch_size"]), str(r.get("text", ""))]
         cells += [_fmt(r.get(k), f) for k, f in (("ms_per_step", ".2f"), ("spread_pct", ".1f"))]
         cells += [_fmt(r.get(k), f) for k, f in (("fwd_bwd_ms", ".2f"), ("optimizer_ms", ".2f"))]
         cells += [_fmt(r.get(k), f) for k, f in (("samples_per_s", ".1f"), ("tokens_per_s", ".0f"), ("tflops", ".2f"))]
         cells += [_fmt(r["mfu"] * 100 if r.get("mfu") else None, ".1f"), _fmt(r.get("peak_mem_gib"), ".2f")]
+        cells.append(_fmt(r.get("gpu_busy_pct"), ".0f"))
         cells += [_fmt(nvml.get("gpu_util_pct"), ".0f"), _fmt(nvml.get("sm_clock_mhz"), ".0f"), status]
         lines.append(_row(cells))
     if doc.get("ratios"):

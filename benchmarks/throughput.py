@@ -32,7 +32,10 @@ Timing. `--warmup` steps (compilation and Triton autotuning happen there), then 
 `--steps` steps. On CUDA each repeat is timed with CUDA events around its steps (synchronizing only at
 the end of a repeat), on CPU with time.perf_counter. ms/step is the median over repeats; the spread
 is (max - min) / median of the repeats. Events between backward and the optimizer split the step
-into fwd+bwd and optimizer time (medians over all timed steps).
+into fwd+bwd and optimizer time (medians over all timed steps). On CUDA two more steps run under
+torch.profiler: device_ms_per_step is the GPU's kernel time per step (benchmarks/device_time.py) and
+gpu_busy_pct its share of ms/step; well below 100% the step is host-bound (launches, Python, syncs),
+which CUDA graphs address: `--compile on --compile-mode reduce-overhead`.
 
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
@@ -74,6 +77,7 @@ from semvlp.flops import training_step_flops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_time import device_ms  # noqa: E402
 from peaks import peak_tflops  # noqa: E402
 from peers import PEER_MODE, build_peer, peer_forward, peer_inputs  # noqa: E402
 from report import format_tables  # noqa: E402
@@ -82,6 +86,7 @@ SCHEMA = "semvlp-throughput/1"
 MODES = ("single", "two", "alternate")
 BACKENDS = ("eager", "sdpa", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's WordPiece ids
 MASK_PROB = 0.15
 # Text layouts of the padding study (see text_lengths).
@@ -384,12 +389,28 @@ def time_steps(
         "warmup_s": warmup_s,
         "loss": float(loss.detach().float()) if loss is not None else None,
     }
+    # After reading the loss: under CUDA graphs a later replay overwrites that output.
+    result.update(device_time(train, forward_for, device, median))
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     if readings:
         result["nvml"] = {k: statistics.median(r[k] for r in readings) for k in readings[0]}
     return result
+
+
+def device_time(train: TrainStep, forward_for, device: torch.device, ms_per_step: float) -> dict:
+    """CUDA: the GPU's kernel time per step over two more steps (one of each mode when alternating),
+    and the share of the step's wall time it fills: well below 100% the step is host-bound (kernel
+    launches, Python) or stalls at host syncs, and faster kernels will not make it faster."""
+    if device.type != "cuda":
+        return {}
+    clock, steps = Clock(device), iter(range(2))
+    try:
+        per_step = device_ms(lambda: train(forward_for(next(steps)), clock), device, calls=2)
+    except Exception as exc:  # the profiler is a diagnostic: its failure must not cost the run
+        return {"device_time_error": _error(exc)}
+    return {"device_ms_per_step": per_step, "gpu_busy_pct": 100 * per_step / ms_per_step}
 
 
 # ---------------------------------------------------------------- the run
@@ -590,7 +611,8 @@ class Runner:
             model = SemVLPForPreTraining(cfg)
         model.train()
         train = TrainStep(model, precision, self.args.amp, self.device)
-        call = torch.compile(model) if compile_ else model
+        mode = None if self.args.compile_mode == "default" else self.args.compile_mode
+        call = torch.compile(model, mode=mode) if compile_ else model
         return train, call
 
     def run_ours(
@@ -607,6 +629,7 @@ class Runner:
         """Every (text layout, mode) on one model; returns the runs."""
         timing = timing or (self.args.warmup, self.args.steps, self.args.repeats)
         base = dict(section=section, model="semvlp", backend=backend, precision=precision, compile=compile_)
+        base["compile_mode"] = self.args.compile_mode if compile_ else None
         base["batch_size"] = batch_size
         grid = [{**base, "mode": mode, "text": layout} for layout in layouts for mode in modes]
         if reason := self.skip_reason():
@@ -648,7 +671,8 @@ class Runner:
 
     def _run_peer(self, name: str, precision: str, batch_size: int) -> dict:
         run = dict(section="peer", model=name, mode=PEER_MODE[name], backend="eager", precision=precision)
-        run.update(compile=False, batch_size=batch_size, text=self.args.text, flops_source="torch.utils.flop_counter")
+        run.update(compile=False, compile_mode=None, batch_size=batch_size, text=self.args.text)
+        run["flops_source"] = "torch.utils.flop_counter"
         if reason := self.skip_reason():
             return self.record({**run, "status": "skipped", "reason": reason})
         try:
@@ -878,6 +902,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text", choices=("full", "pad20", "longest"), default="full", help="text layout of the main runs")
     p.add_argument("--max-text-len", type=int, default=20)
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode; reduce-overhead replays CUDA graphs (no per-kernel launch cost)")  # fmt: skip
     p.add_argument("--peers", type=_csv(tuple(PEER_MODE)), nargs="?", const=list(PEER_MODE), default=[])
     p.add_argument("--padding-study", action="store_true", help="all text layouts (LAYOUTS), packed included")
     p.add_argument("--padding-modes", type=_csv(("single", "two")), default=["single", "two"])

@@ -90,6 +90,8 @@ def test_every_run_has_finite_positive_figures(cli_run):
         assert math.isfinite(run["loss"])
         assert run["mfu"] is None
         assert run["samples_per_s"] == pytest.approx(run["batch_size"] / (run["ms_per_step"] / 1e3))
+        assert run["compile_mode"] is None and not run["compile"]
+        assert "gpu_busy_pct" not in run and "device_time_error" not in run  # device time: CUDA only
 
 
 def test_main_grid_peers_padding_and_max_batch(cli_run):
@@ -140,6 +142,46 @@ def test_report_summary_and_readme_block(cli_run, tmp_path, capsys):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         report.main([str(path), "--readme", str(readme)])
+
+
+def test_table_shows_compile_mode_and_kernel_busy_share(cli_run):
+    doc, _, _ = cli_run
+    run = {**doc["runs"][0], "compile": True, "compile_mode": "reduce-overhead", "gpu_busy_pct": 41.6}
+    table = report.format_tables({**doc, "runs": [run], "ratios": [], "max_batch": None})
+    header, _, row = table.splitlines()[4:7]
+    cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    assert cells["compile"] == "reduce-overhead" and cells["kernel busy %"] == "42"
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.setdefault("mode", mode) or model)
+    args = ["--device", "cpu", "--compile", "on", "--compile-mode", "reduce-overhead", "--out", str(tmp_path)]
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    runner.build_ours("eager", "fp32", compile_=True)
+    assert seen == {"mode": "reduce-overhead"}
+    assert throughput.parse_args(["--device", "cpu"]).compile_mode == "default"
+
+
+def test_kernel_speedups_by_wall_clock_and_device_time():
+    kernels = _load("kernels")
+    rows = [
+        {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "triton", "p50_ms": 0.4, "device_ms": 0.1},
+        {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "eager", "p50_ms": 0.2, "device_ms": 0.2},
+        {"op": "bias_gelu", "case": "c", "mode": "check", "provider": "sdpa", "error": "no kernel"},
+    ]
+    by_timing = {s["timing"]: s for s in kernels.speedups(rows)}
+    assert by_timing["p50_ms"]["speedup_vs_eager"] == pytest.approx(0.5)
+    assert by_timing["device_ms"]["speedup_vs_eager"] == pytest.approx(2.0)
+    assert by_timing["device_ms"]["best_other"] == "eager" and by_timing["device_ms"]["triton_ms"] == 0.1
+    # CPU rows have no device_ms: only the wall-clock comparison
+    cpu = [{k: v for k, v in r.items() if k != "device_ms"} for r in rows]
+    assert [s["timing"] for s in kernels.speedups(cpu)] == ["p50_ms"]
+
+
+def test_device_time_is_cuda_only():
+    device_time = _load("device_time")
+    assert device_time.device_ms(lambda: torch.ones(3).sum(), torch.device("cpu")) is None
 
 
 def test_model_flops_formula_matches_the_flop_counter():
