@@ -3,10 +3,10 @@
 For kernel_backend="auto", what was measured to pay (benchmarks/kernels.py; H100 bf16, batch 64,
 forward+backward, benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_bfloat16_*.json):
 
-| device                 | attention                       | bias+GELU, residual+LN | linear CE (masked LM) |
-|------------------------|---------------------------------|------------------------|-----------------------|
-| CPU                    | eager reference                 | eager reference        | eager reference       |
-| CUDA (V100, A100, H100)| SDPA (cuDNN / flash / mem-eff.) | eager (cuBLAS + torch) | Triton (1.04-1.13x)   |
+| device                 | attention                       | bias+GELU, residual+LN  | linear CE (masked LM) |
+|------------------------|---------------------------------|-------------------------|-----------------------|
+| CPU                    | eager reference                 | eager, bias in the GEMM | eager reference       |
+| CUDA (V100, A100, H100)| SDPA (cuDNN / flash / mem-eff.) | eager, bias in the GEMM | Triton (1.04-1.13x)   |
 
 Packed text (KernelOps.varlen_attention, sequences end to end without padding): the Triton varlen
 kernel wherever the Triton attention is chosen ("triton"); everywhere else the packed tokens are
@@ -20,7 +20,8 @@ but forward+backward loses (attention 0.14-0.76x the best SDPA backend, the elem
 0.4-0.5x eager), so training would be slower. The linear cross-entropy needs no tl.dot (its GEMM
 is cuBLAS), so it is also right for V100, where tl.dot has no tensor cores (DESIGN.md section 5).
 
-GEMMs are always cuBLAS (F.linear in the model). Explicit backends override "auto":
+GEMMs are always cuBLAS (F.linear; the two ops after a GEMM take its inputs, so that the eager
+versions can leave the bias to the GEMM's epilogue). Explicit backends override "auto":
 "eager" (references everywhere), "sdpa" (SDPA attention + references), "triton" (all Triton
 kernels; on CPU only under TRITON_INTERPRET=1, for tests). The Triton attention supports head
 dims 16/32/64/128 and up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call
@@ -39,9 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from semvlp_kernels.attention import INTERPRETED, MAX_KEYS, attention, attention_reference, attention_sdpa
-from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
+from semvlp_kernels.bias_gelu import bias_gelu
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
 from semvlp_kernels.varlen_attention import HEAD_DIMS, sequence_positions, varlen_attention
@@ -51,14 +53,44 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The model's fusion sites. Signatures follow the `<op>_reference` functions."""
+    """The model's fusion sites. Signatures: attention and linear_cross_entropy as their
+    `<op>_reference` functions; the two below as `linear_gelu_eager` / `linear_residual_layer_norm_eager`."""
 
     name: str
     attention: Callable[..., torch.Tensor]
-    bias_gelu: Callable[..., torch.Tensor]
-    residual_layer_norm: Callable[..., torch.Tensor]
+    linear_gelu: Callable[..., torch.Tensor]  # (x, weight, bias): gelu(x W^T + b), the FFN up-projection
+    linear_residual_layer_norm: Callable[..., torch.Tensor]  # every sub-layer's output projection + Add & Norm
     linear_cross_entropy: Callable[..., torch.Tensor]
     varlen_attention: Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_seqlen, dropout_p), [T, H, D]
+
+
+# The GEMM is part of these two ops so that each implementation puts the bias where it is free:
+# the eager ones in the GEMM (cuBLAS adds it in its epilogue: no elementwise pass of its own), the
+# Triton ones in the fused kernel after a bias-free GEMM.
+def linear_gelu_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias))
+
+
+def linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu(F.linear(x, weight), bias)
+
+
+def linear_residual_layer_norm_eager(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """LayerNorm(residual + dropout(x W^T + b))."""
+    return residual_layer_norm_reference(F.linear(x, weight, bias), None, residual, ln_weight, ln_bias, eps, dropout_p)
+
+
+def linear_residual_layer_norm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p=0.0):
+    return residual_layer_norm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps, dropout_p)
 
 
 def _triton_attention_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -105,20 +137,20 @@ def varlen_attention_triton_or_fallback(q, k, v, cu_seqlens, max_seqlen, dropout
 
 
 EAGER = KernelOps(
-    "eager", attention_reference, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference,
+    "eager", attention_reference, linear_gelu_eager, linear_residual_layer_norm_eager, linear_cross_entropy_reference,
     varlen_attention_via_padding(attention_reference),
 )  # fmt: skip
 SDPA = KernelOps(
-    "sdpa", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy_reference,
+    "sdpa", attention_sdpa, linear_gelu_eager, linear_residual_layer_norm_eager, linear_cross_entropy_reference,
     varlen_attention_via_padding(attention_sdpa),
 )  # fmt: skip
 CUDA_AUTO = KernelOps(
-    "sdpa+triton-ce", attention_sdpa, bias_gelu_reference, residual_layer_norm_reference, linear_cross_entropy,
+    "sdpa+triton-ce", attention_sdpa, linear_gelu_eager, linear_residual_layer_norm_eager, linear_cross_entropy,
     varlen_attention_via_padding(attention_sdpa),
 )  # fmt: skip
 TRITON = KernelOps(
-    "triton", attention_triton_or_fallback, bias_gelu, residual_layer_norm, linear_cross_entropy,
-    varlen_attention_triton_or_fallback,
+    "triton", attention_triton_or_fallback, linear_gelu_triton, linear_residual_layer_norm_triton,
+    linear_cross_entropy, varlen_attention_triton_or_fallback,
 )  # fmt: skip
 
 

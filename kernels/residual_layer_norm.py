@@ -233,7 +233,7 @@ def residual_dropout_mask(shape: tuple[int, ...], dropout_p: float, seed: int, d
 
 def residual_layer_norm_reference(
     x: torch.Tensor,
-    bias: torch.Tensor,
+    bias: torch.Tensor | None,
     residual: torch.Tensor,
     weight: torch.Tensor,
     ln_bias: torch.Tensor,
@@ -241,9 +241,11 @@ def residual_layer_norm_reference(
     dropout_p: float = 0.0,
     keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager composition. `keep_mask` (same shape as x) replaces random dropout (tests)."""
+    """Eager composition. `bias` None: x already has it (added in its GEMM). `keep_mask` (same
+    shape as x) replaces random dropout (tests)."""
+    h = x if bias is None else x + bias
     if keep_mask is not None:
-        h = (x + bias) * keep_mask / (1.0 - dropout_p)
-    else:
-        h = F.dropout(x + bias, p=dropout_p) if dropout_p > 0.0 else x + bias
+        h = h * keep_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        h = F.dropout(h, p=dropout_p)
     return F.layer_norm(h + residual, (x.shape[-1],), weight, ln_bias, eps)

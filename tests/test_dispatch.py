@@ -4,10 +4,14 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from semvlp_kernels import dispatch
 from semvlp_kernels.attention import attention_reference, attention_sdpa
+from semvlp_kernels.bias_gelu import bias_gelu_reference
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy
+from semvlp_kernels.residual_layer_norm import residual_layer_norm_reference
 
 
 def select_on_gpu(capability: tuple[int, int], backend: str = "auto") -> dispatch.KernelOps:
@@ -36,3 +40,31 @@ def test_explicit_backends_override_auto():
     assert select_on_gpu((9, 0), "triton") is dispatch.TRITON
     with pytest.raises(ValueError, match="kernel_backend='fast'"):
         dispatch.select_ops("fast", torch.device("cpu"), torch.float32)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_ops_after_a_gemm_leave_the_bias_to_the_gemm():
+    """Same math as bias-free GEMM + the bias-adding references, with the bias added by the GEMM
+    itself (addmm: cuBLAS's epilogue on a GPU), not by an elementwise pass of its own."""
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 7, 32), torch.randn(2, 7, 48)
+    w_up, b_up, w_out, b_out = torch.randn(48, 32), torch.randn(48), torch.randn(48, 48), torch.randn(48)
+    ln_w, ln_b = torch.randn(48), torch.randn(48)
+    with _RecordOps() as gelu:
+        h = dispatch.linear_gelu_eager(x, w_up, b_up)
+    torch.testing.assert_close(h, bias_gelu_reference(F.linear(x, w_up), b_up))
+    with _RecordOps() as norm:
+        y = dispatch.linear_residual_layer_norm_eager(h, w_out, b_out, residual, ln_w, ln_b, 1e-12)
+    expected = residual_layer_norm_reference(F.linear(h, w_out), b_out, residual, ln_w, ln_b, 1e-12)
+    torch.testing.assert_close(y, expected)
+    assert gelu.ops.count("addmm") == 1 and "add" not in gelu.ops, gelu.ops
+    assert norm.ops.count("addmm") == 1 and norm.ops.count("add") == 1, norm.ops  # the residual's

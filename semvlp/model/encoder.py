@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from semvlp.config import SemVLPConfig
@@ -121,8 +120,9 @@ class Attention(nn.Module):
         else:
             attended = ops.attention(self._heads(q), self._heads(k), self._heads(v), mask, dropout).transpose(1, 2)
         attended = attended.reshape(x.shape)
-        return ops.residual_layer_norm(
-            F.linear(attended, self.out.weight),
+        return ops.linear_residual_layer_norm(
+            attended,
+            self.out.weight,
             self.out.bias,
             x,
             self.norm.weight,
@@ -143,9 +143,10 @@ class FeedForward(nn.Module):
         self.hidden_dropout = config.hidden_dropout_prob
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        h = ops.bias_gelu(F.linear(x, self.up.weight), self.up.bias)
-        return ops.residual_layer_norm(
-            F.linear(h, self.down.weight),
+        h = ops.linear_gelu(x, self.up.weight, self.up.bias)
+        return ops.linear_residual_layer_norm(
+            h,
+            self.down.weight,
             self.down.bias,
             x,
             self.norm.weight,
