@@ -158,19 +158,24 @@ EOF
 }
 
 kernel_bench() {
-    # The full run takes ~40 s on an H100 (its author's measurement); --quick ~30 s, for a cut limit.
+    # The full run took ~40 s on an H100 before device_ms (+ a profiled burst per row, seconds in all);
+    # --quick ~30 s, for a cut limit.
     # --profile adds a torch.profiler table per case (where each fused op's host time goes).
     local quick=()
     if [ "$STAGE_LIMIT" -lt 75 ]; then quick=(--quick); fi
     "$PY" benchmarks/kernels.py --out "$WORK/kernels" --profile "${quick[@]}"
-    local rc=$? files=()
+}
+
+# Outside the timed stage, so that a stage killed at its limit still hands over what kernels.py
+# saved (it rewrites its JSON after every case).
+collect_kernel_results() {
+    local files=()
     mapfile -t files < <(find "$WORK/kernels" -type f 2>/dev/null | sort)
     if [ "${#files[@]}" -gt 2 ]; then
         tar -czf "$OUT/kernels.tar.gz" -C "$WORK/kernels" . && echo "kernel results: ${#files[@]} files -> kernels.tar.gz"
     elif [ "${#files[@]}" -gt 0 ]; then
         cp "${files[@]}" "$OUT/" && echo "kernel results: ${files[*]##*/}"
     fi
-    return $rc
 }
 
 # throughput NAME ARGS...: the benchmark with an internal budget a little under the stage limit,
@@ -220,6 +225,7 @@ fi
 
 if [ -f benchmarks/kernels.py ]; then
     run_stage kernel-bench kernel_bench
+    collect_kernel_results
 else
     skip_stage kernel-bench "no benchmarks/kernels.py yet"
 fi

@@ -462,78 +462,46 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         attention_cases = [attention_cases[0], attention_cases[1], attention_cases[4]]
-    for case, tq, tk, lengths in attention_cases:
-        measure_case(
-            "attention",
-            case,
-            lambda tq=tq, tk=tk, lengths=lengths: setup_attention(
-                device, dtype, batch, heads, head_dim, tq, tk, lengths, attention_providers
-            ),
-            timer,
-            device,
-            modes,
-            results,
-            profiles=profiles,
-        )
-
+    cases = [
+        ("attention", case, lambda tq=tq, tk=tk, lengths=lengths: setup_attention(
+            device, dtype, batch, heads, head_dim, tq, tk, lengths, attention_providers))
+        for case, tq, tk, lengths in attention_cases
+    ]  # fmt: skip
     # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
     # padded to the longest.
     caption_lengths = [8 + (5 * i) % 13 for i in range(batch)]
-    measure_case(
-        "varlen_attention",
-        "text_8..20_packed",
-        lambda: setup_varlen_attention(device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers),
-        timer,
-        device,
-        modes,
-        results,
-        profiles=profiles,
-    )
-
+    cases.append(("varlen_attention", "text_8..20_packed", lambda: setup_varlen_attention(
+        device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers)))  # fmt: skip
     rows = batch * 121  # single-stream tokens
-    measure_case(
-        "bias_gelu",
-        f"{rows}x{ffn}",
-        lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers),
-        timer,
-        device,
-        modes,
-        results,
-        profiles=profiles,
-    )
-    for p in [0.1] if args.quick else [0.0, 0.1]:
-        measure_case(
-            "residual_layer_norm",
-            f"{rows}x{hidden}_drop{p}",
-            lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers),
-            timer,
-            device,
-            modes,
-            results,
-            profiles=profiles,
-        )
-    mlm_rows = [max(1, round(batch * 20 * 0.15))] + ([] if args.quick else [batch * 20])
-    for n in mlm_rows:
-        measure_case(
-            "linear_cross_entropy",
-            f"{n}x{hidden}->{vocab}",
-            lambda n=n: setup_linear_cross_entropy(device, dtype, n, hidden, vocab, fused_providers),
-            timer,
-            device,
-            modes,
-            results,
-            profiles=profiles,
-        )
+    cases.append(("bias_gelu", f"{rows}x{ffn}", lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers)))
+    cases += [
+        ("residual_layer_norm", f"{rows}x{hidden}_drop{p}",
+         lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers))
+        for p in ([0.1] if args.quick else [0.0, 0.1])
+    ]  # fmt: skip
+    cases += [
+        ("linear_cross_entropy", f"{n}x{hidden}->{vocab}",
+         lambda n=n: setup_linear_cross_entropy(device, dtype, n, hidden, vocab, fused_providers))
+        for n in [max(1, round(batch * 20 * 0.15))] + ([] if args.quick else [batch * 20])
+    ]  # fmt: skip
 
-    report = {"meta": meta, "copy_GBps": bandwidth, "results": results, "speedups": speedups(results)}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = (meta["device"] or "cpu").replace(" ", "_").replace("/", "_")
     path = out_dir / f"kernels_{tag}_{meta['dtype']}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=1))
+    profile_path = path.with_name(path.stem + "_profile.txt")
+    report: dict = {}
+
+    def save() -> None:
+        report.update(meta=meta, copy_GBps=bandwidth, results=results, speedups=speedups(results))
+        path.write_text(json.dumps(report, indent=1))
+        if profiles:
+            profile_path.write_text("".join(f"== {title}\n{table}\n\n" for title, table in profiles))
+
+    for op, case, setup in cases:
+        measure_case(op, case, setup, timer, device, modes, results, profiles=profiles)
+        save()  # after every case: a run cut short (gpu_check's stage limits) keeps what it measured
     if profiles:
-        profile_path = path.with_name(path.stem + "_profile.txt")
-        profile_path.write_text("".join(f"== {title}\n{table}\n\n" for title, table in profiles))
         print(f"wrote {profile_path}")
     print("\nspeedups (triton vs others, by wall-clock p50_ms and by device_ms):", flush=True)
     for s in report["speedups"]:

@@ -32,10 +32,10 @@ Timing. `--warmup` steps (compilation and Triton autotuning happen there), then 
 `--steps` steps. On CUDA each repeat is timed with CUDA events around its steps (synchronizing only at
 the end of a repeat), on CPU with time.perf_counter. ms/step is the median over repeats; the spread
 is (max - min) / median of the repeats. Events between backward and the optimizer split the step
-into fwd+bwd and optimizer time (medians over all timed steps). On CUDA two more steps run under
-torch.profiler: device_ms_per_step is the GPU's kernel time per step (benchmarks/device_time.py) and
-gpu_busy_pct its share of ms/step; well below 100% the step is host-bound (launches, Python, syncs),
-which CUDA graphs address: `--compile on --compile-mode reduce-overhead`.
+into fwd+bwd and optimizer time (medians over all timed steps). On CUDA two more steps of each main
+and compiled run go under torch.profiler: device_ms_per_step is the GPU's kernel time per step
+(benchmarks/device_time.py) and gpu_busy_pct its share of ms/step; well below 100% the step is
+host-bound (launches, Python, syncs), which CUDA graphs address: `--compile-mode reduce-overhead`.
 
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
@@ -87,6 +87,7 @@ MODES = ("single", "two", "alternate")
 BACKENDS = ("eager", "sdpa", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+PROFILED_SECTIONS = ("main", "compiled")  # runs whose kernel time per step is measured (device_time)
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's WordPiece ids
 MASK_PROB = 0.15
 # Text layouts of the padding study (see text_lengths).
@@ -389,8 +390,6 @@ def time_steps(
         "warmup_s": warmup_s,
         "loss": float(loss.detach().float()) if loss is not None else None,
     }
-    # After reading the loss: under CUDA graphs a later replay overwrites that output.
-    result.update(device_time(train, forward_for, device, median))
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -402,7 +401,8 @@ def time_steps(
 def device_time(train: TrainStep, forward_for, device: torch.device, ms_per_step: float) -> dict:
     """CUDA: the GPU's kernel time per step over two more steps (one of each mode when alternating),
     and the share of the step's wall time it fills: well below 100% the step is host-bound (kernel
-    launches, Python) or stalls at host syncs, and faster kernels will not make it faster."""
+    launches, Python) or stalls at host syncs, and faster kernels will not make it faster. Runs after
+    the timed steps' loss was read: under CUDA graphs a later replay overwrites that output."""
     if device.type != "cuda":
         return {}
     clock, steps = Clock(device), iter(range(2))
@@ -578,6 +578,8 @@ class Runner:
             return self.record({**run, "status": "skipped", "reason": reason})
         try:
             result = time_steps(train, forward_for, self.device, *timing, self.nvml)
+            if run["section"] in PROFILED_SECTIONS:  # the profiler costs seconds: only where it tells most
+                result.update(device_time(train, forward_for, self.device, result["ms_per_step"]))
         except Exception as exc:
             return self.error(run, exc)
         seconds = result["ms_per_step"] / 1e3
@@ -903,7 +905,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-text-len", type=int, default=20)
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile's mode; reduce-overhead replays CUDA graphs (no per-kernel launch cost)")  # fmt: skip
+                   help="torch.compile mode; reduce-overhead replays CUDA graphs (no launch per kernel)")  # fmt: skip
     p.add_argument("--peers", type=_csv(tuple(PEER_MODE)), nargs="?", const=list(PEER_MODE), default=[])
     p.add_argument("--padding-study", action="store_true", help="all text layouts (LAYOUTS), packed included")
     p.add_argument("--padding-modes", type=_csv(("single", "two")), default=["single", "two"])
