@@ -20,6 +20,7 @@ $(STAMP): setup.py pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 # Pre-trains the tiny model in 2 CPU processes on the toy world (generated in data/toy on first
@@ -31,6 +32,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) data/toy runs outputs

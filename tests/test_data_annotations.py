@@ -26,18 +26,30 @@ def dump(path, data):
     return path
 
 
-@pytest.mark.parametrize("raw, norm", [
-    ("Two", "2"), ("a man", "man"), ("The Woman", "woman"), ("grey", "gray"), ("yes.", "yes"),
-    ("an apple", "apple"), ("the red car", "red car"), ("", ""), ("ten", "10"), ("net", "net"),
-])
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("Two", "2"),
+        ("a man", "man"),
+        ("The Woman", "woman"),
+        ("grey", "gray"),
+        ("yes.", "yes"),
+        ("an apple", "apple"),
+        ("the red car", "red car"),
+        ("", ""),
+        ("ten", "10"),
+        ("net", "net"),
+    ],
+)
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
 
 
 def test_answer_tables(tmp_path):
-    all_ans = dump(tmp_path / "all_ans.json", [{"ans": "yes", "dsets": ["vqa", "gqa"]},
-                                               {"ans": "net", "dsets": ["vqa"]},
-                                               {"ans": "pipe", "dsets": ["gqa"]}])
+    all_ans = dump(
+        tmp_path / "all_ans.json",
+        [{"ans": "yes", "dsets": ["vqa", "gqa"]}, {"ans": "net", "dsets": ["vqa"]}, {"ans": "pipe", "dsets": ["gqa"]}],
+    )
     assert AnswerTable.from_all_ans(all_ans).answers == ["yes", "net", "pipe"]
     assert AnswerTable.from_all_ans(all_ans, dsets=["gqa"]).answers == ["yes", "pipe"]
     assert AnswerTable.load(all_ans).ans2id("pipe") == 2
@@ -55,10 +67,16 @@ def test_answer_tables(tmp_path):
 
 def pretrain_records():
     return [
-        {"img_id": "i0", "sentf": {"mscoco": ["a dog .", "a cat ."], "vqa": ["how many dogs ?"]},
-         "labelf": {"vqa": [{"Two": 0.6, "three": 0.3}]}},
-        {"img_id": "i1", "sentf": {"vg": ["a tree ."], "vqa": ["what is it ?", "is it red ?"]},
-         "labelf": {"vqa": [{"unknown answer": 1.0}, {"yes": 1.0}]}},
+        {
+            "img_id": "i0",
+            "sentf": {"mscoco": ["a dog .", "a cat ."], "vqa": ["how many dogs ?"]},
+            "labelf": {"vqa": [{"Two": 0.6, "three": 0.3}]},
+        },
+        {
+            "img_id": "i1",
+            "sentf": {"vg": ["a tree ."], "vqa": ["what is it ?", "is it red ?"]},
+            "labelf": {"vqa": [{"unknown answer": 1.0}, {"yes": 1.0}]},
+        },
     ]
 
 
@@ -92,26 +110,55 @@ def test_pretrain_annotations(tmp_path):
 
 
 def test_finetune_readers(tmp_path):
-    vqa = dump(tmp_path / "vqa.json", [
-        {"question_id": 458752000, "img_id": "COCO_1", "sent": "What is this?", "label": {"net": 1, "pipe": 0.3}},
-        {"question_id": 458752001, "img_id": "COCO_1", "sent": "Why?"}])
+    vqa = dump(
+        tmp_path / "vqa.json",
+        [
+            {"question_id": 458752000, "img_id": "COCO_1", "sent": "What is this?", "label": {"net": 1, "pipe": 0.3}},
+            {"question_id": 458752001, "img_id": "COCO_1", "sent": "Why?"},
+        ],
+    )
     q = load_vqa(vqa)
     assert q[0].label == {"net": 1.0, "pipe": 0.3} and q[1].label is None and q[0].question_id == 458752000
-    gqa = load_gqa([dump(tmp_path / "gqa.json", [{"question_id": "07333408", "img_id": "2375429",
-                                                  "sent": "Is it?", "label": {"yes": 1.0}}])])
+    gqa = load_gqa(
+        [
+            dump(
+                tmp_path / "gqa.json",
+                [{"question_id": "07333408", "img_id": "2375429", "sent": "Is it?", "label": {"yes": 1.0}}],
+            )
+        ]
+    )
     assert gqa[0].question_id == "07333408"
     with pytest.raises(AnnotationError, match=r"record 0 \(question_id 1\) field 'label'"):
         load_vqa(dump(tmp_path / "bad.json", [{"question_id": 1, "img_id": "a", "sent": "s", "label": ["x"]}]))
-    nl = load_nlvr2(dump(tmp_path / "n.json", [{"identifier": "train-1-0-0", "img0": "a-img0", "img1": "a-img1",
-                                                "sent": "s", "label": 1}]))
+    nl = load_nlvr2(
+        dump(
+            tmp_path / "n.json",
+            [{"identifier": "train-1-0-0", "img0": "a-img0", "img1": "a-img1", "sent": "s", "label": 1}],
+        )
+    )
     assert (nl[0].img0, nl[0].label) == ("a-img0", 1)
     with pytest.raises(AnnotationError, match=r"record 0 \(identifier x\) field 'label' must be 0 or 1"):
         load_nlvr2(dump(tmp_path / "n2.json", [{"identifier": "x", "img0": "a", "img1": "b", "sent": "s", "label": 2}]))
-    karpathy = dump(tmp_path / "dataset_flickr30k.json", {"images": [
-        {"filename": "1000092795.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A.", "tokens": ["a"]}]},
-        {"filename": "10002456.jpg", "imgid": 1, "split": "test",
-         "sentences": [{"raw": "B.", "tokens": ["b"]}, {"raw": "C.", "tokens": ["c"]}]},
-        {"filename": "1001.jpg", "imgid": 2, "split": "test", "sentences": [{"raw": "D.", "tokens": ["d"]}]}]})
+    karpathy = dump(
+        tmp_path / "dataset_flickr30k.json",
+        {
+            "images": [
+                {
+                    "filename": "1000092795.jpg",
+                    "imgid": 0,
+                    "split": "train",
+                    "sentences": [{"raw": "A.", "tokens": ["a"]}],
+                },
+                {
+                    "filename": "10002456.jpg",
+                    "imgid": 1,
+                    "split": "test",
+                    "sentences": [{"raw": "B.", "tokens": ["b"]}, {"raw": "C.", "tokens": ["c"]}],
+                },
+                {"filename": "1001.jpg", "imgid": 2, "split": "test", "sentences": [{"raw": "D.", "tokens": ["d"]}]},
+            ]
+        },
+    )
     r = load_flickr30k(karpathy, "test")
     assert r.image_ids == ["10002456", "1001"] and r.captions == ["B.", "C.", "D."]
     assert r.caption_image.tolist() == [0, 0, 1]
@@ -138,7 +185,7 @@ def test_tokenizer(tmp_path):
     tok = load_tokenizer(vocab)
     assert len(tok) == 10 and load_tokenizer(tmp_path).vocab_size == 10  # a folder holding vocab.txt works
     ids, offsets = tokenize_texts(tok, ["A red CAR ?", "a a a a a a", "car"], max_len=5)
-    rows = [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(3)]
+    rows = [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(3)]
     assert rows == [[2, 6, 7, 8, 3], [2, 6, 6, 6, 3], [2, 8, 3]]  # truncated to 5 with [CLS]/[SEP]
     assert replacement_token_ids(tok).tolist() == [6, 7, 8, 9]
     (tmp_path / "tiny.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
@@ -149,14 +196,21 @@ def test_tokenizer(tmp_path):
 
 
 def test_data_config(tmp_path):
-    cfg_file = dump(tmp_path / "data.json", {
-        "stores": ["feats/a.h5", "/abs/b.h5"], "vocab": "vocab.txt", "num_object_labels": 24,
-        "pretrain": {"train": ["p.json"], "sources": ["mscoco", "vqa"], "answer_table": "all_ans.json"},
-        "flickr30k": {"annotations": "k.json"}})
+    cfg_file = dump(
+        tmp_path / "data.json",
+        {
+            "stores": ["feats/a.h5", "/abs/b.h5"],
+            "vocab": "vocab.txt",
+            "num_object_labels": 24,
+            "pretrain": {"train": ["p.json"], "sources": ["mscoco", "vqa"], "answer_table": "all_ans.json"},
+            "flickr30k": {"annotations": "k.json"},
+        },
+    )
     cfg = DataConfig.load(cfg_file)
     assert cfg.stores == (str(tmp_path / "feats/a.h5"), "/abs/b.h5")
-    assert cfg.pretrain == PretrainData(train=(str(tmp_path / "p.json"),), sources=("mscoco", "vqa"),
-                                        answer_table=str(tmp_path / "all_ans.json"))
+    assert cfg.pretrain == PretrainData(
+        train=(str(tmp_path / "p.json"),), sources=("mscoco", "vqa"), answer_table=str(tmp_path / "all_ans.json")
+    )
     assert cfg.num_object_labels == 24 and cfg.num_attribute_labels == 400 and cfg.vqa is None
     assert cfg.flickr30k.test_splits == ("test",)
     cfg.save(tmp_path / "copy.json")

@@ -22,20 +22,34 @@ def raw_image(rng, image_id, n, w=640, h=480):
     x1 = rng.uniform(0, w / 2, n)
     y1 = rng.uniform(0, h / 2, n)
     boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1)
-    return dict(img_id=image_id, img_h=h, img_w=w,
-                objects_id=rng.integers(0, 1600, n).astype(np.int64),
-                objects_conf=rng.permutation(np.linspace(0.1, 0.9, n)).astype(np.float32),
-                attrs_id=rng.integers(0, 400, n).astype(np.int64),
-                attrs_conf=rng.random(n).astype(np.float32),
-                num_boxes=n, boxes=boxes.astype(np.float32),
-                features=(rng.random((n, D)) * 10).astype(np.float32))
+    return dict(
+        img_id=image_id,
+        img_h=h,
+        img_w=w,
+        objects_id=rng.integers(0, 1600, n).astype(np.int64),
+        objects_conf=rng.permutation(np.linspace(0.1, 0.9, n)).astype(np.float32),
+        attrs_id=rng.integers(0, 400, n).astype(np.int64),
+        attrs_conf=rng.random(n).astype(np.float32),
+        num_boxes=n,
+        boxes=boxes.astype(np.float32),
+        features=(rng.random((n, D)) * 10).astype(np.float32),
+    )
 
 
 def tsv_line(img, **override) -> str:
     img = {**img, **override}
-    cols = [img["img_id"], str(img["img_h"]), str(img["img_w"]), b64(img["objects_id"]), b64(img["objects_conf"]),
-            b64(img["attrs_id"]), b64(img["attrs_conf"]), str(img["num_boxes"]), b64(img["boxes"]),
-            b64(img["features"])]
+    cols = [
+        img["img_id"],
+        str(img["img_h"]),
+        str(img["img_w"]),
+        b64(img["objects_id"]),
+        b64(img["objects_conf"]),
+        b64(img["attrs_id"]),
+        b64(img["attrs_conf"]),
+        str(img["num_boxes"]),
+        b64(img["boxes"]),
+        b64(img["features"]),
+    ]
     return "\t".join(str(c) for c in cols)
 
 
@@ -113,11 +127,13 @@ def test_every_bad_record_is_named(tmp_path):
 def test_skip_bad_counts_and_reports(tmp_path):
     rng = np.random.default_rng(3)
     bad = bad_lines(rng)
-    lines = [tsv_line(raw_image(rng, "ok0", 4))] + [b for b, _ in bad] + [tsv_line(raw_image(rng, "ok1", 4)),
-                                                                         tsv_line(raw_image(rng, "ok0", 4))]
+    lines = (
+        [tsv_line(raw_image(rng, "ok0", 4))]
+        + [b for b, _ in bad]
+        + [tsv_line(raw_image(rng, "ok1", 4)), tsv_line(raw_image(rng, "ok0", 4))]
+    )
     tsv = write_tsv(tmp_path / "f.tsv", lines)
-    report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, skip_bad=True,
-                                progress=False)
+    report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, skip_bad=True, progress=False)
     assert report.written == 2 and report.skipped == len(bad) + 1  # + the duplicate id
     assert "line 10 (image ok0): field 'img_id': duplicate" in report.skipped_examples[-1]
     assert FeatureStore(tmp_path / "s.h5").image_ids == ["ok0", "ok1"]
@@ -145,9 +161,18 @@ def test_npz_dir(tmp_path):
     folder = tmp_path / "npz"
     folder.mkdir()
     a = raw_image(rng, "a", 6)
-    np.savez(folder / "img_a.npz", img_h=a["img_h"], img_w=a["img_w"], num_boxes=6, features=a["features"],
-             boxes=a["boxes"], objects_id=a["objects_id"], objects_conf=a["objects_conf"],
-             attrs_id=a["attrs_id"], attrs_conf=a["attrs_conf"])
+    np.savez(
+        folder / "img_a.npz",
+        img_h=a["img_h"],
+        img_w=a["img_w"],
+        num_boxes=6,
+        features=a["features"],
+        boxes=a["boxes"],
+        objects_id=a["objects_id"],
+        objects_conf=a["objects_conf"],
+        attrs_id=a["attrs_id"],
+        attrs_conf=a["attrs_conf"],
+    )
     b = raw_image(rng, "b", 6)  # alias key names, no detector labels
     np.savez(folder / "img_b.npz", image_h=b["img_h"], image_w=b["img_w"], features=b["features"], bbox=b["boxes"])
     report = convert_npz_dir(folder, tmp_path / "s.h5", num_objects=6, feature_dim=D, progress=False)
@@ -164,20 +189,37 @@ def test_npz_dir(tmp_path):
     with pytest.raises(ConversionError, match=r"img_c.npz \(image img_c\): field 'boxes': missing"):
         convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, progress=False)
     (folder / "img_d.npz").write_bytes(b"garbage")
-    report = convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, skip_bad=True,
-                             progress=False)
+    report = convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, skip_bad=True, progress=False)
     assert (report.written, report.skipped) == (2, 2)
 
 
 def test_cli_progress_and_errors(tmp_path, capsys):
     rng = np.random.default_rng(6)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(3)])
-    assert conv.main(["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4",
-                      "--feature-dim", str(D)]) == 0
+    assert (
+        conv.main(
+            ["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "img/s" in out.err and "wrote 3 images" in out.out  # the progress bar reports images/s
-    assert conv.main(["lxmert-tsv", str(tsv), "--out", str(tmp_path / "t.h5"), "--num-objects", "5",
-                      "--feature-dim", str(D), "--quiet"]) == 1
+    assert (
+        conv.main(
+            [
+                "lxmert-tsv",
+                str(tsv),
+                "--out",
+                str(tmp_path / "t.h5"),
+                "--num-objects",
+                "5",
+                "--feature-dim",
+                str(D),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "line 1 (image i0): field 'num_boxes'" in err and "no store written" in err
     assert not (tmp_path / "t.h5").exists()

@@ -35,8 +35,17 @@ def light(toy, tmp_path_factory):
     with FeatureStoreWriter(path, src.num_objects, 16) as w:
         for row in range(len(src)):
             img = src.read(row)
-            w.add(img.image_id, img.features[:, :16], img.boxes, img.img_h, img.img_w, img.obj_ids,
-                  img.obj_confs, img.attr_ids, img.attr_confs)
+            w.add(
+                img.image_id,
+                img.features[:, :16],
+                img.boxes,
+                img.img_h,
+                img.img_w,
+                img.obj_ids,
+                img.obj_confs,
+                img.attr_ids,
+                img.attr_confs,
+            )
     return DataConfig.from_dict({**cfg.to_dict(), "stores": [str(path)]})
 
 
@@ -64,12 +73,20 @@ def test_batch_layout(toy):
     t = int(lengths.max())
     assert batch["input_ids"].shape == (b, t) and t <= 20  # padded to the longest text only
     for name, dtype, shape in [
-        ("input_ids", torch.int64, (b, t)), ("attention_mask", torch.int64, (b, t)),
-        ("token_type_ids", torch.int64, (b, t)), ("mlm_labels", torch.int64, (b, t)),
-        ("visual_feats", torch.float16, (b, k, 2048)), ("visual_pos", torch.float32, (b, k, 4)),
-        ("obj_mask", torch.bool, (b, k)), ("obj_labels", torch.int64, (b, k)), ("obj_confs", torch.float32, (b, k)),
-        ("attr_labels", torch.int64, (b, k)), ("attr_confs", torch.float32, (b, k)),
-        ("itm_labels", torch.int64, (b,)), ("qa_labels", torch.int64, (b,)), ("cu_seqlens", torch.int32, (b + 1,)),
+        ("input_ids", torch.int64, (b, t)),
+        ("attention_mask", torch.int64, (b, t)),
+        ("token_type_ids", torch.int64, (b, t)),
+        ("mlm_labels", torch.int64, (b, t)),
+        ("visual_feats", torch.float16, (b, k, 2048)),
+        ("visual_pos", torch.float32, (b, k, 4)),
+        ("obj_mask", torch.bool, (b, k)),
+        ("obj_labels", torch.int64, (b, k)),
+        ("obj_confs", torch.float32, (b, k)),
+        ("attr_labels", torch.int64, (b, k)),
+        ("attr_confs", torch.float32, (b, k)),
+        ("itm_labels", torch.int64, (b,)),
+        ("qa_labels", torch.int64, (b,)),
+        ("cu_seqlens", torch.int32, (b + 1,)),
     ]:
         assert batch[name].dtype == dtype and tuple(batch[name].shape) == shape, name
     assert "visual_attention_mask" not in batch  # the toy store has no padding
@@ -93,8 +110,21 @@ def test_batch_layout(toy):
 
 
 def test_masking_statistics(dataset):
-    counts = dict(maskable=0, masked=0, as_mask=0, as_random=0, kept=0, obj=0, obj_masked=0,
-                  mis_maskable=0, mis_mask_tokens=0, mis_obj=0, mis_obj_masked=0, n=0, matched=0)
+    counts = dict(
+        maskable=0,
+        masked=0,
+        as_mask=0,
+        as_random=0,
+        kept=0,
+        obj=0,
+        obj_masked=0,
+        mis_maskable=0,
+        mis_mask_tokens=0,
+        mis_obj=0,
+        mis_obj_masked=0,
+        n=0,
+        matched=0,
+    )
     rng = np.random.default_rng(0)
     for _ in range(12):
         indices = rng.choice(len(dataset), 256, replace=False)
@@ -169,10 +199,16 @@ def test_qa_labels(light, dataset):
     stores = open_stores(cfg.stores)
     table = AnswerTable(["red", "blue", "green"])
     corpus = PretrainCorpus(
-        sources=("vqa",), image_ids=stores.image_ids[:2], sent_image=np.array([0, 1]),
-        sent_source=np.zeros(2, np.int8), sent_index=np.zeros(2, np.int32),
-        texts=["what color is the car ?", "a dog ."], qa_offsets=np.array([0, 2, 2]),
-        qa_answers=np.array([0, 1], np.int32), qa_scores=np.array([0.6, 0.3], np.float32))
+        sources=("vqa",),
+        image_ids=stores.image_ids[:2],
+        sent_image=np.array([0, 1]),
+        sent_source=np.zeros(2, np.int8),
+        sent_index=np.zeros(2, np.int32),
+        texts=["what color is the car ?", "a dog ."],
+        qa_offsets=np.array([0, 2, 2]),
+        qa_answers=np.array([0, 1], np.int32),
+        qa_scores=np.array([0.6, 0.3], np.float32),
+    )
     ds = PretrainDataset(corpus, stores, load_tokenizer(cfg.vocab), table, MaskingConfig(mismatch_prob=0.0))
     assert ds.make_batch(np.array([0, 1]), np.random.default_rng(0))["qa_labels"].tolist()[1] == -100
     # Only the QA draw: reading 3000 images would test nothing more.
@@ -220,7 +256,7 @@ def test_resume_mid_epoch(light, num_workers):
     got = list(resumed)  # the rest of epoch 0 ...
     got += collect(resumed, 2)  # ... then epoch 1 begins
     assert len(got) == 5
-    for x, y in zip(got, reference[k:k + 5], strict=True):
+    for x, y in zip(got, reference[k : k + 5], strict=True):
         batches_equal(x, y)
     other = build_pretrain_loader(light, batch_size=64, seed=1)
     with pytest.raises(ValueError, match="batch_size=128 but this loader has batch_size=64"):
@@ -263,17 +299,33 @@ def test_padded_store_masks(tmp_path, toy):
             img = src.read(i)
             n = 30 + i % 50  # fewer than K=100 boxes: padded
             boxes = img.boxes[:n] * np.array([img.img_w, img.img_h] * 2, np.float32)
-            raw = RawImage(img.image_id, img.img_h, img.img_w, boxes, img.features[:n].astype(np.float32),
-                           img.obj_ids[:n], img.obj_confs[:n], img.attr_ids[:n], img.attr_confs[:n])
+            raw = RawImage(
+                img.image_id,
+                img.img_h,
+                img.img_w,
+                boxes,
+                img.features[:n].astype(np.float32),
+                img.obj_ids[:n],
+                img.obj_confs[:n],
+                img.attr_ids[:n],
+                img.attr_confs[:n],
+            )
             yield img.image_id, img.image_id, lambda raw=raw: raw
 
     convert(records(), tmp_path / "padded.h5", num_objects=100, pad=True, progress=False)
     table = AnswerTable(["yes"])
     stores = open_stores([tmp_path / "padded.h5"])
     corpus = PretrainCorpus(
-        sources=("mscoco",), image_ids=stores.image_ids, sent_image=np.arange(40),
-        sent_source=np.zeros(40, np.int8), sent_index=np.zeros(40, np.int32), texts=["a red car ."] * 40,
-        qa_offsets=np.zeros(41, np.int64), qa_answers=np.zeros(0, np.int32), qa_scores=np.zeros(0, np.float32))
+        sources=("mscoco",),
+        image_ids=stores.image_ids,
+        sent_image=np.arange(40),
+        sent_source=np.zeros(40, np.int8),
+        sent_index=np.zeros(40, np.int32),
+        texts=["a red car ."] * 40,
+        qa_offsets=np.zeros(41, np.int64),
+        qa_answers=np.zeros(0, np.int32),
+        qa_scores=np.zeros(0, np.float32),
+    )
     ds = PretrainDataset(corpus, stores, load_tokenizer(cfg.vocab), table)
     batch = ds.make_batch(np.arange(40), np.random.default_rng(0))
     vmask = batch["visual_attention_mask"]

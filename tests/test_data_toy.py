@@ -95,8 +95,9 @@ def test_text_matches_the_image_and_only_the_image(toy):
                 if other != r["img_id"]:
                     other_pairs += 1
                     other_consistent += consistent(s, facts[other])
-        for s, label in zip(r["sentf"]["vqa"] + r["sentf"]["gqa"], r["labelf"]["vqa"] + r["labelf"]["gqa"],
-                            strict=True):
+        for s, label in zip(
+            r["sentf"]["vqa"] + r["sentf"]["gqa"], r["labelf"]["vqa"] + r["labelf"]["gqa"], strict=True
+        ):
             (ans,) = label
             s = question(s)
             if (r["img_id"], s) not in asked:  # an image may ask the same question twice
@@ -137,8 +138,9 @@ def test_features_carry_class_and_color(toy):
 
     same = [cos(v[0], v[1]) for v in by_key.values() if len(v) > 1]
     keys = list(by_key)
-    diff = [cos(by_key[a][0], by_key[b][0]) for a, b in zip(keys, keys[1:], strict=False)
-            if a[0] != b[0] and a[1] != b[1]]
+    diff = [
+        cos(by_key[a][0], by_key[b][0]) for a, b in zip(keys, keys[1:], strict=False) if a[0] != b[0] and a[1] != b[1]
+    ]
     assert same and diff and min(same) > 0.9 and max(diff) < 0.2
 
 

@@ -147,8 +147,9 @@ class AnswerTable:
         answers = [None] * len(data)
         for ans, label in data.items():
             if not isinstance(label, int) or not 0 <= label < len(data) or answers[label] is not None:
-                raise AnnotationError(f"{path}: answer {ans!r} has label {label!r}; labels must be "
-                                      f"distinct integers 0..{len(data) - 1}")
+                raise AnnotationError(
+                    f"{path}: answer {ans!r} has label {label!r}; labels must be distinct integers 0..{len(data) - 1}"
+                )
             answers[label] = ans
         return cls(answers)
 
@@ -230,10 +231,15 @@ class PretrainCorpus:
         np.cumsum(counts[idx], out=offsets[1:])
         take = keep[np.repeat(np.arange(len(counts)), counts)]  # QA entries of kept sentences
         return PretrainCorpus(
-            sources=self.sources, image_ids=self.image_ids, sent_image=self.sent_image[idx],
-            sent_source=self.sent_source[idx], sent_index=self.sent_index[idx],
-            texts=[self.texts[i] for i in idx], qa_offsets=offsets,
-            qa_answers=self.qa_answers[take], qa_scores=self.qa_scores[take],
+            sources=self.sources,
+            image_ids=self.image_ids,
+            sent_image=self.sent_image[idx],
+            sent_source=self.sent_source[idx],
+            sent_index=self.sent_index[idx],
+            texts=[self.texts[i] for i in idx],
+            qa_offsets=offsets,
+            qa_answers=self.qa_answers[take],
+            qa_scores=self.qa_scores[take],
             source_counts=self.source_counts,
         )
 
@@ -272,12 +278,15 @@ def load_pretrain_annotations(
                 if src not in src_index:
                     continue
                 if not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
-                    raise AnnotationError(f"{path}: {where} (img_id {img_id}) field 'sentf.{src}' "
-                                          "is not a list of strings")
+                    raise AnnotationError(
+                        f"{path}: {where} (img_id {img_id}) field 'sentf.{src}' is not a list of strings"
+                    )
                 labels = labelf.get(src)
                 if labels is not None and (not isinstance(labels, list) or len(labels) != len(sents)):
-                    raise AnnotationError(f"{path}: {where} (img_id {img_id}) field 'labelf.{src}' must be a "
-                                          f"list with one answer dict per sentence ({len(sents)})")
+                    raise AnnotationError(
+                        f"{path}: {where} (img_id {img_id}) field 'labelf.{src}' must be a "
+                        f"list with one answer dict per sentence ({len(sents)})"
+                    )
                 img = image_index.setdefault(img_id, len(image_index))
                 for k, sent in enumerate(sents):
                     sent_image.append(img)
@@ -288,8 +297,10 @@ def load_pretrain_annotations(
                     if labels is not None and answer_table is not None:
                         label = labels[k]
                         if not isinstance(label, dict):
-                            raise AnnotationError(f"{path}: {where} (img_id {img_id}) field "
-                                                  f"'labelf.{src}[{k}]' is not an {{answer: score}} object")
+                            raise AnnotationError(
+                                f"{path}: {where} (img_id {img_id}) field "
+                                f"'labelf.{src}[{k}]' is not an {{answer: score}} object"
+                            )
                         ids = answer_table.label_ids(label)
                     qa_counts.append(len(ids))
                     qa_answers.extend(ids.keys())
@@ -324,8 +335,10 @@ def check_images(
     n_missing = int((~keep).sum())
     if n_missing:
         missing = list(dict.fromkeys(i for i, k in zip(image_ids, keep, strict=True) if not k))
-        msg = (f"{what}: {len(missing)} images missing from the feature stores "
-               f"({n_missing} of {len(image_ids)} entries), e.g. {missing[:5]}")
+        msg = (
+            f"{what}: {len(missing)} images missing from the feature stores "
+            f"({n_missing} of {len(image_ids)} entries), e.g. {missing[:5]}"
+        )
         if not skip_missing:
             raise MissingImagesError(msg + " (pass skip_missing=True / --skip-missing to drop them)")
         logger.warning("%s; skipped", msg)
@@ -363,15 +376,18 @@ def _load_qa(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[QAE
             qid = _field(rec, "question_id", path, where, (int, str))
             where = f"record {r} (question_id {qid})"
             label = rec.get("label")
-            if label is not None and (not isinstance(label, dict) or
-                                      not all(isinstance(v, (int, float)) for v in label.values())):
+            if label is not None and (
+                not isinstance(label, dict) or not all(isinstance(v, (int, float)) for v in label.values())
+            ):
                 raise AnnotationError(f"{path}: {where} field 'label' must be an {{answer: score}} object")
-            out.append(QAExample(
-                question_id=qid,
-                img_id=_field(rec, "img_id", path, where, str),
-                sent=_field(rec, "sent", path, where, str),
-                label=None if label is None else {a: float(s) for a, s in label.items()},
-            ))
+            out.append(
+                QAExample(
+                    question_id=qid,
+                    img_id=_field(rec, "img_id", path, where, str),
+                    sent=_field(rec, "sent", path, where, str),
+                    label=None if label is None else {a: float(s) for a, s in label.items()},
+                )
+            )
     return out
 
 
@@ -399,13 +415,15 @@ def load_nlvr2(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[N
             label = rec.get("label")
             if label is not None and label not in (0, 1):
                 raise AnnotationError(f"{path}: {where} field 'label' must be 0 or 1, got {label!r}")
-            out.append(NLVR2Example(
-                identifier=ident,
-                img0=_field(rec, "img0", path, where, str),
-                img1=_field(rec, "img1", path, where, str),
-                sent=_field(rec, "sent", path, where, str),
-                label=None if label is None else int(label),
-            ))
+            out.append(
+                NLVR2Example(
+                    identifier=ident,
+                    img0=_field(rec, "img0", path, where, str),
+                    img1=_field(rec, "img1", path, where, str),
+                    sent=_field(rec, "sent", path, where, str),
+                    label=None if label is None else int(label),
+                )
+            )
     return out
 
 

@@ -64,8 +64,7 @@ def visual_batch(stores: FeatureStoreSet, rows: np.ndarray, labels: bool = False
     """
     lead = rows.shape
     k, d = stores.num_objects, stores.feature_dim
-    tensors = {"features": allocate((*lead, k, d), torch.float16),
-               "boxes": allocate((*lead, k, 4), torch.float32)}
+    tensors = {"features": allocate((*lead, k, d), torch.float16), "boxes": allocate((*lead, k, 4), torch.float32)}
     if labels:
         tensors["obj_ids"] = allocate((*lead, k), torch.int64)
         tensors["obj_confs"] = allocate((*lead, k), torch.float32)
@@ -73,7 +72,7 @@ def visual_batch(stores: FeatureStoreSet, rows: np.ndarray, labels: bool = False
         tensors["attr_confs"] = allocate((*lead, k), torch.float32)
     if stores.padded:
         tensors["valid_mask"] = torch.empty((*lead, k), dtype=torch.bool)
-    flat = {name: t.numpy().reshape(-1, *t.shape[len(lead):]) for name, t in tensors.items()}
+    flat = {name: t.numpy().reshape(-1, *t.shape[len(lead) :]) for name, t in tensors.items()}
     for j, row in enumerate(rows.reshape(-1).tolist()):
         stores.read_into(row, flat, j)
     out = {"visual_feats": tensors["features"], "visual_pos": tensors["boxes"]}

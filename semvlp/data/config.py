@@ -141,15 +141,16 @@ def _from_dict(cls: type, data: object, base: Path | None, where: str) -> typing
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-                         f"known: {', '.join(fields)}")
+        raise ValueError(f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         f = fields[name]
-        kwargs[name] = _convert(hints[name], value, base if f.metadata.get("path") else None,
-                                base, where + name)
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        kwargs[name] = _convert(hints[name], value, base if f.metadata.get("path") else None, base, where + name)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"missing required key(s) {', '.join(where + m for m in missing)}")
     return cls(**kwargs)
@@ -192,8 +193,7 @@ def _to_dict(obj: object, base: Path | None = None) -> dict:
         if dataclasses.is_dataclass(value):
             value = _to_dict(value, base)
         elif f.metadata.get("path") and base is not None and value is not None:
-            value = (tuple(_relative(v, base) for v in value) if isinstance(value, tuple)
-                     else _relative(value, base))
+            value = tuple(_relative(v, base) for v in value) if isinstance(value, tuple) else _relative(value, base)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 

@@ -47,8 +47,18 @@ from tqdm import tqdm
 
 from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter
 
-TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-              "num_boxes", "boxes", "features")
+TSV_FIELDS = (
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+)
 _BOX_TOLERANCE_PX = 1.0
 
 
@@ -94,17 +104,26 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     if np.abs(raw.features).max(initial=0.0) > np.finfo(np.float16).max:
         raise BadRecordError("features", "values overflow float16")
     b, w, h, tol = raw.boxes, raw.img_w, raw.img_h, _BOX_TOLERANCE_PX
-    outside = ((b[:, 0] < -tol) | (b[:, 1] < -tol) | (b[:, 2] > w + tol) | (b[:, 3] > h + tol)
-               | (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+    outside = (
+        (b[:, 0] < -tol)
+        | (b[:, 1] < -tol)
+        | (b[:, 2] > w + tol)
+        | (b[:, 3] > h + tol)
+        | (b[:, 2] < b[:, 0])
+        | (b[:, 3] < b[:, 1])
+    )
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        raise BadRecordError("boxes", f"box {i} {b[i].tolist()} lies outside the {w}x{h} image "
-                             f"(or has x2 < x1 / y2 < y1)")
+        raise BadRecordError(
+            "boxes", f"box {i} {b[i].tolist()} lies outside the {w}x{h} image (or has x2 < x1 / y2 < y1)"
+        )
     if n > num_objects:
         keep = np.sort(np.argsort(-raw.obj_confs, kind="stable")[:num_objects])
     elif n < num_objects and not pad:
-        raise BadRecordError("num_boxes", f"{n} boxes, fewer than --num-objects {num_objects} "
-                             "(use --pad to pad and record a validity mask)")
+        raise BadRecordError(
+            "num_boxes",
+            f"{n} boxes, fewer than --num-objects {num_objects} (use --pad to pad and record a validity mask)",
+        )
     else:
         keep = np.arange(n)
     k = len(keep)
@@ -134,8 +153,10 @@ def _b64_array(text: str, dtype: type, shape: tuple[int, ...], name: str) -> np.
     itemsize = np.dtype(dtype).itemsize
     expected = int(np.prod(shape))
     if len(buf) != expected * itemsize:
-        raise BadRecordError(name, f"decodes to {len(buf) / itemsize:g} {np.dtype(dtype).name} values, "
-                             f"expected {expected} (shape {shape})")
+        raise BadRecordError(
+            name,
+            f"decodes to {len(buf) / itemsize:g} {np.dtype(dtype).name} values, expected {expected} (shape {shape})",
+        )
     return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
 
 
@@ -149,8 +170,9 @@ def _int(text: str, name: str) -> int:
 def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
     """One LXMERT TSV row; raises BadRecordError naming the field."""
     if len(row) != len(TSV_FIELDS):
-        raise BadRecordError("columns", f"{len(row)} tab-separated columns, expected {len(TSV_FIELDS)} "
-                             f"({', '.join(TSV_FIELDS)})")
+        raise BadRecordError(
+            "columns", f"{len(row)} tab-separated columns, expected {len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)})"
+        )
     n = _int(row[7], "num_boxes")
     if n < 0:
         raise BadRecordError("num_boxes", f"negative: {n}")
@@ -208,8 +230,7 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
             if key in data:
                 return data[key]
         if required:
-            raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; "
-                                 f"file has {sorted(data)})")
+            raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; file has {sorted(data)})")
         return None
 
     features, boxes = get("features"), get("boxes")
@@ -222,12 +243,22 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
     if num_boxes is not None and int(num_boxes) != n:
         raise BadRecordError("num_boxes", f"says {int(num_boxes)} but features has {n} rows")
     labels = {}
-    for name, dtype in (("obj_ids", np.int64), ("obj_confs", np.float32),
-                        ("attr_ids", np.int64), ("attr_confs", np.float32)):
+    for name, dtype in (
+        ("obj_ids", np.int64),
+        ("obj_confs", np.float32),
+        ("attr_ids", np.int64),
+        ("attr_confs", np.float32),
+    ):
         arr = get(name, required=False)
         labels[name] = np.zeros(n, dtype) if arr is None else np.asarray(arr).reshape(-1).astype(dtype)
-    return RawImage(image_id=Path(path).stem, img_h=int(get("img_h")), img_w=int(get("img_w")),
-                    boxes=boxes.astype(np.float32), features=features, **labels)
+    return RawImage(
+        image_id=Path(path).stem,
+        img_h=int(get("img_h")),
+        img_w=int(get("img_w")),
+        boxes=boxes.astype(np.float32),
+        features=features,
+        **labels,
+    )
 
 
 def npz_records(folder: str | os.PathLike) -> Iterator[Record]:
@@ -253,8 +284,15 @@ def convert(
     record unless skip_bad. Returns what was written and skipped."""
     report = ConversionReport()
     with FeatureStoreWriter(out, num_objects, feature_dim, padded=pad, compression=compression) as writer:
-        bar = tqdm(records, total=total, unit="img", desc=f"-> {Path(out).name}", disable=not progress,
-                   mininterval=1.0, smoothing=0.1)
+        bar = tqdm(
+            records,
+            total=total,
+            unit="img",
+            desc=f"-> {Path(out).name}",
+            disable=not progress,
+            mininterval=1.0,
+            smoothing=0.1,
+        )
         for location, image_id, parse in bar:
             try:
                 raw = parse()
@@ -288,8 +326,9 @@ def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m semvlp.data.convert",
-                                     description="Convert region features into a semvlp HDF5 store.")
+    parser = argparse.ArgumentParser(
+        prog="python -m semvlp.data.convert", description="Convert region features into a semvlp HDF5 store."
+    )
     sub = parser.add_subparsers(dest="format", required=True)
     tsv = sub.add_parser("lxmert-tsv", help="LXMERT feature TSV file(s)")
     tsv.add_argument("inputs", nargs="+")
@@ -301,13 +340,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--feature-dim", type=int, default=FEATURE_DIM)
         p.add_argument("--pad", action="store_true", help="pad images with fewer than K boxes")
         p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
-        p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
-                       help="compress features (smaller, slower to read; default none)")
+        p.add_argument(
+            "--compression",
+            choices=("none", "gzip", "lzf"),
+            default="none",
+            help="compress features (smaller, slower to read; default none)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    kwargs = dict(num_objects=args.num_objects, feature_dim=args.feature_dim, pad=args.pad,
-                  skip_bad=args.skip_bad, progress=not args.quiet,
-                  compression=None if args.compression == "none" else args.compression)
+    kwargs = dict(
+        num_objects=args.num_objects,
+        feature_dim=args.feature_dim,
+        pad=args.pad,
+        skip_bad=args.skip_bad,
+        progress=not args.quiet,
+        compression=None if args.compression == "none" else args.compression,
+    )
     try:
         if args.format == "lxmert-tsv":
             report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)

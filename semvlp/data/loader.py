@@ -79,8 +79,9 @@ class ShardedBatchSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
         if drop_last and num_examples // world_size < batch_size:
-            raise ValueError(f"{num_examples} examples give no full batch of {batch_size} on each of "
-                             f"{world_size} ranks")
+            raise ValueError(
+                f"{num_examples} examples give no full batch of {batch_size} on each of {world_size} ranks"
+            )
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.rank = rank
@@ -105,15 +106,16 @@ class ShardedBatchSampler:
             perm = np.random.default_rng([self.seed, epoch, 0, 0]).permutation(self.num_examples)
         else:
             perm = np.arange(self.num_examples)
-        return perm[self.rank::self.world_size][: self._rank_examples()]
+        return perm[self.rank :: self.world_size][: self._rank_examples()]
 
     def keys(self, epoch: int, start: int = 0) -> Iterator[BatchKey]:
         """Batches `start`, `start + 1`, ... of an epoch."""
         order = self.order(epoch)
         b = self.batch_size
         for i in range(start, len(self)):
-            yield BatchKey(self.seed, epoch, i * self.world_size + self.rank,
-                           tuple(order[i * b:(i + 1) * b].tolist()))
+            yield BatchKey(
+                self.seed, epoch, i * self.world_size + self.rank, tuple(order[i * b : (i + 1) * b].tolist())
+            )
 
 
 @dataclass
@@ -180,8 +182,9 @@ class ResumableLoader:
         prefetch_factor: int = 2,
     ):
         self.dataset = dataset
-        self.sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world_size, seed,
-                                           shuffle=shuffle, drop_last=drop_last)
+        self.sampler = ShardedBatchSampler(
+            len(dataset), batch_size, rank, world_size, seed, shuffle=shuffle, drop_last=drop_last
+        )
         self.repeatable = repeatable
         self._cursor = _Cursor(repeatable=repeatable)
         if pin_memory is None:
@@ -190,9 +193,15 @@ class ResumableLoader:
         # Each new iterator draws a worker base seed; from its own generator, not the global
         # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.
         # Batches do not depend on it: they are built from their BatchKey alone.
-        self._loader = DataLoader(dataset, batch_size=None, sampler=_CursorSampler(self.sampler, self._cursor),
-                                  num_workers=num_workers, pin_memory=pin_memory,
-                                  generator=torch.Generator().manual_seed(seed), **extra)
+        self._loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=_CursorSampler(self.sampler, self._cursor),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(seed),
+            **extra,
+        )
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -220,9 +229,15 @@ class ResumableLoader:
 
     def state_dict(self) -> dict:
         s = self.sampler
-        return {"epoch": self.epoch, "position": self.position, "seed": s.seed,
-                "world_size": s.world_size, "rank": s.rank, "batch_size": s.batch_size,
-                "num_examples": s.num_examples}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": s.seed,
+            "world_size": s.world_size,
+            "rank": s.rank,
+            "batch_size": s.batch_size,
+            "num_examples": s.num_examples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position. The rank may differ (each rank restores its own
@@ -230,8 +245,10 @@ class ResumableLoader:
         s = self.sampler
         for key in ("seed", "world_size", "batch_size", "num_examples"):
             if state[key] != getattr(s, key):
-                raise ValueError(f"loader state has {key}={state[key]} but this loader has "
-                                 f"{key}={getattr(s, key)}; the resumed batches would differ")
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has "
+                    f"{key}={getattr(s, key)}; the resumed batches would differ"
+                )
         if not 0 <= state["position"] <= len(s):
             raise ValueError(f"loader state position {state['position']} outside 0..{len(s)}")
         self._cursor.epoch = int(state["epoch"])

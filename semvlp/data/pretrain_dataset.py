@@ -267,8 +267,25 @@ def build_pretrain_loader(
     """The pre-training loader of one rank; see the module docstring for the batch layout."""
     dataset = build_pretrain_dataset(data_config, tokenizer, split, masking, skip_missing)
     train = split == "train"
-    loader = ResumableLoader(dataset, batch_size, rank, world_size, seed, num_workers,
-                             shuffle=train, drop_last=train, repeatable=not train, pin_memory=pin_memory)
-    logger.info("pre-training %s: %d sentences, %d batches of %d per epoch on rank %d/%d",
-                split, len(dataset), len(loader), batch_size, rank, world_size)
+    loader = ResumableLoader(
+        dataset,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        num_workers,
+        shuffle=train,
+        drop_last=train,
+        repeatable=not train,
+        pin_memory=pin_memory,
+    )
+    logger.info(
+        "pre-training %s: %d sentences, %d batches of %d per epoch on rank %d/%d",
+        split,
+        len(dataset),
+        len(loader),
+        batch_size,
+        rank,
+        world_size,
+    )
     return loader

@@ -93,21 +93,25 @@ def check_image(
         raise BadRecordError("features", f"shape {features.shape}, expected {(k, feature_dim)}")
     if boxes.shape != (k, 4):
         raise BadRecordError("boxes", f"shape {boxes.shape}, expected {(k, 4)}")
-    for name, arr in (("obj_ids", obj_ids), ("obj_confs", obj_confs),
-                      ("attr_ids", attr_ids), ("attr_confs", attr_confs)):
+    for name, arr in (
+        ("obj_ids", obj_ids),
+        ("obj_confs", obj_confs),
+        ("attr_ids", attr_ids),
+        ("attr_confs", attr_confs),
+    ):
         if arr.shape != (k,):
             raise BadRecordError(name, f"shape {arr.shape}, expected {(k,)}")
     if valid_mask is not None and valid_mask.shape != (k,):
         raise BadRecordError("valid_mask", f"shape {valid_mask.shape}, expected {(k,)}")
     if img_h <= 0 or img_w <= 0:
         raise BadRecordError("img_h/img_w", f"image size must be positive, got {img_h}x{img_w}")
-    for name, arr in (("features", features), ("boxes", boxes),
-                      ("obj_confs", obj_confs), ("attr_confs", attr_confs)):
+    for name, arr in (("features", features), ("boxes", boxes), ("obj_confs", obj_confs), ("attr_confs", attr_confs)):
         if not np.isfinite(arr).all():
             raise BadRecordError(name, "contains NaN or infinite values")
     if boxes.size and (boxes.min() < 0.0 or boxes.max() > 1.0):
-        raise BadRecordError("boxes", f"normalized coordinates outside [0, 1]: "
-                             f"min {boxes.min():.4f}, max {boxes.max():.4f}")
+        raise BadRecordError(
+            "boxes", f"normalized coordinates outside [0, 1]: min {boxes.min():.4f}, max {boxes.max():.4f}"
+        )
     if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
         raise BadRecordError("boxes", "a box has x2 < x1 or y2 < y1")
 
@@ -166,8 +170,15 @@ class FeatureStoreWriter:
         f.attrs["feature_dim"] = d
         f.attrs["padded"] = self.padded
         f.attrs["box_format"] = "x1y1x2y2 normalized by image width/height"
-        f.create_dataset("features", (0, k, d), np.float16, maxshape=(None, k, d), chunks=(1, k, d),
-                         compression=self._compression, compression_opts=self._compression_level)
+        f.create_dataset(
+            "features",
+            (0, k, d),
+            np.float16,
+            maxshape=(None, k, d),
+            chunks=(1, k, d),
+            compression=self._compression,
+            compression_opts=self._compression_level,
+        )
         c = _SMALL_CHUNK_ROWS
         f.create_dataset("boxes", (0, k, 4), np.float32, maxshape=(None, k, 4), chunks=(c, k, 4))
         for name in ("img_h", "img_w"):
@@ -207,8 +218,19 @@ class FeatureStoreWriter:
             raise BadRecordError("img_id", f"duplicate image id {image_id!r}")
         if self.padded != (valid_mask is not None):
             raise ValueError("valid_mask must be given exactly when the store is padded")
-        check_image(features, boxes, img_h, img_w, obj_ids, obj_confs, attr_ids, attr_confs,
-                    self.num_objects, self.feature_dim, valid_mask)
+        check_image(
+            features,
+            boxes,
+            img_h,
+            img_w,
+            obj_ids,
+            obj_confs,
+            attr_ids,
+            attr_confs,
+            self.num_objects,
+            self.feature_dim,
+            valid_mask,
+        )
         if features.dtype != np.float16 and np.abs(features).max(initial=0.0) > np.finfo(np.float16).max:
             raise BadRecordError("features", "values overflow float16")
         i = self._n
@@ -217,9 +239,16 @@ class FeatureStoreWriter:
             for ds in self._ds.values():
                 ds.resize(self._capacity, axis=0)
         self._ds["features"][i] = features.astype(np.float16, copy=False)
-        record = {"boxes": boxes, "img_h": img_h, "img_w": img_w, "obj_ids": obj_ids,
-                  "obj_confs": obj_confs, "attr_ids": attr_ids, "attr_confs": attr_confs,
-                  "image_ids": image_id}
+        record = {
+            "boxes": boxes,
+            "img_h": img_h,
+            "img_w": img_w,
+            "obj_ids": obj_ids,
+            "obj_confs": obj_confs,
+            "attr_ids": attr_ids,
+            "attr_confs": attr_confs,
+            "image_ids": image_id,
+        }
         if valid_mask is not None:
             record["valid_mask"] = valid_mask
         for name, value in record.items():
@@ -236,7 +265,7 @@ class FeatureStoreWriter:
             start = self._n - n
             for name, values in self._pending.items():
                 ds = self._ds[name]
-                ds[start:self._n] = np.asarray(values, dtype=object if name == "image_ids" else ds.dtype)
+                ds[start : self._n] = np.asarray(values, dtype=object if name == "image_ids" else ds.dtype)
                 values.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -273,8 +302,14 @@ class _RowIndex:
 
     def __init__(self, ds: h5py.Dataset):
         self.ok = False
-        if (ds.chunks is None or ds.chunks[1:] != ds.shape[1:] or ds.dtype.kind not in "biuf"
-                or not ds.dtype.isnative or ds.id.get_create_plist().get_nfilters() != 0 or ds.shape[0] == 0):
+        if (
+            ds.chunks is None
+            or ds.chunks[1:] != ds.shape[1:]
+            or ds.dtype.kind not in "biuf"
+            or not ds.dtype.isnative
+            or ds.id.get_create_plist().get_nfilters() != 0
+            or ds.shape[0] == 0
+        ):
             return
         self.dtype = ds.dtype
         self.rows_per_chunk = ds.chunks[0]
@@ -322,8 +357,9 @@ class FeatureStore:
                 if version is None:
                     raise StoreFormatError(f"{self.path}: not a semvlp feature store (no format_version)")
                 if int(version) != FORMAT_VERSION:
-                    raise StoreFormatError(f"{self.path}: store format version {int(version)}, "
-                                           f"this code reads version {FORMAT_VERSION}")
+                    raise StoreFormatError(
+                        f"{self.path}: store format version {int(version)}, this code reads version {FORMAT_VERSION}"
+                    )
                 self.num_objects = int(f.attrs["num_objects"])
                 self.feature_dim = int(f.attrs["feature_dim"])
                 self.padded = bool(f.attrs["padded"])
@@ -470,8 +506,7 @@ class FeatureStoreSet:
         for offset, s in zip(self._offsets, self.stores, strict=False):
             if image_id in s:
                 return int(offset) + s.row(image_id)
-        raise KeyError(f"image {image_id!r} is in none of the stores "
-                       f"{', '.join(str(s.path) for s in self.stores)}")
+        raise KeyError(f"image {image_id!r} is in none of the stores {', '.join(str(s.path) for s in self.stores)}")
 
     def rows(self, image_ids: Iterable[str]) -> np.ndarray:
         """Global rows of many ids, -1 where an id is missing."""

@@ -31,8 +31,10 @@ def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
         raise FileNotFoundError(f"vocab file not found: {path}")
     tok = BertTokenizerFast(vocab=str(path), do_lower_case=True)
     if len(tok) <= 5:
-        raise ValueError(f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
-                         "(is it a WordPiece vocab.txt with one token per line?)")
+        raise ValueError(
+            f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
+            "(is it a WordPiece vocab.txt with one token per line?)"
+        )
     vocab = tok.get_vocab()
     missing = [t for t in _REQUIRED_TOKENS if t not in vocab]
     if missing:
@@ -54,10 +56,16 @@ def tokenize_texts(
     lengths = np.empty(len(texts), np.int64)
     pieces = []
     for start in range(0, len(texts), chunk):
-        batch = [t.strip() for t in texts[start:start + chunk]]
-        enc = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=max_len,
-                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        lengths[start:start + len(enc)] = [len(e) for e in enc]
+        batch = [t.strip() for t in texts[start : start + chunk]]
+        enc = tokenizer(
+            batch,
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_len,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        lengths[start : start + len(enc)] = [len(e) for e in enc]
         pieces.append(np.fromiter((t for e in enc for t in e), np.int32))
     offsets = np.zeros(len(texts) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -68,8 +76,9 @@ def tokenize_texts(
 def replacement_token_ids(tokenizer: BertTokenizerFast) -> np.ndarray:
     """Ids a masked token may be replaced with (the 10% random case): not special, not [unused*]."""
     special = set(tokenizer.all_special_ids)
-    ids = [i for t, i in tokenizer.get_vocab().items()
-           if i not in special and not (t.startswith("[") and t.endswith("]"))]
+    ids = [
+        i for t, i in tokenizer.get_vocab().items() if i not in special and not (t.startswith("[") and t.endswith("]"))
+    ]
     if not ids:
         raise ValueError("the vocab has no ordinary tokens")
     return np.array(sorted(ids), np.int64)

@@ -57,14 +57,52 @@ from semvlp.data.store import FeatureStoreWriter
 
 TOY_VERSION = 1
 
-OBJECTS = ("car", "dog", "cat", "cup", "ball", "chair", "tree", "bird",
-           "hat", "book", "boat", "bike", "lamp", "shoe", "clock", "horse",
-           "cow", "kite", "bench", "vase", "bowl", "bear", "duck", "frog",
-           "pen", "bag", "bed", "sofa", "plant", "truck", "train", "apple")
+OBJECTS = (
+    "car",
+    "dog",
+    "cat",
+    "cup",
+    "ball",
+    "chair",
+    "tree",
+    "bird",
+    "hat",
+    "book",
+    "boat",
+    "bike",
+    "lamp",
+    "shoe",
+    "clock",
+    "horse",
+    "cow",
+    "kite",
+    "bench",
+    "vase",
+    "bowl",
+    "bear",
+    "duck",
+    "frog",
+    "pen",
+    "bag",
+    "bed",
+    "sofa",
+    "plant",
+    "truck",
+    "train",
+    "apple",
+)
 COLORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
 BACKGROUNDS = ("wall", "floor", "sky", "grass", "road", "water", "sand", "table")
-PLACES = ("by the wall", "on the floor", "under the sky", "on the grass", "on the road", "on the water",
-          "on the sand", "on the table")  # where a sentence situates its scene
+PLACES = (
+    "by the wall",
+    "on the floor",
+    "under the sky",
+    "on the grass",
+    "on the road",
+    "on the water",
+    "on the sand",
+    "on the table",
+)  # where a sentence situates its scene
 CLUTTER_ATTRS = ("plain", "dark", "bright", "dull")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 ANSWERS = COLORS + ("yes", "no", "1", "2", "3")
@@ -96,8 +134,9 @@ class ToySpec:
     @classmethod
     def small(cls) -> ToySpec:
         """A world of 180 images for tests: generated in about a second."""
-        return cls(train_images=120, valid_images=30, test_images=30, nlvr2_train=60, nlvr2_eval=20,
-                   flickr_train_images=60)
+        return cls(
+            train_images=120, valid_images=30, test_images=30, nlvr2_train=60, nlvr2_eval=20, flickr_train_images=60
+        )
 
 
 @dataclass
@@ -212,7 +251,7 @@ class _FeatureMaker:
         # Each salient object is detected several times with jittered boxes (as real detectors
         # do), at random positions among the K slots.
         m = self.dets
-        for obj_slots, o in zip(slots[n_bg:n_bg + n * m].reshape(n, m).tolist(), img.objects, strict=True):
+        for obj_slots, o in zip(slots[n_bg : n_bg + n * m].reshape(n, m).tolist(), img.objects, strict=True):
             proto = self.cls[o.cls] + self.color[o.color]
             x1, y1, x2, y2 = o.box
             for slot in obj_slots:
@@ -224,9 +263,16 @@ class _FeatureMaker:
                 jitter = rng.uniform(-0.05, 0.05, 4) * np.array([x2 - x1, y2 - y1] * 2)
                 boxes[slot] = np.clip(np.array(o.box) + jitter, 0.0, 1.0)
         px = np.round(boxes * np.array([img_w, img_h, img_w, img_h])) / np.array([img_w, img_h, img_w, img_h])
-        return dict(features=feats.astype(np.float16), boxes=np.clip(px, 0, 1).astype(np.float32),
-                    img_h=img_h, img_w=img_w, obj_ids=obj_ids, obj_confs=obj_confs,
-                    attr_ids=attr_ids.astype(np.int64), attr_confs=attr_confs)
+        return dict(
+            features=feats.astype(np.float16),
+            boxes=np.clip(px, 0, 1).astype(np.float32),
+            img_h=img_h,
+            img_w=img_w,
+            obj_ids=obj_ids,
+            obj_confs=obj_confs,
+            attr_ids=attr_ids.astype(np.int64),
+            attr_confs=attr_confs,
+        )
 
 
 # ----------------------------------------------------------------------------- text
@@ -249,8 +295,10 @@ def _captions(rng: np.random.Generator, img: _Image, n: int) -> list[str]:
             out.append(f"a {COLORS[a.color]} {OBJECTS[a.cls]} next to a {COLORS[b.color]} {OBJECTS[b.cls]} {place} .")
         else:
             left, right = (a, b) if a.cx <= b.cx else (b, a)
-            out.append(f"{place} , the {COLORS[left.color]} {OBJECTS[left.cls]} is left of the "
-                       f"{COLORS[right.color]} {OBJECTS[right.cls]} .")
+            out.append(
+                f"{place} , the {COLORS[left.color]} {OBJECTS[left.cls]} is left of the "
+                f"{COLORS[right.color]} {OBJECTS[right.cls]} ."
+            )
     return out
 
 
@@ -280,13 +328,13 @@ def _question(rng: np.random.Generator, img: _Image, kind: str, spec: ToySpec) -
         return f"is the {OBJECTS[o.cls]} {COLORS[color]} ?", "yes" if yes else "no", "yes/no"
     if kind == "left":
         a, b = (singles[i] for i in rng.choice(len(singles), 2, replace=False))
-        return (f"is the {OBJECTS[a.cls]} left of the {OBJECTS[b.cls]} ?",
-                "yes" if a.cx < b.cx else "no", "yes/no")
+        return (f"is the {OBJECTS[a.cls]} left of the {OBJECTS[b.cls]} ?", "yes" if a.cx < b.cx else "no", "yes/no")
     raise ValueError(kind)
 
 
-def _questions(rng: np.random.Generator, img: _Image, n: int, kinds: tuple[str, ...],
-               spec: ToySpec) -> list[tuple[str, str, str]]:
+def _questions(
+    rng: np.random.Generator, img: _Image, n: int, kinds: tuple[str, ...], spec: ToySpec
+) -> list[tuple[str, str, str]]:
     out = []
     usable = [k for k in kinds if k != "left" or len(img.singles()) >= 2]
     for _ in range(n):
@@ -333,8 +381,16 @@ def _nlvr2(rng: np.random.Generator, images: list[_Image], n: int, split: str, s
         if truth != want:
             continue  # rejection keeps the labels balanced within every statement type
         k = len(out)
-        out.append({"identifier": f"{split}-{k}-0-0", "img0": left.image_id, "img1": right.image_id,
-                    "sent": sent, "label": int(truth), "uid": f"nlvr2_{split}_{k}"})
+        out.append(
+            {
+                "identifier": f"{split}-{k}-0-0",
+                "img0": left.image_id,
+                "img1": right.image_id,
+                "sent": sent,
+                "label": int(truth),
+                "uid": f"nlvr2_{split}_{k}",
+            }
+        )
     return out
 
 
@@ -346,8 +402,9 @@ def _write_json(path: Path, data: object) -> None:
         f.write(json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder, dump does not
 
 
-def generate_toy_world(out: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None,
-                       progress: bool = False) -> Path:
+def generate_toy_world(
+    out: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None, progress: bool = False
+) -> Path:
     """Write the toy world into folder `out` (created; existing files are overwritten).
 
     Returns the path of its data.json. Prefer ensure_toy_world, which is atomic and reuses an
@@ -362,13 +419,17 @@ def generate_toy_world(out: str | os.PathLike, seed: int = 0, spec: ToySpec | No
 
     n_train, n_valid, n_test = spec.train_images, spec.valid_images, spec.test_images
     images = [_sample_image(scene_rng, f"toy_{i:06d}", spec) for i in range(n_train + n_valid + n_test)]
-    splits = {"train": images[:n_train], "valid": images[n_train:n_train + n_valid],
-              "test": images[n_train + n_valid:]}
+    splits = {
+        "train": images[:n_train],
+        "valid": images[n_train : n_train + n_valid],
+        "test": images[n_train + n_valid :],
+    }
 
     maker = _FeatureMaker(feat_rng, spec)
     sizes = [(640, 480), (480, 640), (500, 375), (640, 427), (427, 640)]
-    with FeatureStoreWriter(out / "features.h5", spec.num_objects, spec.feature_dim,
-                            compression="gzip", compression_level=4) as w:
+    with FeatureStoreWriter(
+        out / "features.h5", spec.num_objects, spec.feature_dim, compression="gzip", compression_level=4
+    ) as w:
         for n, img in enumerate(images):
             img_w, img_h = sizes[feat_rng.integers(len(sizes))]
             w.add(img.image_id, **maker.make(feat_rng, img, img_w, img_h))
@@ -389,40 +450,59 @@ def generate_toy_world(out: str | os.PathLike, seed: int = 0, spec: ToySpec | No
                 words.update(s.split())
             row = int(img.image_id.split("_")[1])
             if split != "test":
-                pretrain[split].append({
-                    "img_id": img.image_id,
-                    "sentf": {"mscoco": caps, "vqa": [q for q, _, _ in vq], "gqa": [q for q, _, _ in gq]},
-                    "labelf": {"vqa": [{a: 1.0} for _, a, _ in vq], "gqa": [{a: 1.0} for _, a, _ in gq]},
-                })
+                pretrain[split].append(
+                    {
+                        "img_id": img.image_id,
+                        "sentf": {"mscoco": caps, "vqa": [q for q, _, _ in vq], "gqa": [q for q, _, _ in gq]},
+                        "labelf": {"vqa": [{a: 1.0} for _, a, _ in vq], "gqa": [{a: 1.0} for _, a, _ in gq]},
+                    }
+                )
             for j, (q, a, atype) in enumerate(vq):
                 label = {a: 1.0}
                 if a in COLORS and text_rng.random() < 0.2:  # a minority of annotators disagree
                     label[COLORS[(COLORS.index(a) + 1) % spec.num_colors]] = 0.3
-                rec = {"answer_type": atype, "img_id": img.image_id, "question_id": row * 10 + j,
-                       "question_type": " ".join(q.split()[:3]), "sent": q}
+                rec = {
+                    "answer_type": atype,
+                    "img_id": img.image_id,
+                    "question_id": row * 10 + j,
+                    "question_type": " ".join(q.split()[:3]),
+                    "sent": q,
+                }
                 if split != "test":
                     rec["label"] = label
                 vqa[split].append(rec)
             for j, (q, a, _) in enumerate(gq):
-                gqa[split].append({"img_id": img.image_id, "question_id": f"{row * 10 + j:08d}",
-                                   "sent": q, "label": {a: 1.0}})
+                gqa[split].append(
+                    {"img_id": img.image_id, "question_id": f"{row * 10 + j:08d}", "sent": q, "label": {a: 1.0}}
+                )
 
-    nlvr2 = {"train": _nlvr2(task_rng, splits["train"], spec.nlvr2_train, "train", spec),
-             "valid": _nlvr2(task_rng, splits["valid"], spec.nlvr2_eval, "dev", spec),
-             "test": _nlvr2(task_rng, splits["test"], spec.nlvr2_eval, "test1", spec)}
+    nlvr2 = {
+        "train": _nlvr2(task_rng, splits["train"], spec.nlvr2_train, "train", spec),
+        "valid": _nlvr2(task_rng, splits["valid"], spec.nlvr2_eval, "dev", spec),
+        "test": _nlvr2(task_rng, splits["test"], spec.nlvr2_eval, "test1", spec),
+    }
     for recs in nlvr2.values():
         for r in recs:
             words.update(r["sent"].split())
 
     flickr = []
-    karpathy = [("train", splits["train"][:spec.flickr_train_images]), ("val", splits["valid"]),
-                ("test", splits["test"])]
+    karpathy = [
+        ("train", splits["train"][: spec.flickr_train_images]),
+        ("val", splits["valid"]),
+        ("test", splits["test"]),
+    ]
     for split, imgs in karpathy:
         for img in imgs:
             caps = _captions(task_rng, img, 5)
             words.update(w for c in caps for w in c.split())
-            flickr.append({"filename": f"{img.image_id}.jpg", "imgid": len(flickr), "split": split,
-                           "sentences": [{"raw": c, "tokens": c.split()[:-1]} for c in caps]})
+            flickr.append(
+                {
+                    "filename": f"{img.image_id}.jpg",
+                    "imgid": len(flickr),
+                    "split": split,
+                    "sentences": [{"raw": c, "tokens": c.split()[:-1]} for c in caps],
+                }
+            )
 
     for split, recs in pretrain.items():
         _write_json(out / f"pretrain_{split}.json", recs)
@@ -450,17 +530,31 @@ def generate_toy_world(out: str | os.PathLike, seed: int = 0, spec: ToySpec | No
         max_text_len=20,
         num_object_labels=NUM_OBJECT_LABELS,
         num_attribute_labels=NUM_ATTRIBUTE_LABELS,
-        pretrain=PretrainData(train=(str(base / "pretrain_train.json"),),
-                              valid=(str(base / "pretrain_valid.json"),),
-                              sources=("mscoco", "vqa", "gqa"), answer_table=str(base / "all_ans.json")),
-        vqa=QAData(train=(str(base / "vqa_train.json"),), valid=(str(base / "vqa_valid.json"),),
-                   test=(str(base / "vqa_test.json"),), ans2label=str(base / "vqa_ans2label.json"),
-                   label2ans=str(base / "vqa_label2ans.json")),
-        gqa=QAData(train=(str(base / "gqa_train.json"),), valid=(str(base / "gqa_valid.json"),),
-                   test=(str(base / "gqa_testdev.json"),), ans2label=str(base / "gqa_ans2label.json"),
-                   label2ans=str(base / "gqa_label2ans.json")),
-        nlvr2=NLVR2Data(train=(str(base / "nlvr2_train.json"),), valid=(str(base / "nlvr2_valid.json"),),
-                        test=(str(base / "nlvr2_test.json"),)),
+        pretrain=PretrainData(
+            train=(str(base / "pretrain_train.json"),),
+            valid=(str(base / "pretrain_valid.json"),),
+            sources=("mscoco", "vqa", "gqa"),
+            answer_table=str(base / "all_ans.json"),
+        ),
+        vqa=QAData(
+            train=(str(base / "vqa_train.json"),),
+            valid=(str(base / "vqa_valid.json"),),
+            test=(str(base / "vqa_test.json"),),
+            ans2label=str(base / "vqa_ans2label.json"),
+            label2ans=str(base / "vqa_label2ans.json"),
+        ),
+        gqa=QAData(
+            train=(str(base / "gqa_train.json"),),
+            valid=(str(base / "gqa_valid.json"),),
+            test=(str(base / "gqa_testdev.json"),),
+            ans2label=str(base / "gqa_ans2label.json"),
+            label2ans=str(base / "gqa_label2ans.json"),
+        ),
+        nlvr2=NLVR2Data(
+            train=(str(base / "nlvr2_train.json"),),
+            valid=(str(base / "nlvr2_valid.json"),),
+            test=(str(base / "nlvr2_test.json"),),
+        ),
         flickr30k=RetrievalData(annotations=str(base / "dataset_flickr30k.json")),
     )
     config.save(out / "data.json")
@@ -474,8 +568,12 @@ def _manifest_matches(folder: Path, seed: int, spec: ToySpec) -> bool:
             m = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    return (m.get("version") == TOY_VERSION and m.get("seed") == seed and m.get("spec") == asdict(spec)
-            and (folder / "data.json").is_file())
+    return (
+        m.get("version") == TOY_VERSION
+        and m.get("seed") == seed
+        and m.get("spec") == asdict(spec)
+        and (folder / "data.json").is_file()
+    )
 
 
 def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None) -> Path:
