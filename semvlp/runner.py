@@ -7,6 +7,7 @@ Errors in options surface here, before any expensive work, as `ConfigError`s tha
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -50,7 +51,30 @@ def init_distributed() -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    if not torch.cuda.is_available():
+        _start_with_fresh_shm_buffers()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def shm_allreduce_buffer() -> Path:
+    """This rank's DeepSpeed CPU all-reduce buffer (named so by deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+    return Path("/dev/shm") / name
+
+
+def _start_with_fresh_shm_buffers() -> None:
+    """DeepSpeed's CPU all-reduce keeps each rank's data and state flags in a /dev/shm buffer named
+    after the master address and port, and never removes it. A later run on the same port maps the
+    stale buffers, and a rank can read a peer's old flags before that peer resets them: a hang, or a
+    wrong gradient sum. So the ranks form their process group first, each removes its own stale
+    buffer, and only after a barrier does DeepSpeed create and map them; each removes its own again
+    at exit (the mappings stay valid until the processes end)."""
+    torch.distributed.init_process_group("gloo")
+    buffer = shm_allreduce_buffer()
+    buffer.unlink(missing_ok=True)
+    torch.distributed.barrier()
+    atexit.register(buffer.unlink, missing_ok=True)
 
 
 def world_size_from_env() -> int:

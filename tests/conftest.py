@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # DeepSpeed's CPU all-reduce maps one 66 MB shared-memory buffer per rank, named after the master
-# port, and leaves it in /dev/shm when the processes exit. The launcher tests pick ports from the
-# pytest process id, so every session would leave new ones behind, held in RAM until a reboot.
+# port, and leaves it in /dev/shm when the processes exit. Our launchers remove theirs at exit
+# (semvlp/runner.py), but a run a test kills or times out cannot; the launcher tests pick ports from
+# the pytest process id, so those would pile up across sessions, held in RAM until a reboot.
 SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
 
 

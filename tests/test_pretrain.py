@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
+LAUNCH_PORT = str(29600 + os.getpid() % 300)  # per pytest process, so concurrent sessions do not collide
+
+
 def run_pretrain(
     args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
 ) -> subprocess.CompletedProcess:
@@ -33,8 +36,7 @@ def run_pretrain(
         config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
         config.write_text(json.dumps(single))
     else:
-        port = str(29600 + os.getpid() % 300)
-        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(launcher)]
+        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
     cmd += ["--deepspeed_config", str(config), "--preset", "tiny", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -107,6 +109,22 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "vocab.txt").is_file()
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert "held-out metrics after 24 steps" in result.stdout
+
+
+def test_stale_cpu_all_reduce_buffers_are_replaced_then_removed(tmp_path, toy_data):
+    """An earlier run on the same port leaves DeepSpeed's /dev/shm all-reduce buffers (here: stale
+    and too short to map); the launcher removes them before DeepSpeed maps them, and its own at exit."""
+    buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{LAUNCH_PORT}_{r}") for r in (0, 1)]
+    for buffer in buffers:
+        buffer.write_bytes(b"stale state flags")
+    run_dir = tmp_path / "run"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "4", "--log_every", "2",
+         "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir, "train")] == [2, 4]
+    assert not [b for b in buffers if b.exists()]
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
