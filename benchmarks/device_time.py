@@ -32,7 +32,7 @@ def device_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) ->
     total_us = sum(
         event.self_device_time_total
         for event in prof.events()
-        if event.device_type == DeviceType.CUDA and not event.is_user_annotation
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
     )
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no device activity (CUPTI unavailable?)")
