@@ -89,7 +89,16 @@ def linear_residual_layer_norm_eager(
     return residual_layer_norm_reference(F.linear(x, weight, bias), None, residual, ln_weight, ln_bias, eps, dropout_p)
 
 
-def linear_residual_layer_norm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p=0.0):
+def linear_residual_layer_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     return residual_layer_norm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps, dropout_p)
 
 
