@@ -29,12 +29,12 @@ by call.
 
 Attention-probability dropout is implemented in the Triton attention (Philox, regenerated in the
 backward), so training with dropout stays on the Triton path. The choice is logged once per
-(backend, device, dtype).
+(backend, device, dtype), at the first eager call; under torch.compile the choice is a constant
+of the graph (tests/test_dispatch.py compiles the model with fullgraph=True).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,9 +181,7 @@ def _check_triton_usable(device: torch.device) -> None:
         )
 
 
-@functools.cache
-def _select(backend: str, device_type: str, device_index: int | None, dtype: torch.dtype) -> KernelOps:
-    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+def _select(backend: str, device: torch.device, dtype: torch.dtype) -> KernelOps:
     if backend == "auto":
         ops = _resolve_auto(device, dtype)
     elif backend in ("eager", "sdpa", "triton"):
@@ -192,12 +190,24 @@ def _select(backend: str, device_type: str, device_index: int | None, dtype: tor
         raise ValueError(f"kernel_backend={backend!r}; expected 'auto', 'eager', 'sdpa' or 'triton'")
     if ops not in (EAGER, SDPA):
         _check_triton_usable(device)
-    if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        logger.warning("kernel_backend='triton' on sm_7x: tl.dot has no tensor cores there (DESIGN.md 5)")
-    logger.info("kernel backend %r -> %s on %s (%s)", backend, ops.name, device, dtype)
     return ops
+
+
+# What select_ops chose, per (backend, device type, device index, dtype). A plain dict rather than
+# functools.cache: torch.compile traces through a cache wrapper, with a warning, on every compile.
+_selected: dict[tuple, KernelOps] = {}
 
 
 def select_ops(backend: str, device: torch.device, dtype: torch.dtype) -> KernelOps:
     """Return the implementations to use for `backend` ("auto", "eager", "sdpa", "triton")."""
-    return _select(backend, device.type, device.index, dtype)
+    key = (backend, device.type, device.index, dtype)
+    if key in _selected:
+        return _selected[key]
+    ops = _select(backend, device, dtype)
+    # Logged and remembered at the first eager call: a logging call would break a compiled graph.
+    if not torch.compiler.is_compiling():
+        if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            logger.warning("kernel_backend='triton' on sm_7x: tl.dot has no tensor cores there (DESIGN.md 5)")
+        logger.info("kernel backend %r -> %s on %s (%s)", backend, ops.name, device, dtype)
+        _selected[key] = ops
+    return ops

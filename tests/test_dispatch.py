@@ -15,12 +15,9 @@ from semvlp_kernels.residual_layer_norm import residual_layer_norm_reference
 
 
 def select_on_gpu(capability: tuple[int, int], backend: str = "auto") -> dispatch.KernelOps:
-    dispatch._select.cache_clear()
-    with mock.patch("torch.cuda.get_device_capability", return_value=capability):
-        try:
-            return dispatch.select_ops(backend, torch.device("cuda", 0), torch.bfloat16)
-        finally:
-            dispatch._select.cache_clear()
+    gpu = mock.patch("torch.cuda.get_device_capability", return_value=capability)
+    with gpu, mock.patch.dict(dispatch._selected, clear=True):  # the choice is remembered: forget it after
+        return dispatch.select_ops(backend, torch.device("cuda", 0), torch.bfloat16)
 
 
 def test_cpu_auto_uses_the_references():
@@ -68,3 +65,22 @@ def test_eager_ops_after_a_gemm_leave_the_bias_to_the_gemm():
     torch.testing.assert_close(y, expected)
     assert gelu.ops.count("addmm") == 1 and "add" not in gelu.ops, gelu.ops
     assert norm.ops.count("addmm") == 1 and norm.ops.count("add") == 1, norm.ops  # the residual's
+
+
+def test_the_model_compiles_to_one_graph_per_mode():
+    """select_ops runs in every forward: torch.compile must trace it to a constant (no graph break at
+    its cache or its logging call; fullgraph=True raises on any break). Dynamo only: backend="eager"."""
+    from semvlp.config import config_from_preset
+    from semvlp.model import SemVLPModel
+
+    torch.manual_seed(0)
+    model = SemVLPModel(config_from_preset("tiny")).eval()
+    inputs = dict(
+        input_ids=torch.randint(1, 100, (2, 9)),
+        attention_mask=torch.ones(2, 9, dtype=torch.long),
+        visual_feats=torch.randn(2, 100, 2048),
+        visual_pos=torch.rand(2, 100, 4),
+    )
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for mode in ("single", "two"):
+        torch.testing.assert_close(compiled(**inputs, mode=mode).pooled, model(**inputs, mode=mode).pooled)
