@@ -36,6 +36,9 @@ into fwd+bwd and optimizer time (medians over all timed steps). On CUDA two more
 and compiled run go under torch.profiler: device_ms_per_step is the GPU's kernel time per step
 (benchmarks/device_time.py) and gpu_busy_pct its share of ms/step; well below 100% the step is
 host-bound (launches, Python, syncs), which CUDA graphs address: `--compile-mode reduce-overhead`.
+Compiled runs also record the graph breaks met while compiling (graph_breaks, graph_break_reasons):
+each splits the compiled step, and CUDA graphs cover only the pieces. The pre-training losses
+gather masked rows (boolean indexing, a data-dependent shape), so the step breaks there.
 
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
@@ -127,6 +130,19 @@ def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[l
     lengths = torch.randint(low, high + 1, (batch_size,), generator=g).tolist()
     pad_to = max(lengths) if kind.endswith("longest") or kind == "packed" else max_len
     return lengths, pad_to, True
+
+
+def graph_breaks(since: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's graph breaks so far, {reason (first line): count}; with `since`, only those after it."""
+    from torch._dynamo.utils import counters
+
+    now: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        first_line = reason.strip().splitlines()[0]
+        now[first_line] = now.get(first_line, 0) + count
+    if since is None:
+        return now
+    return {reason: count - since.get(reason, 0) for reason, count in now.items() if count > since.get(reason, 0)}
 
 
 def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: torch.device, seed: int = 0) -> Batch:
@@ -576,6 +592,7 @@ class Runner:
         """Time one configuration; `timing` = (warmup, steps, repeats)."""
         if reason := self.skip_reason():
             return self.record({**run, "status": "skipped", "reason": reason})
+        breaks_before = graph_breaks()
         try:
             result = time_steps(train, forward_for, self.device, *timing, self.nvml)
             if run["section"] in PROFILED_SECTIONS:  # the profiler costs seconds: only where it tells most
@@ -588,6 +605,9 @@ class Runner:
         tflops = flops / seconds / 1e12
         finite = result["loss"] is not None and math.isfinite(result["loss"])
         run = {**run, **result, "status": "ok" if finite else "error"}
+        if run["compile"]:  # met while compiling this run's step: each splits the compiled step in two
+            run["graph_break_reasons"] = graph_breaks(since=breaks_before)
+            run["graph_breaks"] = sum(run["graph_break_reasons"].values())
         run.update(
             warmup=timing[0],
             steps=timing[1],

@@ -163,6 +163,24 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path):
     assert throughput.parse_args(["--device", "cpu"]).compile_mode == "default"
 
 
+def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
+    """A compiled run counts the graph breaks of its own compilation, as dynamo's explain() counts
+    them for the same forward. Dynamo only (backend="eager"): inductor would add minutes."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="eager"))
+    args = ["--device", "cpu", "--preset", "tiny", "--compile", "on", "--out", str(tmp_path)]
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    torch._dynamo.reset()
+    (run,) = runner.run_ours("main", "eager", "fp32", True, ["single"], ["full"], 2, timing=(1, 1, 1))
+    assert run["status"] == "ok" and run["graph_breaks"] == sum(run["graph_break_reasons"].values())
+
+    _, call = runner.build_ours("eager", "fp32", compile_=False)
+    batch = throughput.make_batch(runner.cfg, [20, 20], 20, False, torch.device("cpu"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(call)(**batch.inputs, mode="single")
+    assert run["graph_breaks"] == len(explained.break_reasons) > 0  # the masked-row gathers of the losses
+
+
 def test_kernel_speedups_by_wall_clock_and_device_time():
     kernels = _load("kernels")
     rows = [
