@@ -38,7 +38,7 @@ and compiled run go under torch.profiler: device_ms_per_step is the GPU's kernel
 host-bound (launches, Python, syncs), which CUDA graphs address: `--compile-mode reduce-overhead`.
 Compiled runs also record the graph breaks met while compiling (graph_breaks, graph_break_reasons):
 each splits the compiled step, and CUDA graphs cover only the pieces. The pre-training losses
-gather masked rows (boolean indexing, a data-dependent shape), so the step breaks there.
+find their masked rows with nonzero (a data-dependent shape): two breaks per step.
 
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own

@@ -98,26 +98,31 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
         ops = self.semvlp.kernel_ops(out.text_states)
         losses: dict[str, torch.Tensor] = {}
 
+        # The heads run on masked rows only. Each set of rows is found once (nonzero: a host sync on
+        # a GPU, and a graph break under torch.compile) and indexes every tensor that needs it.
+
         # Masked LM: gather masked rows of matched pairs, then one fused decoder + cross-entropy.
         mlm_labels = mlm_labels.masked_fill(~matched[:, None], -100)
-        mlm_rows = mlm_labels != -100
+        mlm_rows = (mlm_labels != -100).nonzero(as_tuple=True)
         mlm_hidden = self.mlm_transform(out.text_states[mlm_rows])
         mlm_targets = mlm_labels[mlm_rows]
         decoder = self.semvlp.embeddings.word_embeddings.weight
         losses["mlm"] = ops.linear_cross_entropy(mlm_hidden, decoder, self.mlm_bias, mlm_targets)
 
         # Masked objects: object states exclude [IMG] (index 0).
-        obj_hidden = self.obj_transform(out.visual_states[:, 1:][obj_mask])
+        obj_rows = obj_mask.nonzero(as_tuple=True)
+        obj_hidden = self.obj_transform(out.visual_states[:, 1:][obj_rows])
         num_masked = obj_mask.sum()
         feat_error = F.smooth_l1_loss(
-            self.obj_feat_head(obj_hidden).float(), visual_feats[obj_mask].float(), reduction="none"
+            self.obj_feat_head(obj_hidden).float(), visual_feats[obj_rows].float(), reduction="none"
         )
         losses["obj_feat"] = _masked_mean(feat_error.mean(dim=-1), num_masked)
         obj_logits = self.obj_label_head(obj_hidden).float()
-        obj_ce = F.cross_entropy(obj_logits, obj_labels[obj_mask], reduction="none")
-        losses["obj_label"] = _masked_mean(obj_ce * obj_confs[obj_mask], num_masked)
-        attr_ce = F.cross_entropy(self.attr_label_head(obj_hidden).float(), attr_labels[obj_mask], reduction="none")
-        losses["attr_label"] = _masked_mean(attr_ce * attr_confs[obj_mask], num_masked)
+        obj_targets = obj_labels[obj_rows]
+        obj_ce = F.cross_entropy(obj_logits, obj_targets, reduction="none")
+        losses["obj_label"] = _masked_mean(obj_ce * obj_confs[obj_rows], num_masked)
+        attr_ce = F.cross_entropy(self.attr_label_head(obj_hidden).float(), attr_labels[obj_rows], reduction="none")
+        losses["attr_label"] = _masked_mean(attr_ce * attr_confs[obj_rows], num_masked)
 
         # Cross-modal tasks on the pooled vector.
         itm_logits = self.itm_head(out.pooled).float()
@@ -138,5 +143,5 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
             mlm_logits=mlm_logits,
             mlm_targets=mlm_targets,
             obj_label_logits=obj_logits,
-            obj_label_targets=obj_labels[obj_mask],
+            obj_label_targets=obj_targets,
         )
