@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from semvlp.config import config_from_preset
+from semvlp.model import SemVLPModel
 from semvlp_kernels import dispatch
 from semvlp_kernels.attention import attention_reference, attention_sdpa
 from semvlp_kernels.bias_gelu import bias_gelu_reference
@@ -70,9 +72,6 @@ def test_eager_ops_after_a_gemm_leave_the_bias_to_the_gemm():
 def test_the_model_compiles_to_one_graph_per_mode():
     """select_ops runs in every forward: torch.compile must trace it to a constant (no graph break at
     its cache or its logging call; fullgraph=True raises on any break). Dynamo only: backend="eager"."""
-    from semvlp.config import config_from_preset
-    from semvlp.model import SemVLPModel
-
     torch.manual_seed(0)
     model = SemVLPModel(config_from_preset("tiny")).eval()
     inputs = dict(
