@@ -35,8 +35,9 @@ class Task(Protocol):
     def mode(self, step: int) -> str:
         """ "single" or "two" for this global step; identical on every rank."""
 
-    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The total loss of a batch and its named terms (for logging and non-finite checks)."""
+    def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss of a batch at this global step (0-based) and its named terms (for logging and
+        non-finite checks)."""
 
     def batch_samples(self, batch: dict) -> int: ...
 
@@ -320,7 +321,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
             host_batch = next(batches)
             samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
             batch = to_device(host_batch, engine.device)
-            loss, terms = task.loss(engine, batch, mode)
+            loss, terms = task.loss(engine, batch, mode, step)
             if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
                 _check_finite(loss, terms, step)
             engine.backward(loss)

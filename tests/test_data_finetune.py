@@ -239,7 +239,7 @@ def test_hard_negatives_are_the_highest_scoring_candidates(toy, cfg, store, tok,
     ds = task.datasets["train"]
     batch = ds.make_batch(np.arange(8), np.random.default_rng(1))
     engine = PairScorer(image_index(ds.split, store), ds.token_ids, ds.token_offsets, lambda i, c: i + c / 1000)
-    task.loss(engine, batch, "single")
+    task.loss(engine, batch, "single", 0)
     *pool, (trained, labels) = engine.calls
     assert sum(len(p) for p, _ in pool) == 8 * 2 * 3 and all(lab is None for _, lab in pool)
     assert labels.tolist() == [1, 0, 0] * 8  # the positive, the hardest image, the hardest caption

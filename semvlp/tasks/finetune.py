@@ -192,7 +192,7 @@ class FinetuneTask:
         return self.metrics(split, predictions) if self.labeled(split) else {}
 
     # -- per task
-    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def predictions(self, engine, split: str, limit: int):

@@ -83,7 +83,7 @@ class NLVR2Task(FinetuneTask):
         super().__init__(run, datasets)
         self.notes = notes
 
-    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(**model_inputs(batch), labels=batch["labels"], mode=mode)
         return out.loss, {"ce": out.loss.detach()}
 

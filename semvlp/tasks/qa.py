@@ -154,7 +154,7 @@ class QATask(FinetuneTask):
     def model_fields(self) -> dict:
         return {"num_qa_labels": len(self.table)}
 
-    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(**model_inputs(batch), answer_targets=batch["answer_targets"], mode=mode)
         return out.loss, {"qa_bce": out.loss.detach()}
 

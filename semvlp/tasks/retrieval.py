@@ -151,7 +151,7 @@ class RetrievalTask(FinetuneTask):
         self.pairs_per_sample = 1 + 2 * kept + (2 * run.negatives / 3 if run.hard_negatives else 0)
 
     # -- training
-    def loss(self, engine, batch: dict, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         run = self.run
         b, m = batch["visual_feats"].shape[:2]  # m = 1 + N candidates per positive, column 0 positive
         n = m - 1
