@@ -111,6 +111,23 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert "held-out metrics after 24 steps" in result.stdout
 
 
+def test_qa_loss_joins_the_training_loss_at_qa_from_step(tmp_path, toy_data):
+    run_dir = tmp_path / "run"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "4", "--qa_from_step", "2",
+         "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"],
+        processes=1,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:  # "loss" is what was backpropagated; "qa" is logged at every step
+        others = sum(record[name] for name in ("mlm", "obj_feat", "obj_label", "attr_label", "itm"))
+        expected = others if record["step"] <= 2 else others + record["qa"]
+        assert record["qa"] > 0.1 and record["loss"] == pytest.approx(expected, rel=1e-5), record
+    assert json.loads((run_dir / "hparams.json").read_text())["qa_from_step"] == 2
+
+
 def test_stale_cpu_all_reduce_buffers_are_replaced_then_removed(tmp_path, toy_data):
     """An earlier run on the same port leaves DeepSpeed's /dev/shm all-reduce buffers (here: stale
     and too short to map); the launcher removes them before DeepSpeed maps them, and its own at exit."""
@@ -200,6 +217,7 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
         (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json: no such file"),
         (["--stream_schedule", "sometimes"], "--stream_schedule 'sometimes'"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
+        (["--max_steps", "10", "--qa_from_step", "10"], "--qa_from_step 10 must be in 0..max_steps-1=9"),
     ],
 )  # fmt: skip
 def test_configuration_errors_name_the_option(tmp_path, toy_data, args, message):
