@@ -28,6 +28,9 @@ from semvlp.train import ConfigError, train
 
 @dataclass(frozen=True)
 class PretrainConfig(RunConfig):
+    """SemVLP pre-training: masked LM, masked-object regression and labels, image-text matching and
+    image QA, one stream mode per step (paper section 3.3)."""
+
     stream_schedule: str = "alternate"  # alternate | single | two (paper: alternate; the others are ablations)
     packed_text: bool = field(
         default=False,

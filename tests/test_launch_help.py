@@ -1,0 +1,31 @@
+"""Every launcher's --help opens with what it runs (its config's docstring), not a dataclass signature."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from semvlp.run_config import RunConfig
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.py")))
+def test_launcher_help_describes_the_job(script, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"launch_{script.removesuffix('.py')}", LAUNCH / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look the module up while decorating
+    spec.loader.exec_module(module)
+    configs = [
+        c for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, RunConfig) and c.__module__ == module.__name__
+    ]  # fmt: skip
+    assert len(configs) == 1, configs
+    with pytest.raises(SystemExit):
+        configs[0].from_args(["--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert not description.startswith(f"{configs[0].__name__}("), description
+    assert "fine-tuning" in description or "pre-training" in description, description
