@@ -269,10 +269,16 @@ def test_batch_and_lr_overrides_keep_the_batch_arithmetic():
 
 def test_epochs_set_the_steps_and_a_dev_evaluation_per_epoch(toy):
     from semvlp.tasks.finetune import FinetuneConfig, resolve_length
+    from semvlp.train import ConfigError
 
     run = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), epochs=2.5, batch_size=32)
-    resolved = resolve_length(run, num_train=1000, world=2)  # 500 per process / 16 = 31 batches per epoch
+    resolved = resolve_length(run, num_train=1000, world=2)  # 500 per process / 16 = 31 steps per epoch
     assert (resolved.max_steps, resolved.eval_every) == (78, 31)
+    # one process: batch 32 = micro-batch 16 x 2 accumulated, so 1000 / 16 = 62 micro-batches make 31 steps
+    resolved = resolve_length(run, num_train=1000, world=1)
+    assert (resolved.max_steps, resolved.eval_every) == (78, 31)
+    with pytest.raises(ConfigError, match="20 training examples give no step of 16 x 2"):
+        resolve_length(run, num_train=20, world=1)
     fixed = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), data=str(toy), epochs=0, max_steps=7, eval_every=3)
     assert resolve_length(fixed, num_train=1000, world=2) == fixed
 
@@ -297,3 +303,4 @@ def test_questions_on_missing_images_fail_or_are_skipped_and_reported(toy, tmp_p
     task = NLVR2Task(FinetuneConfig(**common, skip_missing=True), data, tokenizer, stores, ("valid",))
     assert len(task.datasets["valid"]) == 19
     assert "nlvr2 valid: 19 statements, 1 skipped (an image in no store)" in task.notes
+

@@ -78,16 +78,20 @@ class FinetuneConfig(RunConfig):
 
 
 def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneConfig:
-    """--epochs -> --max_steps (loop steps, one micro-batch per rank each) and per-epoch --eval_every."""
+    """--epochs -> --max_steps and a per-epoch --eval_every, in optimizer steps (a step takes
+    gradient_accumulation_steps micro-batches on every rank)."""
     default_steps = RunConfig.__dataclass_fields__["max_steps"].default
     if run.epochs > 0 and run.max_steps != default_steps:
         raise ConfigError(f"--max_steps {run.max_steps} and --epochs {run.epochs:g} both set the training length; "
                           "add --epochs 0 to train a fixed number of steps")  # fmt: skip
     ds_config = resolve_ds_config(run, world, Path(run.output_dir), run.lr, run.batch_size)
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    steps_per_epoch = (num_train // world) // micro
+    micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config.get("gradient_accumulation_steps", 1)
+    steps_per_epoch = (num_train // world) // micro // accumulation  # the loader drops each rank's last partial batch
     if steps_per_epoch == 0:
-        raise ConfigError(f"{num_train} training examples give no batch of {micro} on each of {world} processes")
+        raise ConfigError(
+            f"{num_train} training examples give no step of {micro} x {accumulation} (micro-batch x accumulation) "
+            f"on each of {world} processes"
+        )
     if run.epochs == 0:
         return run
     return dataclasses.replace(run, max_steps=max(1, round(run.epochs * steps_per_epoch)), eval_every=steps_per_epoch)
