@@ -131,11 +131,12 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
     if run.init_from is None:
         return
     if is_semvlp_export(run.init_from):
-        source = type(model).from_pretrained(run.init_from, config=model.config)
+        source, loading = type(model).from_pretrained(run.init_from, config=model.config, output_loading_info=True)
         ours = model.state_dict()
         matching = {k: v for k, v in source.state_dict().items() if k in ours and v.shape == ours[k].shape}
         model.load_state_dict(matching, strict=False)
-        new = sorted(set(ours) - set(matching))
+        # from_pretrained initializes what the export lacks (a task head), so `source` holds every key
+        new = sorted(set(ours) - set(matching) | set(loading["missing_keys"]))
         if dist.is_main():
             print(f"initialized from SemVLP export {run.init_from}; new tensors: {new}", flush=True)
     else:

@@ -304,3 +304,25 @@ def test_questions_on_missing_images_fail_or_are_skipped_and_reported(toy, tmp_p
     assert len(task.datasets["valid"]) == 19
     assert "nlvr2 valid: 19 statements, 1 skipped (an image in no store)" in task.notes
 
+
+def test_a_task_model_from_a_pretraining_export_loads_the_encoder_and_names_the_new_head(tmp_path, capsys):
+    import torch
+
+    from semvlp import runner
+    from semvlp.config import config_from_preset
+    from semvlp.model import SemVLPForPreTraining
+    from semvlp.model.finetuning import SemVLPForQuestionAnswering
+    from semvlp.run_config import RunConfig
+
+    config = config_from_preset("tiny", vocab_size=50, num_qa_labels=5)
+    pretrained = SemVLPForPreTraining(config)
+    pretrained.save_pretrained(tmp_path / "export")
+    model = SemVLPForQuestionAnswering(config)
+    runner.initialize_model(model, RunConfig(deepspeed_config=str(CPU_CONFIG), init_from=str(tmp_path / "export")))
+
+    head = sorted(k for k in model.state_dict() if k.startswith("answer_head."))
+    assert f"new tensors: {head}" in capsys.readouterr().out
+    exported = pretrained.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("answer_head."):
+            assert torch.equal(tensor, exported[name]), name
