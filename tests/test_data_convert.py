@@ -1,6 +1,7 @@
 """Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -223,3 +224,23 @@ def test_cli_progress_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "line 1 (image i0): field 'num_boxes'" in err and "no store written" in err
     assert not (tmp_path / "t.h5").exists()
+
+
+def test_out_that_is_an_input_is_refused(tmp_path):
+    rng = np.random.default_rng(7)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, "a", 4))])
+    before = tsv.read_bytes()
+    (tmp_path / "link.h5").symlink_to(tsv)
+    for out in (tsv, tmp_path / "link.h5", tmp_path / "." / "f.tsv"):
+        with pytest.raises(ConversionError, match=f"{re.escape(str(out))} is the input {re.escape(str(tsv))}"):
+            convert_lxmert_tsv([tsv], out, num_objects=4, feature_dim=D, progress=False)
+    assert tsv.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv", "link.h5"]
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    a = raw_image(rng, "a", 4)
+    np.savez(folder / "a.npz", img_h=a["img_h"], img_w=a["img_w"], features=a["features"], boxes=a["boxes"])
+    with pytest.raises(ConversionError, match="is the input"):
+        convert_npz_dir(folder, folder / "a.npz", num_objects=4, feature_dim=D, progress=False)
+    assert np.load(folder / "a.npz")["features"].shape == (4, D)
+    convert_npz_dir(folder, folder / "store.h5", num_objects=4, feature_dim=D, progress=False)  # inside is fine
+    assert FeatureStore(folder / "store.h5").image_ids == ["a"]

@@ -26,7 +26,8 @@ Bad input (wrong column count, bad base64, wrong array length, non-finite values
 the image, too few boxes, a duplicate id) stops the conversion with an error naming the file,
 the line (TSV) and image, and the field; with --skip-bad such records are skipped, counted and
 listed at the end. The store is written to a temporary file and renamed into place only when
-complete, so an interrupted conversion leaves no store behind.
+complete, so an interrupted conversion leaves no store behind; an --out that is one of the
+inputs is refused before any work.
 """
 
 from __future__ import annotations
@@ -314,14 +315,27 @@ def convert(
     return report
 
 
+def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Raise ConversionError, before any work, if `out` is one of the inputs (a symlink to one included):
+    the finished store is renamed over `out`, which would destroy that input."""
+    if not os.path.exists(out):
+        return
+    for path in inputs:
+        if os.path.exists(path) and os.path.samefile(out, path):
+            raise ConversionError(f"output {out} is the input {path}; refusing to overwrite it (choose another --out)")
+
+
 def convert_lxmert_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
     """LXMERT TSV file(s) -> store; kwargs as `convert`."""
+    check_output_path(inputs, out)
     return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM)), out, **kwargs)
 
 
 def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
     """A folder of per-image .npz files -> store; kwargs as `convert`."""
-    total = len(list(Path(folder).glob("*.npz")))
+    files = list(Path(folder).glob("*.npz"))
+    check_output_path(files, out)
+    total = len(files)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
