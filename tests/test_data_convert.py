@@ -59,6 +59,13 @@ def write_tsv(path, lines):
     return path
 
 
+def write_npz(path, img, **override):
+    """One image as a per-image .npz with LXMERT's key names; `override` replaces or adds keys."""
+    keys = ("img_h", "img_w", "num_boxes", "features", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
+    np.savez(path, **{**{key: img[key] for key in keys}, **override})
+    return path
+
+
 def test_tsv_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     images = [raw_image(rng, f"COCO_{i}", n) for i, n in enumerate([5, 5, 8])]
@@ -109,6 +116,8 @@ def bad_lines(rng):
         (tsv_line(good, features=nan_feats), "field 'features': contains NaN"),
         (tsv_line(good, boxes=far_boxes), "field 'boxes': box 2"),
         (tsv_line(good, num_boxes="four"), "field 'num_boxes': not an integer"),
+        (tsv_line(good, objects_id=np.array([3, 2**33 + 5, 1, 0])), "field 'objects_id': object 1 has id 8589934597"),
+        (tsv_line(good, attrs_id=np.array([-1, 2, 1, 0])), "field 'attrs_id': object 0 has id -1"),
     ]
 
 
@@ -136,7 +145,7 @@ def test_skip_bad_counts_and_reports(tmp_path):
     tsv = write_tsv(tmp_path / "f.tsv", lines)
     report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, skip_bad=True, progress=False)
     assert report.written == 2 and report.skipped == len(bad) + 1  # + the duplicate id
-    assert "line 10 (image ok0): field 'img_id': duplicate" in report.skipped_examples[-1]
+    assert f"line {len(lines)} (image ok0): field 'img_id': duplicate" in report.skipped_examples[-1]
     assert FeatureStore(tmp_path / "s.h5").image_ids == ["ok0", "ok1"]
 
 
@@ -237,10 +246,32 @@ def test_out_that_is_an_input_is_refused(tmp_path):
     assert tsv.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv", "link.h5"]
     folder = tmp_path / "npz"
     folder.mkdir()
-    a = raw_image(rng, "a", 4)
-    np.savez(folder / "a.npz", img_h=a["img_h"], img_w=a["img_w"], features=a["features"], boxes=a["boxes"])
+    write_npz(folder / "a.npz", raw_image(rng, "a", 4))
     with pytest.raises(ConversionError, match="is the input"):
         convert_npz_dir(folder, folder / "a.npz", num_objects=4, feature_dim=D, progress=False)
     assert np.load(folder / "a.npz")["features"].shape == (4, D)
     convert_npz_dir(folder, folder / "store.h5", num_objects=4, feature_dim=D, progress=False)  # inside is fine
     assert FeatureStore(folder / "store.h5").image_ids == ["a"]
+
+
+@pytest.mark.filterwarnings("error")  # no numpy cast warning either
+def test_npz_label_ids_must_be_whole_int32(tmp_path):
+    rng = np.random.default_rng(8)
+    img = raw_image(rng, "a", 4)
+    whole_floats = write_npz(tmp_path / "whole.npz", img, objects_id=img["objects_id"].astype(np.float32))
+    assert conv.parse_npz(whole_floats).obj_ids.tolist() == img["objects_id"].tolist()
+    for k, (key, ids, fragment) in enumerate(
+        [
+            ("objects_id", [0, 1.5, 2, 3], "field 'obj_ids': object 1 has id 1.5"),
+            ("objects_id", [0, 1, np.nan, 3], "field 'obj_ids': object 2 has id nan"),
+            ("objects_id", [0, 1, 2, -3], "field 'obj_ids': object 3 has id -3"),
+            ("attrs_id", [1e12, 1, 2, 3], "field 'attr_ids': object 0 has id 1000000000000.0"),
+        ]
+    ):
+        folder = tmp_path / f"bad{k}"
+        folder.mkdir()
+        write_npz(folder / "x.npz", img, **{key: np.array(ids)})
+        with pytest.raises(ConversionError, match="class ids must be whole numbers from 0 to 2147483647") as e:
+            convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+        assert f"x.npz (image x): {fragment}" in str(e.value)
+        assert not (tmp_path / "s.h5").exists()

@@ -114,6 +114,14 @@ def test_writer_rejects_bad_images(tmp_path):
         bad["obj_confs"][3] = np.nan
         with pytest.raises(BadRecordError, match="'obj_confs'.*NaN"):
             w.add("c", **bad)
+        bad = make_image(rng)
+        bad["obj_ids"][2] = 2**31  # int32 would wrap it to -2**31
+        with pytest.raises(BadRecordError, match="'obj_ids': object 2 has id 2147483648"):
+            w.add("e", **bad)
+        bad = make_image(rng)
+        bad["attr_ids"][0] = -1
+        with pytest.raises(BadRecordError, match="'attr_ids': object 0 has id -1"):
+            w.add("f", **bad)
         bad = make_image(rng, k=K - 1)
         with pytest.raises(BadRecordError, match="'features'.*shape"):
             w.add("d", **bad)

@@ -23,7 +23,8 @@ objects and records the per-object validity mask. Boxes are divided by the image
 height (coordinates up to one pixel outside the image are clipped; further out is an error).
 
 Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
-the image, too few boxes, a duplicate id) stops the conversion with an error naming the file,
+the image, too few boxes, a duplicate id, a label id that is not a whole number in int32's
+non-negative range) stops the conversion with an error naming the file,
 the line (TSV) and image, and the field; with --skip-bad such records are skipped, counted and
 listed at the end. The store is written to a temporary file and renamed into place only when
 complete, so an interrupted conversion leaves no store behind; an --out that is one of the
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter
+from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter, check_label_ids
 
 TSV_FIELDS = (
     "img_id",
@@ -177,13 +178,17 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
     n = _int(row[7], "num_boxes")
     if n < 0:
         raise BadRecordError("num_boxes", f"negative: {n}")
+    obj_ids = _b64_array(row[3], np.int64, (n,), "objects_id")
+    check_label_ids("objects_id", obj_ids)
+    attr_ids = _b64_array(row[5], np.int64, (n,), "attrs_id")
+    check_label_ids("attrs_id", attr_ids)
     return RawImage(
         image_id=row[0],
         img_h=_int(row[1], "img_h"),
         img_w=_int(row[2], "img_w"),
-        obj_ids=_b64_array(row[3], np.int64, (n,), "objects_id"),
+        obj_ids=obj_ids,
         obj_confs=_b64_array(row[4], np.float32, (n,), "objects_conf"),
-        attr_ids=_b64_array(row[5], np.int64, (n,), "attrs_id"),
+        attr_ids=attr_ids,
         attr_confs=_b64_array(row[6], np.float32, (n,), "attrs_conf"),
         boxes=_b64_array(row[8], np.float32, (n, 4), "boxes"),
         features=_b64_array(row[9], np.float32, (n, feature_dim), "features"),
@@ -251,7 +256,13 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
         ("attr_confs", np.float32),
     ):
         arr = get(name, required=False)
-        labels[name] = np.zeros(n, dtype) if arr is None else np.asarray(arr).reshape(-1).astype(dtype)
+        if arr is None:
+            labels[name] = np.zeros(n, dtype)
+            continue
+        arr = np.asarray(arr).reshape(-1)
+        if name in ("obj_ids", "attr_ids"):
+            check_label_ids(name, arr)  # before the cast, which would turn 1.5 into 1 and NaN into 0
+        labels[name] = arr.astype(dtype)
     return RawImage(
         image_id=Path(path).stem,
         img_h=int(get("img_h")),

@@ -74,6 +74,29 @@ class BadRecordError(ValueError):
         self.field = field
 
 
+_MAX_LABEL_ID = int(np.iinfo(np.int32).max)  # ids are stored as int32
+
+
+def check_label_ids(field: str, ids: np.ndarray) -> None:
+    """Raise BadRecordError unless every id is a whole number from 0 to 2**31 - 1.
+
+    Ids are stored as int32 and used as class indices: a fractional, NaN, negative or larger id
+    would be rounded, wrapped or crash the loss far from its source. There is no "no label" id:
+    a source without labels stores id 0 with confidence 0.
+    """
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iuf":
+        raise BadRecordError(field, f"class ids must be numbers, got {ids.dtype} values")
+    bad = (ids < 0) | (ids > _MAX_LABEL_ID)
+    if ids.dtype.kind == "f":
+        bad |= ~np.isfinite(ids) | (np.floor(ids) != ids)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise BadRecordError(
+            field, f"object {i} has id {ids.flat[i].item()}; class ids must be whole numbers from 0 to {_MAX_LABEL_ID}"
+        )
+
+
 def check_image(
     features: np.ndarray,
     boxes: np.ndarray,
@@ -101,6 +124,8 @@ def check_image(
     ):
         if arr.shape != (k,):
             raise BadRecordError(name, f"shape {arr.shape}, expected {(k,)}")
+    check_label_ids("obj_ids", obj_ids)
+    check_label_ids("attr_ids", attr_ids)
     if valid_mask is not None and valid_mask.shape != (k,):
         raise BadRecordError("valid_mask", f"shape {valid_mask.shape}, expected {(k,)}")
     if img_h <= 0 or img_w <= 0:
