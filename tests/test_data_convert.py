@@ -275,3 +275,14 @@ def test_npz_label_ids_must_be_whole_int32(tmp_path):
             convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
         assert f"x.npz (image x): {fragment}" in str(e.value)
         assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--num-objects", "0"), ("--num-objects", "-1"), ("--feature-dim", "-5")])
+def test_cli_rejects_bad_sizes_before_any_work(tmp_path, capsys, option, value):
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(np.random.default_rng(9), "a", 4))])
+    args = ["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
+    with pytest.raises(SystemExit) as e:
+        conv.main([*args, option, value])
+    assert e.value.code == 2  # argparse's exit status for a bad option
+    assert f"argument {option}: must be a positive integer, got {value}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]  # no hidden .partial file

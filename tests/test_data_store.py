@@ -100,6 +100,17 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_writer_rejects_bad_sizes_and_cleans_up_a_failed_start(tmp_path):
+    with pytest.raises(ValueError, match="num_objects must be a positive integer, got 0"):
+        FeatureStoreWriter(tmp_path / "s.h5", 0, D)
+    with pytest.raises(ValueError, match="feature_dim must be a positive integer, got -5"):
+        FeatureStoreWriter(tmp_path / "s.h5", K, -5)
+    bad_level = FeatureStoreWriter(tmp_path / "s.h5", K, D, compression="gzip", compression_level=42)
+    with pytest.raises(ValueError, match="GZIP"), bad_level:
+        pass  # h5py refuses the gzip level inside __enter__, after the partial file exists
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_rejects_bad_images(tmp_path):
     rng = np.random.default_rng(0)
     with FeatureStoreWriter(tmp_path / "s.h5", K, D) as w:

@@ -350,6 +350,17 @@ def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for sizes: a bad value is an option error (exit 2) before any file is touched."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m semvlp.data.convert", description="Convert region features into a semvlp HDF5 store."
@@ -361,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     npz.add_argument("folder")
     for p in (tsv, npz):
         p.add_argument("--out", required=True, help="the store to write (.h5)")
-        p.add_argument("--num-objects", type=int, default=100, help="K, objects per image (default 100)")
-        p.add_argument("--feature-dim", type=int, default=FEATURE_DIM)
+        p.add_argument("--num-objects", type=_positive_int, default=100, help="K, objects per image (default 100)")
+        p.add_argument("--feature-dim", type=_positive_int, default=FEATURE_DIM)
         p.add_argument("--pad", action="store_true", help="pad images with fewer than K boxes")
         p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
         p.add_argument(

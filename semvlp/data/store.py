@@ -170,6 +170,9 @@ class FeatureStoreWriter:
     ):
         if compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
+        for name, value in (("num_objects", num_objects), ("feature_dim", feature_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.path = Path(path)
         self.num_objects = num_objects
         self.feature_dim = feature_dim
@@ -187,6 +190,18 @@ class FeatureStoreWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
         os.close(fd)
         self._tmp_path = Path(tmp)
+        try:
+            self._create_datasets()
+        except BaseException:  # __exit__ does not run when __enter__ fails: delete the partial file here
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._tmp_path.unlink(missing_ok=True)
+            raise
+        return self
+
+    def _create_datasets(self) -> None:
+        assert self._tmp_path is not None
         f = h5py.File(self._tmp_path, "w")
         self._file = f
         k, d = self.num_objects, self.feature_dim
@@ -215,7 +230,6 @@ class FeatureStoreWriter:
             f.create_dataset("valid_mask", (0, k), np.bool_, maxshape=(None, k), chunks=(c, k))
         self._ds = {name: f[name] for name in f}
         self._pending: dict[str, list] = {name: [] for name in self._ds if name != "features"}
-        return self
 
     def __len__(self) -> int:
         return self._n
