@@ -1,7 +1,9 @@
 """Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
 
 import base64
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -286,3 +288,30 @@ def test_cli_rejects_bad_sizes_before_any_work(tmp_path, capsys, option, value):
     assert e.value.code == 2  # argparse's exit status for a bad option
     assert f"argument {option}: must be a positive integer, got {value}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]  # no hidden .partial file
+
+
+def test_sigterm_deletes_the_partial_store(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(10)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
+    real = conv.tsv_records
+
+    def terminated(paths, feature_dim):
+        for n, rec in enumerate(real(paths, feature_dim)):
+            if n == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # e.g. a batch scheduler ending the job
+            yield rec
+
+    monkeypatch.setattr(conv, "tsv_records", terminated)
+    received = []
+    test_handler = lambda signum, frame: received.append(signum)  # the default would end pytest itself
+    previous = signal.signal(signal.SIGTERM, test_handler)
+    try:
+        code = conv.main(
+            ["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
+        )
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM and received == [] and restored is test_handler
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]

@@ -27,7 +27,7 @@ the image, too few boxes, a duplicate id, a label id that is not a whole number 
 non-negative range) stops the conversion with an error naming the file,
 the line (TSV) and image, and the field; with --skip-bad such records are skipped, counted and
 listed at the end. The store is written to a temporary file and renamed into place only when
-complete, so an interrupted conversion leaves no store behind; an --out that is one of the
+complete, so an interrupted conversion (Ctrl-C or SIGTERM) leaves no store behind; an --out that is one of the
 inputs is refused before any work.
 """
 
@@ -38,7 +38,9 @@ import base64
 import binascii
 import csv
 import os
+import signal
 import sys
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -350,6 +352,14 @@ def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the conversion is, so the partial store is deleted as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _positive_int(text: str) -> int:
     """argparse type for sizes: a bad value is an option error (exit 2) before any file is touched."""
     try:
@@ -392,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         compression=None if args.compression == "none" else args.compression,
     )
+    # SIGTERM (kill, a batch scheduler) would end the process without unwinding, leaving the hidden
+    # partial file; only the command line does this, a library caller keeps its own handler.
+    catch_sigterm = threading.current_thread() is threading.main_thread()  # handlers are set there only
+    if catch_sigterm:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.format == "lxmert-tsv":
             report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
@@ -401,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print(f"no store written at {args.out}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"error: {'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        print(f"no store written at {args.out}", file=sys.stderr)
+        return 128 + signum  # the shell's status for a process ended by that signal
+    finally:
+        if catch_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
     print(f"wrote {report.written} images (K={args.num_objects}) to {args.out}")
     if report.skipped:
         print(f"skipped {report.skipped} bad records; the first {len(report.skipped_examples)}:")
