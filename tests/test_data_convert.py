@@ -315,3 +315,24 @@ def test_sigterm_deletes_the_partial_store(tmp_path, monkeypatch, capsys):
     assert code == 128 + signal.SIGTERM and received == [] and restored is test_handler
     assert "terminated (SIGTERM)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
+
+
+def test_bad_paths_are_named_before_any_work(tmp_path, capsys):
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(np.random.default_rng(11), "a", 4))])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for inputs, out, message in [
+        ([tsv, folder], tmp_path / "s.h5", f"{folder}: a folder, not a TSV file"),
+        ([tsv], folder, f"output {folder} is an existing folder"),
+        ([tsv], tmp_path / "f.tsv" / "s.h5", f"cannot create {tmp_path}/f.tsv/s.h5: {tsv} is not a folder"),
+    ]:
+        with pytest.raises(ConversionError) as e:
+            convert_lxmert_tsv(inputs, out, num_objects=4, feature_dim=D, progress=False)
+        assert message in str(e.value)
+    with pytest.raises(FileNotFoundError, match=f"no such TSV file: {tmp_path}/missing.tsv"):
+        convert_lxmert_tsv([tsv, tmp_path / "missing.tsv"], tmp_path / "s.h5", num_objects=4, feature_dim=D)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv", "folder"] and not any(folder.iterdir())
+    assert conv.main(["lxmert-tsv", str(tsv), "--out", str(folder), "--num-objects", "4", "--feature-dim", str(D)]) == 1
+    assert capsys.readouterr().err == f"error: output {folder} is an existing folder, not a store file\n" + (
+        f"no store written at {folder}\n"
+    )

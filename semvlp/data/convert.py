@@ -67,7 +67,7 @@ _BOX_TOLERANCE_PX = 1.0
 
 
 class ConversionError(ValueError):
-    """A bad input record, with where it is: file, line or image, and field."""
+    """A bad input record, with where it is (file, line or image, and field), or an unusable path."""
 
 
 @dataclass
@@ -329,9 +329,15 @@ def convert(
 
 
 def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:
-    """Raise ConversionError, before any work, if `out` is one of the inputs (a symlink to one included):
-    the finished store is renamed over `out`, which would destroy that input."""
-    if not os.path.exists(out):
+    """Raise ConversionError, before any work, if the store cannot be written at `out` or would
+    replace one of the inputs (a symlink to one included): the finished store is renamed over `out`."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConversionError(f"output {out} is an existing folder, not a store file")
+    existing_parent = next(parent for parent in out.absolute().parents if parent.exists())
+    if not existing_parent.is_dir():
+        raise ConversionError(f"cannot create {out}: {existing_parent} is not a folder")
+    if not out.exists():
         return
     for path in inputs:
         if os.path.exists(path) and os.path.samefile(out, path):
@@ -340,6 +346,11 @@ def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLik
 
 def convert_lxmert_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
     """LXMERT TSV file(s) -> store; kwargs as `convert`."""
+    for path in inputs:  # all of them now, not after converting the first 17 GB
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such TSV file: {path}")
+        if os.path.isdir(path):
+            raise ConversionError(f"{path}: a folder, not a TSV file")
     check_output_path(inputs, out)
     return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM)), out, **kwargs)
 
@@ -412,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
         else:
             report = convert_npz_dir(args.folder, args.out, **kwargs)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, OSError) as e:  # OSError: a missing input, no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"no store written at {args.out}", file=sys.stderr)
         return 1
