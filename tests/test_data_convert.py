@@ -1,6 +1,7 @@
 """Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
 
 import base64
+import gzip
 import os
 import re
 import signal
@@ -336,3 +337,37 @@ def test_bad_paths_are_named_before_any_work(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: output {folder} is an existing folder, not a store file\n" + (
         f"no store written at {folder}\n"
     )
+
+
+def test_gzipped_tsv_is_read_and_a_binary_one_named(tmp_path):
+    rng = np.random.default_rng(12)
+    lines = [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(3)]
+    with gzip.open(tmp_path / "f.tsv.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    convert_lxmert_tsv([tmp_path / "f.tsv.gz"], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    assert FeatureStore(tmp_path / "s.h5").image_ids == ["i0", "i1", "i2"]
+    (tmp_path / "b.tsv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xd8" * 100)
+    (tmp_path / "t.tsv.gz").write_bytes(gzip.compress(b"\n".join(line.encode() for line in lines))[:-20])
+    for name, message in [("b.tsv", "not a UTF-8 text TSV"), ("t.tsv.gz", "not a readable gzip file")]:
+        with pytest.raises(ConversionError, match=f"{tmp_path / name}: {message}"):
+            convert_lxmert_tsv([tmp_path / name], tmp_path / "t.h5", num_objects=4, feature_dim=D, progress=False)
+    assert not (tmp_path / "t.h5").exists()
+
+
+def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
+    img = raw_image(np.random.default_rng(13), "a", 4)
+    for k, (override, fragment) in enumerate(
+        [
+            ({"num_boxes": np.array([4, 4])}, "field 'num_boxes': expected one whole number, got an int64 array"),
+            ({"img_h": 480.5}, "field 'img_h': expected one whole number, got 480.5"),
+            ({"features": img["features"].astype(str)}, "field 'features': expected numbers, got <U"),
+            ({"objects_conf": np.array(["high"] * 4)}, "field 'obj_confs': expected numbers, got <U4"),
+        ]
+    ):
+        folder = tmp_path / f"bad{k}"
+        folder.mkdir()
+        write_npz(folder / "x.npz", img, **override)
+        with pytest.raises(ConversionError) as e:
+            convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+        assert f"x.npz (image x): {fragment}" in str(e.value)
+    assert not (tmp_path / "s.h5").exists()

@@ -9,7 +9,7 @@ columns img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, nu
 features; array columns are base64 of little-endian arrays: objects_id int64 (N,),
 objects_conf float32 (N,), attrs_id int64 (N,), attrs_conf float32 (N,), boxes float32 (N, 4)
 in pixels (x1, y1, x2, y2), features float32 (N, D). Files are streamed line by line (they
-reach 17 GB; loading them whole is LXMERT's best-known memory problem).
+reach 17 GB; loading them whole is LXMERT's best-known memory problem); gzipped ones too.
 
 npz-dir: one `<image id>.npz` per image (StructVBERT's layout), keys img_h (or image_h), img_w
 (or image_w), features (N, D), boxes (or bbox) (N, 4) in pixels, optionally num_boxes (or
@@ -37,11 +37,14 @@ import argparse
 import base64
 import binascii
 import csv
+import gzip
+import io
 import os
 import signal
 import sys
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,15 +204,31 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
 Record = tuple[str, str | None, Callable[[], RawImage]]
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _open_text(binary: io.BufferedReader) -> io.TextIOBase:
+    """A TSV as UTF-8 text, gunzipped on the fly if it starts with gzip's magic number (peeked, so a
+    pipe such as <(unzip -p ...) loses nothing)."""
+    if binary.peek(2)[:2] == _GZIP_MAGIC:
+        return gzip.open(binary, "rt", encoding="utf-8", newline="")
+    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
+
+
 def tsv_records(paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_DIM) -> Iterator[Record]:
-    """Records of LXMERT TSV files, streamed line by line."""
+    """Records of LXMERT TSV files (plain or gzipped), streamed line by line."""
     csv.field_size_limit(sys.maxsize)  # one features column is ~300 KB of base64
     for path in paths:
-        with open(path, newline="") as f:
+        with open(path, "rb") as binary, _open_text(binary) as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            for row in reader:
-                image_id = row[0] if row else None
-                yield f"{path}, line {reader.line_num}", image_id, lambda row=row: parse_tsv_row(row, feature_dim)
+            try:
+                for row in reader:
+                    image_id = row[0] if row else None
+                    yield f"{path}, line {reader.line_num}", image_id, lambda row=row: parse_tsv_row(row, feature_dim)
+            except UnicodeDecodeError as e:  # a binary file: one line naming it, not a traceback
+                raise ConversionError(f"{path}: not a UTF-8 text TSV ({e})") from None
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                raise ConversionError(f"{path}: not a readable gzip file ({e})") from None
 
 
 _NPZ_KEYS = {
@@ -223,6 +242,24 @@ _NPZ_KEYS = {
     "attr_ids": ("attrs_id", "attr_ids"),
     "attr_confs": ("attrs_conf", "attr_confs"),
 }
+
+
+def _npz_number(name: str, value: np.ndarray) -> int:
+    """A one-number entry (img_h, img_w, num_boxes) as an int; a fractional value is an error, not truncated."""
+    value = np.asarray(value)
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        raise BadRecordError(name, f"expected one whole number, got an {value.dtype} array of shape {value.shape}")
+    number = value.item()
+    if not (np.isfinite(number) and number == int(number)):
+        raise BadRecordError(name, f"expected one whole number, got {number}")
+    return int(number)
+
+
+def _npz_numbers(name: str, arr: np.ndarray) -> np.ndarray:
+    """An array entry, which must hold numbers (not strings or booleans)."""
+    if arr.dtype.kind not in "iuf":
+        raise BadRecordError(name, f"expected numbers, got {arr.dtype} values")
+    return arr
 
 
 def parse_npz(path: str | os.PathLike) -> RawImage:
@@ -241,15 +278,15 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
             raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; file has {sorted(data)})")
         return None
 
-    features, boxes = get("features"), get("boxes")
+    features, boxes = _npz_numbers("features", get("features")), _npz_numbers("boxes", get("boxes"))
     if features.ndim != 2:
         raise BadRecordError("features", f"expected a 2-d (N, D) array, got shape {features.shape}")
     n = len(features)
     if boxes.shape != (n, 4):
         raise BadRecordError("boxes", f"shape {boxes.shape}, expected ({n}, 4)")
     num_boxes = get("num_boxes", required=False)
-    if num_boxes is not None and int(num_boxes) != n:
-        raise BadRecordError("num_boxes", f"says {int(num_boxes)} but features has {n} rows")
+    if num_boxes is not None and (count := _npz_number("num_boxes", num_boxes)) != n:
+        raise BadRecordError("num_boxes", f"says {count} but features has {n} rows")
     labels = {}
     for name, dtype in (
         ("obj_ids", np.int64),
@@ -264,11 +301,11 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
         arr = np.asarray(arr).reshape(-1)
         if name in ("obj_ids", "attr_ids"):
             check_label_ids(name, arr)  # before the cast, which would turn 1.5 into 1 and NaN into 0
-        labels[name] = arr.astype(dtype)
+        labels[name] = _npz_numbers(name, arr).astype(dtype)
     return RawImage(
         image_id=Path(path).stem,
-        img_h=int(get("img_h")),
-        img_w=int(get("img_w")),
+        img_h=_npz_number("img_h", get("img_h")),
+        img_w=_npz_number("img_w", get("img_w")),
         boxes=boxes.astype(np.float32),
         features=features,
         **labels,
