@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import pickle
+import re
 
 import h5py
 import numpy as np
@@ -150,6 +151,23 @@ def test_version_and_not_a_store(tmp_path):
         FeatureStore(tmp_path / "x.h5")
     with pytest.raises(FileNotFoundError):
         FeatureStore(tmp_path / "missing.h5")
+
+
+def test_incomplete_store_names_what_it_lacks(tmp_path):
+    for k, (damage, message) in enumerate(
+        [
+            (lambda f: f.__delitem__("obj_ids"), "no dataset obj_ids"),
+            (lambda f: f.__delitem__("image_ids"), "no dataset image_ids"),
+            (lambda f: f.attrs.__delitem__("num_objects"), "no attribute num_objects"),
+            (lambda f: f["boxes"].resize(2, axis=0), "boxes has shape (2, 7, 4), expected (3, 7, 4)"),
+        ]
+    ):
+        path = tmp_path / f"s{k}.h5"
+        write_store(path, n=3)
+        with h5py.File(path, "a") as f:
+            damage(f)
+        with pytest.raises(StoreFormatError, match=f"{path}: not a complete feature store .*{re.escape(message)}"):
+            FeatureStore(path)
 
 
 def _child_read(store, q):

@@ -399,6 +399,7 @@ class FeatureStore:
                     raise StoreFormatError(
                         f"{self.path}: store format version {int(version)}, this code reads version {FORMAT_VERSION}"
                     )
+                self._check_complete(f)
                 self.num_objects = int(f.attrs["num_objects"])
                 self.feature_dim = int(f.attrs["feature_dim"])
                 self.padded = bool(f.attrs["padded"])
@@ -409,6 +410,35 @@ class FeatureStore:
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._fd = -1
+
+    def _check_complete(self, f: h5py.File) -> None:
+        """StoreFormatError naming what a damaged or hand-made store lacks, rather than a KeyError (or
+        a short read) at the first batch that needs it."""
+        missing = [name for name in ("num_objects", "feature_dim", "padded") if name not in f.attrs]
+        if missing:
+            raise StoreFormatError(f"{self.path}: not a complete feature store (no attribute {', '.join(missing)})")
+        n = len(f["image_ids"]) if isinstance(f.get("image_ids"), h5py.Dataset) else None
+        k, d = int(f.attrs["num_objects"]), int(f.attrs["feature_dim"])
+        expected = {
+            "image_ids": (n,),
+            "features": (n, k, d),
+            "boxes": (n, k, 4),
+            "img_h": (n,),
+            "img_w": (n,),
+            **{name: (n, k) for name in _OBJECT_FIELDS},
+        }
+        if f.attrs["padded"]:
+            expected["valid_mask"] = (n, k)
+        missing = [name for name in expected if not isinstance(f.get(name), h5py.Dataset)]
+        if missing:
+            raise StoreFormatError(f"{self.path}: not a complete feature store (no dataset {', '.join(missing)})")
+        wrong = [
+            f"{name} has shape {f[name].shape}, expected {shape}"
+            for name, shape in expected.items()
+            if f[name].shape != shape
+        ]
+        if wrong:
+            raise StoreFormatError(f"{self.path}: not a complete feature store ({'; '.join(wrong)})")
 
     def __len__(self) -> int:
         return len(self.image_ids)
