@@ -371,3 +371,17 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
             convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
         assert f"x.npz (image x): {fragment}" in str(e.value)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):
+    rng = np.random.default_rng(14)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, "ok", 4)), tsv_line(raw_image(rng, "", 4))])
+    with pytest.raises(ConversionError, match=r"f.tsv, line 2: field 'img_id': empty image id"):
+        convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    (folder / "x.npz").write_bytes(b"garbage")
+    with pytest.raises(ConversionError) as e:
+        convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    assert "x.npz (image x): field 'file': not an .npz file (not a zip archive)" in str(e.value)
+    assert not (tmp_path / "s.h5").exists()

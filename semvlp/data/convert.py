@@ -180,6 +180,8 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
         raise BadRecordError(
             "columns", f"{len(row)} tab-separated columns, expected {len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)})"
         )
+    if not row[0].strip():
+        raise BadRecordError("img_id", "empty image id")
     n = _int(row[7], "num_boxes")
     if n < 0:
         raise BadRecordError("num_boxes", f"negative: {n}")
@@ -264,6 +266,8 @@ def _npz_numbers(name: str, arr: np.ndarray) -> np.ndarray:
 
 def parse_npz(path: str | os.PathLike) -> RawImage:
     """One per-image .npz file; raises BadRecordError naming the key."""
+    if not zipfile.is_zipfile(path):  # else numpy blames "pickled data", or returns a .npy's array
+        raise BadRecordError("file", "not an .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
