@@ -23,12 +23,12 @@ objects and records the per-object validity mask. Boxes are divided by the image
 height (coordinates up to one pixel outside the image are clipped; further out is an error).
 
 Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
-the image, too few boxes, a duplicate id, a label id that is not a whole number in int32's
-non-negative range) stops the conversion with an error naming the file,
-the line (TSV) and image, and the field; with --skip-bad such records are skipped, counted and
-listed at the end. The store is written to a temporary file and renamed into place only when
-complete, so an interrupted conversion (Ctrl-C or SIGTERM) leaves no store behind; an --out that is one of the
-inputs is refused before any work.
+the image, too few boxes, a duplicate or empty id, a label id that is not a whole number from 0
+to 2**31 - 1) stops the conversion with an error naming the file, the line (TSV) and image, and
+the field; with --skip-bad such records are skipped, counted and listed at the end. Paths are
+checked before any work (an --out that is one of the inputs is refused). The store is written to
+a temporary file and renamed into place only when complete, so an interrupted conversion (Ctrl-C
+or SIGTERM) leaves no store behind.
 """
 
 from __future__ import annotations
