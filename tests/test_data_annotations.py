@@ -231,3 +231,7 @@ def test_data_config(tmp_path):
         load({"stores": "a.h5", "vocab": "v"})
     with pytest.raises(ValueError, match="missing required key"):
         load({"stores": ["a"]})
+    with pytest.raises(ValueError, match=r"x.json: DataConfig.num_object_labels must be >= 1, got 0"):
+        load({"stores": ["a"], "vocab": "v", "num_object_labels": 0})
+    with pytest.raises(ValueError, match=r"x.json: DataConfig.num_attribute_labels must be >= 1, got -5"):
+        load({"stores": ["a"], "vocab": "v", "num_attribute_labels": -5})

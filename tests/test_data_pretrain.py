@@ -1,5 +1,6 @@
 """Pre-training batches: layout, masking statistics, ITM/QA targets, determinism, resume, sharding."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,12 @@ from semvlp.data.batching import gather_tokens
 from semvlp.data.config import DataConfig
 from semvlp.data.convert import RawImage, convert
 from semvlp.data.loader import ShardedBatchSampler
-from semvlp.data.pretrain_dataset import MaskingConfig, PretrainDataset, build_pretrain_dataset
+from semvlp.data.pretrain_dataset import (
+    MaskingConfig,
+    PretrainDataset,
+    build_pretrain_dataset,
+    pretraining_model_fields,
+)
 from semvlp.data.store import FeatureStore, FeatureStoreWriter, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import ToySpec
@@ -347,6 +353,24 @@ def test_missing_images_in_pretraining(light, tmp_path):
     full = build_pretrain_dataset(cfg, split="valid")
     per_image = len(full) // len(records)
     assert ds.num_skipped == 2 * per_image and len(ds) == len(full) - 2 * per_image
+
+
+def test_label_counts_must_cover_the_stores_label_ids(light):
+    """A store label id >= num_object_labels fails the object-label loss at step 1, an IndexError deep in
+    the model: it is found when data.json's counts become the model's fields."""
+    store = FeatureStore(light.stores[0])
+    images = [store.read(row) for row in range(len(store))]
+    top_obj = max(int(img.obj_ids.max()) for img in images)
+    top_attr = max(int(img.attr_ids.max()) for img in images)
+    tok = load_tokenizer(light.vocab)
+    assert pretraining_model_fields(light, tok)["num_object_labels"] == light.num_object_labels  # the toy fits
+    too_few = dataclasses.replace(light, num_object_labels=top_obj)
+    with pytest.raises(ValueError, match=rf"num_object_labels is {top_obj}, but .*light.h5 holds object label id "
+                                         rf"{top_obj} \(image \w+\)"):  # fmt: skip
+        pretraining_model_fields(too_few, tok)
+    too_few = dataclasses.replace(light, num_attribute_labels=top_attr)
+    with pytest.raises(ValueError, match=rf"num_attribute_labels is {top_attr}, but .*light.h5 holds attribute"):
+        pretraining_model_fields(too_few, tok)
 
 
 def test_iterating_leaves_the_global_rng_alone(light):

@@ -100,6 +100,9 @@ class DataConfig:
             raise ValueError("DataConfig.stores: at least one feature store is needed")
         if self.max_text_len < 3:
             raise ValueError(f"DataConfig.max_text_len must be >= 3, got {self.max_text_len}")
+        for name in ("num_object_labels", "num_attribute_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | os.PathLike | None = None) -> DataConfig:
