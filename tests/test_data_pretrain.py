@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from semvlp.data import build_pretrain_loader, ensure_toy_world
-from semvlp.data.annotations import AnswerTable, MissingImagesError, PretrainCorpus
+from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable, MissingImagesError, PretrainCorpus
 from semvlp.data.batching import gather_tokens
 from semvlp.data.config import DataConfig
 from semvlp.data.convert import RawImage, convert
@@ -371,6 +371,29 @@ def test_label_counts_must_cover_the_stores_label_ids(light):
     too_few = dataclasses.replace(light, num_attribute_labels=top_attr)
     with pytest.raises(ValueError, match=rf"num_attribute_labels is {top_attr}, but .*light.h5 holds attribute"):
         pretraining_model_fields(too_few, tok)
+
+
+def test_config_values_that_would_drop_data_are_errors(light, tmp_path):
+    """A typo in pretrain.sources or answer_dsets silently dropped a source or all QA targets."""
+    raw = light.to_dict()
+
+    def edited(**pretrain):
+        return DataConfig.from_dict({**raw, "pretrain": {**raw["pretrain"], **pretrain}})
+
+    typo = r"pretrain.sources lists \['gq'\], which no record of the train files \(.*pretrain_train.json\) has"
+    with pytest.raises(ValueError, match=typo + r"; sources found: \['gqa', 'mscoco', 'vqa'\]"):
+        build_pretrain_dataset(edited(sources=["mscoco", "vqa", "gq"]))
+    typo = r"all_ans.json: answer_dsets \['vqa2'\] match no answer's 'dsets'"
+    with pytest.raises(AnnotationError, match=typo + r"; dsets found: \['gqa', 'vqa'\]"):
+        build_pretrain_dataset(edited(answer_dsets=["vqa", "vqa2"]))
+    empty = tmp_path / "all_ans.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match=rf"pretrain.answer_table {empty} holds no answers"):
+        build_pretrain_dataset(edited(answer_table=str(empty)))
+    with pytest.raises(ValueError, match=r"no sentence of the train files .* has an answer in pretrain.answer_table"):
+        build_pretrain_dataset(edited(sources=["mscoco"]))
+    # The default, LXMERT's five sources, takes those the files hold (the toy world has no vg, visual7w).
+    assert build_pretrain_dataset(edited(sources=list(LXMERT_SOURCES))).corpus_sources == LXMERT_SOURCES
 
 
 def test_iterating_leaves_the_global_rng_alone(light):

@@ -119,13 +119,19 @@ class AnswerTable:
             raise AnnotationError(f"{path}: expected a list of {{'ans': ...}} records")
         keep = set(dsets) if dsets is not None else None
         answers = []
+        found: set[str] = set()
         for i, rec in enumerate(data):
             ans = _field(rec, "ans", path, f"record {i}", str)
             if keep is not None:
                 used = _field(rec, "dsets", path, f"record {i}", list)
+                found.update(used)
                 if not keep & set(used):
                     continue
             answers.append(ans)
+        unknown = [d for d in dsets or () if d not in found]
+        if unknown:  # a typo would silently drop that dataset's answers (all of them: an empty table)
+            known = sorted(found)
+            raise AnnotationError(f"{path}: answer_dsets {unknown} match no answer's 'dsets'; dsets found: {known}")
         return cls(answers)
 
     @classmethod
@@ -211,6 +217,7 @@ class PretrainCorpus:
     qa_answers: np.ndarray  # int32
     qa_scores: np.ndarray  # float32
     source_counts: dict[str, int] = field(default_factory=dict)
+    found_sources: tuple[str, ...] = ()  # sentf keys of the files, selected or not, in first-seen order
 
     def __len__(self) -> int:
         return len(self.sent_image)
@@ -241,6 +248,7 @@ class PretrainCorpus:
             qa_answers=self.qa_answers[take],
             qa_scores=self.qa_scores[take],
             source_counts=self.source_counts,
+            found_sources=self.found_sources,
         )
 
 
@@ -262,6 +270,7 @@ def load_pretrain_annotations(
     sent_image, sent_source, sent_index, texts = [], [], [], []
     qa_counts, qa_answers, qa_scores = [], [], []
     counts = dict.fromkeys(sources, 0)
+    found: dict[str, None] = {}
     for p in paths:
         path = Path(p)
         data = _load_json(path)
@@ -274,6 +283,7 @@ def load_pretrain_annotations(
             labelf = rec.get("labelf", {})
             if not isinstance(labelf, dict):
                 raise AnnotationError(f"{path}: {where} (img_id {img_id}) field 'labelf' is not an object")
+            found.update(dict.fromkeys(sentf))
             for src, sents in sentf.items():
                 if src not in src_index:
                     continue
@@ -320,6 +330,7 @@ def load_pretrain_annotations(
         qa_answers=np.array(qa_answers, np.int32),
         qa_scores=np.array(qa_scores, np.float32),
         source_counts=counts,
+        found_sources=tuple(found),
     )
 
 

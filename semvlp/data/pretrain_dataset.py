@@ -60,7 +60,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from semvlp.data.annotations import AnswerTable, PretrainCorpus, check_images, load_pretrain_annotations
+from semvlp.data.annotations import (
+    LXMERT_SOURCES,
+    AnswerTable,
+    PretrainCorpus,
+    check_images,
+    load_pretrain_annotations,
+)
 from semvlp.data.batching import IGNORE_INDEX, gather_tokens, text_batch, visual_batch
 from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset, ResumableLoader
@@ -212,7 +218,32 @@ def load_pretrain_answer_table(cfg: DataConfig) -> AnswerTable | None:
     p = cfg.pretrain
     if p is None or p.answer_table is None:
         return None
-    return AnswerTable.from_all_ans(p.answer_table, p.answer_dsets)
+    table = AnswerTable.from_all_ans(p.answer_table, p.answer_dsets)
+    if not len(table):  # no sentence would get a QA target: the QA head would be silently untrained
+        dsets = f" of answer_dsets {list(p.answer_dsets)}" if p.answer_dsets is not None else ""
+        raise ValueError(f"the data configuration's pretrain.answer_table {p.answer_table} holds no answers{dsets}")
+    return table
+
+
+def _check_train_corpus(cfg: DataConfig, corpus: PretrainCorpus, files: tuple[str, ...]) -> None:
+    """Sources and QA labels that the train files do not have: a typo would silently drop data.
+
+    A held-out split need not hold every source, so only the train files are checked. The default
+    sources, LXMERT's five, take whichever of them the files hold.
+    """
+    where = f"the train files ({', '.join(files)})"
+    if cfg.pretrain.sources != LXMERT_SOURCES:
+        absent = [s for s in corpus.sources if not corpus.source_counts[s]]
+        if absent:
+            raise ValueError(
+                f"the data configuration's pretrain.sources lists {absent}, which no record of {where} has; "
+                f"sources found: {sorted(corpus.found_sources)}"
+            )
+    if cfg.pretrain.answer_table is not None and not len(corpus.qa_answers):
+        raise ValueError(
+            f"no sentence of {where}, sources {list(corpus.sources)}, has an answer in pretrain.answer_table "
+            f"{cfg.pretrain.answer_table}: the QA head would never be trained (without QA, leave answer_table out)"
+        )
 
 
 # Detector label datasets of a store, the data configuration key that counts their classes, and their name.
@@ -293,6 +324,8 @@ def build_pretrain_dataset(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab)
     answer_table = load_pretrain_answer_table(cfg)
     corpus = load_pretrain_annotations(files, cfg.pretrain.sources, answer_table)
+    if split == "train":
+        _check_train_corpus(cfg, corpus, files)
     masking = masking or MaskingConfig(max_text_len=cfg.max_text_len)
     return PretrainDataset(corpus, open_stores(cfg.stores), tokenizer, answer_table, masking, skip_missing)
 
