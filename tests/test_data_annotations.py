@@ -109,6 +109,19 @@ def test_pretrain_annotations(tmp_path):
         load_pretrain_annotations([tmp_path / "p4.json"])
 
 
+@pytest.mark.parametrize("load", [load_vqa, load_gqa])
+@pytest.mark.parametrize("score", [10, -0.3, "high", float("nan"), True])
+def test_finetune_label_scores_must_be_soft_scores(tmp_path, load, score):
+    """Annotator counts as scores trained with BCE targets of 10 (the score cap was reported as 10)."""
+    questions = [
+        {"question_id": 6, "img_id": "a", "sent": "s", "label": {"yes": 1.0}},
+        {"question_id": 7, "img_id": "a", "sent": "s", "label": {"no": 0.3, "yes": score}},
+    ]
+    with pytest.raises(AnnotationError, match=r"q.json: record 1 \(question_id 7\) field 'label' answer 'yes' "
+                                              r"has score .*; scores must be numbers in \[0, 1\]"):  # fmt: skip
+        load(dump(tmp_path / "q.json", questions))
+
+
 def test_finetune_readers(tmp_path):
     vqa = dump(
         tmp_path / "vqa.json",

@@ -100,6 +100,24 @@ def _field(record: object, key: str, path: Path, where: str, types: type | tuple
     return value
 
 
+def _answer_scores(label: object, path: Path, where: str, key: str) -> dict[str, float]:
+    """An {answer: score} label as floats; every score must be a soft score, a number in [0, 1].
+
+    Scores become BCE targets (fine-tuning) or sampling weights (pre-training): an annotator count,
+    a negative or a NaN would train on nonsense, or fail only when first drawn.
+    """
+    if not isinstance(label, dict):
+        raise AnnotationError(f"{path}: {where} field {key!r} must be an {{answer: score}} object")
+    scores = {}
+    for ans, score in label.items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            raise AnnotationError(
+                f"{path}: {where} field {key!r} answer {ans!r} has score {score!r}; scores must be numbers in [0, 1]"
+            )
+        scores[ans] = float(score)
+    return scores
+
+
 class AnswerTable:
     """Answer string <-> class index. Answers are stored normalized (see normalize_answer)."""
 
@@ -387,16 +405,12 @@ def _load_qa(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[QAE
             qid = _field(rec, "question_id", path, where, (int, str))
             where = f"record {r} (question_id {qid})"
             label = rec.get("label")
-            if label is not None and (
-                not isinstance(label, dict) or not all(isinstance(v, (int, float)) for v in label.values())
-            ):
-                raise AnnotationError(f"{path}: {where} field 'label' must be an {{answer: score}} object")
             out.append(
                 QAExample(
                     question_id=qid,
                     img_id=_field(rec, "img_id", path, where, str),
                     sent=_field(rec, "sent", path, where, str),
-                    label=None if label is None else {a: float(s) for a, s in label.items()},
+                    label=None if label is None else _answer_scores(label, path, where, "label"),
                 )
             )
     return out
