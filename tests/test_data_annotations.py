@@ -109,6 +109,29 @@ def test_pretrain_annotations(tmp_path):
         load_pretrain_annotations([tmp_path / "p4.json"])
 
 
+@pytest.mark.parametrize("score", [10, -0.3, "high", float("nan"), True])
+def test_pretrain_label_scores_are_checked_when_loaded(tmp_path, score):
+    """A bad score failed only when its sentence was first drawn (maybe hours in), or was clamped to 0."""
+    records = pretrain_records()
+    records[1]["labelf"]["vqa"][1] = {"yes": score}
+    path = dump(tmp_path / "p.json", records)
+    with pytest.raises(AnnotationError, match=r"p.json: record 1 \(img_id i1\) field 'labelf.vqa\[1\]' answer 'yes' "
+                                              r"has score .*; scores must be numbers in \[0, 1\]"):  # fmt: skip
+        load_pretrain_annotations([path], answer_table=AnswerTable(["yes", "no"]))
+
+
+def test_pretrain_answers_scored_zero_are_no_targets(tmp_path):
+    """Answers are drawn in proportion to their scores: one scored 0 is never drawn, and a label whose
+    answers all score 0 (LXMERT divides by zero there) leaves its sentence without a QA target."""
+    records = pretrain_records()
+    records[1]["labelf"]["vqa"] = [{"yes": 0, "no": 0.0}, {"yes": 0, "no": 0.3}]
+    corpus = load_pretrain_annotations([dump(tmp_path / "p.json", records)], answer_table=AnswerTable(["yes", "no"]))
+    question = [i for i in range(len(corpus)) if corpus.uid(i).startswith("i1_vqa")]
+    assert len(corpus.answers(question[0])[0]) == 0
+    ids, scores = corpus.answers(question[1])
+    assert ids.tolist() == [1] and scores.tolist() == pytest.approx([0.3])
+
+
 @pytest.mark.parametrize("load", [load_vqa, load_gqa])
 @pytest.mark.parametrize("score", [10, -0.3, "high", float("nan"), True])
 def test_finetune_label_scores_must_be_soft_scores(tmp_path, load, score):

@@ -278,7 +278,9 @@ def load_pretrain_annotations(
     """Sentences of the given LXMERT pre-training files from the selected `sources`.
 
     QA labels are normalized (normalize_answer) and kept only if in `answer_table`, as LXMERT
-    does; without a table there are no QA targets.
+    does; without a table there are no QA targets (and the labels are not read). Scores must be
+    numbers in [0, 1] (AnnotationError naming the file, record and sentence); answers scored 0 are
+    dropped, so a label scored all 0 gives its sentence no QA target.
     """
     sources = tuple(sources)
     if not sources:
@@ -323,13 +325,11 @@ def load_pretrain_annotations(
                     texts.append(sent)
                     ids: dict[int, float] = {}
                     if labels is not None and answer_table is not None:
-                        label = labels[k]
-                        if not isinstance(label, dict):
-                            raise AnnotationError(
-                                f"{path}: {where} (img_id {img_id}) field "
-                                f"'labelf.{src}[{k}]' is not an {{answer: score}} object"
-                            )
-                        ids = answer_table.label_ids(label)
+                        label = _answer_scores(labels[k], path, f"{where} (img_id {img_id})", f"labelf.{src}[{k}]")
+                        # Answers are drawn in proportion to their scores, so one scored 0 is never a
+                        # target; a label whose table answers all score 0 (LXMERT divides by zero on it)
+                        # leaves the sentence without one, like a label whose answers are all outside.
+                        ids = {i: score for i, score in answer_table.label_ids(label).items() if score > 0}
                     qa_counts.append(len(ids))
                     qa_answers.extend(ids.keys())
                     qa_scores.extend(ids.values())
