@@ -231,6 +231,23 @@ def test_tokenizer(tmp_path):
         load_tokenizer(tmp_path / "none.txt")
 
 
+def test_tokenizer_needs_the_special_tokens_in_the_vocab_file(tmp_path):
+    """transformers adds missing special tokens itself, so the vocab loaded and then failed ('WordPiece
+    error: Missing [UNK] token', not naming the file) at the first unknown word."""
+    no_unk = tmp_path / "no_unk.txt"
+    no_unk.write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "car"]) + "\n")
+    with pytest.raises(ValueError, match=r"no_unk.txt lacks the special tokens \['\[UNK\]'\]"):
+        load_tokenizer(no_unk)
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["a", "red", "car", "on", "the", "sand"]))
+    with pytest.raises(ValueError, match=r"words.txt lacks the special tokens \['\[PAD\]', '\[UNK\]', '\[CLS\]'"):
+        load_tokenizer(words)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("[PAD]\n[UNK]\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="vocab .*latin1.txt is not UTF-8 text"):
+        load_tokenizer(latin1)
+
+
 def test_data_config(tmp_path):
     cfg_file = dump(
         tmp_path / "data.json",

@@ -2,7 +2,8 @@
 
 transformers 5 quirk (DESIGN.md section 6): `BertTokenizerFast(vocab=path)` loads the file,
 while `vocab_file=path` is silently ignored and yields a 5-token vocabulary. `load_tokenizer`
-checks for exactly that failure.
+checks for exactly that failure, and that the file itself holds the special tokens (transformers
+adds absent ones as extra tokens, so the tokenizer's vocabulary always has them).
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
         path = path / "vocab.txt"
     if not path.is_file():
         raise FileNotFoundError(f"vocab file not found: {path}")
+    # The file's own lines: transformers adds absent special tokens to the tokenizer itself, which
+    # then fails at the first unknown word ("WordPiece error: Missing [UNK] token").
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = {line.rstrip("\n") for line in f}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"vocab {path} is not UTF-8 text ({e})") from e
+    missing = [t for t in _REQUIRED_TOKENS if t not in lines]
+    if missing:
+        raise ValueError(f"vocab {path} lacks the special tokens {missing}")
     tok = BertTokenizerFast(vocab=str(path), do_lower_case=True)
     if len(tok) <= 5:
         raise ValueError(
             f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
             "(is it a WordPiece vocab.txt with one token per line?)"
         )
-    vocab = tok.get_vocab()
-    missing = [t for t in _REQUIRED_TOKENS if t not in vocab]
-    if missing:
-        raise ValueError(f"vocab {path} lacks the special tokens {missing}")
     return tok
 
 
