@@ -288,3 +288,13 @@ def test_data_config(tmp_path):
         load({"stores": ["a"], "vocab": "v", "num_object_labels": 0})
     with pytest.raises(ValueError, match=r"x.json: DataConfig.num_attribute_labels must be >= 1, got -5"):
         load({"stores": ["a"], "vocab": "v", "num_attribute_labels": -5})
+
+
+def test_data_config_must_be_a_file(tmp_path):
+    """--data given a folder failed with an IsADirectoryError traceback (exit 1)."""
+    with pytest.raises(ValueError, match=rf"{tmp_path} is a folder; the data configuration \(--data\) must be a "
+                                         r"data.json file$"):  # fmt: skip
+        DataConfig.load(tmp_path)
+    dump(tmp_path / "data.json", {"stores": ["a.h5"], "vocab": "v"})
+    with pytest.raises(ValueError, match=rf"must be a data.json file \(this folder holds {tmp_path}/data.json\)"):
+        DataConfig.load(tmp_path)

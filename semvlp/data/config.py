@@ -113,6 +113,10 @@ class DataConfig:
     def load(cls, path: str | os.PathLike) -> DataConfig:
         """Read a JSON file; relative paths resolve against its folder."""
         path = Path(path)
+        if path.is_dir():  # open() would fail with an IsADirectoryError that names no option
+            inside = path / "data.json"
+            hint = f" (this folder holds {inside})" if inside.is_file() else ""
+            raise ValueError(f"{path} is a folder; the data configuration (--data) must be a data.json file{hint}")
         with open(path) as f:
             try:
                 data = json.load(f)
