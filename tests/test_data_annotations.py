@@ -210,7 +210,7 @@ def test_missing_images():
         check_images(ids, {"a", "b"}, "VQA annotations")
     msg = str(e.value)
     assert "7 images missing" in msg and "['x1', 'x2', 'x3', 'x4', 'x5']" in msg and "x6" not in msg
-    assert "skip_missing" in msg
+    assert "pass --skip_missing (skip_missing=True in code) to drop them" in msg  # the launchers' spelling
     keep = check_images(ids, {"a", "b"}, "VQA annotations", skip_missing=True)
     assert keep.tolist() == [True, True, False, True] + [False] * 6
 

@@ -347,7 +347,8 @@ def test_missing_images_in_pretraining(light, tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(records))
     bad = DataConfig.from_dict({**cfg.to_dict(), "pretrain": {**cfg.to_dict()["pretrain"], "valid": [str(path)]}})
-    with pytest.raises(MissingImagesError, match=r"2 images missing.*'nowhere_1', 'nowhere_2'"):
+    with pytest.raises(MissingImagesError, match=rf"annotations \({path}\): 2 images missing.*'nowhere_1', 'nowhere_2'"
+                                                 r".*launch/pretrain.py has no option to skip them"):  # fmt: skip
         build_pretrain_dataset(bad, split="valid")
     ds = build_pretrain_dataset(bad, split="valid", skip_missing=True)
     full = build_pretrain_dataset(cfg, split="valid")

@@ -53,6 +53,10 @@ ANSWER_CONVERT = {
 }
 
 
+# What check_images suggests by default: the fine-tuning launchers' option (pre-training says its own).
+SKIP_MISSING_HINT = "pass --skip_missing (skip_missing=True in code) to drop them"
+
+
 class AnnotationError(ValueError):
     """A malformed annotation file or record."""
 
@@ -236,6 +240,8 @@ class PretrainCorpus:
     qa_scores: np.ndarray  # float32
     source_counts: dict[str, int] = field(default_factory=dict)
     found_sources: tuple[str, ...] = ()  # sentf keys of the files, selected or not, in first-seen order
+    files: tuple[str, ...] = ()  # the annotation files read
+    image_file: np.ndarray | None = None  # [len(image_ids)] index into files: the first file naming each image
 
     def __len__(self) -> int:
         return len(self.sent_image)
@@ -267,6 +273,8 @@ class PretrainCorpus:
             qa_scores=self.qa_scores[take],
             source_counts=self.source_counts,
             found_sources=self.found_sources,
+            files=self.files,
+            image_file=self.image_file,
         )
 
 
@@ -287,11 +295,12 @@ def load_pretrain_annotations(
         raise ValueError("no pre-training sources selected")
     src_index = {s: i for i, s in enumerate(sources)}
     image_index: dict[str, int] = {}
+    image_file: list[int] = []
     sent_image, sent_source, sent_index, texts = [], [], [], []
     qa_counts, qa_answers, qa_scores = [], [], []
     counts = dict.fromkeys(sources, 0)
     found: dict[str, None] = {}
-    for p in paths:
+    for file_number, p in enumerate(paths):
         path = Path(p)
         data = _load_json(path)
         if not isinstance(data, list):
@@ -318,6 +327,8 @@ def load_pretrain_annotations(
                         f"list with one answer dict per sentence ({len(sents)})"
                     )
                 img = image_index.setdefault(img_id, len(image_index))
+                if img == len(image_file):  # first seen
+                    image_file.append(file_number)
                 for k, sent in enumerate(sents):
                     sent_image.append(img)
                     sent_source.append(src_index[src])
@@ -349,16 +360,23 @@ def load_pretrain_annotations(
         qa_scores=np.array(qa_scores, np.float32),
         source_counts=counts,
         found_sources=tuple(found),
+        files=tuple(str(p) for p in paths),
+        image_file=np.array(image_file, np.int32),
     )
 
 
 def check_images(
-    image_ids: Sequence[str], available: Container[str], what: str, skip_missing: bool = False
+    image_ids: Sequence[str],
+    available: Container[str],
+    what: str,
+    skip_missing: bool = False,
+    skip_hint: str = SKIP_MISSING_HINT,
 ) -> np.ndarray:
     """Bool mask of the ids found in `available`.
 
-    Raises MissingImagesError with the count and the first few missing ids unless skip_missing,
-    in which case the count is logged (a warning) and the caller drops the masked entries.
+    Raises MissingImagesError with `what`, the count, the first few missing ids and `skip_hint`
+    (how the caller's user drops them) unless skip_missing, in which case the count is logged (a
+    warning) and the caller drops the masked entries.
     """
     keep = np.fromiter((i in available for i in image_ids), np.bool_, len(image_ids))
     n_missing = int((~keep).sum())
@@ -369,7 +387,7 @@ def check_images(
             f"({n_missing} of {len(image_ids)} entries), e.g. {missing[:5]}"
         )
         if not skip_missing:
-            raise MissingImagesError(msg + " (pass skip_missing=True / --skip-missing to drop them)")
+            raise MissingImagesError(f"{msg} ({skip_hint})")
         logger.warning("%s; skipped", msg)
     return keep
 

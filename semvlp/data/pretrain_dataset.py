@@ -95,6 +95,12 @@ class MaskingConfig:
             raise ValueError("MaskingConfig: mask_token_frac + random_token_frac must be <= 1")
 
 
+_PRETRAIN_SKIP_HINT = (
+    "add the images to a feature store or remove their records: launch/pretrain.py has no option to skip them "
+    "(build_pretrain_loader(skip_missing=True) does)"
+)
+
+
 class PretrainDataset(KeyedBatchDataset):
     """Sentences paired with their images; `dataset[BatchKey]` is a whole masked batch.
 
@@ -120,8 +126,12 @@ class PretrainDataset(KeyedBatchDataset):
         self.stores = stores
         self.answer_table = answer_table
         image_rows = stores.rows(corpus.image_ids)
+        what = "pre-training annotations"
+        if corpus.image_file is not None:  # name the files that hold the missing images
+            files = dict.fromkeys(corpus.files[f] for f in corpus.image_file[image_rows < 0].tolist())
+            what += f" ({', '.join(files)})" if files else ""
         # Checked per image, not per sentence: 9M sentences share 180K images.
-        keep_image = check_images(corpus.image_ids, stores, "pre-training annotations (images)", skip_missing)
+        keep_image = check_images(corpus.image_ids, stores, what, skip_missing, _PRETRAIN_SKIP_HINT)
         keep = keep_image[corpus.sent_image]
         self.num_skipped = int((~keep).sum())
         if self.num_skipped:
