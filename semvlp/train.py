@@ -274,12 +274,12 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
     ckpt_dir = run_dir / "checkpoints"
     best_metric = getattr(task, "best_metric", None)
     best: dict | None = None
-    step = 0
+    step = resumed_at = 0
     if run.resume:
         state = checkpoint.load_latest(engine, ckpt_dir)
         if state is None:
             raise ConfigError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        step = state["step"]
+        step = resumed_at = state["step"]
         task.train_loader.load_state_dict(state["loader"])
         best = state.get("best")
         log.write({"kind": "resume", "step": step, "from": checkpoint.latest_tag(ckpt_dir)})
@@ -342,7 +342,8 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
         if run.checkpoint_every and step % run.checkpoint_every == 0 and step != stop_at:
             save(step)
     progress.close()
-    save(step)
+    if step != resumed_at:  # else its checkpoint exists: DeepSpeed rewrites files in place, a kill would damage it
+        save(step)
     finished = step == run.max_steps
     metrics = evaluate(step) if finished else {}  # may update `best`
     return TrainResult(step, finished, metrics, best)

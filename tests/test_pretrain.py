@@ -166,6 +166,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
     assert_same(fp32_state(pieces), fp32_state(straight), "params")
     assert_same(optimizer_state(pieces), optimizer_state(straight), "optimizer")
 
+    # Resuming the finished run takes no step and leaves its checkpoint as it is (a rewrite in place,
+    # killed halfway, would damage the checkpoint `latest` names), then evaluates and exports again.
+    files = sorted((pieces / "checkpoints").rglob("*"))
+    written = [f.stat().st_mtime_ns for f in files]
+    third = run_pretrain([*common, "--output_dir", str(pieces), "--resume"])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "held-out metrics after 8 steps" in third.stdout
+    assert sorted((pieces / "checkpoints").rglob("*")) == files
+    assert [f.stat().st_mtime_ns for f in files] == written
+
 
 def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data):
     """--packed_text (PackedText + packed mlm_labels, training and evaluation) logs the padded run's losses.
