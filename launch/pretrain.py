@@ -13,14 +13,14 @@ Every option: `python launch/pretrain.py --help`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
 from semvlp.data.pretrain_dataset import build_pretrain_loader, pretraining_model_fields
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPForPreTraining
-from semvlp.run_config import RunConfig
+from semvlp.run_config import RunConfig, option
 from semvlp.schedule import STREAM_SCHEDULES
 from semvlp.tasks.pretraining import PretrainTask
 from semvlp.train import ConfigError, train
@@ -31,26 +31,22 @@ class PretrainConfig(RunConfig):
     """SemVLP pre-training: masked LM, masked-object regression and labels, image-text matching and
     image QA, one stream mode per step (paper section 3.3)."""
 
-    stream_schedule: str = "alternate"  # alternate | single | two (paper: alternate; the others are ablations)
-    packed_text: bool = field(
-        default=False,
-        metadata={
-            "help": "run the text without padding (PackedText) through the varlen attention; the losses are "
-            "those of padded text (equal without dropout; dropout draws differ). Meant to pay on GPUs with "
-            "--kernel_backend triton (the Triton varlen kernel); other backends pad inside attention, and "
-            "on CPU there is no gain"
-        },
+    stream_schedule: str = option(
+        "alternate",
+        "alternate (the paper: each step single- or two-stream with probability 1/2) | single | two (ablations)",
     )
-
-    qa_from_step: int = field(
-        default=0,
-        metadata={
-            "help": "train the image-QA loss from this step on (0: from the first step, as the paper's equal "
-            "weights read literally). LXMERT, whose QA task the paper follows, added it only for the last "
-            "10 of 20 epochs. On the toy world QA from the start holds image-text matching at chance for over "
-            "1,000 steps, and a later start costs grounding that GQA fine-tuning shows (docs/data_format.md "
-            "section 6). The QA loss is logged either way"
-        },
+    packed_text: bool = option(
+        False,
+        "run the text without padding (PackedText) through the varlen attention; the losses are those of padded "
+        "text (equal without dropout; dropout draws differ). Meant to pay on GPUs with --kernel_backend triton "
+        "(the Triton varlen kernel); other backends pad inside attention, and on CPU there is no gain",
+    )
+    qa_from_step: int = option(
+        0,
+        "train the image-QA loss from this step on (0: from the first step, as the paper's equal weights read "
+        "literally). LXMERT, whose QA task the paper follows, added it only for the last 10 of 20 epochs. On the "
+        "toy world QA from the start holds image-text matching at chance for over 1,000 steps, and a later start "
+        "costs grounding that GQA fine-tuning shows (docs/data_format.md section 6). The QA loss is logged either way",
     )
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 """The training run's configuration: a frozen dataclass, filled from the command line.
 
 Every field is a `--flag`; a flag's type is the field's type, and an unknown flag is an error; a
-field's `metadata={"help": ...}` is its `--help` text.
+field made with `option(default, doc)` has `doc` as its `--help` text, followed by the default.
 `launch/*.py` add their task's fields by subclassing `RunConfig`. The resolved config is saved
 as `hparams.json` in the run directory.
 """
@@ -18,28 +18,40 @@ from pathlib import Path
 from semvlp.config import PRESETS
 
 
+def option(default, doc: str):
+    """A config field with its `--help` text (the help shows the default after it)."""
+    return dataclasses.field(default=default, metadata={"help": doc})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    deepspeed_config: str  # a ds_configs/*.json
-    output_dir: str = "runs/pretrain"
-    preset: str = "base"  # model preset (semvlp.config.PRESETS) unless --model_config is given
-    model_config: str | None = None  # a SemVLPConfig config.json
-    init_from: str | None = None  # a local BERT folder (HF layout) or a SemVLP export
-    data: str | None = None  # a data.json (semvlp.data.config); default: the toy world, generated if absent
-    cross_attention_start_layer: int | None = None  # L_s; default: the model config's
-    kernel_backend: str = "auto"  # auto | eager | sdpa | triton
-    max_steps: int = 1000
-    warmup_ratio: float = 0.05  # fills the ds_config scheduler's "auto" warmup_num_steps
-    log_every: int = 10
-    eval_every: int = 200  # 0: only at the end
-    eval_batches: int = 20  # per rank and per mode; 0: the whole held-out split
-    checkpoint_every: int = 500  # 0: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 42
-    num_workers: int = 2  # DataLoader worker processes per rank
-    resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    exit_after_steps: int = 0  # >0: checkpoint and exit after this many steps of this invocation
-    # (for time-limited cluster jobs: the schedule still spans --max_steps; continue with --resume)
+    deepspeed_config: str = dataclasses.field(
+        metadata={"help": "the DeepSpeed config: ds_configs/{v100,a100,h100,cpu}.json or your own"}
+    )
+    output_dir: str = option("runs/pretrain", "the run folder: metrics.jsonl, checkpoints/, export/, tensorboard/")
+    preset: str = option("base", "model preset (semvlp.config.PRESETS) unless --model_config is given")
+    model_config: str | None = option(None, "a SemVLPConfig config.json")
+    init_from: str | None = option(None, "a local BERT folder (HF layout) or a SemVLP export")
+    data: str | None = option(None, "a data.json (docs/data_format.md); default: the toy world, generated if absent")
+    cross_attention_start_layer: int | None = option(
+        None, "L_s: cross-attention in blocks L_s+1..L; default: the model config's"
+    )
+    kernel_backend: str = option("auto", "auto | eager | sdpa | triton (auto: per device and dtype, logged at start)")
+    max_steps: int = option(1000, "optimizer steps")
+    warmup_ratio: float = option(0.05, "warmup_num_steps = ratio x max_steps where the ds_config says auto")
+    log_every: int = option(10, "steps per metrics.jsonl line (losses averaged over them)")
+    eval_every: int = option(200, "steps between held-out evaluations; 0: only at the end")
+    eval_batches: int = option(20, "held-out batches per rank and per mode; 0: the whole held-out split")
+    checkpoint_every: int = option(500, "steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = option(2, "newest complete checkpoints kept")
+    seed: int = option(42, "seed of the model init, dropout, the data order and masks, and the stream schedule")
+    num_workers: int = option(2, "DataLoader worker processes per rank")
+    resume: bool = option(False, "continue from the newest complete checkpoint in --output_dir")
+    exit_after_steps: int = option(
+        0,
+        "> 0: checkpoint and exit after this many steps of this invocation (for time-limited cluster jobs: the "
+        "schedule still spans --max_steps; continue with --resume)",
+    )
 
     def __post_init__(self):
         if self.model_config is None and self.preset not in PRESETS:
@@ -59,17 +71,19 @@ class RunConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> typing.Self:
-        parser = argparse.ArgumentParser(description=cls.__doc__, allow_abbrev=False)
+        parser = argparse.ArgumentParser(
+            description=cls.__doc__, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
             required = f.default is dataclasses.MISSING
-            doc = f.metadata.get("help")
+            doc = _help(cls, f.name)
             if kind is bool:
                 parser.add_argument(f"--{f.name}", action="store_true", help=doc)
                 continue
             base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-            default = None if required else f.default
+            default = argparse.SUPPRESS if required else f.default  # a required flag shows no default
             parser.add_argument(f"--{f.name}", type=base, required=required, default=default, help=doc)
         parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
         args = vars(parser.parse_args(argv))
@@ -78,3 +92,12 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+def _help(cls: type, name: str) -> str | None:
+    """A field's --help text; a subclass that only changes the default keeps its base class's text."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and "help" in f.metadata:
+            return f.metadata["help"]
+    return None

@@ -1,8 +1,11 @@
-"""Every launcher's --help opens with what it runs (its config's docstring), not a dataclass signature."""
+"""Every launcher's --help opens with what it runs (its config's docstring), not a dataclass signature,
+and explains every option with its default."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +29,16 @@ def test_launcher_help_describes_the_job(script, capsys, monkeypatch):
     assert len(configs) == 1, configs
     with pytest.raises(SystemExit):
         configs[0].from_args(["--help"])
-    description = capsys.readouterr().out.split("\n\n")[1]
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
     assert not description.startswith(f"{configs[0].__name__}("), description
     assert "fine-tuning" in description or "pre-training" in description, description
+
+    options = text.split("\noptions:\n")[1]
+    entries = dict(re.findall(r"^  (--\w+)(.*?)(?=^  -|\Z)", options, flags=re.M | re.S))  # flag -> its lines
+    for field in dataclasses.fields(configs[0]):
+        words = " ".join(entries[f"--{field.name}"].split())
+        meaning = re.sub(r"^[A-Z_]+ |\(default: .*\)$", "", words).strip()  # without metavar and default
+        assert meaning, (field.name, words)
+        if field.default is not dataclasses.MISSING:
+            assert words.endswith(f"(default: {field.default})"), (field.name, words)

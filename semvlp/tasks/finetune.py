@@ -37,7 +37,7 @@ from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.flops import training_step_flops
 from semvlp.model.modeling import MODES
-from semvlp.run_config import RunConfig
+from semvlp.run_config import RunConfig, option
 from semvlp.train import ConfigError, resolve_ds_config, train
 
 SPLITS = ("train", "valid", "test")
@@ -49,16 +49,16 @@ class FinetuneConfig(RunConfig):
     """Options shared by every fine-tuning launcher (each subclass sets its task's defaults)."""
 
     output_dir: str = "runs/finetune"
-    mode: str = "single"  # single | two: the stream mode to fine-tune and predict in (paper Table 5)
-    epochs: float = 4.0  # training length; dev evaluation after each epoch. 0: train --max_steps steps
-    lr: float = 5e-5  # peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr
-    batch_size: int = 32  # global batch; replaces the ds_config's train_batch_size
+    mode: str = option("single", "single | two: the stream mode to fine-tune and predict in (paper Table 5)")
+    epochs: float = option(4.0, "training length; a dev evaluation after each epoch. 0: train --max_steps steps")
+    lr: float = option(5e-5, "peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr")
+    batch_size: int = option(32, "global batch; replaces the ds_config's train_batch_size")
     warmup_ratio: float = 0.1  # LXMERT's BertAdam warmup
-    eval_batches: int = 0  # dev evaluation: batches per rank, 0: the whole dev split
-    eval_batch_size: int = 0  # per rank; 0: twice the training micro-batch
-    predict_splits: str = "valid,test"  # comma-separated; predicted with the best weights at the end
-    predict_only: bool = False  # no training: --init_from a fine-tuned export, predict --predict_splits
-    skip_missing: bool = False  # drop examples whose images no store holds (reported) instead of failing
+    eval_batches: int = option(0, "dev evaluation: batches per rank; 0: the whole dev split")
+    eval_batch_size: int = option(0, "evaluation batch per rank; 0: twice the training micro-batch")
+    predict_splits: str = option("valid,test", "comma-separated; predicted with the best weights at the end")
+    predict_only: bool = option(False, "no training: --init_from a fine-tuned export, predict --predict_splits")
+    skip_missing: bool = option(False, "drop examples whose images no store holds (reported) instead of failing")
 
     def __post_init__(self):
         super().__post_init__()

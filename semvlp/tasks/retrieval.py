@@ -39,6 +39,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import rankings, retrieval_metrics
 from semvlp.model import SemVLPForRetrieval
+from semvlp.run_config import option
 from semvlp.tasks.finetune import FinetuneConfig, FinetuneTask, image_rows, model_inputs
 from semvlp.train import ConfigError
 
@@ -52,11 +53,11 @@ class RetrievalConfig(FinetuneConfig):
     """Flickr30K image-text retrieval fine-tuning."""
 
     output_dir: str = "runs/retrieval"
-    negatives: int = 1  # per positive and direction: sampled negatives, or the pool hard negatives come from
-    hard_negatives: int = 0  # >0: train on the H hardest of the pool per direction (UNITER)
-    loss: str = "itm"  # itm (binary cross-entropy) | rank (UNITER's triplet loss)
-    margin: float = 0.2  # of the rank loss
-    eval_images: int = 0  # >0: evaluate and predict on the first N images of a split only
+    negatives: int = option(1, "per positive and direction: sampled negatives, or the pool hard negatives come from")
+    hard_negatives: int = option(0, "> 0: train on the H hardest of the pool per direction (UNITER)")
+    loss: str = option("itm", "itm (binary cross-entropy) | rank (UNITER's triplet loss)")
+    margin: float = option(0.2, "margin of the rank loss")
+    eval_images: int = option(0, "> 0: evaluate and predict on the first N images of a split only")
 
     def __post_init__(self):
         super().__post_init__()
