@@ -5,6 +5,7 @@ import gzip
 import os
 import re
 import signal
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -152,18 +153,27 @@ def test_skip_bad_counts_and_reports(tmp_path):
     assert FeatureStore(tmp_path / "s.h5").image_ids == ["ok0", "ok1"]
 
 
+def records_interrupted_by(interrupt: Callable[[], None], at_record: int = 3):
+    """conv.tsv_records that calls `interrupt` in the middle of the file, before record `at_record`."""
+    real = conv.tsv_records
+
+    def records(paths, feature_dim):
+        for n, rec in enumerate(real(paths, feature_dim)):
+            if n == at_record:
+                interrupt()
+            yield rec
+
+    return records
+
+
 def test_interrupted_conversion_leaves_no_store(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
-    real = conv.tsv_records
 
-    def interrupted(paths, feature_dim):
-        for n, rec in enumerate(real(paths, feature_dim)):
-            if n == 3:
-                raise KeyboardInterrupt  # Ctrl-C in the middle of a file
-            yield rec
+    def ctrl_c():
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "tsv_records", interrupted)
+    monkeypatch.setattr(conv, "tsv_records", records_interrupted_by(ctrl_c))
     with pytest.raises(KeyboardInterrupt):
         convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
@@ -294,15 +304,8 @@ def test_cli_rejects_bad_sizes_before_any_work(tmp_path, capsys, option, value):
 def test_sigterm_deletes_the_partial_store(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(10)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
-    real = conv.tsv_records
-
-    def terminated(paths, feature_dim):
-        for n, rec in enumerate(real(paths, feature_dim)):
-            if n == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # e.g. a batch scheduler ending the job
-            yield rec
-
-    monkeypatch.setattr(conv, "tsv_records", terminated)
+    sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # e.g. a batch scheduler ending the job
+    monkeypatch.setattr(conv, "tsv_records", records_interrupted_by(sigterm))
     received = []
     test_handler = lambda signum, frame: received.append(signum)  # the default would end pytest itself
     previous = signal.signal(signal.SIGTERM, test_handler)
