@@ -5,7 +5,9 @@ decoration time), so the kernels can run on CPU tensors; only on machines withou
 kernels are compiled instead.
 """
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,20 @@ def _remove_deepspeed_shm_buffers():
     yield
     for path in set(shm.glob(SHM_BUFFERS)) - before:
         path.unlink(missing_ok=True)
+
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+@pytest.fixture
+def load_launcher(monkeypatch):
+    """launch/<script> as a module (the launchers are scripts, not a package), for in-process tests."""
+
+    def load(script: str):
+        spec = importlib.util.spec_from_file_location(f"launch_{script.removesuffix('.py')}", LAUNCH / script)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look the module up while decorating
+        spec.loader.exec_module(module)
+        return module
+
+    return load

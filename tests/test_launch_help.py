@@ -4,9 +4,7 @@ and explains every option with its default."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,8 @@ LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.py")))
-def test_launcher_help_describes_the_job(script, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location(f"launch_{script.removesuffix('.py')}", LAUNCH / script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look the module up while decorating
-    spec.loader.exec_module(module)
+def test_launcher_help_describes_the_job(script, capsys, load_launcher):
+    module = load_launcher(script)
     configs = [
         c for c in vars(module).values()
         if isinstance(c, type) and issubclass(c, RunConfig) and c.__module__ == module.__name__

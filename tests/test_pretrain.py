@@ -223,17 +223,30 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
     "args, message",
     [
         (["--preset", "huge"], "--preset 'huge' is unknown"),
-        (["--cross_attention_start_layer", "9"], "cross_attention_start_layer=9 must be in 0..num_hidden_layers=4"),
         (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json: no such file"),
         (["--stream_schedule", "sometimes"], "--stream_schedule 'sometimes'"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
         (["--max_steps", "10", "--qa_from_step", "10"], "--qa_from_step 10 must be in 0..max_steps-1=9"),
     ],
 )  # fmt: skip
-def test_configuration_errors_name_the_option(tmp_path, toy_data, args, message):
-    result = run_pretrain(["--data", str(toy_data), "--output_dir", str(tmp_path), *args], processes=1, timeout=120)
+def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message):
+    from semvlp.runner import run_main
+
+    argv = ["--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"), "--preset", "tiny", "--data", str(toy_data),
+            "--output_dir", str(tmp_path / "run"), *args]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:  # what the launcher does: run_main(main)
+        run_main(load_launcher("pretrain.py").main, argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_configuration_errors_name_the_option(tmp_path, toy_data):
+    """Found when the model config is built (a subprocess: the process group exists by then)."""
+    args = ["--data", str(toy_data), "--output_dir", str(tmp_path), "--cross_attention_start_layer", "9"]
+    result = run_pretrain(args, processes=1, timeout=120)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert "cross_attention_start_layer=9 must be in 0..num_hidden_layers=4" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
