@@ -70,7 +70,7 @@ from semvlp.data.annotations import (
 from semvlp.data.batching import IGNORE_INDEX, gather_tokens, text_batch, visual_batch
 from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset, ResumableLoader
-from semvlp.data.store import FeatureStore, FeatureStoreSet, open_stores
+from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer, replacement_token_ids, tokenize_texts
 
 logger = logging.getLogger(__name__)
@@ -260,36 +260,16 @@ def _check_train_corpus(cfg: DataConfig, corpus: PretrainCorpus, files: tuple[st
 _DETECTOR_LABELS = (("obj_ids", "num_object_labels", "object"), ("attr_ids", "num_attribute_labels", "attribute"))
 
 
-def _label_id_extremes(store: FeatureStore, rows_per_read: int = 1024) -> tuple[dict, dict]:
-    """Per detector label dataset of `store`: the smallest and the largest id, each as (id, an image holding it)."""
-    buffers = {name: np.empty((rows_per_read, store.num_objects), np.int64) for name, _, _ in _DETECTOR_LABELS}
-    lowest = {name: (np.iinfo(np.int64).max, "") for name in buffers}
-    highest = {name: (np.iinfo(np.int64).min, "") for name in buffers}
-    for start in range(0, len(store), rows_per_read):
-        n = min(rows_per_read, len(store) - start)
-        for j in range(n):
-            store.read_into(start + j, buffers, j)
-        for name, ids in buffers.items():
-            per_image_min, per_image_max = ids[:n].min(1), ids[:n].max(1)
-            low, high = int(per_image_min.argmin()), int(per_image_max.argmax())
-            if per_image_min[low] < lowest[name][0]:
-                lowest[name] = (int(per_image_min[low]), store.image_ids[start + low])
-            if per_image_max[high] > highest[name][0]:
-                highest[name] = (int(per_image_max[high]), store.image_ids[start + high])
-    return lowest, highest
-
-
 def check_label_counts(cfg: DataConfig, stores: FeatureStoreSet) -> None:
     """Every detector label id in the stores must be a class of the data configuration's counts.
 
     A larger id fails the object or attribute loss at the first step, as an index out of bounds deep
-    in the model. Reads the two label datasets once, one image per call through the store's reading
-    API (about a second per 100K images of 100 objects).
+    in the model. Reads the two label datasets once (FeatureStore.label_id_range).
     """
     for store in stores.stores:
-        lowest, highest = _label_id_extremes(store)
         for name, key, kind in _DETECTOR_LABELS:
-            (low, low_image), (high, high_image), count = lowest[name], highest[name], getattr(cfg, key)
+            (low, low_image), (high, high_image) = store.label_id_range(name)
+            count = getattr(cfg, key)
             if low < 0:
                 raise ValueError(f"{store.path} holds a negative {kind} label id {low} (image {low_image})")
             if high >= count:

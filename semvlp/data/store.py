@@ -540,6 +540,21 @@ class FeatureStore:
             else:  # compressed (e.g. the toy world's features): h5py decodes
                 dst[j] = ds[name][row]
 
+    def label_id_range(self, name: str, rows_per_read: int = 8192) -> tuple[tuple[int, str], tuple[int, str]]:
+        """The smallest and the largest id of the label dataset `name` (obj_ids or attr_ids), each with
+        an image that holds it: ((lowest, image id), (highest, image id)). Reads the dataset in slices."""
+        ds = self._h5()[name]
+        lowest, highest = (np.iinfo(np.int64).max, ""), (np.iinfo(np.int64).min, "")
+        for start in range(0, len(self), rows_per_read):
+            ids = ds[start : start + rows_per_read]
+            per_image_min, per_image_max = ids.min(1), ids.max(1)
+            low, high = int(per_image_min.argmin()), int(per_image_max.argmax())
+            if per_image_min[low] < lowest[0]:
+                lowest = (int(per_image_min[low]), self.image_ids[start + low])
+            if per_image_max[high] > highest[0]:
+                highest = (int(per_image_max[high]), self.image_ids[start + high])
+        return lowest, highest
+
 
 class FeatureStoreSet:
     """Several stores seen as one: global rows, lookup by image id, the same K everywhere.
