@@ -18,7 +18,7 @@
 #   install              60   60  wheels into /tmp/site, `pip install -e .`
 #   info                 20   20  nvidia-smi, versions
 #   kernel-tests        150   60  pytest -m gpu tests/kernels
-#   kernel-bench        120   45  benchmarks/kernels.py --out --profile (when the file exists)
+#   kernel-bench        120   45  benchmarks/fused_ops.py --out --profile (when the file exists)
 #   throughput          200  150  base, micro-batch 64, bf16: sdpa/eager/triton x single/two/alternate,
 #                                 VisualBERT + LXMERT, padding study on triton (its "packed" rows run
 #                                 the Triton varlen kernel, as --packed_text training would), largest
@@ -163,10 +163,10 @@ kernel_bench() {
     # --profile adds a torch.profiler table per case (where each fused op's host time goes).
     local quick=()
     if [ "$STAGE_LIMIT" -lt 75 ]; then quick=(--quick); fi
-    "$PY" benchmarks/kernels.py --out "$WORK/kernels" --profile "${quick[@]}"
+    "$PY" benchmarks/fused_ops.py --out "$WORK/kernels" --profile "${quick[@]}"
 }
 
-# Outside the timed stage, so that a stage killed at its limit still hands over what kernels.py
+# Outside the timed stage, so that a stage killed at its limit still hands over what fused_ops.py
 # saved (it rewrites its JSON after every case).
 collect_kernel_results() {
     local files=()
@@ -223,11 +223,11 @@ else
     skip_stage kernel-tests "no tests/kernels"
 fi
 
-if [ -f benchmarks/kernels.py ]; then
+if [ -f benchmarks/fused_ops.py ]; then
     run_stage kernel-bench kernel_bench
     collect_kernel_results
 else
-    skip_stage kernel-bench "no benchmarks/kernels.py yet"
+    skip_stage kernel-bench "no benchmarks/fused_ops.py yet"
 fi
 
 # Backend order: the first backend's grid runs before the peers, and a CUDA error in one backend

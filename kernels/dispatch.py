@@ -1,6 +1,6 @@
 """The one place that decides which implementation of each fused op runs.
 
-For kernel_backend="auto", what was measured to pay (benchmarks/kernels.py; H100 bf16, batch 64,
+For kernel_backend="auto", what was measured to pay (benchmarks/fused_ops.py; H100 bf16, batch 64,
 forward+backward, benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_bfloat16_*.json):
 
 | device                 | attention                       | bias+GELU, residual+LN  | linear CE (masked LM) |

@@ -182,19 +182,19 @@ def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
 
 
 def test_kernel_speedups_by_wall_clock_and_device_time():
-    kernels = _load("kernels")
+    fused_ops = _load("fused_ops")
     rows = [
         {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "triton", "p50_ms": 0.4, "device_ms": 0.1},
         {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "eager", "p50_ms": 0.2, "device_ms": 0.2},
         {"op": "bias_gelu", "case": "c", "mode": "check", "provider": "sdpa", "error": "no kernel"},
     ]
-    by_timing = {s["timing"]: s for s in kernels.speedups(rows)}
+    by_timing = {s["timing"]: s for s in fused_ops.speedups(rows)}
     assert by_timing["p50_ms"]["speedup_vs_eager"] == pytest.approx(0.5)
     assert by_timing["device_ms"]["speedup_vs_eager"] == pytest.approx(2.0)
     assert by_timing["device_ms"]["best_other"] == "eager" and by_timing["device_ms"]["triton_ms"] == 0.1
     # CPU rows have no device_ms: only the wall-clock comparison
     cpu = [{k: v for k, v in r.items() if k != "device_ms"} for r in rows]
-    assert [s["timing"] for s in kernels.speedups(cpu)] == ["p50_ms"]
+    assert [s["timing"] for s in fused_ops.speedups(cpu)] == ["p50_ms"]
 
 
 def test_device_time_is_cuda_only():
@@ -273,9 +273,9 @@ def test_peak_table(name, precision, expected):
 
 
 def test_kernel_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/kernels.py on CPU (reference providers, tiny shapes): every op timed, no errors, profiled."""
+    """benchmarks/fused_ops.py on CPU (reference providers, tiny shapes): every op timed, no errors, profiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(BENCH / "kernels.py"), "--quick", "--profile", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(BENCH / "fused_ops.py"), "--quick", "--profile", "--out", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("kernels_*_float32_*.json")

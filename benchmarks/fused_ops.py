@@ -1,10 +1,10 @@
 """Benchmark the fused kernels against eager PyTorch (and every SDPA backend for attention).
 
-    python benchmarks/kernels.py                     # GPU: base shapes, batch 64, bf16
-    python benchmarks/kernels.py --quick             # fewer shapes, shorter timing (~30 s on H100)
-    python benchmarks/kernels.py --out DIR           # JSON goes to DIR (default benchmarks/results)
-    python benchmarks/kernels.py --profile           # + <json>_profile.txt: a torch.profiler table per case
-    python benchmarks/kernels.py                     # CPU: tiny shapes, reference providers only
+    python benchmarks/fused_ops.py                     # GPU: base shapes, batch 64, bf16
+    python benchmarks/fused_ops.py --quick             # fewer shapes, shorter timing (~30 s on H100)
+    python benchmarks/fused_ops.py --out DIR           # JSON goes to DIR (default benchmarks/results)
+    python benchmarks/fused_ops.py --profile           # + <json>_profile.txt: a torch.profiler table per case
+    python benchmarks/fused_ops.py                     # CPU: tiny shapes, reference providers only
 
 One JSON file: meta (device, torch/triton/CUDA versions, git commit, dtype, batch) + the measured
 device-to-device copy bandwidth + one row per (op, case, provider, mode) with p50/p20/p80 ms
