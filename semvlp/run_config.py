@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semvlp.config import PRESETS
+from semvlp.data.config import DataConfig
 
 
 def option(default, doc: str):
@@ -68,6 +69,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise FileNotFoundError(f"--{name} {value}: no such file or folder")
+        if self.data is not None:
+            DataConfig.check_path(self.data)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> typing.Self:

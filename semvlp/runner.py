@@ -147,10 +147,14 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
 
 
 def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
-    """Check the ds_config against this run (before the process group exists), then start.
+    """Check the model options and the ds_config against this run, then start: before the process
+    group exists and before anything is written to --output_dir, so a bad option leaves no run folder.
 
     `lr` / `train_batch_size` replace the ds_config's (train.override_batch_and_lr).
     """
+    # What SemVLPConfig.validate checks comes from the run's options alone (the data adds only the
+    # vocabulary and label counts), so the config they make is checked now, not after the write.
+    build_model_config(run)
     world = world_size_from_env()
     ds_config = resolve_ds_config(run, world, Path(run.output_dir), lr, train_batch_size)
     init_distributed()

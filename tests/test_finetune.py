@@ -209,6 +209,10 @@ def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetu
     [
         ("finetune_vqa.py", ["--max_steps", "10"], "--max_steps 10 and --epochs 4 both set the training length"),
         ("finetune_retrieval.py", ["--negatives", "2", "--hard_negatives", "2"], "--hard_negatives 2 must be below"),
+        ("finetune_nlvr2.py", ["--cross_attention_start_layer", "9"],
+         "--cross_attention_start_layer: cross_attention_start_layer=9 must be in 0..num_hidden_layers=4"),
+        ("finetune_gqa.py", ["--data", str(REPO / "ds_configs")],
+         f"{REPO / 'ds_configs'} is a folder; the data configuration (--data) must be a data.json file"),
     ],
 )  # fmt: skip
 def test_option_errors_name_the_option(toy, tmp_path, capsys, load_launcher, script, args, message):

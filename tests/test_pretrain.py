@@ -22,6 +22,15 @@ DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 LAUNCH_PORT = str(29600 + os.getpid() % 300)  # per pytest process, so concurrent sessions do not collide
 
 
+def one_process_ds_config() -> Path:
+    """ds_configs/cpu.json with a global batch of 16, what one process runs (a fresh temporary file)."""
+    single = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    single["train_batch_size"] = single["train_micro_batch_size_per_gpu"]
+    config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
+    config.write_text(json.dumps(single))
+    return config
+
+
 def run_pretrain(
     args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
 ) -> subprocess.CompletedProcess:
@@ -31,10 +40,7 @@ def run_pretrain(
     config = REPO / "ds_configs" / "cpu.json"
     if processes == 1:
         cmd = [sys.executable, str(launcher)]
-        single = json.loads(config.read_text())
-        single["train_batch_size"] = single["train_micro_batch_size_per_gpu"]
-        config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
-        config.write_text(json.dumps(single))
+        config = one_process_ds_config()
     else:
         cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
     cmd += ["--deepspeed_config", str(config), "--preset", "tiny", *args]
@@ -224,6 +230,8 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
     [
         (["--preset", "huge"], "--preset 'huge' is unknown"),
         (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json: no such file"),
+        (["--data", str(REPO / "ds_configs")],
+         f"{REPO / 'ds_configs'} is a folder; the data configuration (--data) must be a data.json file"),
         (["--stream_schedule", "sometimes"], "--stream_schedule 'sometimes'"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
         (["--max_steps", "10", "--qa_from_step", "10"], "--qa_from_step 10 must be in 0..max_steps-1=9"),
@@ -232,7 +240,8 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
 def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message):
     from semvlp.runner import run_main
 
-    argv = ["--deepspeed_config", str(REPO / "ds_configs" / "cpu.json"), "--preset", "tiny", "--data", str(toy_data),
+    # a ds_config valid for this one process, so that only the option at fault can stop the run
+    argv = ["--deepspeed_config", str(one_process_ds_config()), "--preset", "tiny", "--data", str(toy_data),
             "--output_dir", str(tmp_path / "run"), *args]  # fmt: skip
     with pytest.raises(SystemExit) as exited:  # what the launcher does: run_main(main)
         run_main(load_launcher("pretrain.py").main, argv)
@@ -241,13 +250,32 @@ def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_model_configuration_errors_name_the_option(tmp_path, toy_data):
-    """Found when the model config is built (a subprocess: the process group exists by then)."""
-    args = ["--data", str(toy_data), "--output_dir", str(tmp_path), "--cross_attention_start_layer", "9"]
-    result = run_pretrain(args, processes=1, timeout=120)
-    assert result.returncode == 2
-    assert "cross_attention_start_layer=9 must be in 0..num_hidden_layers=4" in result.stderr
-    assert not (tmp_path / "checkpoints").exists()
+@pytest.mark.parametrize("source, layers", [("preset", 4), ("model_config", 6), ("export", 3), ("bert", 2)])
+def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, load_launcher, source, layers):
+    """L_s is checked against the layer count of the model the options name (--preset, --model_config,
+    --init_from a SemVLP export or a BERT folder) before the run folder is written."""
+    from semvlp.runner import run_main
+
+    model = []
+    if source == "model_config":
+        config_from_preset("tiny", num_hidden_layers=layers).to_json_file(tmp_path / "model.json")
+        model = ["--model_config", str(tmp_path / "model.json")]
+    elif source == "export":
+        config_from_preset("tiny", num_hidden_layers=layers).save_pretrained(tmp_path / "export")
+        model = ["--init_from", str(tmp_path / "export")]
+    elif source == "bert":
+        (tmp_path / "bert").mkdir()
+        bert = {"model_type": "bert", "hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": layers}
+        (tmp_path / "bert" / "config.json").write_text(json.dumps(bert))
+        model = ["--init_from", str(tmp_path / "bert")]
+    argv = ["--deepspeed_config", str(one_process_ds_config()), "--preset", "tiny", "--data", str(toy_data),
+            "--output_dir", str(tmp_path / "run"), "--cross_attention_start_layer", "9", *model]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("pretrain.py").main, argv)
+    assert exited.value.code == 2
+    message = f"--cross_attention_start_layer: cross_attention_start_layer=9 must be in 0..num_hidden_layers={layers}"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):

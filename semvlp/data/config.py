@@ -109,14 +109,23 @@ class DataConfig:
         """Build from plain data; relative paths resolve against base_dir (if given)."""
         return _from_dict(cls, data, Path(base_dir) if base_dir is not None else None, "")
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DataConfig:
-        """Read a JSON file; relative paths resolve against its folder."""
+    @staticmethod
+    def check_path(path: str | os.PathLike) -> None:
+        """Raise ValueError when `path` is a folder, naming the folder's data.json when it holds one.
+
+        `load` checks this itself; the launchers check it while parsing --data, before anything is written.
+        """
         path = Path(path)
         if path.is_dir():  # open() would fail with an IsADirectoryError that names no option
             inside = path / "data.json"
             hint = f" (this folder holds {inside})" if inside.is_file() else ""
             raise ValueError(f"{path} is a folder; the data configuration (--data) must be a data.json file{hint}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DataConfig:
+        """Read a JSON file; relative paths resolve against its folder."""
+        path = Path(path)
+        cls.check_path(path)
         with open(path) as f:
             try:
                 data = json.load(f)
