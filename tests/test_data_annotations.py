@@ -213,6 +213,10 @@ def test_missing_images():
     assert "pass --skip_missing (skip_missing=True in code) to drop them" in msg  # the launchers' spelling
     keep = check_images(ids, {"a", "b"}, "VQA annotations", skip_missing=True)
     assert keep.tolist() == [True, True, False, True] + [False] * 6
+    # given each entry's annotation file, the error names the files holding missing images, once each
+    files = ["train.json"] * 2 + ["dev.json"] * 3 + ["test.json"] * 5
+    with pytest.raises(MissingImagesError, match=r"^VQA annotations \(dev.json, test.json\): 7 images missing"):
+        check_images(ids, {"a", "b"}, "VQA annotations", files=files)
 
 
 def test_tokenizer(tmp_path):

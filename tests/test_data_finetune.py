@@ -258,7 +258,8 @@ def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, st
     examples[2].img_id = "missing_a"
     examples[7].img_id = "missing_b"
     table = QATask(run_config(toy), VQA, cfg, tok, stores, ("valid",)).table
-    with pytest.raises(MissingImagesError, match=r"vqa valid: 2 images missing.*\['missing_a', 'missing_b'\]"):
+    with pytest.raises(MissingImagesError, match=r"vqa valid \(.*/vqa_valid.json\): 2 images missing.*\['missing_a', "
+                                                 r"'missing_b'\]"):  # fmt: skip
         QADataset(examples, stores, tok, table, cfg.max_text_len, False, "vqa valid")
     ds = QADataset(examples, stores, tok, table, cfg.max_text_len, True, "vqa valid")
     assert len(ds) == 8 and ds.num_skipped == 2
@@ -270,7 +271,7 @@ def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, st
 
     nl = load_nlvr2(cfg.nlvr2.valid)[:5]
     nl[1].img1 = "missing_c"
-    with pytest.raises(MissingImagesError, match="nlvr2 valid: 1 images missing.*missing_c"):
+    with pytest.raises(MissingImagesError, match=r"nlvr2 valid \(.*/nlvr2_valid.json\): 1 images missing.*missing_c"):
         NLVR2Dataset(nl, stores, tok, cfg.max_text_len, False, "nlvr2 valid")
     ds = NLVR2Dataset(nl, stores, tok, cfg.max_text_len, True, "nlvr2 valid")
     assert len(ds) == 4 and [e.identifier for e in ds.examples] == [nl[i].identifier for i in (0, 2, 3, 4)]
@@ -284,7 +285,7 @@ def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, st
     raw = cfg.to_dict()
     edited = DataConfig.from_dict({**raw, "flickr30k": {**raw["flickr30k"], "annotations": str(path)}})
     split = load_flickr30k(path, "test")
-    with pytest.raises(MissingImagesError, match="flickr30k test: 1 images missing.*missing_d"):
+    with pytest.raises(MissingImagesError, match=rf"flickr30k test \({path}\): 1 images missing.*missing_d"):
         RetrievalTask(run_config(toy, RetrievalConfig), edited, tok, stores, ("test",))
     task = RetrievalTask(run_config(toy, RetrievalConfig, skip_missing=True), edited, tok, stores, ("test",))
     ev = task.datasets["test"]
@@ -293,3 +294,26 @@ def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, st
     assert (ev.rows == stores.rows(ev.split.image_ids)).all()
     assert f"flickr30k test: {len(split.image_ids) - 1} images, {len(split.captions) - 5} captions, " \
            "1 images skipped (in no store)" in task.notes  # fmt: skip
+
+
+def test_a_dev_file_with_an_image_in_no_store_is_named_by_the_launcher(toy, tmp_path, capsys, load_launcher):
+    """data.json lists a VQA dev file with a question on an image that no store holds: the launcher
+    stops (exit 2) naming that file, not the train files, and --skip_missing, before the run folder."""
+    from semvlp.runner import run_main
+
+    raw = DataConfig.load(toy).to_dict()
+    questions = json.loads(Path(raw["vqa"]["valid"][0]).read_text())
+    questions[4]["img_id"] = "not_in_any_store"
+    dev = tmp_path / "vqa_dev.json"
+    dev.write_text(json.dumps(questions))
+    DataConfig.from_dict({**raw, "vqa": {**raw["vqa"], "valid": [str(dev)]}}).save(tmp_path / "data.json")
+    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("finetune_vqa.py").main, argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: vqa valid ({dev}): 1 images missing from the feature stores" in err
+    assert "['not_in_any_store'] (pass --skip_missing (skip_missing=True in code) to drop them)" in err
+    assert all(train not in err for train in raw["vqa"]["train"])
+    assert not (tmp_path / "run").exists()

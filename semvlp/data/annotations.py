@@ -14,8 +14,9 @@
   the image id is the filename stem.
 
 Malformed input raises AnnotationError naming the file, the record and the field. Annotations
-that reference images absent from the feature stores raise MissingImagesError (how many, the
-first few ids) unless the caller passes skip_missing=True, which drops and reports them.
+that reference images absent from the feature stores raise MissingImagesError (the files holding
+them, how many, the first few ids) unless the caller passes skip_missing=True, which drops and
+reports them.
 """
 
 from __future__ import annotations
@@ -371,17 +372,21 @@ def check_images(
     what: str,
     skip_missing: bool = False,
     skip_hint: str = SKIP_MISSING_HINT,
+    files: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Bool mask of the ids found in `available`.
 
-    Raises MissingImagesError with `what`, the count, the first few missing ids and `skip_hint`
-    (how the caller's user drops them) unless skip_missing, in which case the count is logged (a
+    Raises MissingImagesError with `what`, the annotation files that hold the missing images (when
+    `files`, the file of each entry, is given), the count, the first few missing ids and `skip_hint`
+    (how the caller's user drops them) unless skip_missing, in which case the same is logged (a
     warning) and the caller drops the masked entries.
     """
     keep = np.fromiter((i in available for i in image_ids), np.bool_, len(image_ids))
     n_missing = int((~keep).sum())
     if n_missing:
         missing = list(dict.fromkeys(i for i, k in zip(image_ids, keep, strict=True) if not k))
+        if files is not None:
+            what += f" ({', '.join(dict.fromkeys(files[i] for i in np.flatnonzero(~keep)))})"
         msg = (
             f"{what}: {len(missing)} images missing from the feature stores "
             f"({n_missing} of {len(image_ids)} entries), e.g. {missing[:5]}"
@@ -400,6 +405,7 @@ class QAExample:
     img_id: str
     sent: str
     label: dict[str, float] | None
+    file: str  # the annotation file it was read from, named when its image is in no store
 
 
 @dataclass
@@ -409,12 +415,14 @@ class NLVR2Example:
     img1: str
     sent: str
     label: int | None
+    file: str  # the annotation file it was read from, named when an image is in no store
 
 
 def _load_qa(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[QAExample]:
     out = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = Path(p)
+        file = str(path)  # one string shared by the file's records
         data = _load_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a list of question records")
@@ -429,6 +437,7 @@ def _load_qa(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[QAE
                     img_id=_field(rec, "img_id", path, where, str),
                     sent=_field(rec, "sent", path, where, str),
                     label=None if label is None else _answer_scores(label, path, where, "label"),
+                    file=file,
                 )
             )
     return out
@@ -449,6 +458,7 @@ def load_nlvr2(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[N
     out = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = Path(p)
+        file = str(path)  # one string shared by the file's records
         data = _load_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a list of NLVR2 records")
@@ -465,6 +475,7 @@ def load_nlvr2(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[N
                     img1=_field(rec, "img1", path, where, str),
                     sent=_field(rec, "sent", path, where, str),
                     label=None if label is None else int(label),
+                    file=file,
                 )
             )
     return out
@@ -477,6 +488,7 @@ class RetrievalSplit:
     image_ids: list[str]
     captions: list[str]
     caption_image: np.ndarray  # [num_captions] int64
+    file: str  # the annotation file, named when an image is in no store
 
     def select_images(self, keep: np.ndarray) -> RetrievalSplit:
         """Drop the images where `keep` is false, and their captions."""
@@ -486,6 +498,7 @@ class RetrievalSplit:
             image_ids=[i for i, k in zip(self.image_ids, keep, strict=True) if k],
             captions=[c for c, k in zip(self.captions, cap_keep, strict=True) if k],
             caption_image=new_index[self.caption_image[cap_keep]].astype(np.int64),
+            file=self.file,
         )
 
 
@@ -511,4 +524,4 @@ def load_flickr30k(path: str | os.PathLike, splits: Sequence[str] | str = "test"
             caption_image.append(img)
     if not image_ids:
         raise AnnotationError(f"{path}: no images in split(s) {sorted(wanted)}")
-    return RetrievalSplit(image_ids, captions, np.array(caption_image, np.int64))
+    return RetrievalSplit(image_ids, captions, np.array(caption_image, np.int64), str(path))

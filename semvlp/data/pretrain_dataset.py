@@ -126,12 +126,12 @@ class PretrainDataset(KeyedBatchDataset):
         self.stores = stores
         self.answer_table = answer_table
         image_rows = stores.rows(corpus.image_ids)
-        what = "pre-training annotations"
-        if corpus.image_file is not None:  # name the files that hold the missing images
-            files = dict.fromkeys(corpus.files[f] for f in corpus.image_file[image_rows < 0].tolist())
-            what += f" ({', '.join(files)})" if files else ""
+        # the file of each image, named if the image is missing
+        files = None if corpus.image_file is None else [corpus.files[f] for f in corpus.image_file.tolist()]
         # Checked per image, not per sentence: 9M sentences share 180K images.
-        keep_image = check_images(corpus.image_ids, stores, what, skip_missing, _PRETRAIN_SKIP_HINT)
+        keep_image = check_images(
+            corpus.image_ids, stores, "pre-training annotations", skip_missing, _PRETRAIN_SKIP_HINT, files
+        )
         keep = keep_image[corpus.sent_image]
         self.num_skipped = int((~keep).sum())
         if self.num_skipped:

@@ -100,9 +100,12 @@ def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneC
 # --------------------------------------------------------------------------- data helpers
 
 
-def image_rows(image_ids: list[str], stores: FeatureStoreSet, what: str, skip_missing: bool) -> np.ndarray:
-    """Global store rows of `image_ids`, -1 for images dropped by --skip_missing (else an error)."""
-    check_images(image_ids, stores, what, skip_missing)
+def image_rows(
+    image_ids: list[str], stores: FeatureStoreSet, what: str, skip_missing: bool, files: list[str]
+) -> np.ndarray:
+    """Global store rows of `image_ids`, -1 for images dropped by --skip_missing (else an error
+    naming the annotation files, `files[i]` the one `image_ids[i]` comes from)."""
+    check_images(image_ids, stores, what, skip_missing, files=files)
     return stores.rows(image_ids)
 
 

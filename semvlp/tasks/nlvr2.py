@@ -31,7 +31,8 @@ class NLVR2Dataset(KeyedBatchDataset):
     def __init__(self, examples: list[NLVR2Example], stores: FeatureStoreSet, tokenizer, max_text_len: int,
                  skip_missing: bool, what: str):  # fmt: skip
         ids = [e.img0 for e in examples] + [e.img1 for e in examples]
-        rows = image_rows(ids, stores, what, skip_missing).reshape(2, -1).T  # [n, 2]
+        files = [e.file for e in examples] * 2
+        rows = image_rows(ids, stores, what, skip_missing, files).reshape(2, -1).T  # [n, 2]
         keep = (rows >= 0).all(1)
         self.num_skipped = int((~keep).sum())
         self.examples = [e for e, k in zip(examples, keep, strict=True) if k]

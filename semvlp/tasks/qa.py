@@ -75,7 +75,7 @@ class QADataset(KeyedBatchDataset):
 
     def __init__(self, examples: list[QAExample], stores: FeatureStoreSet, tokenizer, table: AnswerTable,
                  max_text_len: int, skip_missing: bool, what: str):  # fmt: skip
-        rows = image_rows([e.img_id for e in examples], stores, what, skip_missing)
+        rows = image_rows([e.img_id for e in examples], stores, what, skip_missing, [e.file for e in examples])
         self.num_skipped = int((rows < 0).sum())
         self.examples = [e for e, r in zip(examples, rows, strict=True) if r >= 0]
         if not self.examples:

@@ -71,7 +71,7 @@ class RetrievalConfig(FinetuneConfig):
 
 
 def _split_rows(split: RetrievalSplit, stores: FeatureStoreSet, skip_missing: bool, what: str):
-    rows = image_rows(split.image_ids, stores, what, skip_missing)
+    rows = image_rows(split.image_ids, stores, what, skip_missing, [split.file] * len(split.image_ids))
     keep = rows >= 0
     return (split.select_images(keep), rows[keep], int((~keep).sum())) if not keep.all() else (split, rows, 0)
 
