@@ -12,7 +12,7 @@ import pytest
 
 from semvlp.data import convert as conv
 from semvlp.data.convert import ConversionError, convert_lxmert_tsv, convert_npz_dir
-from semvlp.data.store import FeatureStore
+from semvlp.data.store import FeatureStore, FeatureStoreWriter, chunk_size_problem
 
 D = 16  # --feature-dim; real files have 2048
 
@@ -388,3 +388,24 @@ def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):
         convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
     assert "x.npz (image x): field 'file': not an .npz file (not a zip archive)" in str(e.value)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_cli_refuses_sizes_whose_chunks_reach_4_gib_before_any_work(tmp_path, capsys):
+    """One image's features are one HDF5 chunk (1, K, D) of float16 and 64 images' boxes another (64, K, 4)
+    of float32: at 4 GiB HDF5 before 2.0 can neither write (h5py's traceback) nor read such a chunk."""
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(np.random.default_rng(15), "a", 4))])
+    out = tmp_path / "new" / "s.h5"
+    for k, d, dataset, room in [
+        (1048576, 2048, "'features' dataset's HDF5 chunk (1, 1048576, 2048)", "at most 1,048,575 objects fit"),
+        (4194304, 1, "'boxes' dataset's HDF5 chunk (64, 4194304, 4)", "at most 4,194,303 objects fit"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            conv.main(["lxmert-tsv", str(tsv), "--out", str(out), "--num-objects", str(k), "--feature-dim", str(d)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --num-objects {k} with --feature-dim {d}: the {dataset}" in err
+        assert "HDF5 chunks must stay under 4 GiB" in err and room in err
+        assert chunk_size_problem(k - 1, d) is None  # the largest K that fits, by the writer's own chunks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
+    with pytest.raises(ValueError, match="num_objects=1048576, feature_dim=2048: the 'features' dataset's"):
+        FeatureStoreWriter(out, num_objects=1048576, feature_dim=2048)  # library callers too, before any file

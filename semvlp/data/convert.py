@@ -25,10 +25,11 @@ height (coordinates up to one pixel outside the image are clipped; further out i
 Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
 the image, too few boxes, a duplicate or empty id, a label id that is not a whole number from 0
 to 2**31 - 1) stops the conversion with an error naming the file, the line (TSV) and image, and
-the field; with --skip-bad such records are skipped, counted and listed at the end. Paths are
-checked before any work (an --out that is one of the inputs is refused). The store is written to
-a temporary file and renamed into place only when complete, so an interrupted conversion (Ctrl-C
-or SIGTERM) leaves no store behind.
+the field; with --skip-bad such records are skipped, counted and listed at the end. Paths and
+sizes are checked before any work (an --out that is one of the inputs is refused; K and D must
+keep every HDF5 chunk of the store under 4 GiB). The store is written to a temporary file and
+renamed into place only when complete, so an interrupted conversion (Ctrl-C or SIGTERM) leaves
+no store behind.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter, check_label_ids
+from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter, check_label_ids, chunk_size_problem
 
 TSV_FIELDS = (
     "img_id",
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     tsv.add_argument("inputs", nargs="+")
     npz = sub.add_parser("npz-dir", help="a folder of per-image .npz files")
     npz.add_argument("folder")
-    for p in (tsv, npz):
+    format_parsers = {"lxmert-tsv": tsv, "npz-dir": npz}
+    for p in format_parsers.values():
         p.add_argument("--out", required=True, help="the store to write (.h5)")
         p.add_argument("--num-objects", type=_positive_int, default=100, help="K, objects per image (default 100)")
         p.add_argument("--feature-dim", type=_positive_int, default=FEATURE_DIM)
@@ -446,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    # The writer's chunks grow with K and D; one over HDF5's limit would fail (or write a store that
+    # HDF5 before 2.0 cannot read), so say so now, as an option error, not after a traceback.
+    problem = chunk_size_problem(args.num_objects, args.feature_dim, args.pad)
+    if problem is not None:
+        format_parsers[args.format].error(
+            f"--num-objects {args.num_objects} with --feature-dim {args.feature_dim}: {problem}"
+        )
     kwargs = dict(
         num_objects=args.num_objects,
         feature_dim=args.feature_dim,

@@ -23,6 +23,7 @@ fork, so `FeatureStore` opens its file lazily, once per process.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,64 @@ _OBJECT_FIELDS = {
     "attr_ids": (np.int32, np.int64),
     "attr_confs": (np.float32, np.float32),
 }
+# HDF5 before 2.0 can neither create a chunk of 4 GiB or more nor read one that HDF5 2.0 wrote
+# (its newer layout message is refused), so no chunk of a store may reach that size.
+MAX_CHUNK_BYTES = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class _DatasetLayout:
+    """How the writer creates one dataset: its shape per image, on-disk dtype and chunk shape."""
+
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+    @property
+    def chunk_bytes(self) -> int:
+        return math.prod(self.chunks) * self.dtype.itemsize
+
+
+def _store_layout(num_objects: int, feature_dim: int, padded: bool) -> dict[str, _DatasetLayout]:
+    """Every dataset of a store with K objects of dimension D, in the order the writer creates them."""
+    k, d, c = num_objects, feature_dim, _SMALL_CHUNK_ROWS
+    layout = {
+        "features": _DatasetLayout((k, d), np.dtype(np.float16), (1, k, d)),  # one image per chunk
+        "boxes": _DatasetLayout((k, 4), np.dtype(np.float32), (c, k, 4)),
+        "img_h": _DatasetLayout((), np.dtype(np.int32), (1024,)),
+        "img_w": _DatasetLayout((), np.dtype(np.int32), (1024,)),
+    }
+    for name, (disk_dtype, _) in _OBJECT_FIELDS.items():
+        layout[name] = _DatasetLayout((k,), np.dtype(disk_dtype), (c, k))
+    layout["image_ids"] = _DatasetLayout((), h5py.string_dtype("utf-8"), (1024,))
+    if padded:
+        layout["valid_mask"] = _DatasetLayout((k,), np.dtype(np.bool_), (c, k))
+    return layout
+
+
+def chunk_size_problem(num_objects: int, feature_dim: int, padded: bool = False) -> str | None:
+    """Why no store with K objects of dimension D can be written, or None when it can: the writer's
+    largest HDF5 chunk would exceed MAX_CHUNK_BYTES. The text says how many objects would fit."""
+
+    def largest_chunk(k: int) -> tuple[str, _DatasetLayout]:
+        return max(_store_layout(k, feature_dim, padded).items(), key=lambda item: item[1].chunk_bytes)
+
+    name, dataset = largest_chunk(num_objects)
+    if dataset.chunk_bytes <= MAX_CHUNK_BYTES:
+        return None
+    fits, too_many = 0, num_objects  # chunks grow with K: bisect for the largest K that fits
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        if largest_chunk(middle)[1].chunk_bytes <= MAX_CHUNK_BYTES:
+            fits = middle
+        else:
+            too_many = middle
+    room = f"at most {fits:,} objects fit" if fits else "not even one object fits"
+    return (
+        f"the {name!r} dataset's HDF5 chunk {dataset.chunks} of {dataset.dtype} would take "
+        f"{dataset.chunk_bytes:,} bytes, and HDF5 chunks must stay under 4 GiB (HDF5 before 2.0 can neither "
+        f"write nor read a larger one); {room} with {feature_dim}-dimensional features"
+    )
 
 
 class StoreFormatError(ValueError):
@@ -173,6 +232,9 @@ class FeatureStoreWriter:
         for name, value in (("num_objects", num_objects), ("feature_dim", feature_dim)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        problem = chunk_size_problem(num_objects, feature_dim, padded)
+        if problem is not None:
+            raise ValueError(f"num_objects={num_objects}, feature_dim={feature_dim}: {problem}")
         self.path = Path(path)
         self.num_objects = num_objects
         self.feature_dim = feature_dim
@@ -210,24 +272,12 @@ class FeatureStoreWriter:
         f.attrs["feature_dim"] = d
         f.attrs["padded"] = self.padded
         f.attrs["box_format"] = "x1y1x2y2 normalized by image width/height"
-        f.create_dataset(
-            "features",
-            (0, k, d),
-            np.float16,
-            maxshape=(None, k, d),
-            chunks=(1, k, d),
-            compression=self._compression,
-            compression_opts=self._compression_level,
-        )
-        c = _SMALL_CHUNK_ROWS
-        f.create_dataset("boxes", (0, k, 4), np.float32, maxshape=(None, k, 4), chunks=(c, k, 4))
-        for name in ("img_h", "img_w"):
-            f.create_dataset(name, (0,), np.int32, maxshape=(None,), chunks=(1024,))
-        for name, (disk_dtype, _) in _OBJECT_FIELDS.items():
-            f.create_dataset(name, (0, k), disk_dtype, maxshape=(None, k), chunks=(c, k))
-        f.create_dataset("image_ids", (0,), h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(1024,))
-        if self.padded:
-            f.create_dataset("valid_mask", (0, k), np.bool_, maxshape=(None, k), chunks=(c, k))
+        for name, dataset in _store_layout(k, d, self.padded).items():
+            compression = {}  # only the features are ever compressed
+            if name == "features":
+                compression = dict(compression=self._compression, compression_opts=self._compression_level)
+            shape, maxshape = (0, *dataset.row_shape), (None, *dataset.row_shape)
+            f.create_dataset(name, shape, dataset.dtype, maxshape=maxshape, chunks=dataset.chunks, **compression)
         self._ds = {name: f[name] for name in f}
         self._pending: dict[str, list] = {name: [] for name in self._ds if name != "features"}
 
