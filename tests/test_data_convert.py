@@ -166,13 +166,13 @@ def records_interrupted_by(interrupt: Callable[[], None], at_record: int = 3):
     return records
 
 
+def ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
 def test_interrupted_conversion_leaves_no_store(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
-
-    def ctrl_c():
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(conv, "tsv_records", records_interrupted_by(ctrl_c))
     with pytest.raises(KeyboardInterrupt):
         convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
@@ -409,3 +409,27 @@ def test_cli_refuses_sizes_whose_chunks_reach_4_gib_before_any_work(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
     with pytest.raises(ValueError, match="num_objects=1048576, feature_dim=2048: the 'features' dataset's"):
         FeatureStoreWriter(out, num_objects=1048576, feature_dim=2048)  # library callers too, before any file
+
+
+@pytest.mark.parametrize("failure", ["bad record", "Ctrl-C"])
+def test_a_failed_conversion_removes_the_folders_it_created(tmp_path, monkeypatch, capsys, failure):
+    """--out under folders that did not exist: a conversion that fails or is interrupted removes the
+    folders it made for the store, and only those."""
+    rng = np.random.default_rng(16)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
+    (tmp_path / "existing").mkdir()
+    out = tmp_path / "existing" / "new" / "sub" / "s.h5"
+    args = ["lxmert-tsv", str(tsv), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+    if failure == "bad record":
+        args[args.index("--num-objects") + 1] = "5"  # the records hold 4 boxes
+        expected_code = 1
+    else:
+        monkeypatch.setattr(conv, "tsv_records", records_interrupted_by(ctrl_c))
+        expected_code = 128 + signal.SIGINT
+    assert conv.main(args) == expected_code
+    assert f"no store written at {out}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "f.tsv"]
+    assert not any((tmp_path / "existing").iterdir())
+    monkeypatch.undo()
+    convert_lxmert_tsv([tsv], out, num_objects=4, feature_dim=D, progress=False)  # a success keeps them
+    assert FeatureStore(out).image_ids == [f"i{i}" for i in range(5)]

@@ -28,8 +28,8 @@ to 2**31 - 1) stops the conversion with an error naming the file, the line (TSV)
 the field; with --skip-bad such records are skipped, counted and listed at the end. Paths and
 sizes are checked before any work (an --out that is one of the inputs is refused; K and D must
 keep every HDF5 chunk of the store under 4 GiB). The store is written to a temporary file and
-renamed into place only when complete, so an interrupted conversion (Ctrl-C or SIGTERM) leaves
-no store behind.
+renamed into place only when complete, so a failed or interrupted conversion (Ctrl-C or SIGTERM)
+leaves no store behind, nor the folders it created for --out.
 """
 
 from __future__ import annotations

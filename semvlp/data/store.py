@@ -204,7 +204,8 @@ class FeatureStoreWriter:
     """Writes a store to a temporary file and renames it into place only when complete.
 
     Use as a context manager; an exception (or Ctrl-C) inside the block deletes the partial
-    file, so an interrupted conversion never leaves a plausible-looking broken store:
+    file and the folders created for `path`, so an interrupted conversion never leaves a
+    plausible-looking broken store, nor empty folders:
 
         with FeatureStoreWriter("coco.h5", num_objects=36) as w:
             w.add("COCO_1", features, boxes, img_h, img_w, obj_ids, obj_confs, attr_ids, attr_confs)
@@ -243,22 +244,20 @@ class FeatureStoreWriter:
         self._compression_level = compression_level if compression == "gzip" else None
         self._file: h5py.File | None = None
         self._tmp_path: Path | None = None
+        self._created_folders: list[Path] = []  # for `path`, removed again if the write fails
         self._ids: set[str] = set()
         self._n = 0
         self._capacity = 0
 
     def __enter__(self) -> FeatureStoreWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        os.close(fd)
-        self._tmp_path = Path(tmp)
         try:
+            _make_folders(self.path.parent, self._created_folders)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+            self._tmp_path = Path(tmp)
+            os.close(fd)
             self._create_datasets()
-        except BaseException:  # __exit__ does not run when __enter__ fails: delete the partial file here
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            self._tmp_path.unlink(missing_ok=True)
+        except BaseException:  # __exit__ does not run when __enter__ fails: clean up here
+            self._discard()
             raise
         return self
 
@@ -359,24 +358,59 @@ class FeatureStoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._file is not None and self._tmp_path is not None
+        if exc_type is not None:
+            self._discard()
+            return
         try:
-            if exc_type is None:
-                self._flush()
-                for ds in self._file.values():
-                    ds.resize(self._n, axis=0)
-                self._file.attrs["num_images"] = self._n
+            self._flush()
+            for ds in self._file.values():
+                ds.resize(self._n, axis=0)
+            self._file.attrs["num_images"] = self._n
             self._file.close()
             self._file = None
-            if exc_type is None:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it private
-                os.replace(self._tmp_path, self.path)
-        finally:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it private
+            os.replace(self._tmp_path, self.path)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        """Delete what this writer made: the partial file, then the folders it created for `path`."""
+        try:
             if self._file is not None:
                 self._file.close()
-            if exc_type is not None or self._tmp_path.exists():
+        finally:
+            self._file = None
+            if self._tmp_path is not None:
                 self._tmp_path.unlink(missing_ok=True)
+            _remove_folders(self._created_folders)
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    """Create `folder` and its missing parents, appending each one made here to `created`, outermost
+    first: a failed write removes exactly those, never a folder that existed or appeared meanwhile."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # made by someone else meanwhile: not ours to remove
+            continue
+        created.append(path)
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders `_make_folders` created, innermost first, while they are empty."""
+    while created:
+        try:
+            created[-1].rmdir()
+        except OSError:  # something else was put there: keep it, and the folders above it
+            return
+        created.pop()
 
 
 class _RowIndex:
