@@ -345,24 +345,26 @@ def demo_run(tmp_path_factory, toy_data) -> Path:
 
 @pytest.mark.slow
 def test_demo_length_run_learns_image_text_matching(demo_run):
-    """Held-out image-text matching leaves chance after ~1,100 steps (two-stream first, single-stream
-    ~300 steps later; the QA loss on the same pooled vector holds it there) and ends above 0.9 in
-    both modes; masked-LM accuracy climbs from the start.
+    """Held-out two-stream image-text matching sits at chance at first, leaves it after ~1,000-1,500
+    steps and ends above 0.9; masked-LM and object-label accuracy are learned in both modes.
 
-    Not asserted, because not reached at this length: QA well above its language prior (~0.38 on
-    the toy world; the run ends at 0.39-0.44).
-
-    The single-stream bar is near the edge of what other trajectories reach: a change that only
-    moves rounding ended this run at 0.67 single-stream (docs/data_format.md section 6 has the
-    spread). A failure here after such a change is that spread, not necessarily a bug.
+    Not asserted: single-stream ITM (printed). It takes off only after two-stream, by a lag that
+    moves with floating-point rounding, so where it stands at step 2,000 depends on the CPU as much
+    as on the code: seed 42 ends at 0.925 on an Intel Xeon and at 0.778 on an AMD EPYC (0.669 on
+    its AVX2 code paths), and it has ended at 0.67-0.93 over seeds and rounding-only changes
+    (docs/data_format.md section 6). That the single-stream pooled vector can learn a label of the
+    pair is checked in tests/test_model.py. Also not reached at this length: QA well above its
+    language prior (~0.38 on the toy world; the run ends at 0.39-0.45).
     """
     evaluations = records(demo_run, "eval")
     first, final = evaluations[0], evaluations[-1]
     assert (first["step"], final["step"]) == (500, 2000)
+    print(f"single-stream ITM accuracy at step 2000: {final['single/itm_acc']:.3f}")
     for mode in ("single", "two"):
         assert first[f"{mode}/itm_acc"] < 0.6, first  # chance at first: what follows is learned
-        assert final[f"{mode}/itm_acc"] >= 0.8, (first, final)
-        assert final[f"{mode}/mlm_acc"] >= first[f"{mode}/mlm_acc"] + 0.02, (first, final)
+        assert final[f"{mode}/mlm_acc"] >= 0.75, final  # 0.82-0.85 measured; 1/vocab at init
+        assert final[f"{mode}/obj_label_acc"] >= 0.85, final  # 0.94 measured
+    assert final["two/itm_acc"] >= 0.8, (first, final)  # 0.90-0.94 in every run measured
 
 
 def fine_tune_demo_export(demo_run: Path, toy_data: Path, out: Path, script: str, args: list[str]) -> dict:
