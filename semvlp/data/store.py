@@ -83,20 +83,14 @@ def _store_layout(num_objects: int, feature_dim: int, padded: bool) -> dict[str,
 def chunk_size_problem(num_objects: int, feature_dim: int, padded: bool = False) -> str | None:
     """Why no store with K objects of dimension D can be written, or None when it can: the writer's
     largest HDF5 chunk would exceed MAX_CHUNK_BYTES. The text says how many objects would fit."""
-
-    def largest_chunk(k: int) -> tuple[str, _DatasetLayout]:
-        return max(_store_layout(k, feature_dim, padded).items(), key=lambda item: item[1].chunk_bytes)
-
-    name, dataset = largest_chunk(num_objects)
+    layout = _store_layout(num_objects, feature_dim, padded)
+    name, dataset = max(layout.items(), key=lambda item: item[1].chunk_bytes)
     if dataset.chunk_bytes <= MAX_CHUNK_BYTES:
         return None
-    fits, too_many = 0, num_objects  # chunks grow with K: bisect for the largest K that fits
-    while too_many - fits > 1:
-        middle = (fits + too_many) // 2
-        if largest_chunk(middle)[1].chunk_bytes <= MAX_CHUNK_BYTES:
-            fits = middle
-        else:
-            too_many = middle
+    # A chunk holds either all K objects of its rows or none (row_shape ()), so its size is K times
+    # its size at K = 1.
+    per_object = max(d.chunk_bytes for d in _store_layout(1, feature_dim, padded).values() if d.row_shape)
+    fits = MAX_CHUNK_BYTES // per_object
     room = f"at most {fits:,} objects fit" if fits else "not even one object fits"
     return (
         f"the {name!r} dataset's HDF5 chunk {dataset.chunks} of {dataset.dtype} would take "
