@@ -262,6 +262,59 @@ def setup_linear_cross_entropy(device, dtype, rows, hidden, vocab, providers):
     )
 
 
+BASE_SHAPES = {"heads": 12, "head_dim": 64, "hidden": 768, "ffn": 3072, "vocab": 30522}  # DESIGN.md 1
+TINY_SHAPES = {"heads": 2, "head_dim": 32, "hidden": 64, "ffn": 256, "vocab": 1000}
+GPU_PROVIDERS = {
+    "attention": ["triton", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"],
+    "varlen_attention": ["triton", "triton_padded", "eager", "eager_padded", "sdpa_padded"],
+    "fused": ["triton", "eager"],
+}
+CPU_PROVIDERS = {"attention": ["eager"], "varlen_attention": ["eager", "eager_padded"], "fused": ["eager"]}
+
+
+def model_cases(device, dtype, batch: int, shapes: dict, providers: dict[str, list[str]], quick: bool = False):
+    """The model's fused-op cases as (op, case, setup) triples; `setup()` builds that case's inputs
+    and providers (see "per-op setups"). `shapes`: heads, head_dim, hidden, ffn, vocab;
+    `providers`: the names to build for "attention", "varlen_attention" and "fused" (the others)."""
+    heads, head_dim, hidden, ffn, vocab = (shapes[k] for k in ("heads", "head_dim", "hidden", "ffn", "vocab"))
+    attention_providers, varlen_providers, fused_providers = (
+        providers[k] for k in ("attention", "varlen_attention", "fused")
+    )
+    text_lengths = [20, 14, 9, 17]  # mixed caption lengths, repeated over the batch
+    attention_cases = [
+        ("single_121_masked", 121, 121, [101 + n for n in text_lengths]),
+        ("single_121_nomask", 121, 121, None),
+        ("image_101", 101, 101, None),
+        ("text_20_masked", 20, 20, text_lengths),
+        ("cross_101x20_masked", 101, 20, text_lengths),
+    ]
+    if quick:
+        attention_cases = [attention_cases[0], attention_cases[1], attention_cases[4]]
+    cases = [
+        ("attention", case, lambda tq=tq, tk=tk, lengths=lengths: setup_attention(
+            device, dtype, batch, heads, head_dim, tq, tk, lengths, attention_providers))
+        for case, tq, tk, lengths in attention_cases
+    ]  # fmt: skip
+    # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
+    # padded to the longest.
+    caption_lengths = [8 + (5 * i) % 13 for i in range(batch)]
+    cases.append(("varlen_attention", "text_8..20_packed", lambda: setup_varlen_attention(
+        device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers)))  # fmt: skip
+    rows = batch * 121  # single-stream tokens
+    cases.append(("bias_gelu", f"{rows}x{ffn}", lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers)))
+    cases += [
+        ("residual_layer_norm", f"{rows}x{hidden}_drop{p}",
+         lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers))
+        for p in ([0.1] if quick else [0.0, 0.1])
+    ]  # fmt: skip
+    cases += [
+        ("linear_cross_entropy", f"{n}x{hidden}->{vocab}",
+         lambda n=n: setup_linear_cross_entropy(device, dtype, n, hidden, vocab, fused_providers))
+        for n in [max(1, round(batch * 20 * 0.15))] + ([] if quick else [batch * 20])
+    ]  # fmt: skip
+    return cases
+
+
 # ---------------------------------------------------------------- measuring one case
 
 
@@ -422,14 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     batch = args.batch or (64 if on_gpu else 2)
     # CPU: tiny shapes and reference providers only (no interpreter), so the script cannot rot.
-    heads, head_dim, hidden, ffn, vocab = (12, 64, 768, 3072, 30522) if on_gpu else (2, 32, 64, 256, 1000)
-    attention_providers = (
-        ["triton", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"] if on_gpu else ["eager"]
-    )
-    fused_providers = ["triton", "eager"] if on_gpu else ["eager"]
-    varlen_providers = (
-        ["triton", "triton_padded", "eager", "eager_padded", "sdpa_padded"] if on_gpu else ["eager", "eager_padded"]
-    )
+    shapes = BASE_SHAPES if on_gpu else TINY_SHAPES
+    providers = GPU_PROVIDERS if on_gpu else CPU_PROVIDERS
     modes = ["forward", "full"]
     timer = Timer(device, args.quick)
     torch.manual_seed(0)
@@ -443,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": batch,
         "quick": args.quick,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shapes": dict(heads=heads, head_dim=head_dim, hidden=hidden, ffn=ffn, vocab=vocab),
+        "shapes": shapes,
     }
     print(json.dumps(meta), flush=True)
     results: list[dict] = []
@@ -455,38 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         results.append({"op": "copy", "case": "-", "provider": "torch", "error": repr(exc)})
 
-    text_lengths = [20, 14, 9, 17]  # mixed caption lengths, repeated over the batch
-    attention_cases = [
-        ("single_121_masked", 121, 121, [101 + n for n in text_lengths]),
-        ("single_121_nomask", 121, 121, None),
-        ("image_101", 101, 101, None),
-        ("text_20_masked", 20, 20, text_lengths),
-        ("cross_101x20_masked", 101, 20, text_lengths),
-    ]
-    if args.quick:
-        attention_cases = [attention_cases[0], attention_cases[1], attention_cases[4]]
-    cases = [
-        ("attention", case, lambda tq=tq, tk=tk, lengths=lengths: setup_attention(
-            device, dtype, batch, heads, head_dim, tq, tk, lengths, attention_providers))
-        for case, tq, tk, lengths in attention_cases
-    ]  # fmt: skip
-    # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
-    # padded to the longest.
-    caption_lengths = [8 + (5 * i) % 13 for i in range(batch)]
-    cases.append(("varlen_attention", "text_8..20_packed", lambda: setup_varlen_attention(
-        device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers)))  # fmt: skip
-    rows = batch * 121  # single-stream tokens
-    cases.append(("bias_gelu", f"{rows}x{ffn}", lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers)))
-    cases += [
-        ("residual_layer_norm", f"{rows}x{hidden}_drop{p}",
-         lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers))
-        for p in ([0.1] if args.quick else [0.0, 0.1])
-    ]  # fmt: skip
-    cases += [
-        ("linear_cross_entropy", f"{n}x{hidden}->{vocab}",
-         lambda n=n: setup_linear_cross_entropy(device, dtype, n, hidden, vocab, fused_providers))
-        for n in [max(1, round(batch * 20 * 0.15))] + ([] if args.quick else [batch * 20])
-    ]  # fmt: skip
+    cases = model_cases(device, dtype, batch, shapes, providers, args.quick)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
