@@ -23,9 +23,9 @@ is cuBLAS), so it is also right for V100, where tl.dot has no tensor cores (DESI
 GEMMs are always cuBLAS (F.linear; the two ops after a GEMM take its inputs, so that the eager
 versions can leave the bias to the GEMM's epilogue). Explicit backends override "auto":
 "eager" (references everywhere), "sdpa" (SDPA attention + references), "triton" (all Triton
-kernels; on CPU only under TRITON_INTERPRET=1, for tests). The Triton attention supports head
-dims 16/32/64/128 and up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call
-by call.
+kernels; on sm_7x all but attention, which is SDPA's there, as DESIGN.md 5 plans; on CPU only
+under TRITON_INTERPRET=1, for tests). The Triton attention supports head dims 16/32/64/128 and
+up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call by call.
 
 Attention-probability dropout is implemented in the Triton attention (Philox, regenerated in the
 backward), so training with dropout stays on the Triton path. The choice is logged once per
@@ -161,6 +161,14 @@ TRITON = KernelOps(
     "triton", attention_triton_or_fallback, linear_gelu_triton, linear_residual_layer_norm_triton,
     linear_cross_entropy, varlen_attention_triton_or_fallback,
 )  # fmt: skip
+# "triton" on sm_7x (V100): the memory-bound kernels, SDPA's attention. tl.dot has no tensor cores
+# there (DESIGN.md 5), and the attention's resident 128-key tiles need more shared memory than a
+# V100 has: its backward at 121 keys does not fit, and its forward spills ~20 KB per thread
+# (benchmarks/kernel_resources.py --arch 70 --dtype fp16).
+TRITON_SM7X = KernelOps(
+    "triton+sdpa-attention", attention_sdpa, linear_gelu_triton, linear_residual_layer_norm_triton,
+    linear_cross_entropy, varlen_attention_via_padding(attention_sdpa),
+)  # fmt: skip
 
 
 def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:
@@ -173,6 +181,8 @@ def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:
 
 def _check_triton_usable(device: torch.device) -> None:
     if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] < 7:
+            raise ValueError(f"kernel_backend='triton' on {device}: Triton needs sm_70 or newer")
         return
     if not INTERPRETED:
         raise ValueError(
@@ -184,6 +194,8 @@ def _check_triton_usable(device: torch.device) -> None:
 def _select(backend: str, device: torch.device, dtype: torch.dtype) -> KernelOps:
     if backend == "auto":
         ops = _resolve_auto(device, dtype)
+    elif backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        ops = TRITON_SM7X
     elif backend in ("eager", "sdpa", "triton"):
         ops = {"eager": EAGER, "sdpa": SDPA, "triton": TRITON}[backend]
     else:
@@ -206,8 +218,6 @@ def select_ops(backend: str, device: torch.device, dtype: torch.dtype) -> Kernel
     ops = _select(backend, device, dtype)
     # Logged and remembered at the first eager call: a logging call would break a compiled graph.
     if not torch.compiler.is_compiling():
-        if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-            logger.warning("kernel_backend='triton' on sm_7x: tl.dot has no tensor cores there (DESIGN.md 5)")
         logger.info("kernel backend %r -> %s on %s (%s)", backend, ops.name, device, dtype)
         _selected[key] = ops
     return ops

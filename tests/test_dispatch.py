@@ -37,8 +37,20 @@ def test_gpu_auto_uses_what_was_measured_to_pay(capability):
 def test_explicit_backends_override_auto():
     assert select_on_gpu((9, 0), "eager") is dispatch.EAGER
     assert select_on_gpu((9, 0), "triton") is dispatch.TRITON
+    assert select_on_gpu((8, 0), "triton") is dispatch.TRITON
     with pytest.raises(ValueError, match="kernel_backend='fast'"):
         dispatch.select_ops("fast", torch.device("cpu"), torch.float32)
+
+
+def test_triton_on_a_v100_keeps_the_memory_bound_kernels_and_uses_sdpa_attention():
+    """The Triton attention does not fit a V100 at the model's 121 keys (kernel_resources --arch 70)."""
+    ops = select_on_gpu((7, 0), "triton")
+    assert ops.attention is attention_sdpa
+    assert ops.linear_gelu is dispatch.linear_gelu_triton
+    assert ops.linear_residual_layer_norm is dispatch.linear_residual_layer_norm_triton
+    assert ops.linear_cross_entropy is linear_cross_entropy
+    with pytest.raises(ValueError, match="Triton needs sm_70 or newer"):
+        select_on_gpu((6, 1), "triton")
 
 
 class _RecordOps(TorchDispatchMode):
