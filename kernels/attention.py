@@ -40,7 +40,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 
 def _configs(block_ms: list[int]) -> list[triton.Config]:
     # The interpreter cannot time configs, and tests pin one config (STYLE.md (e)): both set
-    # SEMVLP_TRITON_AUTOTUNE=0 or run interpreted. Otherwise 4 configs: BLOCK_M x warps.
+    # SEMVLP_TRITON_AUTOTUNE=0 or run interpreted, with the first BLOCK_M. Otherwise BLOCK_M x warps.
     if INTERPRETED or os.environ.get("SEMVLP_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_M": block_ms[0]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for m in block_ms for w in (4, 8)]
@@ -125,7 +125,7 @@ def _backward_tile(
     return dq, dk, dv
 
 
-@triton.autotune(configs=_configs([64, 128]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.autotune(configs=_configs([64, 128]), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
 @triton.jit
 def _attention_forward_kernel(
     q_ptr,  # [B, H, Tq, D]
@@ -172,8 +172,11 @@ def _attention_forward_kernel(
     tl.store(lse_ptr + pid_bh * TQ + offs_m, lse, mask=row_ok)
 
 
-# Backward: one program per (b, h) sweeps its query tiles through _backward_tile.
-@triton.autotune(configs=_configs([32, 64]), key=["TQ", "TK", "HEAD_DIM", "HAS_DROPOUT"])
+# Backward: one program per (b, h) sweeps its query tiles through _backward_tile. At 128 keys the
+# resident K, V and fp32 dK, dV leave few registers: on an A100 only 16-row tiles run without
+# spilling (benchmarks/kernel_resources.py --arch 80), on an H100 16- and 32-row tiles at 8 warps.
+# 32 comes first: it is the one tests pin.
+@triton.autotune(configs=_configs([32, 16, 64]), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
 @triton.jit
 def _attention_backward_kernel(
     q_ptr,  # [B, H, Tq, D]
