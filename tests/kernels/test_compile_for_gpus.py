@@ -1,0 +1,61 @@
+"""Every Triton kernel compiles for the GPUs we dispatch to, on this CPU machine.
+
+The other kernel tests interpret the kernels; the GPU compiler never sees them there. Here
+benchmarks/kernel_resources.py builds them with this machine's Triton and ptxas for sm_90 (H100),
+sm_80 (A100) and sm_70 (V100: the ops kernels/dispatch.py runs in Triton there), at the model's
+shapes and at every autotune config, and reports registers and spills per kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+FORWARD_AND_BACKWARD = {
+    "attention": ["_attention_forward_kernel", "_attention_backward_kernel"],
+    "varlen_attention": ["_varlen_attention_forward_kernel", "_varlen_attention_backward_kernel"],
+    "bias_gelu": ["_bias_gelu_forward_kernel", "_bias_gelu_backward_kernel"],
+    "residual_layer_norm": ["_residual_layer_norm_forward_kernel", "_residual_layer_norm_backward_kernel"],
+    # Its backward is a scaling in torch: the gradients are computed in the forward kernel.
+    "linear_cross_entropy": ["_linear_cross_entropy_forward_kernel"],
+}
+SM7X_OPS = ["bias_gelu", "residual_layer_norm", "linear_cross_entropy"]
+
+
+def compile_for(arch: int, dtype: str, out: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEMVLP_TRITON_AUTOTUNE")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
+    cmd = [sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--arch", str(arch), "--dtype", dtype]
+    done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (path,) = out.glob(f"resources_sm{arch}_{dtype}_*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, ops",
+    [(90, "bf16", list(FORWARD_AND_BACKWARD)), (80, "bf16", list(FORWARD_AND_BACKWARD)), (70, "fp16", SM7X_OPS)],
+    ids=["sm_90-H100", "sm_80-A100", "sm_70-V100"],
+)
+def test_every_kernel_compiles_with_a_spill_free_config(arch, dtype, ops, tmp_path):
+    report = compile_for(arch, dtype, tmp_path)
+    assert report["meta"]["target"] == f"sm_{arch}" and report["errors"] == []
+    kernels = report["kernels"]
+    assert sorted({k["kernel"] for k in kernels}) == sorted(name for op in ops for name in FORWARD_AND_BACKWARD[op])
+    assert {k["op"] for k in kernels} == set(ops)
+    # Autotuning times every config, so a config that spills costs only tuning time, unless all do.
+    configs = defaultdict(list)
+    for k in kernels:
+        assert k["registers"] <= 255 and 0 < k["warps_per_sm"] <= 64, k
+        configs[(k["kernel"], k["case"])].append(k)
+    for (kernel, case), tried in configs.items():
+        spills = [(k["config"], k["spill_bytes"]) for k in tried]
+        assert min(s for _, s in spills) == 0, f"sm_{arch} {kernel} ({case}) spills in every config: {spills}"
