@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def ptxas_version(arch: int) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
     done = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else "unknown"
+    release = [line for line in done.stdout.splitlines() if "release" in line]  # "..., release 13.4, V13.4.59"
+    return release[0].split("release")[-1].strip(" ,") if done.returncode == 0 and release else "unknown"
 
 
 def compile_all(arch: int, dtype: torch.dtype, batch: int, ops: list[str] | None) -> tuple[list, list]:
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     records, errors = compile_all(args.arch, dtype, args.batch, ops)
     meta = {
         "target": f"sm_{args.arch}",
-        "compiled_offline": True,
+        "compiled_offline": True,  # on this machine, no GPU involved
+        "compiled_on": platform.processor() or platform.machine(),
         "dtype": args.dtype,
         "batch": args.batch,
         "shapes": BASE_SHAPES,
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     path = out_dir / f"resources_sm{args.arch}_{args.dtype}_{datetime.datetime.now():%Y%m%d_%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "kernels": [asdict(r) for r in records], "errors": errors}, indent=1))
 
-    print(f"\n{meta['target']} {args.dtype}, triton {meta['triton']}, {meta['ptxas']}")
+    print(f"\n{meta['target']} {args.dtype}, triton {meta['triton']}, ptxas {meta['ptxas']}")
     print(f"{'kernel':<36} {'first case':<20} {'config':<40} {'regs':>4} {'spill':>5} {'smem':>6} warps/SM")
     for r in records:
         config = " ".join(f"{k}={v}" for k, v in r.config.items()).replace("num_", "")
