@@ -18,7 +18,10 @@ GB/s for the memory-bound ops (bytes moved / p50, and device_GBps = bytes moved 
 counted as in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
 difference against the fp32 reference checked once before timing. Every op/provider runs in its
-own try/except: a failure is recorded in its row and the rest still run.
+own try/except: a failure is recorded in its row and the rest still run. On CUDA the JSON also
+holds what Triton chose: `autotune` (per kernel and tuning key the chosen config and every
+config's time) and `compiled` (each compiled variant's registers, spill bytes and shared memory
+as loaded on the device).
 
 Shapes follow the model (DESIGN.md 1): base preset (12 heads x 64, hidden 768, FFN 3072),
 single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text, cross-attention
@@ -315,6 +318,72 @@ def model_cases(device, dtype, batch: int, shapes: dict, providers: dict[str, li
     return cases
 
 
+# ---------------------------------------------------------------- what Triton chose
+
+
+def _triton_kernels():
+    """(name, kernel) for our autotuned kernels' Autotuner objects and our plain JIT kernels."""
+    import triton
+
+    from semvlp_kernels import attention, bias_gelu, linear_cross_entropy, residual_layer_norm, varlen_attention
+
+    for module in (attention, varlen_attention, bias_gelu, residual_layer_norm, linear_cross_entropy):
+        for name, obj in vars(module).items():
+            if name.endswith("_kernel") and isinstance(obj, (triton.runtime.Autotuner, triton.runtime.JITFunction)):
+                yield name, obj
+
+
+def _config_text(config) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"num_warps={config.num_warps}"])
+
+
+def autotune_choices(reported: set) -> list[dict]:
+    """The autotuner's decisions for our kernels not in `reported` yet (which this updates): per
+    (kernel, tuning key) the chosen config and, for the key it tuned last, every config's
+    [p50, p20, p80] ms. Autotuning only happens with more than one config (not under pytest)."""
+    import triton
+
+    rows = []
+    for name, tuner in _triton_kernels():
+        if not isinstance(tuner, triton.runtime.Autotuner) or not tuner.cache:
+            continue
+        last_tuned = list(tuner.cache)[-1]
+        for key, config in tuner.cache.items():
+            if (name, key) in reported:
+                continue
+            reported.add((name, key))
+            values = dict(zip(tuner.keys, key, strict=False))  # the key ends with the tensors' dtypes
+            values["dtypes"] = [str(k) for k in key[len(tuner.keys) :]]
+            row = {"kernel": name, "key": values, "chosen": _config_text(config)}
+            timings = getattr(tuner, "configs_timings", None)
+            if key == last_tuned and timings:
+                row["timings_ms"] = {_config_text(c): t for c, t in timings.items()}
+            rows.append(row)
+    return rows
+
+
+def compiled_kernels() -> list[dict]:
+    """Every compiled variant of our kernels as loaded on the device: registers and spill bytes
+    per thread, shared memory, and its block sizes (benchmarks/kernel_resources.py gives the same
+    without a GPU, for any target)."""
+    rows = []
+    for name, kernel in _triton_kernels():
+        jit = kernel.fn if hasattr(kernel, "cache") else kernel  # an Autotuner wraps its JITFunction
+        for kernel_cache, *_ in getattr(jit, "device_caches", {}).values():
+            for compiled in kernel_cache.values():
+                names = compiled.src.fn.arg_names
+                constants = {names[path[0]]: v for path, v in compiled.src.constants.items() if len(path) == 1}
+                rows.append({
+                    "kernel": name,
+                    "constexprs": {k: v for k, v in constants.items() if isinstance(v, (bool, int, str))},
+                    "num_warps": compiled.metadata.num_warps,
+                    "registers": getattr(compiled, "n_regs", None),
+                    "spill_bytes": getattr(compiled, "n_spills", None),
+                    "shared_bytes": compiled.metadata.shared,
+                })  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------- measuring one case
 
 
@@ -511,8 +580,17 @@ def main(argv: list[str] | None = None) -> int:
     profile_path = path.with_name(path.stem + "_profile.txt")
     report: dict = {}
 
+    autotuned: list[dict] = []
+    reported: set = set()
+
     def save() -> None:
         report.update(meta=meta, copy_GBps=bandwidth, results=results, speedups=speedups(results))
+        if on_gpu:
+            try:  # reads Triton's caches: a Triton that changes them must not cost the timings
+                autotuned.extend(autotune_choices(reported))
+                report.update(autotune=autotuned, compiled=compiled_kernels())
+            except Exception as exc:  # noqa: BLE001
+                report["autotune_error"] = f"{type(exc).__name__}: {exc}"
         path.write_text(json.dumps(report, indent=1))
         if profiles:
             profile_path.write_text("".join(f"== {title}\n{table}\n\n" for title, table in profiles))

@@ -293,3 +293,42 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     profile = path.with_name(path.stem + "_profile.txt").read_text()
     assert profile.count("== ") == len({(r["op"], r["case"]) for r in rows}) and "failed" not in profile
     assert "== bias_gelu 242x256 eager forward+backward" in profile and "Self CPU time total" in profile
+
+
+def test_kernel_benchmark_records_the_autotuners_choices_and_the_compiled_kernels():
+    """fused_ops's record of what Triton chose, read from Triton's caches, checked without a GPU:
+    kernel_resources's offline driver compiles for sm_90 and times every config as 1 ms."""
+    probe = """
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+import fused_ops, kernel_resources
+from triton.runtime import driver
+driver.set_active(kernel_resources.OfflineDriver(90))
+providers = {"attention": ["triton"], "varlen_attention": [], "fused": []}
+cases = fused_ops.model_cases(torch.device("cpu"), torch.bfloat16, 2, fused_ops.BASE_SHAPES, providers)
+inputs, table, *_ = cases[0][2]()  # single_121_masked
+out = table["triton"](*inputs)
+out.backward(torch.randn_like(out))
+reported = set()
+first, again = fused_ops.autotune_choices(reported), fused_ops.autotune_choices(reported)
+print(json.dumps({"choices": first, "again": again, "compiled": fused_ops.compiled_kernels()}))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEMVLP_TRITON_AUTOTUNE")}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["again"] == []  # each decision is reported once
+    choices = {c["kernel"]: c for c in seen["choices"]}
+    assert sorted(choices) == ["_attention_backward_kernel", "_attention_forward_kernel"]
+    backward = choices["_attention_backward_kernel"]
+    key = backward["key"]
+    assert key.pop("dtypes")[:4] == ["torch.bfloat16"] * 3 + ["torch.uint8"]  # q, k, v, the key mask
+    assert key == {"TQ": 121, "TK": 121, "HEAD_DIM": 64, "HAS_MASK": True, "HAS_DROPOUT": False}
+    assert len(backward["timings_ms"]) == 6 and backward["chosen"] in backward["timings_ms"]
+    assert all(t == [1.0, 1.0, 1.0] for t in backward["timings_ms"].values())
+    compiled = [c for c in seen["compiled"] if c["kernel"] == "_attention_backward_kernel"]
+    assert len(compiled) == 6  # one per config
+    assert {c["constexprs"]["BLOCK_M"] for c in compiled} == {16, 32, 64}
+    assert all(c["registers"] > 0 and c["spill_bytes"] is not None and c["shared_bytes"] > 0 for c in compiled)
