@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -224,6 +225,22 @@ def test_option_errors_name_the_option(toy, tmp_path, capsys, load_launcher, scr
         run_main(load_launcher(script).main, argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_options_are_checked_before_the_data_is_read(toy, tmp_path, capsys, load_launcher):
+    """A bad model option must not wait for a data load (minutes for VQA's 600K questions): here the
+    data configuration's files do not exist (a copy elsewhere: its relative paths point nowhere),
+    and the option error comes first."""
+    from semvlp.runner import run_main
+
+    shutil.copy(toy, tmp_path / "data.json")
+    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run"), "--cross_attention_start_layer", "5"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("finetune_vqa.py").main, argv)
+    assert exited.value.code == 2
+    assert "cross_attention_start_layer=5 must be in 0..num_hidden_layers=4" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
