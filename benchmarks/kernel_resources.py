@@ -53,6 +53,7 @@ MAX_BLOCKS_PER_SM = {70: 32, 80: 32, 90: 32}
 SHARED_MEMORY_PER_SM = {70: 96 * 1024, 80: 164 * 1024, 90: 228 * 1024}
 SHARED_MEMORY_PER_BLOCK = {70: 96 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 SHARED_MEMORY_RESERVED_PER_BLOCK = {70: 0, 80: 1024, 90: 1024}  # taken by the runtime on sm_80+
+MULTIPROCESSORS = {70: 80, 80: 108, 90: 132}  # V100, A100, H100 SXM: what sizes the grids that depend on it
 # The ops kernels/dispatch.py runs in Triton on sm_7x (TRITON_SM7X: attention is SDPA's there).
 SM7X_OPS = ["bias_gelu", "residual_layer_norm", "linear_cross_entropy"]
 
@@ -125,7 +126,7 @@ class OfflineDriver:
         return compile_once
 
     def get_device_properties(self, device: int) -> dict:
-        return {"max_shared_mem": SHARED_MEMORY_PER_BLOCK[self.arch], "multiprocessor_count": 132}
+        return {"max_shared_mem": SHARED_MEMORY_PER_BLOCK[self.arch]}
 
     def launcher_cls(self, src, metadata):
         # Called just before load_binary for the same kernel: keep what the record needs.
@@ -178,6 +179,10 @@ def compile_all(arch: int, dtype: torch.dtype, batch: int, ops: list[str] | None
     offline = OfflineDriver(arch)
     providers = {"attention": ["triton"], "varlen_attention": ["triton"], "fused": ["triton"]}
     errors = []
+    from semvlp_kernels import residual_layer_norm
+
+    # Its backward's grid follows the SM count, and so does an argument the kernel specialises on.
+    residual_layer_norm.multiprocessor_count = lambda device: MULTIPROCESSORS[arch]
     cases = model_cases(torch.device("cpu"), dtype, batch, BASE_SHAPES, providers)
     first_masked_lm_case = next(case for op, case, _ in cases if op == "linear_cross_entropy")
     driver.set_active(offline)  # for the rest of the process: without a GPU there is no driver to go back to

@@ -137,10 +137,13 @@ def _check(x, bias, residual, weight, ln_bias) -> None:
         raise ValueError("x.numel() must stay below 2**31 (int32 Philox offsets)")
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 for the interpreter (few programs, each looping over rows)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _num_programs(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(m, 4))  # the interpreter: few programs, each looping over rows
+    return max(1, min(m, 4 * multiprocessor_count(device)))
 
 
 def residual_layer_norm_forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed):
