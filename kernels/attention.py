@@ -307,7 +307,7 @@ def attention_forward(q, k, v, key_padding_mask, dropout_p, seed):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
         heads, tq, tk, LOG2E / math.sqrt(dim), float(dropout_p), seed,
         HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision,
-        HEAD_DIM=dim, BLOCK_N=block_n,
+        HEAD_DIM=dim, BLOCK_N=block_n, enable_fp_fusion=True,
     )  # fmt: skip
     return out, lse
 
@@ -327,7 +327,7 @@ def attention_backward(dout, q, k, v, key_padding_mask, out, lse, dropout_p, see
         *dq.stride()[:3], *dk.stride()[:3],
         heads, tq, tk, 1.0 / math.sqrt(dim), LOG2E / math.sqrt(dim), float(dropout_p), seed,
         HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision,
-        HEAD_DIM=dim, BLOCK_N=block_n,
+        HEAD_DIM=dim, BLOCK_N=block_n, enable_fp_fusion=True,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -375,7 +375,7 @@ def attention_dropout_mask(
     keep = torch.empty(batch, heads, tq, tk, dtype=torch.uint8, device=device)
     block_n = max(16, triton.next_power_of_2(tk))
     _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), batch * heads)](
-        keep, tq, tk, float(dropout_p), seed, BLOCK_M=32, BLOCK_N=block_n
+        keep, tq, tk, float(dropout_p), seed, BLOCK_M=32, BLOCK_N=block_n, enable_fp_fusion=True
     )
     return keep.bool()
 

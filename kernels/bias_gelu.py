@@ -84,7 +84,9 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     m = x.numel() // n
     y = torch.empty_like(x)
-    _bias_gelu_forward_kernel[_grid(m, n)](x, bias, y, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+    _bias_gelu_forward_kernel[_grid(m, n)](
+        x, bias, y, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, enable_fp_fusion=True
+    )
     return y
 
 
@@ -96,7 +98,9 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) ->
     dx = torch.empty_like(x)
     grid = _grid(m, n)
     partial = torch.empty(grid[0], n, dtype=torch.float32, device=x.device)
-    _bias_gelu_backward_kernel[grid](dy, x, bias, dx, partial, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+    _bias_gelu_backward_kernel[grid](
+        dy, x, bias, dx, partial, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, enable_fp_fusion=True
+    )
     return dx, partial.sum(0).to(bias.dtype)
 
 

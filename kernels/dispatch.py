@@ -27,6 +27,10 @@ kernels; on sm_7x all but attention, which is SDPA's there, as DESIGN.md 5 plans
 under TRITON_INTERPRET=1, for tests). The Triton attention supports head dims 16/32/64/128 and
 up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call by call.
 
+Every Triton launch passes enable_fp_fusion=True (FMA contraction): Triton's default until 3.9,
+which warns at every compile that 3.10 turns it off; pinned, the kernels keep the numerics and
+speed they were tested and measured with.
+
 Attention-probability dropout is implemented in the Triton attention (Philox, regenerated in the
 backward), so training with dropout stays on the Triton path. The choice is logged once per
 (backend, device, dtype), at the first eager call; under torch.compile the choice is a constant

@@ -77,7 +77,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad: boo
         logits = F.linear(h, w, b)  # [C, V] in the input dtype
         _linear_cross_entropy_forward_kernel[(h.shape[0],)](
             logits, logits.stride(0), labels[start : start + chunk_rows], row_loss[start : start + chunk_rows],
-            v, IGNORE=IGNORE_INDEX, COMPUTE_GRAD=compute_grad, BLOCK_V=BLOCK_V,
+            v, IGNORE=IGNORE_INDEX, COMPUTE_GRAD=compute_grad, BLOCK_V=BLOCK_V, enable_fp_fusion=True,
         )  # fmt: skip
         if compute_grad:  # logits now holds d loss_rows / d logits
             torch.mm(logits, w, out=dhidden[start : start + chunk_rows])

@@ -157,7 +157,7 @@ def residual_layer_norm_forward(x, bias, residual, weight, ln_bias, eps, dropout
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     _residual_layer_norm_forward_kernel[(m,)](
         x, bias, residual, weight, ln_bias, y, mean, rstd, n, float(eps), float(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=_num_warps(block),
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, num_warps=_num_warps(block), enable_fp_fusion=True,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -177,7 +177,7 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     _residual_layer_norm_backward_kernel[(programs,)](
         dy, x, bias, residual, weight, mean, rstd, dh, dx, partial,
         m, n, rows_per_program, programs, float(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, ROWS=rows_per_iter, num_warps=8,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, ROWS=rows_per_iter, num_warps=8, enable_fp_fusion=True,
     )  # fmt: skip
     dweight, dln_bias, dbias = partial.sum(1)
     # Without dropout dx == dh: the same tensor goes to both inputs, as autograd's AddBackward does.
@@ -230,7 +230,7 @@ def residual_dropout_mask(shape: tuple[int, ...], dropout_p: float, seed: int, d
     """The bool keep-mask that `residual_layer_norm(..., dropout_p, seed)` applies to x + bias."""
     keep = torch.empty(shape, dtype=torch.uint8, device=device)
     grid = (triton.cdiv(keep.numel(), 1024),)
-    _residual_dropout_mask_kernel[grid](keep, keep.numel(), float(dropout_p), seed, BLOCK=1024)
+    _residual_dropout_mask_kernel[grid](keep, keep.numel(), float(dropout_p), seed, BLOCK=1024, enable_fp_fusion=True)
     return keep.bool()
 
 

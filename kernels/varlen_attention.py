@@ -244,6 +244,7 @@ def varlen_attention_forward(
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         heads, total, max_seqlen, LOG2E / math.sqrt(dim), float(dropout_p), seed,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q), HEAD_DIM=dim, BLOCK_N=_block_n(max_seqlen),
+        enable_fp_fusion=True,
     )  # fmt: skip
     return out, lse
 
@@ -266,6 +267,7 @@ def varlen_attention_backward(
         *dq.stride()[:2], *dk.stride()[:2],
         heads, total, max_seqlen, 1.0 / math.sqrt(dim), LOG2E / math.sqrt(dim), float(dropout_p), seed,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q), HEAD_DIM=dim, BLOCK_N=_block_n(max_seqlen),
+        enable_fp_fusion=True,
     )  # fmt: skip
     return dq, dk, dv
 
