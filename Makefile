@@ -4,6 +4,9 @@ VENV ?= .venv
 # On the project's CPU machines this pin resolves to a local CPU build; a looser spec
 # downloads a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The tests run the kernels in Triton's interpreter and compile them through Triton's driver
+# interface (benchmarks/kernel_resources.py); a new Triton is taken on purpose, not by a fresh install.
+TRITON_SPEC ?= triton==3.9.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -14,7 +17,7 @@ env: $(STAMP)
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
