@@ -366,10 +366,12 @@ def compiled_kernels() -> list[dict]:
     """Every compiled variant of our kernels as loaded on the device: registers and spill bytes
     per thread, shared memory, and its block sizes (benchmarks/kernel_resources.py gives the same
     without a GPU, for any target)."""
+    import triton
+
     rows = []
     for name, kernel in _triton_kernels():
-        jit = kernel.fn if hasattr(kernel, "cache") else kernel  # an Autotuner wraps its JITFunction
-        for kernel_cache, *_ in getattr(jit, "device_caches", {}).values():
+        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # it wraps its JITFunction
+        for kernel_cache, *_ in jit.device_caches.values():
             for compiled in kernel_cache.values():
                 names = compiled.src.fn.arg_names
                 constants = {names[path[0]]: v for path, v in compiled.src.constants.items() if len(path) == 1}

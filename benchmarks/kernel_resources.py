@@ -48,8 +48,8 @@ from fused_ops import BASE_SHAPES, _git_commit, _versions, model_cases  # noqa: 
 # Per-SM limits of the targets (CUDA C Programming Guide, "Compute Capabilities" table).
 REGISTERS_PER_SM_PARTITION = 16384  # 4 partitions (one per warp scheduler) of 64K registers
 REGISTER_ALLOCATION_UNIT = 256  # registers are given to warps in units of 256
-MAX_WARPS_PER_SM = {70: 64, 80: 64, 90: 64}
-MAX_BLOCKS_PER_SM = {70: 32, 80: 32, 90: 32}
+MAX_WARPS_PER_SM = 64  # the same on sm_70, sm_80 and sm_90
+MAX_BLOCKS_PER_SM = 32
 SHARED_MEMORY_PER_SM = {70: 96 * 1024, 80: 164 * 1024, 90: 228 * 1024}
 SHARED_MEMORY_PER_BLOCK = {70: 96 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 SHARED_MEMORY_RESERVED_PER_BLOCK = {70: 0, 80: 1024, 90: 1024}  # taken by the runtime on sm_80+
@@ -77,10 +77,10 @@ def occupancy(arch: int, num_warps: int, registers: int, shared_bytes: int) -> t
     warps_by_registers = 4 * (REGISTERS_PER_SM_PARTITION // registers_per_warp)
     shared = shared_bytes + SHARED_MEMORY_RESERVED_PER_BLOCK[arch]
     limits = {  # blocks per SM under each limit; on a tie the hardware caps are named first
-        "warps": MAX_WARPS_PER_SM[arch] // num_warps,
-        "blocks": MAX_BLOCKS_PER_SM[arch],
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "blocks": MAX_BLOCKS_PER_SM,
         "registers": warps_by_registers // num_warps,
-        "shared memory": SHARED_MEMORY_PER_SM[arch] // shared if shared_bytes else MAX_BLOCKS_PER_SM[arch],
+        "shared memory": SHARED_MEMORY_PER_SM[arch] // shared if shared_bytes else MAX_BLOCKS_PER_SM,
     }
     limit = min(limits, key=limits.get)
     return limits[limit] * num_warps, limit
@@ -202,7 +202,7 @@ def compile_all(arch: int, dtype: torch.dtype, batch: int, ops: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_WARPS_PER_SM), help="compute capability")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_PER_SM), help="compute capability")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ops", nargs="*", help="only these fused ops (default: all; on sm_7x those dispatch runs)")
