@@ -131,7 +131,7 @@ class OfflineDriver:
     def launcher_cls(self, src, metadata):
         # Called just before load_binary for the same kernel: keep what the record needs.
         names = src.fn.arg_names
-        blocks = {names[path[0]]: v for path, v in src.constants.items() if names[path[0]].startswith("BLOCK")}
+        blocks = {names[path[0]]: v for path, v in src.constants.items() if "BLOCK" in names[path[0]]}
         self._pending = {"num_warps": metadata.num_warps, "num_stages": metadata.num_stages, **blocks}
         return lambda *args, **kwargs: None
 

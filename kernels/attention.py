@@ -9,9 +9,16 @@ The Triton kernels are specialised for SemVLP's short sequences (121 single-stre
 image / <= 20 text tokens in two-stream mode, 101 x <= 20 cross-attention): every key of one
 (batch, head) fits in one tile (Tk <= 128), so
 - the forward is one exact softmax per query tile (no online rescaling);
-- the backward is ONE kernel per (batch, head): K and V stay resident while it sweeps the query
-  tiles, accumulating dK/dV in registers and writing dQ of each query tile directly (no atomics,
-  no second kernel, no delta pre-pass: delta = rowsum(dO * O) is computed in the sweep).
+- the backward is one kernel launch with no atomics and no delta pre-pass (delta = rowsum(dO * O)
+  is computed where it is needed), in one of two layouts that the autotuner times against each
+  other (its KEY_BLOCK config):
+  * fused (KEY_BLOCK >= all keys): one program per (batch, head) keeps all its keys resident while
+    it sweeps the query tiles, accumulating dK/dV and writing each tile's dQ directly. Least work,
+    but only B*H programs, each holding 128 keys' K, V, dK and dV: few resident warps per SM;
+  * split (KEY_BLOCK < keys; tutorial 06's two sweeps, in separate programs): per (batch, head),
+    one program per KEY_BLOCK keys sweeps the query tiles for their dK/dV, and one program per
+    query tile sweeps the key blocks for its dQ. P and dP are computed twice, for several times
+    the programs at a fraction of the registers each.
 Longer key sequences raise; `dispatch` routes them to SDPA instead.
 
 Dropout on the attention probabilities uses Philox (`tl.rand`) keyed by a per-call seed and the
@@ -19,7 +26,7 @@ element's flat index (b*H + h)*Tq*Tk + i*Tk + j; the backward regenerates the sa
 so no mask is stored. `attention_dropout_mask()` materialises that mask for tests.
 
 References: Dao et al., FlashAttention-2 (2023), backward in their notation; Triton tutorial
-06-fused-attention.py (log2-domain softmax, K/V-resident backward sweep).
+06-fused-attention.py (log2-domain softmax, K/V-resident dK/dV sweep, separate dQ sweep).
 """
 
 from __future__ import annotations
@@ -38,12 +45,21 @@ LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _configs(block_ms: list[int]) -> list[triton.Config]:
+def _configs(block_ms: list[int], key_blocks: tuple[int, ...] | None = None) -> list[triton.Config]:
+    """Every BLOCK_M (x KEY_BLOCK) x warps config, in that order."""
+    if key_blocks is None:
+        blocks = [{"BLOCK_M": m} for m in block_ms]
+    else:
+        blocks = [{"BLOCK_M": m, "KEY_BLOCK": n} for n in key_blocks for m in block_ms]
+    return [triton.Config(b, num_warps=w, num_stages=1) for b in blocks for w in (4, 8)]
+
+
+def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
     # The interpreter cannot time configs, and tests pin one config (STYLE.md (e)): both set
-    # SEMVLP_TRITON_AUTOTUNE=0 or run interpreted, with the first BLOCK_M. Otherwise BLOCK_M x warps.
+    # SEMVLP_TRITON_AUTOTUNE=0 or run interpreted, and get the first.
     if INTERPRETED or os.environ.get("SEMVLP_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_M": block_ms[0]}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for m in block_ms for w in (4, 8)]
+        return configs[:1]
+    return configs
 
 
 @triton.jit
@@ -94,38 +110,53 @@ def _forward_tile(
 #   dQ    = scale * dS K,   dK = scale * dS^T Q
 # P is recomputed from the saved log2-domain logsumexp: P = exp2(S * log2(e) - lse).
 @triton.jit
+def _backward_scores(
+    q, do, delta, lse, row_ok,  # one query tile: [M, D] x 2, [M] fp32 x 2, [M] bool
+    k, v, key_ok,  # a block of its keys: [N, D] x 2, [N] bool
+    qk_scale,
+    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,  # dropout key, as for _keep_mask
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """P * Z [M, N] in dO's dtype (dV += its transpose times dO) and dS [M, N] in Q's dtype, for
+    one query tile against one block of keys (formulas above)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+    valid = row_ok[:, None] & key_ok[None, :]
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
+    pz = p
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
+        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        pz = p * z
+        dp = dp * z
+    ds = p * (dp - delta[:, None])
+    return pz.to(do.dtype), ds.to(q.dtype)
+
+
+@triton.jit
 def _backward_tile(
     q, do, o, lse, row_ok,  # one query tile: [M, D] x 3, [M] fp32, [M] bool
-    k, v, key_ok,  # all keys of its (batch, head): [N, D] x 2, [N] bool
+    k, v, key_ok,  # keys of its (batch, head): [N, D] x 2, [N] bool
     dk, dv,  # [N, D] fp32 accumulators over the query tiles
     sm_scale, qk_scale,
     seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,  # dropout key, as for _keep_mask
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One query tile's share of the backward (formulas above).
+    """One query tile's share of the backward over the keys k, v (formulas above).
 
-    Returns dq [M, D] fp32 (complete: every key is in this tile) and dk, dv with this tile's
-    contributions added; dk still lacks the final factor sm_scale.
+    Returns dq [M, D] fp32 (complete when k holds every key; the split layout does not use it)
+    and dk, dv with this tile's contributions added; dk still lacks the final factor sm_scale.
     """
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-    valid = row_ok[:, None] & key_ok[None, :]
-    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [M, N]
-    if HAS_DROPOUT:
-        keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
-        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
-        dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = dp * z
-    else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-    ds = (p * (dp - delta[:, None])).to(q.dtype)  # [M, N]
+    pz, ds = _backward_scores(q, do, delta, lse, row_ok, k, v, key_ok, qk_scale,
+                              seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p, HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
+    dv += tl.dot(tl.trans(pz), do, input_precision=DOT_PRECISION)
     dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
     dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
     return dq, dk, dv
 
 
-@triton.autotune(configs=_configs([64, 128]), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
+@triton.autotune(configs=_tuned(_configs([64, 128, 32])), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
 @triton.jit
 def _attention_forward_kernel(
     q_ptr,  # [B, H, Tq, D]
@@ -172,11 +203,101 @@ def _attention_forward_kernel(
     tl.store(lse_ptr + pid_bh * TQ + offs_m, lse, mask=row_ok)
 
 
-# Backward: one program per (b, h) sweeps its query tiles through _backward_tile. At 128 keys the
-# resident K, V and fp32 dK, dV leave few registers: on an A100 only 16-row tiles run without
-# spilling (benchmarks/kernel_resources.py --arch 80), on an H100 16- and 32-row tiles at 8 warps.
-# 32 comes first: it is the one tests pin.
-@triton.autotune(configs=_configs([32, 16, 64]), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
+@triton.jit
+def _key_block_backward(
+    q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,  # one (batch, head)'s rows
+    stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, stride_mt,
+    key_start, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, STORE_DQ: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of keys [key_start, key_start + KEYS), sweeping every query tile; with STORE_DQ
+    (the block holds every key) also each tile's complete dQ."""
+    offs_n = key_start + tl.arange(0, KEYS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_in = offs_n < TK
+    k = tl.load(k_bh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+    v = tl.load(v_bh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = key_in & (tl.load(mask_b + offs_n * stride_mt, mask=key_in, other=0) != 0)
+    dk = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, TQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < TQ
+        rows = offs_m[:, None]
+        q = tl.load(q_bh + rows * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_bh + rows * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        o = tl.load(o_bh + rows * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_bh + offs_m, mask=row_ok, other=0.0)
+        dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
+                                    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
+                                    HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
+        if STORE_DQ:
+            tl.store(dq_bh + rows * stride_dqt + offs_d[None, :], dq.to(dq_bh.dtype.element_ty), mask=row_ok[:, None])
+    dk_offs = offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(dk_bh + dk_offs, (dk * sm_scale).to(dk_bh.dtype.element_ty), mask=key_in[:, None])
+    tl.store(dv_bh + dk_offs, dv.to(dv_bh.dtype.element_ty), mask=key_in[:, None])
+
+
+@triton.jit
+def _query_tile_dq(
+    q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh,  # one (batch, head)'s rows
+    stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_mt,
+    query_start, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dQ of query rows [query_start, query_start + BLOCK_M), sweeping the keys KEYS at a time."""
+    offs_m = query_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < TQ
+    rows = offs_m[:, None]
+    q = tl.load(q_bh + rows * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_bh + rows * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(o_bh + rows * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_bh + offs_m, mask=row_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, TK, KEYS):
+        offs_n = start_n + tl.arange(0, KEYS)
+        key_in = offs_n < TK
+        k = tl.load(k_bh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+        v = tl.load(v_bh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+        key_ok = key_in
+        if HAS_MASK:
+            key_ok = key_in & (tl.load(mask_b + offs_n * stride_mt, mask=key_in, other=0) != 0)
+        _, ds = _backward_scores(q, do, delta, lse, row_ok, k, v, key_ok, qk_scale,
+                                 seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
+                                 HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
+        dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+    tl.store(dq_bh + rows * stride_dqt + offs_d[None, :], (dq * sm_scale).to(dq_bh.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
+
+
+def _prune_key_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # Every KEY_BLOCK >= the keys' tile runs the fused layout: time it once, as KEY_BLOCK=MAX_KEYS.
+    return [c for c in configs if c.kwargs["KEY_BLOCK"] < kwargs["BLOCK_N"] or c.kwargs["KEY_BLOCK"] == MAX_KEYS]
+
+
+def _backward_programs(tq: int, tk: int, meta: dict) -> int:
+    """Programs per (batch, head): 1 fused, else one per key block plus one per query tile."""
+    if meta["KEY_BLOCK"] >= meta["BLOCK_N"]:
+        return 1
+    return triton.cdiv(tk, meta["KEY_BLOCK"]) + triton.cdiv(tq, meta["BLOCK_M"])
+
+
+# Backward configs (benchmarks/kernel_resources.py compiles them all offline). Fused: at 128 keys
+# the resident K, V and fp32 dK, dV leave few registers; on an A100 only 16-row query tiles run
+# without spilling, on an H100 16- and 32-row tiles at 8 warps, and one program per SM fits.
+# Split: 64- or 32-key blocks with 16- or 32-row tiles compile to 74-170 registers on an H100
+# without spills (16-24 warps per SM at 8 warps). The first (fused, 32 rows) is the one tests pin.
+@triton.autotune(
+    configs=_tuned(_configs([32, 16, 64], key_blocks=(MAX_KEYS,)) + _configs([32, 16], key_blocks=(64, 32))),
+    key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_key_blocks},
+)
 @triton.jit
 def _attention_backward_kernel(
     q_ptr,  # [B, H, Tq, D]
@@ -188,7 +309,7 @@ def _attention_backward_kernel(
     lse_ptr,  # [B, H, Tq] fp32 from the forward
     dq_ptr,  # [B, H, Tq, D]
     dk_ptr,  # [B, H, Tk, D]
-    dv_ptr,  # [B, H, Tk, D]
+    dv_ptr,  # [B, H, Tk, D], same strides as dk
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -201,43 +322,38 @@ def _attention_backward_kernel(
     sm_scale, qk_scale,
     dropout_p, seed,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)  # which key block or query tile of this (batch, head); see _backward_programs
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n < TK
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + offs_n * stride_mt, mask=key_ok, other=0) != 0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    for start_m in range(0, TQ, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < TQ
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)  # fmt: skip
-        do = tl.load(dout_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)  # fmt: skip
-        o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)  # fmt: skip
-        lse = tl.load(lse_ptr + pid_bh * TQ + offs_m, mask=row_ok, other=0.0)
-        dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
-                                    seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
-                                    HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
-        tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
-
-    key_in = offs_n < TK
-    dk_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    tl.store(dk_ptr + dk_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_in[:, None])
-    tl.store(dv_ptr + dk_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_in[:, None])
+    q_bh = q_ptr + b * stride_qb + h * stride_qh
+    k_bh = k_ptr + b * stride_kb + h * stride_kh
+    v_bh = v_ptr + b * stride_vb + h * stride_vh
+    o_bh = out_ptr + b * stride_ob + h * stride_oh
+    do_bh = dout_ptr + b * stride_dob + h * stride_doh
+    lse_bh = lse_ptr + pid_bh * TQ
+    mask_b = mask_ptr + b * stride_mb
+    dq_bh = dq_ptr + b * stride_dqb + h * stride_dqh
+    dk_bh = dk_ptr + b * stride_dkb + h * stride_dkh
+    dv_bh = dv_ptr + b * stride_dkb + h * stride_dkh
+    strides = (stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt)
+    if KEY_BLOCK >= BLOCK_N:  # fused: the only program of its (batch, head)
+        _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
+                            *strides, stride_dkt, stride_mt, 0, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                            HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_M, True)  # fmt: skip
+    else:
+        n_key_blocks = tl.cdiv(TK, KEY_BLOCK)
+        if pid < n_key_blocks:
+            _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
+                                *strides, stride_dkt, stride_mt, pid * KEY_BLOCK, TQ, TK, sm_scale, qk_scale,
+                                seed, pid_bh, dropout_p,
+                                HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M, False)  # fmt: skip
+        else:
+            _query_tile_dq(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, *strides, stride_mt,
+                           (pid - n_key_blocks) * BLOCK_M, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                           HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M)  # fmt: skip
 
 
 @triton.jit
@@ -321,7 +437,8 @@ def attention_backward(dout, q, k, v, key_padding_mask, out, lse, dropout_p, see
     mask, mask_strides, dot_precision, block_n = _launch_args(q, k, key_padding_mask)
     dq, dk, dv = _new_like_heads(q), _new_like_heads(k), _new_like_heads(v)
     assert dk.stride() == dv.stride()
-    _attention_backward_kernel[(batch * heads,)](
+    grid = lambda meta: (_backward_programs(tq, tk, meta), batch * heads)
+    _attention_backward_kernel[grid](
         q, k, v, mask, out, dout, lse, dq, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3], *dout.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3],

@@ -46,6 +46,7 @@ from semvlp_kernels.attention import (
     _configs,
     _forward_tile,
     _new_seed,
+    _tuned,
     attention_reference,
 )
 
@@ -55,7 +56,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tuned per key-tile width (the power of two above max_seqlen) rather than per max_seqlen, so
 # that batches whose longest caption is 17, 19 or 20 tokens share one tuning run.
-@triton.autotune(configs=_configs([64, 128]), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.autotune(configs=_tuned(_configs([64, 128])), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _varlen_attention_forward_kernel(
     q_ptr,  # [T, H, D], T = total tokens of the packed batch
@@ -105,7 +106,7 @@ def _varlen_attention_forward_kernel(
 
 # Backward: one program per (sequence b, head h) sweeps the sequence's query tiles through
 # attention.py's _backward_tile (the math is written out there).
-@triton.autotune(configs=_configs([32, 64]), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.autotune(configs=_tuned(_configs([32, 64])), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _varlen_attention_backward_kernel(
     q_ptr,  # [T, H, D]

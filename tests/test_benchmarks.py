@@ -326,9 +326,11 @@ print(json.dumps({"choices": first, "again": again, "compiled": fused_ops.compil
     key = backward["key"]
     assert key.pop("dtypes")[:4] == ["torch.bfloat16"] * 3 + ["torch.uint8"]  # q, k, v, the key mask
     assert key == {"TQ": 121, "TK": 121, "HEAD_DIM": 64, "HAS_MASK": True, "HAS_DROPOUT": False}
-    assert len(backward["timings_ms"]) == 6 and backward["chosen"] in backward["timings_ms"]
+    # 121 keys: the 6 fused configs and the 8 split ones (32- and 64-key blocks) are all timed.
+    assert len(backward["timings_ms"]) == 14 and backward["chosen"] in backward["timings_ms"]
     assert all(t == [1.0, 1.0, 1.0] for t in backward["timings_ms"].values())
     compiled = [c for c in seen["compiled"] if c["kernel"] == "_attention_backward_kernel"]
-    assert len(compiled) == 6  # one per config
+    assert len(compiled) == 14  # one per config
     assert {c["constexprs"]["BLOCK_M"] for c in compiled} == {16, 32, 64}
+    assert {c["constexprs"]["KEY_BLOCK"] for c in compiled} == {32, 64, 128}
     assert all(c["registers"] > 0 and c["spill_bytes"] is not None and c["shared_bytes"] > 0 for c in compiled)

@@ -5,7 +5,8 @@ padding; image self-attention 101 x 101 unmasked; text self-attention 20 x 20 wi
 lengths; cross-attention 101 x 20 (image queries over text keys); a single token 1 x 1; rows
 whose keys are all masked (zeros, zero gradients). fp32 and fp16 everywhere; bf16 only compiled
 on CUDA (the interpreter's bf16 tl.dot is wrong, DESIGN.md 6). Inputs arrive as the model passes
-them: transposed views of [B, T, H, D].
+them: transposed views of [B, T, H, D]. The backward's two layouts (attention.py's docstring) are
+each tested: the fused one is the config the suite pins, the split one is pinned below.
 """
 
 import math
@@ -13,8 +14,10 @@ from functools import partial
 
 import pytest
 import torch
+import triton
 from _checks import assert_matches_reference, skip_bf16_in_interpreter, value_and_grads
 
+from semvlp_kernels import attention as attention_module
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask, attention_reference
 
 # (name, B, H, Tq, Tk, D, key lengths per batch row or None for no mask)
@@ -75,6 +78,46 @@ def test_attention_matches_reference(case, dtype, device):
     if lengths is not None and 0 in lengths:  # defined behaviour for rows without any key
         empty = torch.tensor(lengths, device=device) == 0
         assert torch.all(out[empty] == 0) and torch.all(grads[0][empty] == 0)
+
+
+@pytest.fixture
+def split_backward(monkeypatch):
+    """Pin the backward to the split layout with `key_block` keys per dK/dV program."""
+
+    def pin(key_block: int, block_m: int = 32) -> None:
+        config = triton.Config({"BLOCK_M": block_m, "KEY_BLOCK": key_block}, num_warps=4, num_stages=1)
+        monkeypatch.setattr(attention_module._attention_backward_kernel, "configs", [config])
+
+    return pin
+
+
+# Key blocks smaller than the keys, so every dQ sums several blocks and the last block is partial.
+SPLIT_CASES = [("single_121", 32), ("cross_101x20", 16), ("text_20_mixed", 16), ("all_masked_rows", 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, key_block", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_backward_matches_reference(name, key_block, dtype, device, split_backward):
+    skip_bf16_in_interpreter(dtype, device)
+    split_backward(key_block)
+    _, b, h, tq, tk, d, lengths = next(c for c in CASES if c[0] == name)
+    q, k, v, mask = _inputs(b, h, tq, tk, d, lengths, dtype, device)
+    dout = (0.1 * torch.randn(b, h, tq, d, device=device)).to(dtype)
+    ours = value_and_grads(partial(attention, key_padding_mask=mask), (q, k, v), dout)
+    reference = partial(attention_reference, key_padding_mask=mask)
+    assert_matches_reference(NAMES, ours, reference, (q, k, v), dout, lowp_reference=partial(_lowp_eager, mask=mask))
+
+
+def test_split_backward_equals_fused_with_dropout(device, split_backward):
+    """Both layouts regenerate the same dropout mask from the seed, so they agree to rounding."""
+    b, h, tq, tk, d, p = 2, 2, 101, 20, 32, 0.1
+    q, k, v, mask = _inputs(b, h, tq, tk, d, [20, 11], torch.float32, device)
+    dout = 0.1 * torch.randn(b, h, tq, d, device=device)
+    fused = value_and_grads(partial(attention, key_padding_mask=mask, dropout_p=p, seed=7), (q, k, v), dout)
+    split_backward(16)
+    split = value_and_grads(partial(attention, key_padding_mask=mask, dropout_p=p, seed=7), (q, k, v), dout)
+    for name, a, e in zip(NAMES, split, fused, strict=True):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_attention_dropout_matches_reference_with_same_mask(device):
