@@ -289,6 +289,8 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     ops = ("attention", "varlen_attention", "bias_gelu", "residual_layer_norm", "linear_cross_entropy")
     assert timed == {(op, mode) for op in ops for mode in ("forward", "full")}
     assert all(_positive(r["p50_ms"]) and _positive(r["host_ms"]) and r["p20_ms"] <= r["p80_ms"] for r in rows)
+    # Checked against the fp32 reference unless dropout makes the outputs random.
+    assert all((r["max_abs_diff_vs_fp32_reference"] is None) == ("_drop0.1" in r["case"]) for r in rows)
     # --profile: a profiler table per case, for its first provider (eager here, triton on a GPU)
     profile = path.with_name(path.stem + "_profile.txt").read_text()
     assert profile.count("== ") == len({(r["op"], r["case"]) for r in rows}) and "failed" not in profile
