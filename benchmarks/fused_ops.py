@@ -20,10 +20,9 @@ counted as in tutorial 05: inputs read + outputs written, forward and backward),
 (tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
 difference against the fp32 reference checked once before timing (none with dropout: random).
 Every op/provider runs in its own try/except: a failure is recorded in its row and the rest still
-run. On CUDA the JSON also
-holds what Triton chose: `autotune` (per kernel and tuning key the chosen config and every
-config's time) and `compiled` (each compiled variant's registers, spill bytes and shared memory
-as loaded on the device).
+run. On CUDA the JSON also holds what Triton chose: `autotune` (per kernel and tuning key the
+chosen config and every config's time) and `compiled` (each compiled variant's registers, spill
+bytes and shared memory as loaded on the device).
 
 Shapes follow the model (DESIGN.md 1): base preset (12 heads x 64, hidden 768, FFN 3072),
 single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text, cross-attention
