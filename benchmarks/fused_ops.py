@@ -26,8 +26,9 @@ bytes and shared memory as loaded on the device).
 
 Shapes follow the model (DESIGN.md 1): base preset (12 heads x 64, hidden 768, FFN 3072),
 single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text, cross-attention
-101 x 20, and single-stream with pre-training's attention dropout 0.1; packed (varlen) text
-attention over captions of 8..20 tokens vs the same text padded; masked LM on 15% of 20 text tokens.
+101 x 20, and single-stream with pre-training's attention dropout 0.1; packed (varlen) attention
+over captions of 8..20 tokens, and over single-stream sequences of 101 image tokens + those
+captions, vs the same padded; masked LM on 15% of 20 text tokens.
 """
 
 from __future__ import annotations
@@ -307,9 +308,16 @@ def model_cases(device, dtype, batch: int, shapes: dict, providers: dict[str, li
     ]  # fmt: skip
     # Captions of 8..20 tokens (every length from batch 13 on, mean 14) packed without padding vs
     # padded to the longest.
+    # Single-stream (--packed_text): 101 image tokens + those captions, 109..121 tokens.
     caption_lengths = [8 + (5 * i) % 13 for i in range(batch)]
-    cases.append(("varlen_attention", "text_8..20_packed", lambda: setup_varlen_attention(
-        device, dtype, batch, heads, head_dim, caption_lengths, varlen_providers)))  # fmt: skip
+    varlen_cases = [("text_8..20_packed", caption_lengths)]
+    if not quick:
+        varlen_cases.append(("single_109..121_packed", [101 + n for n in caption_lengths]))
+    cases += [
+        ("varlen_attention", case, lambda lengths=lengths: setup_varlen_attention(
+            device, dtype, batch, heads, head_dim, lengths, varlen_providers))
+        for case, lengths in varlen_cases
+    ]  # fmt: skip
     rows = batch * 121  # single-stream tokens
     cases.append(("bias_gelu", f"{rows}x{ffn}", lambda: setup_bias_gelu(device, dtype, rows, ffn, fused_providers)))
     cases += [

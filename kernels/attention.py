@@ -156,7 +156,10 @@ def _backward_tile(
     return dq, dk, dv
 
 
-@triton.autotune(configs=_tuned(_configs([64, 128, 32])), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
+FORWARD_CONFIGS = _tuned(_configs([64, 128, 32]))
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
 @triton.jit
 def _attention_forward_kernel(
     q_ptr,  # [B, H, Tq, D]
@@ -231,22 +234,22 @@ def _load_query_tile(q_bh, do_bh, o_bh, lse_bh, offs_m, offs_d, stride_qt, strid
 def _key_block_backward(
     q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,  # one (batch, head)'s rows
     stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, stride_mt,
-    key_start, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+    key_start, n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, STORE_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of keys [key_start, key_start + KEYS), sweeping every query tile; with STORE_DQ
-    (the block holds every key) also each tile's complete dQ."""
+    """dK, dV of keys [key_start, key_start + KEYS) of n_keys, sweeping every query tile of the
+    n_rows; with STORE_DQ (the block holds every key) also each tile's complete dQ."""
     offs_n = key_start + tl.arange(0, KEYS)
     offs_d = tl.arange(0, HEAD_DIM)
-    k, v, key_in, key_ok = _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt, TK,
-                                           HAS_MASK)  # fmt: skip
+    k, v, key_in, key_ok = _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt,
+                                           n_keys, HAS_MASK)  # fmt: skip
     dk = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, TQ, BLOCK_M):
+    for start_m in range(0, n_rows, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, o, lse, row_ok = _load_query_tile(q_bh, do_bh, o_bh, lse_bh, offs_m, offs_d,
-                                                 stride_qt, stride_dot, stride_ot, TQ)  # fmt: skip
+                                                 stride_qt, stride_dot, stride_ot, n_rows)  # fmt: skip
         dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
                                     seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
                                     HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
@@ -262,27 +265,63 @@ def _key_block_backward(
 def _query_tile_dq(
     q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh,  # one (batch, head)'s rows
     stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_mt,
-    query_start, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+    query_start, n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """dQ of query rows [query_start, query_start + BLOCK_M), sweeping the keys KEYS at a time."""
+    """dQ of query rows [query_start, query_start + BLOCK_M) of n_rows, sweeping the n_keys keys
+    KEYS at a time."""
     offs_m = query_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q, do, o, lse, row_ok = _load_query_tile(q_bh, do_bh, o_bh, lse_bh, offs_m, offs_d,
-                                             stride_qt, stride_dot, stride_ot, TQ)  # fmt: skip
+                                             stride_qt, stride_dot, stride_ot, n_rows)  # fmt: skip
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, TK, KEYS):
+    for start_n in range(0, n_keys, KEYS):
         offs_n = start_n + tl.arange(0, KEYS)
-        k, v, _, key_ok = _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt, TK,
-                                          HAS_MASK)  # fmt: skip
+        k, v, _, key_ok = _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt,
+                                          n_keys, HAS_MASK)  # fmt: skip
         _, ds = _backward_scores(q, do, delta, lse, row_ok, k, v, key_ok, qk_scale,
                                  seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
                                  HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
         dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
     tl.store(dq_bh + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(dq_bh.dtype.element_ty),
              mask=row_ok[:, None])  # fmt: skip
+
+
+@triton.jit
+def _backward_program(
+    pid, q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,  # one (batch, head)'s rows
+    stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, stride_mt,
+    n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program `pid` of one (batch, head)'s backward, in the layout KEY_BLOCK selects (module
+    docstring; `_backward_programs` sizes the grid). n_rows, n_keys: its valid queries and keys;
+    TQ, TK: the grid's, which also key the dropout stream (they differ for packed sequences)."""
+    if KEY_BLOCK >= BLOCK_N:  # fused: the only program of its (batch, head)
+        _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
+                            stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, stride_mt,
+                            0, n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                            HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_M, True)  # fmt: skip
+    else:
+        n_key_blocks = tl.cdiv(TK, KEY_BLOCK)
+        if pid < n_key_blocks:
+            key_start = pid * KEY_BLOCK
+            if key_start < n_keys:
+                _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
+                                    stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt,
+                                    stride_mt, key_start, n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh,
+                                    dropout_p, HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M,
+                                    False)  # fmt: skip
+        else:
+            query_start = (pid - n_key_blocks) * BLOCK_M
+            if query_start < n_rows:
+                _query_tile_dq(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh,
+                               stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_mt,
+                               query_start, n_rows, n_keys, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                               HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M)  # fmt: skip
 
 
 def _prune_key_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -303,8 +342,11 @@ def _backward_programs(tq: int, tk: int, meta: dict) -> int:
 # Split: 64- or 32-key blocks with 16- or 32-row tiles compile to 68-178 registers on an H100
 # without spills (16-24 warps per SM at 8 warps); on an A100 the 32-key blocks do (74-138), the
 # 64-key ones take 235-255. The first config (fused, 32 rows) is the one tests pin.
+BACKWARD_CONFIGS = _tuned(_configs([32, 16, 64], key_blocks=(MAX_KEYS,)) + _configs([32, 16], key_blocks=(64, 32)))
+
+
 @triton.autotune(
-    configs=_tuned(_configs([32, 16, 64], key_blocks=(MAX_KEYS,)) + _configs([32, 16], key_blocks=(64, 32))),
+    configs=BACKWARD_CONFIGS,
     key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_key_blocks},
 )
@@ -348,22 +390,10 @@ def _attention_backward_kernel(
     dq_bh = dq_ptr + b * stride_dqb + h * stride_dqh
     dk_bh = dk_ptr + b * stride_dkb + h * stride_dkh
     dv_bh = dv_ptr + b * stride_dkb + h * stride_dkh
-    strides = (stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt)
-    if KEY_BLOCK >= BLOCK_N:  # fused: the only program of its (batch, head)
-        _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
-                            *strides, stride_dkt, stride_mt, 0, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
-                            HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_M, True)  # fmt: skip
-    else:
-        n_key_blocks = tl.cdiv(TK, KEY_BLOCK)
-        if pid < n_key_blocks:
-            _key_block_backward(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
-                                *strides, stride_dkt, stride_mt, pid * KEY_BLOCK, TQ, TK, sm_scale, qk_scale,
-                                seed, pid_bh, dropout_p,
-                                HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M, False)  # fmt: skip
-        else:
-            _query_tile_dq(q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, *strides, stride_mt,
-                           (pid - n_key_blocks) * BLOCK_M, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
-                           HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, KEY_BLOCK, BLOCK_M)  # fmt: skip
+    _backward_program(pid, q_bh, k_bh, v_bh, o_bh, do_bh, lse_bh, mask_b, dq_bh, dk_bh, dv_bh,
+                      stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, stride_mt,
+                      TQ, TK, TQ, TK, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                      HAS_MASK, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_M, KEY_BLOCK)  # fmt: skip
 
 
 @triton.jit

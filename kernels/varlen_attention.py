@@ -9,11 +9,11 @@ of length 0 owns no tokens, so it simply produces nothing.
 
 Design (as in attention.py, whose helpers this file imports): every key of one (sequence,
 head) fits in one tile (max_seqlen <= MAX_KEYS = 128, which covers SemVLP's <= 20 text tokens
-and its 121 single-stream tokens), so the forward is one exact softmax per query tile and the
-backward is one kernel per (sequence, head) that keeps K and V resident while it sweeps the
-sequence's query tiles, writing dQ directly and dK/dV once at the end (no atomics). Tiles start
-at each sequence's first token, so a program never mixes two sequences; the grid is sized by
-max_seqlen and the rows past a sequence's end are masked.
+and its 121 single-stream tokens), so the forward is one exact softmax per query tile, and the
+backward is attention.py's, in either of its layouts (one program per (sequence, head) holding
+all its keys, or split into key-block and query-tile programs; no atomics either way). Tiles
+start at each sequence's first token, so a program never mixes two sequences; the grid is sized
+by max_seqlen, the rows past a sequence's end are masked, and programs past it return at once.
 
 Dropout on the attention probabilities reuses attention.py's Philox keep mask, keyed by
 (b * H + h, i, j) with i, j the query/key positions *within* sequence b and max_seqlen as the
@@ -40,13 +40,15 @@ import triton
 import triton.language as tl
 
 from semvlp_kernels.attention import (
+    BACKWARD_CONFIGS,
+    FORWARD_CONFIGS,
     LOG2E,
     MAX_KEYS,
-    _backward_tile,
-    _configs,
+    _backward_program,
+    _backward_programs,
     _forward_tile,
     _new_seed,
-    _tuned,
+    _prune_key_blocks,
     attention_reference,
 )
 
@@ -56,7 +58,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tuned per key-tile width (the power of two above max_seqlen) rather than per max_seqlen, so
 # that batches whose longest caption is 17, 19 or 20 tokens share one tuning run.
-@triton.autotune(configs=_tuned(_configs([64, 128])), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.autotune(configs=FORWARD_CONFIGS, key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _varlen_attention_forward_kernel(
     q_ptr,  # [T, H, D], T = total tokens of the packed batch
@@ -104,9 +106,14 @@ def _varlen_attention_forward_kernel(
     tl.store(lse_ptr + h * TOTAL + start + offs_m, lse, mask=row_ok)
 
 
-# Backward: one program per (sequence b, head h) sweeps the sequence's query tiles through
-# attention.py's _backward_tile (the math is written out there).
-@triton.autotune(configs=_tuned(_configs([32, 64])), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
+# Backward: attention.py's, in either of its layouts (fused or split, timed against each other),
+# on the rows of sequence b; the grid is sized by max_seqlen and a shorter sequence's spare
+# programs return at once.
+@triton.autotune(
+    configs=BACKWARD_CONFIGS,
+    key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_key_blocks},
+)
 @triton.jit
 def _varlen_attention_backward_kernel(
     q_ptr,  # [T, H, D]
@@ -130,41 +137,24 @@ def _varlen_attention_backward_kernel(
     sm_scale, qk_scale,
     dropout_p, seed,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     start = tl.load(cu_seqlens_ptr + b).to(tl.int64)
     seqlen = tl.load(cu_seqlens_ptr + b + 1) - tl.load(cu_seqlens_ptr + b)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n < seqlen
-    k = tl.load(k_ptr + (start + offs_n[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(v_ptr + (start + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    # Sweep only this sequence's query tiles (none for a zero-length sequence).
-    for start_m in range(0, seqlen, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < seqlen
-        rows = start + offs_m[:, None]
-        q = tl.load(q_ptr + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(dout_ptr + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        o = tl.load(out_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + h * TOTAL + start + offs_m, mask=row_ok, other=0.0)
-        dq, dk, dv = _backward_tile(q, do, o, lse, row_ok, k, v, key_ok, dk, dv, sm_scale, qk_scale,
-                                    seed, pid_bh, offs_m, offs_n, MAX_SEQLEN, MAX_SEQLEN, dropout_p,
-                                    HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
-        tl.store(dq_ptr + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
-
-    dk_offs = (start + offs_n[:, None]) * stride_dkt + h * stride_dkh + offs_d[None, :]
-    tl.store(dk_ptr + dk_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dv_ptr + dk_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
+    # Positions within sequence b; dropout is keyed as if padded to MAX_SEQLEN (module docstring).
+    # No key mask: cu_seqlens_ptr fills the unused mask pointer.
+    _backward_program(pid, q_ptr + start * stride_qt + h * stride_qh, k_ptr + start * stride_kt + h * stride_kh,
+                      v_ptr + start * stride_vt + h * stride_vh, out_ptr + start * stride_ot + h * stride_oh,
+                      dout_ptr + start * stride_dot + h * stride_doh, lse_ptr + h * TOTAL + start, cu_seqlens_ptr,
+                      dq_ptr + start * stride_dqt + h * stride_dqh, dk_ptr + start * stride_dkt + h * stride_dkh,
+                      dv_ptr + start * stride_dkt + h * stride_dkh,
+                      stride_qt, stride_kt, stride_vt, stride_ot, stride_dot, stride_dqt, stride_dkt, 0,
+                      seqlen, seqlen, MAX_SEQLEN, MAX_SEQLEN, sm_scale, qk_scale, seed, pid_bh, dropout_p,
+                      False, HAS_DROPOUT, DOT_PRECISION, HEAD_DIM, BLOCK_N, BLOCK_M, KEY_BLOCK)  # fmt: skip
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int) -> None:
@@ -262,7 +252,8 @@ def varlen_attention_backward(
     dq, dk, dv = (torch.empty(total, heads, dim, dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0:
         return dq, dk, dv
-    _varlen_attention_backward_kernel[(batch * heads,)](
+    grid = lambda meta: (_backward_programs(max_seqlen, max_seqlen, meta), batch * heads)
+    _varlen_attention_backward_kernel[grid](
         q, k, v, cu_seqlens, out, dout, lse, dq, dk, dv,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *dout.stride()[:2],
         *dq.stride()[:2], *dk.stride()[:2],

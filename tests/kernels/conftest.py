@@ -51,3 +51,20 @@ def _seed_and_poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def split_backward(monkeypatch):
+    """Pin the attention backwards (padded and packed) to their split layout (attention.py's
+    docstring) with `key_block` keys per dK/dV program; the suite otherwise pins the fused one."""
+
+    def pin(key_block: int, block_m: int = 16) -> None:
+        import triton
+
+        from semvlp_kernels import attention, varlen_attention
+
+        config = triton.Config({"BLOCK_M": block_m, "KEY_BLOCK": key_block}, num_warps=4, num_stages=1)
+        monkeypatch.setattr(attention._attention_backward_kernel, "configs", [config])
+        monkeypatch.setattr(varlen_attention._varlen_attention_backward_kernel, "configs", [config])
+
+    return pin

@@ -6,7 +6,8 @@ lengths; cross-attention 101 x 20 (image queries over text keys); a single token
 whose keys are all masked (zeros, zero gradients). fp32 and fp16 everywhere; bf16 only compiled
 on CUDA (the interpreter's bf16 tl.dot is wrong, DESIGN.md 6). Inputs arrive as the model passes
 them: transposed views of [B, T, H, D]. The backward's two layouts (attention.py's docstring) are
-each tested: the fused one is the config the suite pins, the split one is pinned below.
+each tested: the fused one is the config the suite pins, the split one is pinned below
+(conftest's split_backward).
 """
 
 import math
@@ -14,10 +15,8 @@ from functools import partial
 
 import pytest
 import torch
-import triton
 from _checks import assert_matches_reference, skip_bf16_in_interpreter, value_and_grads
 
-from semvlp_kernels import attention as attention_module
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask, attention_reference
 
 # (name, B, H, Tq, Tk, D, key lengths per batch row or None for no mask)
@@ -78,17 +77,6 @@ def test_attention_matches_reference(case, dtype, device):
     if lengths is not None and 0 in lengths:  # defined behaviour for rows without any key
         empty = torch.tensor(lengths, device=device) == 0
         assert torch.all(out[empty] == 0) and torch.all(grads[0][empty] == 0)
-
-
-@pytest.fixture
-def split_backward(monkeypatch):
-    """Pin the backward to the split layout with `key_block` keys per dK/dV program."""
-
-    def pin(key_block: int, block_m: int = 32) -> None:
-        config = triton.Config({"BLOCK_M": block_m, "KEY_BLOCK": key_block}, num_warps=4, num_stages=1)
-        monkeypatch.setattr(attention_module._attention_backward_kernel, "configs", [config])
-
-    return pin
 
 
 # Key blocks smaller than the keys, so every dQ sums several blocks and the last block is partial.
