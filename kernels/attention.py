@@ -21,9 +21,9 @@ image / <= 20 text tokens in two-stream mode, 101 x <= 20 cross-attention): ever
     the programs at a fraction of the registers each.
 Longer key sequences raise; `dispatch` routes them to SDPA instead.
 
-Dropout on the attention probabilities uses Philox (`tl.rand`) keyed by a per-call seed and the
-element's flat index (b*H + h)*Tq*Tk + i*Tk + j; the backward regenerates the same keep mask,
-so no mask is stored. `attention_dropout_mask()` materialises that mask for tests.
+Dropout on the attention probabilities uses Philox (`tl.rand`) keyed by a per-call seed (a
+device tensor: philox.py) and the element's flat index (b*H + h)*Tq*Tk + i*Tk + j; the backward
+regenerates the same keep mask, so no mask is stored. `attention_dropout_mask()` materialises that mask for tests.
 
 References: Dao et al., FlashAttention-2 (2023), backward in their notation; Triton tutorial
 06-fused-attention.py (log2-domain softmax, K/V-resident dK/dV sweep, separate dQ sweep).
@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from semvlp_kernels.philox import philox_seed
 
 MAX_KEYS = 128  # keys of one (batch, head) held in one tile; see module docstring
 LOG2E = 1.4426950408889634
@@ -175,10 +177,12 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_ot,
     H, TQ, TK,
     qk_scale,  # softmax scale * log2(e)
-    dropout_p, seed,
+    dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT; philox.py)
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -372,10 +376,12 @@ def _attention_backward_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     H, TQ, TK,
     sm_scale, qk_scale,
-    dropout_p, seed,
+    dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT)
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     pid = tl.program_id(0)  # which key block or query tile of this (batch, head); see _backward_programs
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -399,9 +405,11 @@ def _attention_backward_kernel(
 @triton.jit
 def _attention_dropout_mask_kernel(
     keep_ptr,  # [B, H, Tq, Tk] uint8, contiguous
-    TQ, TK, dropout_p, seed,
+    TQ, TK, dropout_p,
+    seed_ptr,  # [1] int32 Philox seed
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -450,7 +458,8 @@ def _launch_args(q, k, key_padding_mask):
 
 
 def attention_forward(q, k, v, key_padding_mask, dropout_p, seed):
-    """Launch the forward. Returns (out [B,H,Tq,D] in [B,Tq,H,D] memory, lse [B,H,Tq] fp32)."""
+    """Launch the forward (`seed`: philox.philox_seed's tensor). Returns (out [B,H,Tq,D] in
+    [B,Tq,H,D] memory, lse [B,H,Tq] fp32)."""
     _check(q, k, v, key_padding_mask)
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
@@ -493,20 +502,15 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, dropout_p, seed):
         out, lse = attention_forward(q, k, v, key_padding_mask, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse, seed)
+        ctx.dropout_p = dropout_p
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, key_padding_mask, out, lse, ctx.dropout_p, ctx.seed)
+        q, k, v, key_padding_mask, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, key_padding_mask, out, lse, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None
-
-
-def _new_seed() -> int:
-    # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def attention(
@@ -520,9 +524,7 @@ def attention(
     """Fused Triton attention (Tk <= MAX_KEYS). `seed` fixes the dropout mask (tests only)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    if dropout_p > 0.0 and seed is None:
-        seed = _new_seed()
-    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), 0 if seed is None else seed)
+    return AttentionFunction.apply(q, k, v, key_padding_mask, float(dropout_p), philox_seed(dropout_p, seed, q.device))
 
 
 def attention_dropout_mask(
@@ -532,7 +534,14 @@ def attention_dropout_mask(
     keep = torch.empty(batch, heads, tq, tk, dtype=torch.uint8, device=device)
     block_n = max(16, triton.next_power_of_2(tk))
     _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), batch * heads)](
-        keep, tq, tk, float(dropout_p), seed, BLOCK_M=32, BLOCK_N=block_n, enable_fp_fusion=True
+        keep,
+        tq,
+        tk,
+        float(dropout_p),
+        philox_seed(dropout_p, seed, device),
+        BLOCK_M=32,
+        BLOCK_N=block_n,
+        enable_fp_fusion=True,
     )
     return keep.bool()
 

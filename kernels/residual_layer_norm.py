@@ -3,9 +3,9 @@
 x, residual [..., N] contiguous (x is the bias-free output projection GEMM); bias, weight,
 ln_bias [N]. One program per row in the forward (the whole row in one block, N <= 65536 / 4
 elements as tutorial 05 caps it), saving only fp32 mean and rstd per row. Dropout uses Philox
-(`tl.rand`) keyed by a per-call seed and the element's flat index row * N + col, so the backward
-regenerates the keep mask instead of storing it, and recomputes h = residual + dropout(x + bias)
-from x and residual (no pre-norm tensor is saved).
+(`tl.rand`) keyed by a per-call seed (a device tensor: philox.py) and the element's flat index
+row * N + col, so the backward regenerates the keep mask instead of storing it, and recomputes
+h = residual + dropout(x + bias) from x and residual (no pre-norm tensor is saved).
 
 Backward, per row, with xhat = (h - mean) * rstd, wdy = weight * dy (05's c1/c2):
   c1 = sum(xhat * wdy) / N,   c2 = sum(wdy) / N
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from semvlp_kernels.philox import philox_seed
 
 MAX_COLS = 65536 // 4  # one fp32 row per block, as tutorial 05
 
@@ -40,9 +42,11 @@ def _residual_layer_norm_forward_kernel(
     y_ptr,  # [M, N]
     mean_ptr,  # [M] fp32
     rstd_ptr,  # [M] fp32
-    N, eps, dropout_p, seed,
+    N, eps, dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT; philox.py)
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -75,9 +79,11 @@ def _residual_layer_norm_backward_kernel(
     dh_ptr,  # [M, N] gradient of residual
     dx_ptr,  # [M, N] gradient of x (written only if HAS_DROPOUT; else it equals dh)
     partial_ptr,  # [3, num_programs, N] fp32: dweight, dln_bias, dbias partials
-    M, N, rows_per_program, num_programs, dropout_p, seed,
+    M, N, rows_per_program, num_programs, dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     # Each iteration handles ROWS rows at once (a [ROWS, BLOCK] tile) so that enough loads are
     # in flight; a one-row loop is latency-bound on an H100.
     pid = tl.program_id(0).to(tl.int64)
@@ -188,14 +194,14 @@ class ResidualLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed):
         y, mean, rstd = residual_layer_norm_forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed)
-        ctx.save_for_backward(x, bias, residual, weight, mean, rstd)
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.save_for_backward(x, bias, residual, weight, mean, rstd, seed)
+        ctx.dropout_p = dropout_p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, bias, residual, weight, mean, rstd = ctx.saved_tensors
-        grads = residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, ctx.dropout_p, ctx.seed)
+        x, bias, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        grads = residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, ctx.dropout_p, seed)
         return *grads, None, None, None
 
 
@@ -212,15 +218,15 @@ def residual_layer_norm(
     """Fused LayerNorm(residual + dropout(x + bias)). `seed` fixes the dropout mask (tests only)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
+    seed_tensor = philox_seed(dropout_p, seed, x.device)
     return ResidualLayerNormFunction.apply(
-        x, bias, residual, weight, ln_bias, float(eps), float(dropout_p), 0 if seed is None else seed
+        x, bias, residual, weight, ln_bias, float(eps), float(dropout_p), seed_tensor
     )
 
 
 @triton.jit
-def _residual_dropout_mask_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
+def _residual_dropout_mask_kernel(keep_ptr, numel, dropout_p, seed_ptr, BLOCK: tl.constexpr):
+    seed = tl.load(seed_ptr)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = tl.rand(seed, offs.to(tl.int32)) >= dropout_p
     tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=offs < numel)
@@ -230,7 +236,10 @@ def residual_dropout_mask(shape: tuple[int, ...], dropout_p: float, seed: int, d
     """The bool keep-mask that `residual_layer_norm(..., dropout_p, seed)` applies to x + bias."""
     keep = torch.empty(shape, dtype=torch.uint8, device=device)
     grid = (triton.cdiv(keep.numel(), 1024),)
-    _residual_dropout_mask_kernel[grid](keep, keep.numel(), float(dropout_p), seed, BLOCK=1024, enable_fp_fusion=True)
+    seed_tensor = philox_seed(dropout_p, seed, device)
+    _residual_dropout_mask_kernel[grid](
+        keep, keep.numel(), float(dropout_p), seed_tensor, BLOCK=1024, enable_fp_fusion=True
+    )
     return keep.bool()
 
 

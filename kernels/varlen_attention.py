@@ -47,10 +47,10 @@ from semvlp_kernels.attention import (
     _backward_program,
     _backward_programs,
     _forward_tile,
-    _new_seed,
     _prune_key_blocks,
     attention_reference,
 )
+from semvlp_kernels.philox import philox_seed
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,10 +73,12 @@ def _varlen_attention_forward_kernel(
     stride_ot, stride_oh,
     H, TOTAL, MAX_SEQLEN,
     qk_scale,  # softmax scale * log2(e)
-    dropout_p, seed,
+    dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT; philox.py)
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -135,10 +137,12 @@ def _varlen_attention_backward_kernel(
     stride_dkt, stride_dkh,
     H, TOTAL, MAX_SEQLEN,
     sm_scale, qk_scale,
-    dropout_p, seed,
+    dropout_p,
+    seed_ptr,  # [1] int32 Philox seed (read only if HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -216,7 +220,7 @@ def _block_n(max_seqlen: int) -> int:
 
 def varlen_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward (inputs already checked).
 
@@ -242,7 +246,7 @@ def varlen_attention_forward(
 
 def varlen_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-    max_seqlen: int, out: torch.Tensor, lse: torch.Tensor, dropout_p: float, seed: int,
+    max_seqlen: int, out: torch.Tensor, lse: torch.Tensor, dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the backward. Returns (dq, dk, dv), each [T, H, D] contiguous."""
     total, heads, dim = q.shape
@@ -268,16 +272,14 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, seed):
         out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
-        ctx.max_seqlen, ctx.dropout_p, ctx.seed = max_seqlen, dropout_p, seed
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, seed)
+        ctx.max_seqlen, ctx.dropout_p = max_seqlen, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward(
-            dout, q, k, v, cu_seqlens, ctx.max_seqlen, out, lse, ctx.dropout_p, ctx.seed
-        )
+        q, k, v, cu_seqlens, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_backward(dout, q, k, v, cu_seqlens, ctx.max_seqlen, out, lse, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None
 
 
@@ -298,7 +300,8 @@ def varlen_attention(
         cu_seqlens: int32 [B + 1] cumulative sequence offsets on q's device.
         max_seqlen: a bound on the longest sequence (a Python int: it sizes the launch grid).
         dropout_p: attention-probability dropout, in [0, 1).
-        seed: fixes the dropout mask (tests); drawn from torch's CPU generator when None.
+        seed: fixes the dropout mask (tests); drawn from torch's generator for q's device when
+            None (philox.py).
         check_offsets: validate cu_seqlens' values (check_cu_seqlens). That reads cu_seqlens on
             the host, a device sync on CUDA; a training loop that validates once per batch (all
             layers share cu_seqlens) passes False here.
@@ -311,9 +314,8 @@ def varlen_attention(
     _check(q, k, v, cu_seqlens, max_seqlen)
     if check_offsets:
         check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    if dropout_p > 0.0 and seed is None:
-        seed = _new_seed()
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, float(dropout_p), 0 if seed is None else seed)
+    seed_tensor = philox_seed(dropout_p, seed, q.device)
+    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, float(dropout_p), seed_tensor)
 
 
 def varlen_attention_reference(

@@ -1,0 +1,22 @@
+"""The seed the dropout kernels key their Philox streams with (attention, varlen attention,
+residual LayerNorm).
+
+It travels as a one-element int32 tensor on the kernel's device, which the kernel loads, rather
+than as a Python int: drawing it then needs no `.item()`, so eager mode never waits for the
+device and torch.compile traces every dropout call into its graph instead of breaking there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def philox_seed(dropout_p: float, seed: int | None, device: torch.device) -> torch.Tensor:
+    """[1] int32 on `device`: `seed` if given (tests; a host-to-device copy), else drawn from
+    torch's generator for the device (reproducible under torch.manual_seed). Without dropout the
+    kernels read no seed: an empty tensor."""
+    if dropout_p == 0.0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=device)
+    return torch.tensor([seed], dtype=torch.int32, device=device)
