@@ -158,8 +158,10 @@ EOF
 }
 
 kernel_bench() {
-    # The full run took ~40 s on an H100 before device_ms (+ a profiled burst per row, seconds in all);
-    # --quick ~30 s, for a cut limit.
+    # The full run took ~40 s on an H100 before device_ms (+ a profiled burst per row, seconds in all)
+    # and before the attention had 12 backward configs to compile and tune per shape (not timed on a
+    # GPU yet); --quick ~30 s, for a cut limit. The memory-bound ops run first, so a run cut at the
+    # limit keeps them (fused_ops.py rewrites its JSON after every case).
     # --profile adds a torch.profiler table per case (where each fused op's host time goes).
     local quick=()
     if [ "$STAGE_LIMIT" -lt 75 ]; then quick=(--quick); fi
