@@ -71,6 +71,18 @@ def _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p):
     return tl.rand(seed, rng_offsets) >= dropout_p
 
 
+@triton.jit
+def _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt, TK, HAS_MASK: tl.constexpr):
+    """K, V [N, D] of keys offs_n (zeros past TK), `key_in` (< TK) and `key_ok` (in and not masked)."""
+    key_in = offs_n < TK
+    k = tl.load(k_bh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+    v = tl.load(v_bh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in[:, None], other=0.0)
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = key_in & (tl.load(mask_b + offs_n * stride_mt, mask=key_in, other=0) != 0)
+    return k, v, key_in, key_ok
+
+
 # The per-tile math below is shared with varlen_attention.py: the padded and the packed kernels
 # differ only in where a (batch, head)'s rows live (pointers, masks) and in the (TQ, TK) that key
 # the dropout stream, so both pass those in and keep identical numerics.
@@ -191,16 +203,12 @@ def _attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < TQ
-    key_ok = offs_n < TK
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(mask_ptr + b * stride_mb + offs_n * stride_mt, mask=key_ok, other=0) != 0)
+    k, v, _, key_ok = _load_key_block(k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
+                                      mask_ptr + b * stride_mb, offs_n, offs_d, stride_kt, stride_vt, stride_mt, TK,
+                                      HAS_MASK)  # fmt: skip
 
     out, lse = _forward_tile(q, k, v, key_ok, qk_scale, seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p,
                              HAS_DROPOUT, DOT_PRECISION)  # fmt: skip
@@ -208,18 +216,6 @@ def _attention_forward_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
     tl.store(lse_ptr + pid_bh * TQ + offs_m, lse, mask=row_ok)
-
-
-@triton.jit
-def _load_key_block(k_bh, v_bh, mask_b, offs_n, offs_d, stride_kt, stride_vt, stride_mt, TK, HAS_MASK: tl.constexpr):
-    """K, V [N, D] of keys offs_n (zeros past TK), `key_in` (< TK) and `key_ok` (in and not masked)."""
-    key_in = offs_n < TK
-    k = tl.load(k_bh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in[:, None], other=0.0)
-    v = tl.load(v_bh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in[:, None], other=0.0)
-    key_ok = key_in
-    if HAS_MASK:
-        key_ok = key_in & (tl.load(mask_b + offs_n * stride_mt, mask=key_in, other=0) != 0)
-    return k, v, key_in, key_ok
 
 
 @triton.jit

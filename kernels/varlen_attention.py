@@ -47,6 +47,7 @@ from semvlp_kernels.attention import (
     _backward_program,
     _backward_programs,
     _forward_tile,
+    _load_key_block,
     _prune_key_blocks,
     attention_reference,
 )
@@ -89,14 +90,13 @@ def _varlen_attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)  # key positions within sequence b
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    key_ok = offs_n < seqlen
 
     q = tl.load(q_ptr + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # fmt: skip
-    k = tl.load(k_ptr + (start + offs_n[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
-    v = tl.load(v_ptr + (start + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # fmt: skip
+    # No key mask: cu_seqlens_ptr fills the unused mask pointer.
+    k, v, _, key_ok = _load_key_block(k_ptr + start * stride_kt + h * stride_kh,
+                                      v_ptr + start * stride_vt + h * stride_vh, cu_seqlens_ptr, offs_n, offs_d,
+                                      stride_kt, stride_vt, 0, seqlen, False)  # fmt: skip
 
     # Every stored row has a key (itself); only a zero-length sequence has rows without any, and
     # those are never stored. Dropout is keyed as if padded to MAX_SEQLEN (module docstring).
