@@ -26,5 +26,9 @@ setup(
         "safetensors",
         "tensorboard",
     ],
-    extras_require={"dev": ["pytest", "ruff>=0.17,<0.18"]},  # ruff pinned: `make test` checks its formatting
+    extras_require={
+        "uniter": ["lmdb", "msgpack"],  # `convert uniter-lmdb` only
+        # ruff pinned: `make test` checks its formatting; msgpack-numpy writes UNITER's values in the tests
+        "dev": ["pytest", "ruff>=0.17,<0.18", "lmdb", "msgpack", "msgpack-numpy"],
+    },
 )

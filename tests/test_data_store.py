@@ -137,7 +137,10 @@ def test_writer_rejects_bad_images(tmp_path):
         bad = make_image(rng, k=K - 1)
         with pytest.raises(BadRecordError, match="'features'.*shape"):
             w.add("d", **bad)
-    assert FeatureStore(tmp_path / "s.h5").image_ids == ["a"]
+        with pytest.raises(BadRecordError, match=r"'img_h/img_w'.*got 0x640"):  # 0 x 0 alone means "not recorded"
+            w.add("g", **{**make_image(rng), "img_h": 0, "img_w": 640})
+        w.add("no_size", **{**make_image(rng), "img_h": 0, "img_w": 0})
+    assert FeatureStore(tmp_path / "s.h5").image_ids == ["a", "no_size"]
 
 
 def test_version_and_not_a_store(tmp_path):

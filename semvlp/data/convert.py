@@ -2,6 +2,8 @@
 
     python -m semvlp.data.convert lxmert-tsv train2014_obj36.tsv [more.tsv ...] --out coco.h5 --num-objects 36
     python -m semvlp.data.convert npz-dir features_folder/ --out coco.h5 [--num-objects 100]
+    python -m semvlp.data.convert uniter-lmdb img_db/coco_train2014/feat_th0.2_max100_min10 --out coco.h5 \
+        --num-objects 100 --pad [--image-ids names.json]
     options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet
 
 lxmert-tsv: LXMERT's feature TSV (`airsplay/lxmert src/utils.py`): tab-separated, no header,
@@ -17,8 +19,17 @@ num_bbox) and objects_id / objects_conf / attrs_id / attrs_conf (LXMERT names; o
 obj_confs, attr_ids, attr_confs also accepted). Absent labels are stored as id 0 with
 confidence 0, so confidence-weighted object losses ignore them.
 
-Objects per image: with N > K boxes the K most confident (by object confidence) are kept, in
-their original order; N < K is an error naming the image unless --pad, which appends zero
+uniter-lmdb: a UNITER img_db LMDB folder (`scripts/convert_imgdir.py` in UNITER), one record per
+image keyed by its .npz name, the value a msgpack-numpy map (or, in `*_compressed` databases, an
+.npz archive) of float16 arrays: features (N, D), norm_bb (N, 6: x1, y1, x2, y2, w, h already
+divided by the image size, which is not kept: the store records 0 x 0), conf (N,) and
+soft_labels (N, 1601: background, then the 1,600 Visual Genome classes). Object id = the argmax
+class after the background (LXMERT's objects_id), confidence = conf; no attributes (id 0,
+confidence 0). Records hold N = 10 ... 100 boxes (UNITER's confidence threshold), so K above
+the smallest N needs --pad. The image id is the key without .npz, or what --image-ids maps it to.
+
+Objects per image: with N > K boxes the K most confident (by object confidence; UNITER: conf)
+are kept, in their original order; N < K is an error naming the image unless --pad, which appends zero
 objects and records the per-object validity mask. Boxes are divided by the image width and
 height (coordinates up to one pixel outside the image are clipped; further out is an error).
 
@@ -40,6 +51,7 @@ import binascii
 import csv
 import gzip
 import io
+import json
 import os
 import signal
 import sys
@@ -68,6 +80,7 @@ TSV_FIELDS = (
     "features",
 )
 _BOX_TOLERANCE_PX = 1.0
+_BOX_TOLERANCE_NORMALIZED = 1e-3  # normalized boxes stored in float16 (UNITER) round by up to 2**-11
 
 
 class ConversionError(ValueError):
@@ -76,17 +89,19 @@ class ConversionError(ValueError):
 
 @dataclass
 class RawImage:
-    """One image as a detector wrote it: N boxes in pixels, full-precision features."""
+    """One image as a detector wrote it: N boxes in pixels, full-precision features. A source
+    without the image size (UNITER) gives img_h = img_w = 0 and boxes already divided by it."""
 
     image_id: str
     img_h: int
     img_w: int
-    boxes: np.ndarray  # [N, 4] pixels
+    boxes: np.ndarray  # [N, 4] pixels, or [0, 1] when img_h = img_w = 0
     features: np.ndarray  # [N, D]
     obj_ids: np.ndarray  # [N]
     obj_confs: np.ndarray
     attr_ids: np.ndarray
     attr_confs: np.ndarray
+    box_scores: np.ndarray | None = None  # ranks the boxes when N > K; obj_confs when None
 
 
 @dataclass
@@ -101,17 +116,24 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     n = len(raw.boxes)
     if raw.features.shape != (n, feature_dim):
         raise BadRecordError("features", f"shape {raw.features.shape}, expected ({n}, {feature_dim})")
-    for name in ("obj_ids", "obj_confs", "attr_ids", "attr_confs"):
-        if getattr(raw, name).shape != (n,):
-            raise BadRecordError(name, f"shape {getattr(raw, name).shape}, expected ({n},)")
-    if raw.img_h <= 0 or raw.img_w <= 0:
+    scores = raw.obj_confs if raw.box_scores is None else raw.box_scores
+    per_box = dict(obj_ids=raw.obj_ids, obj_confs=raw.obj_confs, attr_ids=raw.attr_ids, attr_confs=raw.attr_confs)
+    for name, arr in {**per_box, "box_scores": scores}.items():
+        if arr.shape != (n,):
+            raise BadRecordError(name, f"shape {arr.shape}, expected ({n},)")
+    normalized = raw.img_h == raw.img_w == 0
+    if not normalized and (raw.img_h <= 0 or raw.img_w <= 0):
         raise BadRecordError("img_h/img_w", f"image size must be positive, got {raw.img_h}x{raw.img_w}")
-    for name in ("features", "boxes", "obj_confs", "attr_confs"):
-        if not np.isfinite(getattr(raw, name)).all():
+    for name, arr in dict(features=raw.features, boxes=raw.boxes, obj_confs=raw.obj_confs,
+                          attr_confs=raw.attr_confs, box_scores=scores).items():  # fmt: skip
+        if not np.isfinite(arr).all():
             raise BadRecordError(name, "contains NaN or infinite values")
     if np.abs(raw.features).max(initial=0.0) > np.finfo(np.float16).max:
         raise BadRecordError("features", "values overflow float16")
-    b, w, h, tol = raw.boxes, raw.img_w, raw.img_h, _BOX_TOLERANCE_PX
+    if normalized:
+        b, w, h, tol = raw.boxes, 1, 1, _BOX_TOLERANCE_NORMALIZED
+    else:
+        b, w, h, tol = raw.boxes, raw.img_w, raw.img_h, _BOX_TOLERANCE_PX
     outside = (
         (b[:, 0] < -tol)
         | (b[:, 1] < -tol)
@@ -122,11 +144,10 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     )
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        raise BadRecordError(
-            "boxes", f"box {i} {b[i].tolist()} lies outside the {w}x{h} image (or has x2 < x1 / y2 < y1)"
-        )
+        frame = "[0, 1] (normalized)" if normalized else f"the {w}x{h} image"
+        raise BadRecordError("boxes", f"box {i} {b[i].tolist()} lies outside {frame} (or has x2 < x1 / y2 < y1)")
     if n > num_objects:
-        keep = np.sort(np.argsort(-raw.obj_confs, kind="stable")[:num_objects])
+        keep = np.sort(np.argsort(-scores, kind="stable")[:num_objects])
     elif n < num_objects and not pad:
         raise BadRecordError(
             "num_boxes",
@@ -146,11 +167,11 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     out["features"][:k] = raw.features[keep]
     scale = np.array([w, h, w, h], np.float64)
     out["boxes"][:k] = np.clip(raw.boxes[keep].astype(np.float64) / scale, 0.0, 1.0)
-    for name in ("obj_ids", "obj_confs", "attr_ids", "attr_confs"):
-        out[name][:k] = getattr(raw, name)[keep]
+    for name, arr in per_box.items():
+        out[name][:k] = arr[keep]
     if pad:
         out["valid_mask"] = np.arange(num_objects) < k
-    return dict(img_h=int(h), img_w=int(w), **out)
+    return dict(img_h=int(raw.img_h), img_w=int(raw.img_w), **out)
 
 
 def _b64_array(text: str, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -325,6 +346,125 @@ def npz_records(folder: str | os.PathLike) -> Iterator[Record]:
         yield str(p), p.stem, lambda p=p: parse_npz(p)
 
 
+_UNITER_NAMES = b"__keys__"  # UNITER's list of the image names: an entry that is not an image
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _msgpack_numpy(obj: dict) -> object:
+    """msgpack object_hook: an array or number as msgpack-numpy writes it (UNITER's uncompressed
+    values: {nd, type, kind, shape, data}, keys as bytes or str); other maps pass through."""
+
+    def get(key: str) -> object:
+        return obj.get(key.encode(), obj.get(key))
+
+    if get("nd") is None:
+        return obj
+    values = np.frombuffer(get("data"), np.dtype(get("type")))
+    return values.reshape(get("shape")) if get("nd") else values[0]
+
+
+def _uniter_arrays(value: bytes) -> dict:
+    """One UNITER img_db value: an .npz archive (`_compressed` databases) or a msgpack-numpy map."""
+    if value[:4] == _ZIP_MAGIC:
+        try:
+            with np.load(io.BytesIO(value), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise BadRecordError("value", f"not a readable .npz ({e})") from None
+    import msgpack
+
+    try:
+        data = msgpack.unpackb(value, raw=False, object_hook=_msgpack_numpy)
+    except (ValueError, TypeError, KeyError) as e:  # msgpack's own errors are ValueErrors
+        raise BadRecordError("value", f"neither an .npz nor msgpack-numpy data ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise BadRecordError("value", f"expected a map of arrays, got {type(data).__name__}")
+    return data
+
+
+def parse_uniter(name: str, value: bytes, image_id: str) -> RawImage:
+    """One UNITER img_db record (its key `name`, e.g. coco_train2014_000000000009.npz): `features`
+    (N, D), `norm_bb` (N, 6: x1, y1, x2, y2, w, h divided by the image size, which is not kept),
+    optionally `conf` (N,) and `soft_labels` (N, 1 + classes; column 0 is the background)."""
+    data = _uniter_arrays(value)
+
+    def get(key: str, ndim: int, required: bool = True) -> np.ndarray | None:
+        if key not in data:
+            if required:
+                raise BadRecordError(key, f"missing (record has {sorted(data)})")
+            return None
+        arr = np.asarray(data[key])
+        if arr.ndim != ndim or arr.dtype.kind not in "iuf":
+            raise BadRecordError(key, f"expected a {ndim}-d array of numbers, got {arr.dtype} of shape {arr.shape}")
+        return arr
+
+    features, norm_bb = get("features", 2), get("norm_bb", 2)
+    n = len(features)
+    if norm_bb.shape[0] != n or norm_bb.shape[1] < 4:
+        raise BadRecordError("norm_bb", f"shape {norm_bb.shape}, expected ({n}, 6)")
+    conf, soft_labels = get("conf", 1, required=False), get("soft_labels", 2, required=False)
+    for key, arr in (("conf", conf), ("soft_labels", soft_labels)):
+        if arr is not None and (len(arr) != n or not np.isfinite(arr).all()):
+            raise BadRecordError(key, f"expected {n} rows of finite values, got shape {arr.shape}")
+    if soft_labels is not None and soft_labels.shape[1] < 2:
+        raise BadRecordError("soft_labels", f"shape {soft_labels.shape}: no class after the background column")
+    if soft_labels is None:  # no labels: id 0 with confidence 0, as npz-dir; boxes still ranked by conf
+        obj_ids, obj_confs = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    else:  # the detector's class of each box, as LXMERT's objects_id (0 ... classes - 1)
+        classes = soft_labels[:, 1:].astype(np.float32)
+        obj_ids = classes.argmax(1).astype(np.int64)
+        obj_confs = (conf if conf is not None else classes.max(1)).astype(np.float32)
+    return RawImage(
+        image_id=image_id,
+        img_h=0,
+        img_w=0,
+        boxes=norm_bb[:, :4].astype(np.float32),
+        features=features,
+        obj_ids=obj_ids,
+        obj_confs=obj_confs,
+        attr_ids=np.zeros(n, np.int64),
+        attr_confs=np.zeros(n, np.float32),
+        box_scores=None if conf is None else conf.astype(np.float32),
+    )
+
+
+def _open_lmdb(folder: str | os.PathLike):
+    try:
+        import lmdb
+        import msgpack  # noqa: F401  (the values' format: checked here, before any work)
+    except ImportError:
+        raise ConversionError("uniter-lmdb needs the lmdb and msgpack packages: pip install lmdb msgpack") from None
+    if not (Path(folder) / "data.mdb").is_file():
+        raise ConversionError(f"{folder}: not an LMDB folder (no data.mdb in it)")
+    try:
+        return lmdb.open(str(folder), readonly=True, lock=False, readahead=False, max_readers=1)
+    except lmdb.Error as e:
+        raise ConversionError(f"{folder}: cannot open the LMDB ({e})") from None
+
+
+def uniter_records(folder: str | os.PathLike, image_ids: dict[str, str] | None = None) -> Iterator[Record]:
+    """Records of a UNITER img_db LMDB, in key order. The image id is the key without `.npz`, or
+    image_ids[key] (a key missing from image_ids is a bad record)."""
+    env = _open_lmdb(folder)
+    try:
+        with env.begin() as txn:
+            for key, value in txn.cursor():
+                if key == _UNITER_NAMES:
+                    continue
+                name = key.decode("utf-8", errors="replace")
+                stem = name.removesuffix(".npz")
+                image_id = stem if image_ids is None else image_ids.get(name, image_ids.get(stem))
+
+                def parse(name: str = name, value: bytes = value, image_id: str | None = image_id) -> RawImage:
+                    if image_id is None:
+                        raise BadRecordError("image id", f"{name} is not in the --image-ids map")
+                    return parse_uniter(name, value, image_id)
+
+                yield f"{folder}, key {name}", image_id, parse
+    finally:
+        env.close()
+
+
 def convert(
     records: Iterable[Record],
     out: str | os.PathLike,
@@ -405,6 +545,30 @@ def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
+def convert_uniter_lmdb(
+    folder: str | os.PathLike, out: str | os.PathLike, image_ids: dict[str, str] | None = None, **kwargs
+) -> ConversionReport:
+    """A UNITER img_db LMDB folder (feat_th0.2_max100_min10, ..._compressed, all, ...) -> store;
+    kwargs as `convert`."""
+    env = _open_lmdb(folder)  # the folder is checked now, before the output path is touched
+    with env.begin() as txn:
+        total = env.stat()["entries"] - (txn.get(_UNITER_NAMES) is not None)
+    env.close()
+    check_output_path([Path(folder) / "data.mdb"], out)
+    return convert(uniter_records(folder, image_ids), out, total=total, **kwargs)
+
+
+def read_image_id_map(path: str | os.PathLike) -> dict[str, str]:
+    """--image-ids: a JSON object from UNITER names (with or without .npz) to image ids."""
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"--image-ids {path}: not a readable JSON file ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v for v in mapping.values()):
+        raise ConversionError(f"--image-ids {path}: expected a JSON object of non-empty strings (name -> image id)")
+    return mapping
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the conversion is, so the partial store is deleted as on Ctrl-C."""
 
@@ -433,7 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     tsv.add_argument("inputs", nargs="+")
     npz = sub.add_parser("npz-dir", help="a folder of per-image .npz files")
     npz.add_argument("folder")
-    format_parsers = {"lxmert-tsv": tsv, "npz-dir": npz}
+    uniter = sub.add_parser("uniter-lmdb", help="a UNITER img_db LMDB folder (e.g. feat_th0.2_max100_min10)")
+    uniter.add_argument("folder")
+    uniter.add_argument(
+        "--image-ids",
+        help="a JSON object from UNITER names to the image ids the annotations use (default: the name without .npz)",
+    )
+    format_parsers = {"lxmert-tsv": tsv, "npz-dir": npz, "uniter-lmdb": uniter}
     for p in format_parsers.values():
         p.add_argument("--out", required=True, help="the store to write (.h5)")
         p.add_argument("--num-objects", type=_positive_int, default=100, help="K, objects per image (default 100)")
@@ -471,8 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.format == "lxmert-tsv":
             report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
-        else:
+        elif args.format == "npz-dir":
             report = convert_npz_dir(args.folder, args.out, **kwargs)
+        else:
+            image_ids = None if args.image_ids is None else read_image_id_map(args.image_ids)
+            report = convert_uniter_lmdb(args.folder, args.out, image_ids, **kwargs)
     except (ConversionError, OSError) as e:  # OSError: a missing input, no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"no store written at {args.out}", file=sys.stderr)

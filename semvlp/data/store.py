@@ -5,7 +5,7 @@ docs/data_format.md; in short, for N images and K objects:
 
     features    float16 [N, K, D]   chunked one image per chunk (D = 2048 for bottom-up features)
     boxes       float32 [N, K, 4]   (x1, y1, x2, y2) divided by image width/height, in [0, 1]
-    img_h img_w int32   [N]
+    img_h img_w int32   [N]      0 x 0 when the source records no image size (UNITER: boxes come normalized)
     obj_ids     int32   [N, K]      detector class ids (stored int32, read as int64)
     obj_confs   float32 [N, K]
     attr_ids    int32   [N, K]
@@ -181,8 +181,8 @@ def check_image(
     check_label_ids("attr_ids", attr_ids)
     if valid_mask is not None and valid_mask.shape != (k,):
         raise BadRecordError("valid_mask", f"shape {valid_mask.shape}, expected {(k,)}")
-    if img_h <= 0 or img_w <= 0:
-        raise BadRecordError("img_h/img_w", f"image size must be positive, got {img_h}x{img_w}")
+    if not (img_h > 0 and img_w > 0 or img_h == img_w == 0):
+        raise BadRecordError("img_h/img_w", f"image size must be positive (or 0x0: not recorded), got {img_h}x{img_w}")
     for name, arr in (("features", features), ("boxes", boxes), ("obj_confs", obj_confs), ("attr_confs", attr_confs)):
         if not np.isfinite(arr).all():
             raise BadRecordError(name, "contains NaN or infinite values")
