@@ -84,7 +84,7 @@ def linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad: boo
             dw = torch.mm(logits.t(), h).float()
             dweight = dw if dweight is None else dweight.add_(dw)
             if bias is not None:
-                db = logits.float().sum(0)
+                db = logits.sum(0, dtype=torch.float32)  # fp32 accumulation without an fp32 copy of the chunk
                 dbias = db if dbias is None else dbias.add_(db)
     n_valid = (labels != IGNORE_INDEX).sum().clamp_(min=1)  # device tensor: no host sync
     return row_loss.sum() / n_valid, dhidden, dweight, dbias, n_valid
