@@ -28,18 +28,24 @@
 #                                 step is launch overhead (compare the kernel busy % columns)
 #   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
+#   pretrain            120    0  the main job, only with time left: launch/pretrain.py, one process,
+#                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
+#                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
+#                                 world, 30 steps with kernel_backend auto, then 30 with triton
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
 # stage gets its full 200 s when the kernel tests take about a minute. With a smaller budget the
 # lowest-priority stages (model-kernels, fp16, compile) shrink or are skipped first.
 #
 # OUT_DIR stays flat and small (the device tool brings back at most 8 files): gpu_check.log (all
-# output), throughput.json, throughput_compile.json, throughput_fp16.json, and the kernel
-# benchmark's files (tarred into kernels.tar.gz if there are more than two).
+# output), throughput.json, throughput_compile.json, throughput_fp16.json, pretrain_metrics.jsonl,
+# and the kernel benchmark's files (tarred into kernels.tar.gz if there are more than two).
 #
 # Environment: PYTHON (default python3); GPU_CHECK_BUDGET (seconds, default 450); SEMVLP_GIT_COMMIT
-# (the commit to stamp results with, when the copied tree's git cannot say);
-# GPU_CHECK_CPU=1 shrinks everything to a CPU smoke run (tiny preset, no compile) to test this script.
+# (the commit to stamp results with, when the copied tree's git cannot say); GPU_CHECK_STAGES (a
+# comma list: run only these stages besides install, info and summary, e.g. "pretrain" for a second
+# call on a still-warm machine); GPU_CHECK_CPU=1 shrinks everything to a CPU smoke run (tiny
+# preset, no compile) to test this script.
 set -u
 
 if [ $# -ne 2 ]; then
@@ -58,11 +64,13 @@ export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 TEE_PID=$!
 
-STAGES=(install info kernel-tests kernel-bench throughput throughput-compile throughput-fp16 model-kernels summary)
+STAGES=(install info kernel-tests kernel-bench throughput throughput-compile throughput-fp16 model-kernels pretrain
+    summary)
 declare -A LIMIT=([install]=60 [info]=20 [kernel-tests]=150 [kernel-bench]=120 [throughput]=200
-    [throughput-compile]=110 [throughput-fp16]=60 [model-kernels]=60 [summary]=15)
+    [throughput-compile]=110 [throughput-fp16]=60 [model-kernels]=60 [pretrain]=120 [summary]=15)
 declare -A MIN=([install]=60 [info]=20 [kernel-tests]=60 [kernel-bench]=45 [throughput]=150
-    [throughput-compile]=45 [throughput-fp16]=25 [model-kernels]=0 [summary]=10)
+    [throughput-compile]=45 [throughput-fp16]=25 [model-kernels]=0 [pretrain]=0 [summary]=10)
+SELECTED=${GPU_CHECK_STAGES:-}
 declare -A RESULT=()
 KILL_GRACE=5
 
@@ -87,6 +95,10 @@ stage_limit() {
 run_stage() {
     local name=$1
     shift
+    if [ -n "$SELECTED" ] && [[ ! "$name" =~ ^(install|info|summary)$ ]] && [[ ",$SELECTED," != *",$name,"* ]]; then
+        skip_stage "$name" "not in GPU_CHECK_STAGES"
+        return
+    fi
     local limit
     limit=$(stage_limit "$name")
     echo
@@ -257,6 +269,38 @@ if [ -f tests/test_model_kernels.py ] && [ "$CPU_MODE" != 1 ]; then
 else
     skip_stage model-kernels "cpu mode or no tests/test_model_kernels.py"
 fi
+
+# The main job as a user runs it, minus the launcher: launch/pretrain.py as one DeepSpeed process on
+# the toy world, first with the default kernel backend, then with every Triton kernel.
+pretrain() {
+    "$PY" -m semvlp.data.toy --out "$WORK/toy" >/dev/null || return 1
+    local config=$WORK/pretrain_ds.json preset=base steps=30 backends=(auto triton) backend rc=0
+    # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
+    # (tests/test_model_kernels.py covers that model there).
+    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 backends=(auto); fi
+    "$PY" - "$CPU_MODE" "$config" <<'EOF' || return 1
+import json, sys
+
+cpu_mode, out = sys.argv[1] == "1", sys.argv[2]
+config = json.load(open("ds_configs/cpu.json" if cpu_mode else "ds_configs/h100.json"))
+config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+config["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's FusedAdam would be JIT-built first
+json.dump(config, open(out, "w"))
+print(f"one process, micro-batch {config['train_micro_batch_size_per_gpu']}, config {out}")
+EOF
+    for backend in "${backends[@]}"; do
+        echo "--- pretrain: kernel_backend $backend, $preset preset, $steps steps"
+        "$PY" launch/pretrain.py --deepspeed_config "$config" --preset "$preset" --data "$WORK/toy/data.json" \
+            --output_dir "$WORK/pretrain_$backend" --kernel_backend "$backend" --max_steps "$steps" \
+            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 || rc=1
+        if [ -f "$WORK/pretrain_$backend/metrics.jsonl" ]; then
+            sed "s/^{/{\"kernel_backend\": \"$backend\", /" "$WORK/pretrain_$backend/metrics.jsonl" \
+                >>"$OUT/pretrain_metrics.jsonl"
+        fi
+    done
+    return $rc
+}
+run_stage pretrain pretrain
 
 summary() {
     local files=()
