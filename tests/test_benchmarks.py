@@ -336,3 +336,29 @@ print(json.dumps({"choices": first, "again": again, "compiled": fused_ops.compil
     assert {c["constexprs"]["BLOCK_M"] for c in compiled} == {16, 32}
     assert {c["constexprs"]["KEY_BLOCK"] for c in compiled} == {32, 64, 128}
     assert all(c["registers"] > 0 and c["spill_bytes"] is not None and c["shared_bytes"] > 0 for c in compiled)
+
+
+def test_gpu_check_runs_only_the_selected_stages_and_prints_the_stage_table(tmp_path):
+    """gpu_check.sh's skeleton without its long stages (GPU_CHECK_STAGES names none of them): the
+    install, info and summary stages run, every other stage is reported as not selected, and the
+    stage table comes last. The CPU smoke run of every stage (GPU_CHECK_CPU=1) takes ~40 s."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_CPU="1", GPU_CHECK_STAGES="none")
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "-", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = result.stdout[result.stdout.index("| stage | result |") :].splitlines()
+    rows = dict(line.strip("| ").split(" | ") for line in table[2:] if line.startswith("| "))
+    assert rows.pop("install").startswith("ok") and rows.pop("info").startswith("ok")
+    assert rows.pop("summary").startswith("ok")
+    assert rows == {
+        "kernel-tests": "skipped (not in GPU_CHECK_STAGES)",
+        "kernel-bench": "skipped (not in GPU_CHECK_STAGES)",
+        "throughput": "skipped (not in GPU_CHECK_STAGES)",
+        "throughput-compile": "skipped (cpu mode)",
+        "throughput-fp16": "skipped (not in GPU_CHECK_STAGES)",
+        "model-kernels": "skipped (cpu mode or no tests/test_model_kernels.py)",
+        "pretrain": "skipped (not in GPU_CHECK_STAGES)",
+    }
+    assert table[-1].startswith("gpu_check: done") and (tmp_path / "out" / "gpu_check.log").is_file()
