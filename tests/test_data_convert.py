@@ -157,8 +157,8 @@ def records_interrupted_by(interrupt: Callable[[], None], at_record: int = 3):
     """conv.tsv_records that calls `interrupt` in the middle of the file, before record `at_record`."""
     real = conv.tsv_records
 
-    def records(paths, feature_dim):
-        for n, rec in enumerate(real(paths, feature_dim)):
+    def records(paths, feature_dim, parse_row):
+        for n, rec in enumerate(real(paths, feature_dim, parse_row)):
             if n == at_record:
                 interrupt()
             yield rec
@@ -433,3 +433,40 @@ def test_a_failed_conversion_removes_the_folders_it_created(tmp_path, monkeypatc
     monkeypatch.undo()
     convert_lxmert_tsv([tsv], out, num_objects=4, feature_dim=D, progress=False)  # a success keeps them
     assert FeatureStore(out).image_ids == [f"i{i}" for i in range(5)]
+
+
+def butd_line(img) -> str:
+    """One row as bottom-up-attention's generate_tsv.py writes it: width before height, no labels."""
+    cols = [img["img_id"], img["img_w"], img["img_h"], img["num_boxes"], b64(img["boxes"]), b64(img["features"])]
+    return "\t".join(str(c) for c in cols)
+
+
+def test_butd_tsv_round_trip_renamed_by_image_ids(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    images = [raw_image(rng, str(coco_id), n, w=640, h=480) for coco_id, n in ((9, 6), (25, 8))]
+    tsv = write_tsv(tmp_path / "trainval_36.tsv", [butd_line(img) for img in images])
+    ids = tmp_path / "ids.json"
+    ids.write_text('{"9": "COCO_train2014_000000000009", "25": "COCO_train2014_000000000025"}')
+    args = ["butd-tsv", str(tsv), "--num-objects", "6", "--feature-dim", str(D), "--quiet", "--image-ids", str(ids)]
+    assert conv.main([*args, "--out", str(tmp_path / "s.h5")]) == 0
+    store = FeatureStore(tmp_path / "s.h5")
+    assert store.image_ids == ["COCO_train2014_000000000009", "COCO_train2014_000000000025"]
+    for img, image_id in zip(images, store.image_ids, strict=True):
+        got = store.read(image_id)
+        # no confidences to rank by: the first K boxes; width first in the file, x divided by it
+        np.testing.assert_array_equal(got.features, img["features"][:6].astype(np.float16))
+        np.testing.assert_array_equal(got.boxes[:, 2], (img["boxes"][:6, 2] / 640).astype(np.float32))
+        np.testing.assert_array_equal(got.boxes[:, 3], (img["boxes"][:6, 3] / 480).astype(np.float32))
+        assert (got.img_w, got.img_h) == (640, 480)
+        assert not (got.obj_ids.any() or got.obj_confs.any() or got.attr_ids.any() or got.attr_confs.any())
+
+    ids.write_text('{"9": "COCO_train2014_000000000009"}')
+    assert conv.main([*args, "--out", str(tmp_path / "t.h5")]) == 1
+    err = capsys.readouterr().err
+    assert "trainval_36.tsv, line 2 (image 25): field 'image id': '25' is not in the --image-ids map" in err
+    assert not (tmp_path / "t.h5").exists()
+
+    lxmert = write_tsv(tmp_path / "lxmert.tsv", [tsv_line(images[0])])  # the wrong TSV layout is named
+    assert conv.main(["butd-tsv", str(lxmert), "--out", str(tmp_path / "t.h5"), "--feature-dim", str(D)]) == 1
+    err = capsys.readouterr().err
+    assert "line 1 (image 9): field 'columns': 10 tab-separated columns, expected 6 (image_id, image_w" in err

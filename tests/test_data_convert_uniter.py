@@ -129,7 +129,7 @@ def test_cli_maps_names_to_annotation_ids_and_names_what_is_wrong(tmp_path, caps
     rng = np.random.default_rng(3)
     db = write_img_db(tmp_path / "db", {f"coco_{i}.npz": uniter_value(uniter_image(rng, 10), False) for i in range(2)})
     ids = tmp_path / "ids.json"
-    ids.write_text(json.dumps({"coco_0.npz": "COCO_train2014_0", "coco_1": "COCO_train2014_1"}))  # .npz optional
+    ids.write_text(json.dumps({"coco_0": "COCO_train2014_0", "coco_1": "COCO_train2014_1"}))
     args = ["uniter-lmdb", str(db), "--num-objects", "10", "--feature-dim", str(D), "--quiet"]
     assert conv.main([*args, "--out", str(tmp_path / "s.h5"), "--image-ids", str(ids)]) == 0
     assert FeatureStore(tmp_path / "s.h5").image_ids == ["COCO_train2014_0", "COCO_train2014_1"]
@@ -137,7 +137,7 @@ def test_cli_maps_names_to_annotation_ids_and_names_what_is_wrong(tmp_path, caps
     ids.write_text(json.dumps({"coco_0": "COCO_train2014_0"}))
     assert conv.main([*args, "--out", str(tmp_path / "t.h5"), "--image-ids", str(ids)]) == 1
     err = capsys.readouterr().err
-    assert "key coco_1.npz: field 'image id': coco_1.npz is not in the --image-ids map" in err
+    assert "key coco_1.npz (image coco_1): field 'image id': 'coco_1' is not in the --image-ids map" in err
     assert "no store written" in err and not (tmp_path / "t.h5").exists()
 
     ids.write_text("[1, 2]")

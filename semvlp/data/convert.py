@@ -1,10 +1,12 @@
 """Converters from the feature formats users have into the project's HDF5 store.
 
     python -m semvlp.data.convert lxmert-tsv train2014_obj36.tsv [more.tsv ...] --out coco.h5 --num-objects 36
+    python -m semvlp.data.convert butd-tsv trainval_resnet101_faster_rcnn_genome_36.tsv --out coco.h5 \
+        --num-objects 36 [--image-ids ids.json]
     python -m semvlp.data.convert npz-dir features_folder/ --out coco.h5 [--num-objects 100]
     python -m semvlp.data.convert uniter-lmdb img_db/coco_train2014/feat_th0.2_max100_min10 --out coco.h5 \
-        --num-objects 100 --pad [--image-ids names.json]
-    options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet
+        --num-objects 100 --pad
+    options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet  --image-ids FILE
 
 lxmert-tsv: LXMERT's feature TSV (`airsplay/lxmert src/utils.py`): tab-separated, no header,
 columns img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes,
@@ -12,6 +14,11 @@ features; array columns are base64 of little-endian arrays: objects_id int64 (N,
 objects_conf float32 (N,), attrs_id int64 (N,), attrs_conf float32 (N,), boxes float32 (N, 4)
 in pixels (x1, y1, x2, y2), features float32 (N, D). Files are streamed line by line (they
 reach 17 GB; loading them whole is LXMERT's best-known memory problem); gzipped ones too.
+
+butd-tsv: the TSV of bottom-up-attention's tools/generate_tsv.py: six columns image_id, image_w,
+image_h (width first, unlike LXMERT's), num_boxes, boxes, features, encoded as LXMERT's. It keeps
+no labels or confidences: ids 0 and confidences 0 (as npz-dir without labels), and with N > K the
+first K boxes are kept. Its ids are numbers (COCO's 9 for COCO_train2014_000000000009.jpg).
 
 npz-dir: one `<image id>.npz` per image (StructVBERT's layout), keys img_h (or image_h), img_w
 (or image_w), features (N, D), boxes (or bbox) (N, 4) in pixels, optionally num_boxes (or
@@ -26,11 +33,14 @@ divided by the image size, which is not kept: the store records 0 x 0), conf (N,
 soft_labels (N, 1601: background, then the 1,600 Visual Genome classes). Object id = the argmax
 class after the background (LXMERT's objects_id), confidence = conf; no attributes (id 0,
 confidence 0). Records hold N = 10 ... 100 boxes (UNITER's confidence threshold), so K above
-the smallest N needs --pad. The image id is the key without .npz, or what --image-ids maps it to.
+the smallest N needs --pad. The image id is the key without .npz.
+
+--image-ids FILE (any format): a JSON object from the ids read to the ids the annotations use
+(e.g. {"9": "COCO_train2014_000000000009"}); an image missing from it is a bad record.
 
 Objects per image: with N > K boxes the K most confident (by object confidence; UNITER: conf)
-are kept, in their original order; N < K is an error naming the image unless --pad, which appends zero
-objects and records the per-object validity mask. Boxes are divided by the image width and
+are kept, in their original order; N < K is an error naming the image unless --pad, which
+appends zero objects and records the per-object validity mask. Boxes are divided by the image width and
 height (coordinates up to one pixel outside the image are clipped; further out is an error).
 
 Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
@@ -79,6 +89,8 @@ TSV_FIELDS = (
     "boxes",
     "features",
 )
+# bottom-up-attention's tools/generate_tsv.py (note: width before height; boxes and features as above)
+BUTD_TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 _BOX_TOLERANCE_PX = 1.0
 _BOX_TOLERANCE_NORMALIZED = 1e-3  # normalized boxes stored in float16 (UNITER) round by up to 2**-11
 
@@ -224,8 +236,35 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
     )
 
 
+def parse_butd_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
+    """One bottom-up-attention TSV row (image_id, image_w, image_h, num_boxes, boxes, features);
+    raises BadRecordError naming the field. No labels or confidences: ids 0, confidences 0."""
+    if len(row) != len(BUTD_TSV_FIELDS):
+        raise BadRecordError(
+            "columns",
+            f"{len(row)} tab-separated columns, expected {len(BUTD_TSV_FIELDS)} ({', '.join(BUTD_TSV_FIELDS)})",
+        )
+    if not row[0].strip():
+        raise BadRecordError("image_id", "empty image id")
+    n = _int(row[3], "num_boxes")
+    if n < 0:
+        raise BadRecordError("num_boxes", f"negative: {n}")
+    return RawImage(
+        image_id=row[0],
+        img_w=_int(row[1], "image_w"),
+        img_h=_int(row[2], "image_h"),
+        boxes=_b64_array(row[4], np.float32, (n, 4), "boxes"),
+        features=_b64_array(row[5], np.float32, (n, feature_dim), "features"),
+        obj_ids=np.zeros(n, np.int64),
+        obj_confs=np.zeros(n, np.float32),
+        attr_ids=np.zeros(n, np.int64),
+        attr_confs=np.zeros(n, np.float32),
+    )
+
+
 # A record source yields (location, image id if known before parsing, parse function).
 Record = tuple[str, str | None, Callable[[], RawImage]]
+ParseRow = Callable[[Sequence[str], int], RawImage]  # one TSV row and the feature width -> RawImage
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -239,8 +278,11 @@ def _open_text(binary: io.BufferedReader) -> io.TextIOBase:
     return io.TextIOWrapper(binary, encoding="utf-8", newline="")
 
 
-def tsv_records(paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_DIM) -> Iterator[Record]:
-    """Records of LXMERT TSV files (plain or gzipped), streamed line by line."""
+def tsv_records(
+    paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_DIM, parse_row: ParseRow = parse_tsv_row
+) -> Iterator[Record]:
+    """Records of TSV files (plain or gzipped), streamed line by line; LXMERT's layout unless
+    `parse_row` reads another."""
     csv.field_size_limit(sys.maxsize)  # one features column is ~300 KB of base64
     for path in paths:
         with open(path, "rb") as binary, _open_text(binary) as f:
@@ -248,7 +290,7 @@ def tsv_records(paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_D
             try:
                 for row in reader:
                     image_id = row[0] if row else None
-                    yield f"{path}, line {reader.line_num}", image_id, lambda row=row: parse_tsv_row(row, feature_dim)
+                    yield f"{path}, line {reader.line_num}", image_id, lambda row=row: parse_row(row, feature_dim)
             except UnicodeDecodeError as e:  # a binary file: one line naming it, not a traceback
                 raise ConversionError(f"{path}: not a UTF-8 text TSV ({e})") from None
             except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -442,9 +484,8 @@ def _open_lmdb(folder: str | os.PathLike):
         raise ConversionError(f"{folder}: cannot open the LMDB ({e})") from None
 
 
-def uniter_records(folder: str | os.PathLike, image_ids: dict[str, str] | None = None) -> Iterator[Record]:
-    """Records of a UNITER img_db LMDB, in key order. The image id is the key without `.npz`, or
-    image_ids[key] (a key missing from image_ids is a bad record)."""
+def uniter_records(folder: str | os.PathLike) -> Iterator[Record]:
+    """Records of a UNITER img_db LMDB, in key order; the image id is the key without `.npz`."""
     env = _open_lmdb(folder)
     try:
         with env.begin() as txn:
@@ -452,15 +493,8 @@ def uniter_records(folder: str | os.PathLike, image_ids: dict[str, str] | None =
                 if key == _UNITER_NAMES:
                     continue
                 name = key.decode("utf-8", errors="replace")
-                stem = name.removesuffix(".npz")
-                image_id = stem if image_ids is None else image_ids.get(name, image_ids.get(stem))
-
-                def parse(name: str = name, value: bytes = value, image_id: str | None = image_id) -> RawImage:
-                    if image_id is None:
-                        raise BadRecordError("image id", f"{name} is not in the --image-ids map")
-                    return parse_uniter(name, value, image_id)
-
-                yield f"{folder}, key {name}", image_id, parse
+                image_id = name.removesuffix(".npz")
+                yield f"{folder}, key {name}", image_id, lambda n=name, v=value, i=image_id: parse_uniter(n, v, i)
     finally:
         env.close()
 
@@ -475,9 +509,11 @@ def convert(
     compression: str | None = None,
     progress: bool = True,
     total: int | None = None,
+    image_ids: dict[str, str] | None = None,
 ) -> ConversionReport:
     """Write records into a store at `out` (atomically). Raises ConversionError on the first bad
-    record unless skip_bad. Returns what was written and skipped."""
+    record unless skip_bad. `image_ids` renames every image (one missing from it is a bad record).
+    Returns what was written and skipped."""
     report = ConversionReport()
     with FeatureStoreWriter(out, num_objects, feature_dim, padded=pad, compression=compression) as writer:
         bar = tqdm(
@@ -493,6 +529,10 @@ def convert(
             try:
                 raw = parse()
                 image_id = raw.image_id
+                if image_ids is not None:
+                    if raw.image_id not in image_ids:
+                        raise BadRecordError("image id", f"{raw.image_id!r} is not in the --image-ids map")
+                    raw.image_id = image_ids[raw.image_id]
                 writer.add(raw.image_id, **_fit(raw, num_objects, feature_dim, pad))
             except BadRecordError as e:
                 where = location + (f" (image {image_id})" if image_id else "")
@@ -528,13 +568,24 @@ def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLik
 
 def convert_lxmert_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
     """LXMERT TSV file(s) -> store; kwargs as `convert`."""
+    return _convert_tsv(inputs, out, parse_tsv_row, **kwargs)
+
+
+def convert_butd_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
+    """bottom-up-attention TSV file(s) -> store; kwargs as `convert`."""
+    return _convert_tsv(inputs, out, parse_butd_row, **kwargs)
+
+
+def _convert_tsv(
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, parse_row: ParseRow, **kwargs
+) -> ConversionReport:
     for path in inputs:  # all of them now, not after converting the first 17 GB
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such TSV file: {path}")
         if os.path.isdir(path):
             raise ConversionError(f"{path}: a folder, not a TSV file")
     check_output_path(inputs, out)
-    return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM)), out, **kwargs)
+    return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM), parse_row), out, **kwargs)
 
 
 def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
@@ -545,9 +596,7 @@ def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
-def convert_uniter_lmdb(
-    folder: str | os.PathLike, out: str | os.PathLike, image_ids: dict[str, str] | None = None, **kwargs
-) -> ConversionReport:
+def convert_uniter_lmdb(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
     """A UNITER img_db LMDB folder (feat_th0.2_max100_min10, ..._compressed, all, ...) -> store;
     kwargs as `convert`."""
     env = _open_lmdb(folder)  # the folder is checked now, before the output path is touched
@@ -555,11 +604,11 @@ def convert_uniter_lmdb(
         total = env.stat()["entries"] - (txn.get(_UNITER_NAMES) is not None)
     env.close()
     check_output_path([Path(folder) / "data.mdb"], out)
-    return convert(uniter_records(folder, image_ids), out, total=total, **kwargs)
+    return convert(uniter_records(folder), out, total=total, **kwargs)
 
 
 def read_image_id_map(path: str | os.PathLike) -> dict[str, str]:
-    """--image-ids: a JSON object from UNITER names (with or without .npz) to image ids."""
+    """--image-ids: a JSON object from the ids a converter reads to the ids the annotations use."""
     try:
         mapping = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -595,15 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="format", required=True)
     tsv = sub.add_parser("lxmert-tsv", help="LXMERT feature TSV file(s)")
     tsv.add_argument("inputs", nargs="+")
+    butd = sub.add_parser("butd-tsv", help="bottom-up-attention feature TSV file(s) (6 columns, no labels)")
+    butd.add_argument("inputs", nargs="+")
     npz = sub.add_parser("npz-dir", help="a folder of per-image .npz files")
     npz.add_argument("folder")
     uniter = sub.add_parser("uniter-lmdb", help="a UNITER img_db LMDB folder (e.g. feat_th0.2_max100_min10)")
     uniter.add_argument("folder")
-    uniter.add_argument(
-        "--image-ids",
-        help="a JSON object from UNITER names to the image ids the annotations use (default: the name without .npz)",
-    )
-    format_parsers = {"lxmert-tsv": tsv, "npz-dir": npz, "uniter-lmdb": uniter}
+    format_parsers = {"lxmert-tsv": tsv, "butd-tsv": butd, "npz-dir": npz, "uniter-lmdb": uniter}
     for p in format_parsers.values():
         p.add_argument("--out", required=True, help="the store to write (.h5)")
         p.add_argument("--num-objects", type=_positive_int, default=100, help="K, objects per image (default 100)")
@@ -617,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
             help="compress features (smaller, slower to read; default none)",
         )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--image-ids",
+            help="a JSON object from the ids read (TSV id column, .npz file or UNITER key without .npz) to the ids "
+            "the annotations use; every image must be in it",
+        )
     args = parser.parse_args(argv)
     # The writer's chunks grow with K and D; one over HDF5's limit would fail (or write a store that
     # HDF5 before 2.0 cannot read), so say so now, as an option error, not after a traceback.
@@ -639,13 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     if catch_sigterm:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if args.image_ids is not None:
+            kwargs["image_ids"] = read_image_id_map(args.image_ids)
         if args.format == "lxmert-tsv":
             report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
+        elif args.format == "butd-tsv":
+            report = convert_butd_tsv(args.inputs, args.out, **kwargs)
         elif args.format == "npz-dir":
             report = convert_npz_dir(args.folder, args.out, **kwargs)
         else:
-            image_ids = None if args.image_ids is None else read_image_id_map(args.image_ids)
-            report = convert_uniter_lmdb(args.folder, args.out, image_ids, **kwargs)
+            report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
     except (ConversionError, OSError) as e:  # OSError: a missing input, no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"no store written at {args.out}", file=sys.stderr)
