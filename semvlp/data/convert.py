@@ -208,17 +208,23 @@ def _int(text: str, name: str) -> int:
         raise BadRecordError(name, f"not an integer: {text[:40]!r}") from None
 
 
-def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
-    """One LXMERT TSV row; raises BadRecordError naming the field."""
-    if len(row) != len(TSV_FIELDS):
+def _num_boxes(row: Sequence[str], fields: Sequence[str]) -> int:
+    """Check a TSV row's column count and image id (column 0); its num_boxes column as a count."""
+    if len(row) != len(fields):
         raise BadRecordError(
-            "columns", f"{len(row)} tab-separated columns, expected {len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)})"
+            "columns", f"{len(row)} tab-separated columns, expected {len(fields)} ({', '.join(fields)})"
         )
     if not row[0].strip():
-        raise BadRecordError("img_id", "empty image id")
-    n = _int(row[7], "num_boxes")
+        raise BadRecordError(fields[0], "empty image id")
+    n = _int(row[fields.index("num_boxes")], "num_boxes")
     if n < 0:
         raise BadRecordError("num_boxes", f"negative: {n}")
+    return n
+
+
+def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
+    """One LXMERT TSV row; raises BadRecordError naming the field."""
+    n = _num_boxes(row, TSV_FIELDS)
     obj_ids = _b64_array(row[3], np.int64, (n,), "objects_id")
     check_label_ids("objects_id", obj_ids)
     attr_ids = _b64_array(row[5], np.int64, (n,), "attrs_id")
@@ -239,16 +245,7 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
 def parse_butd_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImage:
     """One bottom-up-attention TSV row (image_id, image_w, image_h, num_boxes, boxes, features);
     raises BadRecordError naming the field. No labels or confidences: ids 0, confidences 0."""
-    if len(row) != len(BUTD_TSV_FIELDS):
-        raise BadRecordError(
-            "columns",
-            f"{len(row)} tab-separated columns, expected {len(BUTD_TSV_FIELDS)} ({', '.join(BUTD_TSV_FIELDS)})",
-        )
-    if not row[0].strip():
-        raise BadRecordError("image_id", "empty image id")
-    n = _int(row[3], "num_boxes")
-    if n < 0:
-        raise BadRecordError("num_boxes", f"negative: {n}")
+    n = _num_boxes(row, BUTD_TSV_FIELDS)
     return RawImage(
         image_id=row[0],
         img_w=_int(row[1], "image_w"),
