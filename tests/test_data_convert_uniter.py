@@ -148,3 +148,7 @@ def test_cli_maps_names_to_annotation_ids_and_names_what_is_wrong(tmp_path, caps
     assert conv.main(["uniter-lmdb", str(tmp_path / "empty"), "--out", str(tmp_path / "t.h5")]) == 1
     assert f"{tmp_path / 'empty'}: not an LMDB folder (no data.mdb in it)" in capsys.readouterr().err
     assert not (tmp_path / "t.h5").exists()
+    # the split folder instead of one of its databases: the error names the databases inside
+    write_img_db(tmp_path / "empty" / "feat_th0.2_max100_min10", {"a.npz": uniter_value(uniter_image(rng, 10), False)})
+    assert conv.main(["uniter-lmdb", str(tmp_path / "empty"), "--out", str(tmp_path / "t.h5")]) == 1
+    assert "; the LMDB folders in it: feat_th0.2_max100_min10" in capsys.readouterr().err

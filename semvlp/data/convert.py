@@ -474,7 +474,10 @@ def _open_lmdb(folder: str | os.PathLike):
     except ImportError:
         raise ConversionError("uniter-lmdb needs the lmdb and msgpack packages: pip install lmdb msgpack") from None
     if not (Path(folder) / "data.mdb").is_file():
-        raise ConversionError(f"{folder}: not an LMDB folder (no data.mdb in it)")
+        # Often the split folder (img_db/coco_train2014) instead of one of its databases: name them.
+        inside = sorted(p.parent.name for p in Path(folder).glob("*/data.mdb"))
+        hint = f"; the LMDB folders in it: {', '.join(inside)}" if inside else ""
+        raise ConversionError(f"{folder}: not an LMDB folder (no data.mdb in it){hint}")
     try:
         return lmdb.open(str(folder), readonly=True, lock=False, readahead=False, max_readers=1)
     except lmdb.Error as e:
