@@ -12,11 +12,12 @@ import torch
 
 
 def philox_seed(dropout_p: float, seed: int | None, device: torch.device) -> torch.Tensor:
-    """[1] int32 on `device`: `seed` if given (tests; a host-to-device copy), else drawn from
-    torch's generator for the device (reproducible under torch.manual_seed). Without dropout the
-    kernels read no seed: an empty tensor."""
+    """[1] int32 on `device`: `seed` if given (tests and the keep-mask helpers, which load it
+    whatever dropout_p; a host-to-device copy), else drawn from torch's generator for the device
+    (reproducible under torch.manual_seed). Without dropout and seed the kernels read no seed: an
+    empty tensor."""
+    if seed is not None:
+        return torch.tensor([seed], dtype=torch.int32, device=device)
     if dropout_p == 0.0:
         return torch.empty(0, dtype=torch.int32, device=device)
-    if seed is None:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=device)
-    return torch.tensor([seed], dtype=torch.int32, device=device)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=device)

@@ -60,3 +60,13 @@ def test_residual_layer_norm_rejects_wide_rows(device):
     vec = torch.randn(n, device=device)
     with pytest.raises(ValueError, match="MAX_COLS"):
         residual_layer_norm(x, vec, x, vec, vec, 1e-5)
+
+
+def test_keep_masks_without_dropout_keep_everything():
+    """The keep-mask helpers load their seed whatever dropout_p (it once was an empty tensor at
+    p = 0, and the kernels read past it)."""
+    from semvlp_kernels.attention import attention_dropout_mask
+
+    cpu = torch.device("cpu")
+    assert residual_dropout_mask((3, 5), 0.0, 7, cpu).all()
+    assert attention_dropout_mask(1, 2, 3, 5, 0.0, 7, cpu).all()
