@@ -94,12 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         run.packed_text,
         run.qa_from_step,
     )
-    result = train(engine, task, run, run_dir, ds_config)
+    result = train(engine, task, run, run_dir, ds_config, data.vocab)
     if not result.finished:
         if dist.is_main():
             print(f"stopped at step {result.step} of {run.max_steps}; continue with --resume")
         return
-    export_dir = runner.export(engine, run_dir, data.vocab)
+    export_dir = runner.export(run_dir)
     if dist.is_main():
         print(f"\nheld-out metrics after {run.max_steps} steps (export: {export_dir}):")
         for mode in task.eval_modes:

@@ -3,13 +3,16 @@
 Layout of a checkpoint folder:
     latest                  tag of the newest complete checkpoint (written atomically, last)
     step00001000/           DeepSpeed's files (model, ZeRO optimizer shards, scheduler, loss scaler,
-                            client_state) + rng_rank{r}.pt per rank + COMPLETE
+                            client_state) + rng_rank{r}.pt per rank + config.json (the model's config
+                            and class) + vocab.txt + COMPLETE
 A crash while writing step N leaves `latest` naming step N-k, which is intact: resume uses it.
 DeepSpeed's own `latest` is disabled (save_latest=False) because it is written without a rename.
+config.json and vocab.txt make each complete checkpoint exportable on its own (semvlp.export).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -22,6 +25,8 @@ from semvlp import dist
 
 POINTER = "latest"
 COMPLETE = "COMPLETE"
+CONFIG = "config.json"
+VOCAB = "vocab.txt"
 
 
 def tag_for_step(step: int) -> str:
@@ -51,12 +56,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, directory: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Save on every rank (DeepSpeed requires it), then move the pointer and prune old checkpoints."""
+def save(engine, directory: str | Path, step: int, client_state: dict, keep_last: int, vocab: str | Path) -> Path:
+    """Save on every rank (DeepSpeed requires it), then move the pointer and prune old checkpoints.
+
+    `vocab`: the run's WordPiece vocab.txt (or a folder holding one), kept with the weights.
+    """
     directory = Path(directory)
     tag = tag_for_step(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
+    if dist.is_main():
+        _save_model_description(engine.module, Path(vocab), directory / tag)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _write_atomically(directory / tag / COMPLETE, lambda p: p.write_text(f"{step}\n"))
@@ -64,6 +74,15 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
         _prune(directory, keep_last)
     dist.barrier()
     return directory / tag
+
+
+def _save_model_description(model: torch.nn.Module, vocab: Path, folder: Path) -> None:
+    """config.json naming the model class (as save_pretrained writes it) and vocab.txt."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    _write_atomically(folder / CONFIG, lambda p: p.write_text(config.to_json_string()))
+    source = vocab / VOCAB if vocab.is_dir() else vocab
+    _write_atomically(folder / VOCAB, lambda p: shutil.copyfile(source, p))
 
 
 def _prune(directory: Path, keep_last: int) -> None:
@@ -98,3 +117,32 @@ def load_latest(engine, directory: str | Path) -> dict | None:
         raise RuntimeError(f"{rng_file} is missing: the checkpoint was saved with a different number of ranks")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A step folder (complete or not) or a folder of checkpoints."""
+    path = Path(path)
+    return (path / POINTER).is_file() or (path / COMPLETE).is_file() or any(path.glob("mp_rank_*_model_states.pt"))
+
+
+def find_complete(path: str | Path) -> Path:
+    """The checkpoint `path` names: a step folder, which must be complete, or a folder of checkpoints
+    (`OUTPUT_DIR/checkpoints`, a fine-tuning run's `OUTPUT_DIR/best`), whose newest complete one is taken.
+
+    Raises ValueError naming the path and what is wrong with it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint folder")
+    if (path / POINTER).is_file():
+        try:
+            return path / latest_tag(path)
+        except RuntimeError as e:  # a damaged pointer
+            raise ValueError(str(e)) from e
+    if (path / COMPLETE).is_file():
+        return path
+    if is_checkpoint(path):
+        raise ValueError(f"{path}: incomplete checkpoint (no {COMPLETE} marker): its save did not finish")
+    inside = sorted(p.name for p in path.glob("*") if (p / POINTER).is_file())
+    hint = f"; it holds the checkpoint folder(s) {', '.join(inside)}" if inside else ""
+    raise ValueError(f"{path}: not a checkpoint (a step folder with {COMPLETE}, or a folder with {POINTER}){hint}")

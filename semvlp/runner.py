@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import shutil
 import socket
 import sys
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from semvlp import dist
+from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig, config_from_preset
+from semvlp.export import export_checkpoint
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
 from semvlp.train import ConfigError, NonFiniteLossError, prepare_run_dir, resolve_ds_config, versions
@@ -105,6 +105,11 @@ def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
 
     `fields` come from the data (vocab size, label counts); L_s and the kernel backend from the run.
     """
+    if run.init_from is not None and checkpoint.is_checkpoint(run.init_from):
+        raise ConfigError(
+            f"--init_from {run.init_from} is a training checkpoint (DeepSpeed shards): export it first with "
+            f"`python -m semvlp.export {run.init_from} --out DIR` and pass --init_from DIR"
+        )
     overrides = dict(fields, kernel_backend=run.kernel_backend)
     if run.cross_attention_start_layer is not None:
         overrides["cross_attention_start_layer"] = run.cross_attention_start_layer
@@ -171,21 +176,11 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def export(engine, run_dir: Path, vocab: str | Path, ckpt_dir: Path | None = None) -> Path:
-    """Write the fp32 weights of the newest checkpoint in `ckpt_dir` (default run_dir/checkpoints)
-    with save_pretrained (+ vocab.txt) to run_dir/export, rank 0."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from semvlp.checkpoint import latest_tag
-
+def export(run_dir: Path, ckpt_dir: Path | None = None) -> Path:
+    """Export the newest checkpoint in `ckpt_dir` (default run_dir/checkpoints) to run_dir/export, on
+    rank 0 (semvlp.export: fp32 weights via save_pretrained, plus vocab.txt)."""
     out = run_dir / "export"
-    ckpt_dir = ckpt_dir if ckpt_dir is not None else run_dir / "checkpoints"
     if dist.is_main():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=latest_tag(ckpt_dir))
-        model = type(engine.module)(engine.module.config)
-        model.load_state_dict(state)
-        model.save_pretrained(out)
-        vocab = Path(vocab)
-        shutil.copy(vocab / "vocab.txt" if vocab.is_dir() else vocab, out / "vocab.txt")
+        export_checkpoint(ckpt_dir if ckpt_dir is not None else run_dir / "checkpoints", out, overwrite=True)
     dist.barrier()
     return out

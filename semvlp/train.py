@@ -258,7 +258,7 @@ class TrainResult:
     best: dict | None = None  # {"step", "metric", "value", "metrics"} of the best evaluation (task.best_metric)
 
 
-def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) -> TrainResult:
+def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vocab: str | Path) -> TrainResult:
     """Run `run.max_steps` optimizer steps from the newest checkpoint (with --resume) or from scratch.
 
     Args:
@@ -267,6 +267,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
         run: the run configuration.
         run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go.
         ds_config: the resolved DeepSpeed config (for precision and batch arithmetic in logs).
+        vocab: the WordPiece vocab.txt (or a folder holding one), saved with every checkpoint.
     Returns:
         Where the run stopped and, when it finished, the final held-out metrics.
     """
@@ -289,7 +290,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
         return {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__, "best": best}
 
     def save(at_step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, at_step, client_state(at_step), run.keep_checkpoints)
+        checkpoint.save(engine, ckpt_dir, at_step, client_state(at_step), run.keep_checkpoints, vocab)
 
     def evaluate(at_step: int) -> dict[str, float]:
         nonlocal best
@@ -304,7 +305,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict) ->
             # Every rank holds the same metrics (tasks reduce over ranks), so all take this branch together.
             if best is None or metrics[best_metric] > best["value"]:
                 best = {"step": at_step, "metric": best_metric, "value": metrics[best_metric], "metrics": metrics}
-                checkpoint.save(engine, run_dir / "best", at_step, client_state(at_step), keep_last=1)
+                checkpoint.save(engine, run_dir / "best", at_step, client_state(at_step), keep_last=1, vocab=vocab)
                 log.write({"kind": "best", "step": at_step, best_metric: metrics[best_metric]})
         return metrics
 

@@ -1,9 +1,13 @@
-"""The newest-checkpoint pointer survives a crash in the middle of writing a checkpoint."""
+"""Checkpoints: the newest-checkpoint pointer survives a crash in the middle of writing one, and
+every complete checkpoint exports on its own (semvlp.export)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -11,11 +15,18 @@ import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from semvlp import checkpoint, runner
+from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def vocab(tmp_path) -> Path:
+    path = tmp_path / "vocab.txt"
+    path.write_text("".join(f"token{i}\n" for i in range(50)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +66,10 @@ def train_step(engine) -> None:
     engine.step()
 
 
-def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch):
+def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch, vocab):
     engine = engine_factory(seed=0)
     train_step(engine)
-    checkpoint.save(engine, tmp_path, 1, {"step": 1}, keep_last=2)
+    checkpoint.save(engine, tmp_path, 1, {"step": 1}, keep_last=2, vocab=vocab)
     good = {k: v.clone() for k, v in engine.module.state_dict().items()}
     train_step(engine)
 
@@ -72,7 +83,7 @@ def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch
 
     monkeypatch.setattr(TorchCheckpointEngine, "save", crash_after_first_file)
     with pytest.raises(OSError, match="simulated"):
-        checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep_last=2)
+        checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep_last=2, vocab=vocab)
     monkeypatch.undo()
 
     assert written and Path(written[0]).parent.name == "step00000002"  # the crash left a partial checkpoint
@@ -86,10 +97,87 @@ def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch
         assert torch.equal(tensor, good[name]), name
 
 
-def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path, engine_factory):
+def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path, engine_factory, vocab):
     engine = engine_factory(seed=0)
     for step in (1, 2, 3):
         train_step(engine)
-        checkpoint.save(engine, tmp_path, step, {"step": step}, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000002", "step00000003"]
-    assert checkpoint.latest_tag(tmp_path) == "step00000003"
+        checkpoint.save(engine, tmp_path / "ckpt", step, {"step": step}, keep_last=2, vocab=vocab)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step*")) == ["step00000002", "step00000003"]
+    assert checkpoint.latest_tag(tmp_path / "ckpt") == "step00000003"
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_weights(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    exported = SemVLPModel.from_pretrained(folder)
+    assert exported.config.architectures == ["SemVLPModel"]
+    got = exported.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_factory, vocab):
+    """An intermediate checkpoint exports to the weights of its step (fp32 training here: exactly),
+    from the command line, without the engine; a folder of checkpoints exports its newest."""
+    engine = engine_factory(seed=0)
+    for _ in range(2):  # with this warmup, DeepSpeed's first two steps are at learning rate 0
+        train_step(engine)
+    ckpt = tmp_path / "checkpoints"
+    saved = {}
+    for step in (1, 2):
+        train_step(engine)
+        checkpoint.save(engine, ckpt, step, {"step": step}, keep_last=2, vocab=vocab)
+        saved[step] = weights(engine.module)
+    assert not all(torch.equal(saved[1][k], saved[2][k]) for k in saved[1])
+
+    result = subprocess.run(
+        [sys.executable, "-m", "semvlp.export", str(ckpt / "step00000001"), "--out", str(tmp_path / "step1")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"exported {ckpt / 'step00000001'} to {tmp_path / 'step1'}" in result.stdout
+    assert_weights(tmp_path / "step1", saved[1])
+    assert (tmp_path / "step1" / "vocab.txt").read_text() == vocab.read_text()
+    assert sorted(p.name for p in tmp_path.glob(".step1*")) == []  # the staging folder is gone
+
+    assert export.main([str(ckpt), "--out", str(tmp_path / "newest")]) == 0
+    assert_weights(tmp_path / "newest", saved[2])
+
+    # An existing export is replaced only when asked, and then whole.
+    assert export.main([str(ckpt / "step00000002"), "--out", str(tmp_path / "step1")]) == 2
+    assert_weights(tmp_path / "step1", saved[1])
+    assert export.main([str(ckpt / "step00000002"), "--out", str(tmp_path / "step1"), "--overwrite"]) == 0
+    assert_weights(tmp_path / "step1", saved[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "newest", "step1", "vocab.txt"]
+
+
+def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_factory, vocab, capsys):
+    engine = engine_factory(seed=0)
+    train_step(engine)
+    run_dir = tmp_path / "run"
+    step = checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    unfinished = run_dir / "checkpoints" / "step00000002"
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"")
+    no_config = tmp_path / "no_config" / "step00000001"
+    no_config.parent.mkdir()
+    shutil.copytree(step, no_config)
+    (no_config / "config.json").unlink()
+    cases = [
+        (unfinished, f"{unfinished}: incomplete checkpoint (no COMPLETE marker): its save did not finish"),
+        (run_dir, f"{run_dir}: not a checkpoint (a step folder with COMPLETE, or a folder with latest); "
+                  "it holds the checkpoint folder(s) checkpoints"),
+        (no_config, f"{no_config}: no config.json, so the model it holds is unknown"),
+        (tmp_path / "missing", f"{tmp_path / 'missing'}: no such checkpoint folder"),
+    ]  # fmt: skip
+    for path, message in cases:
+        out = tmp_path / "export"
+        assert export.main([str(path), "--out", str(out)]) == 2, path
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert f"nothing written at {out}" in err
+        assert not out.exists()
+        assert not list(tmp_path.glob(".export*"))

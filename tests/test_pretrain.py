@@ -225,6 +225,21 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
             assert got[name] == pytest.approx(value, abs=1e-5), name
 
 
+def assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args: list[str], message: str) -> None:
+    """launch/pretrain.py in-process (what the launcher does: run_main(main)) stops with exit status 2,
+    `message` on stderr, and no run folder."""
+    from semvlp.runner import run_main
+
+    # a ds_config valid for this one process, so that only the option at fault can stop the run
+    argv = ["--deepspeed_config", str(one_process_ds_config()), "--preset", "tiny", "--data", str(toy_data),
+            "--output_dir", str(tmp_path / "run"), *args]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("pretrain.py").main, argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -238,23 +253,13 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
     ],
 )  # fmt: skip
 def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message):
-    from semvlp.runner import run_main
-
-    # a ds_config valid for this one process, so that only the option at fault can stop the run
-    argv = ["--deepspeed_config", str(one_process_ds_config()), "--preset", "tiny", "--data", str(toy_data),
-            "--output_dir", str(tmp_path / "run"), *args]  # fmt: skip
-    with pytest.raises(SystemExit) as exited:  # what the launcher does: run_main(main)
-        run_main(load_launcher("pretrain.py").main, argv)
-    assert exited.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
 @pytest.mark.parametrize("source, layers", [("preset", 4), ("model_config", 6), ("export", 3), ("bert", 2)])
 def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, load_launcher, source, layers):
     """L_s is checked against the layer count of the model the options name (--preset, --model_config,
     --init_from a SemVLP export or a BERT folder) before the run folder is written."""
-    from semvlp.runner import run_main
 
     model = []
     if source == "model_config":
@@ -268,14 +273,17 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
         bert = {"model_type": "bert", "hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": layers}
         (tmp_path / "bert" / "config.json").write_text(json.dumps(bert))
         model = ["--init_from", str(tmp_path / "bert")]
-    argv = ["--deepspeed_config", str(one_process_ds_config()), "--preset", "tiny", "--data", str(toy_data),
-            "--output_dir", str(tmp_path / "run"), "--cross_attention_start_layer", "9", *model]  # fmt: skip
-    with pytest.raises(SystemExit) as exited:
-        run_main(load_launcher("pretrain.py").main, argv)
-    assert exited.value.code == 2
     message = f"--cross_attention_start_layer: cross_attention_start_layer=9 must be in 0..num_hidden_layers={layers}"
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    args = ["--cross_attention_start_layer", "9", *model]
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
+
+
+def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_data, capsys, load_launcher):
+    step = tmp_path / "checkpoints" / "step00000100"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("100\n")
+    message = f"export it first with `python -m semvlp.export {step} --out DIR` and pass --init_from DIR"
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(step)], message)
 
 
 def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):

@@ -269,7 +269,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
 
     results: dict = {"mode": run.mode, "notes": task.notes}
     if not run.predict_only:
-        result = train(engine, task, run, run_dir, ds_config)
+        result = train(engine, task, run, run_dir, ds_config, data.vocab)
         if not result.finished:
             if dist.is_main():
                 print(f"stopped at step {result.step} of {run.max_steps}; continue with --resume")
@@ -277,7 +277,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         results["best"] = result.best
         best_dir = run_dir / "best"
         checkpoint.load_latest(engine, best_dir)  # the best dev evaluation's weights
-        results["export"] = str(runner.export(engine, run_dir, data.vocab, best_dir))
+        results["export"] = str(runner.export(run_dir, best_dir))
     results["splits"] = {}
     for split in run.prediction_splits:
         results["splits"][split] = task.predict(engine, split, run_dir / "predictions")
