@@ -11,7 +11,8 @@ A fine-tuning run (launch/finetune_*.py calls `run_finetuning`):
    for --predict_splits into OUTPUT_DIR/predictions/ (metrics only for splits with labels);
    OUTPUT_DIR/results.json gathers the best dev metrics, the per-split metrics and the
    answer-table coverage.
-With --predict_only, step 3 is skipped and --init_from must be a fine-tuned export.
+With --predict_only, step 3 is skipped and --init_from must be an export holding the task's head: a
+fine-tuned one, or for retrieval also a pre-training export (its ITM head: zero-shot retrieval).
 
 Evaluation is sharded: rank r scores examples r, r + W, ... of a split; the predictions are
 gathered so every rank computes the same metrics (the loop relies on that to pick the best
@@ -57,7 +58,7 @@ class FinetuneConfig(RunConfig):
     eval_batches: int = option(0, "dev evaluation: batches per rank; 0: the whole dev split")
     eval_batch_size: int = option(0, "evaluation batch per rank; 0: twice the training micro-batch")
     predict_splits: str = option("valid,test", "comma-separated; predicted with the best weights at the end")
-    predict_only: bool = option(False, "no training: --init_from a fine-tuned export, predict --predict_splits")
+    predict_only: bool = option(False, "no training: --init_from an export with the task's head; predict splits")
     skip_missing: bool = option(False, "drop examples whose images no store holds (reported) instead of failing")
 
     def __post_init__(self):
