@@ -151,6 +151,34 @@ def test_predict_only_reproduces_the_predictions_from_the_export(toy, finetuned,
     assert load(tmp_path / "predictions" / "vqa_test.json") == load(out / "predictions" / "vqa_test.json")
 
 
+def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy, finetuned, tmp_path):
+    """The answer table travels in the export (config.id2label), so predicting with a table reordered
+    since fine-tuning stops instead of naming other answers."""
+    from semvlp import SemVLPForQuestionAnswering
+
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    answers = load(toy.parent / "vqa_label2ans.json")
+    config = SemVLPForQuestionAnswering.config_class.from_pretrained(out / "export")
+    assert [config.id2label[i] for i in range(len(answers))] == answers and len(config.id2label) == len(answers)
+
+    data = load(toy)
+    data["vqa"]["label2ans"] = "vqa_label2ans_reordered.json"
+    data["vqa"]["ans2label"] = None
+    (toy.parent / data["vqa"]["label2ans"]).write_text(json.dumps([answers[1], answers[0], *answers[2:]]))
+    reordered = toy.parent / "data_reordered.json"
+    reordered.write_text(json.dumps(data))
+    result = launch(
+        "finetune_vqa.py",
+        ["--data", str(reordered), "--output_dir", str(tmp_path / "run"), "--init_from", str(out / "export"),
+         "--predict_only", "--predict_splits", "test"],
+        processes=1,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"was fine-tuned with class 0 = {answers[0]!r}, but the data's answer table has {answers[1]!r} there"
+            in result.stderr)  # fmt: skip
+    assert not (tmp_path / "run" / "predictions").exists()
+
+
 def test_gqa_predictions_and_exact_match(toy, finetuned):
     from semvlp.metrics import exact_match
 

@@ -265,6 +265,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     model = task.model_class(config)
     if run.predict_only:
         _check_complete_export(model, run.init_from)
+        _check_same_labels(run.init_from, task.model_fields().get("id2label"))
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config)
 
@@ -285,6 +286,23 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     if dist.is_main():
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         _print_summary(run, results)
+
+
+def _check_same_labels(folder: str, id2label: dict[int, str] | None) -> None:
+    """--predict_only must name each class as fine-tuning did: an answer table reordered or regenerated
+    since then would turn every prediction into another answer, silently."""
+    saved = json.loads((Path(folder) / "config.json").read_text()).get("id2label")
+    if id2label is None or saved is None:
+        return
+    saved = {int(k): v for k, v in saved.items()}
+    if saved == {i: f"LABEL_{i}" for i in saved}:  # HuggingFace's placeholder: the export keeps no names
+        return
+    if saved != id2label:
+        first = min(i for i in saved.keys() | id2label.keys() if saved.get(i) != id2label.get(i))
+        raise ConfigError(
+            f"--predict_only: {folder} was fine-tuned with class {first} = {saved.get(first)!r}, but the data's "
+            f"answer table has {id2label.get(first)!r} there: use the table it was fine-tuned with"
+        )
 
 
 def _check_complete_export(model: torch.nn.Module, folder: str) -> None:

@@ -152,7 +152,9 @@ class QATask(FinetuneTask):
         self.notes = notes
 
     def model_fields(self) -> dict:
-        return {"num_qa_labels": len(self.table)}
+        # id2label (HuggingFace's name) keeps the answer strings in the export's config.json, so a
+        # fine-tuned export names its answers on its own, and --predict_only can check the data's table.
+        return {"num_qa_labels": len(self.table), "id2label": dict(enumerate(self.table.answers))}
 
     def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(**model_inputs(batch), answer_targets=batch["answer_targets"], mode=mode)
