@@ -40,12 +40,15 @@ def engine_factory():
     config["scheduler"]["params"].update(warmup_num_steps=1, total_num_steps=10)
     del config["tensorboard"]
 
-    def make(seed: int):
+    def make(seed: int, bf16: bool = False):
         torch.manual_seed(seed)
         model = SemVLPModel(
             config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=1)
         )
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        precision = {"bf16": {"enabled": True}} if bf16 else {}  # a100.json / h100.json train in bf16
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config={**config, **precision}
+        )
         return engine
 
     yield make
@@ -181,3 +184,21 @@ def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_fa
         assert f"nothing written at {out}" in err
         assert not out.exists()
         assert not list(tmp_path.glob(".export*"))
+
+
+def test_a_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path, engine_factory, vocab):
+    """Under bf16 (the A100/H100 configs) the module holds bf16 copies; the export holds the fp32
+    weights the optimizer updates, which round to exactly those copies."""
+    engine = engine_factory(seed=0, bf16=True)
+    for _ in range(4):
+        train_step(engine)
+    step = checkpoint.save(engine, tmp_path / "checkpoints", 4, {"step": 4}, keep_last=2, vocab=vocab)
+    assert list(step.glob("bf16_zero_pp_rank_0_*optim_states.pt"))
+    export.export_checkpoint(step, tmp_path / "export")
+    exported = SemVLPModel.from_pretrained(tmp_path / "export").state_dict()
+    module = engine.module.state_dict()
+    assert module["embeddings.word_embeddings.weight"].dtype == torch.bfloat16
+    for name, tensor in module.items():
+        assert exported[name].dtype == torch.float32, name
+        assert torch.equal(exported[name].to(torch.bfloat16), tensor), name
+    assert any(not torch.equal(exported[name], tensor.float()) for name, tensor in module.items())
