@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         "uniter": ["lmdb", "msgpack"],  # `convert uniter-lmdb` only
-        # ruff pinned: `make test` checks its formatting; msgpack-numpy writes UNITER's values in the tests
-        "dev": ["pytest", "ruff>=0.17,<0.18", "lmdb", "msgpack", "msgpack-numpy"],
+        # ruff pinned: `make test` checks its formatting; msgpack-numpy writes UNITER's values in the tests;
+        # psutil (also deepspeed's) follows the launcher's processes in the tests
+        "dev": ["pytest", "ruff>=0.17,<0.18", "lmdb", "msgpack", "msgpack-numpy", "psutil"],
     },
 )

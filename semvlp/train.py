@@ -12,7 +12,9 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -229,6 +231,31 @@ class Window:
 # --------------------------------------------------------------------------- the loop
 
 
+class StopSignal:
+    """SIGTERM asks the run to stop, as a batch scheduler's time limit or a spot instance's notice
+    does (SLURM sends it to every task, then SIGKILL after KillWait, 30 s by default; DeepSpeed's
+    per-node launcher passes a SIGTERM of its own on to the ranks, one by one, each given 30 s).
+    The loop finishes the step in hand and, at the next log step, where the ranks already exchange
+    their stream modes, learns whether any rank was signalled; then all of them checkpoint that step
+    and the run returns as with --exit_after_steps, to continue with --resume."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers can be set there only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
 def _batches(loader) -> Iterator[dict]:
     while True:
         yield from loader
@@ -316,44 +343,58 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     batches = _batches(task.train_loader)
     stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
     accumulation = engine.gradient_accumulation_steps()
-    while step < stop_at:
-        mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
-        for _ in range(accumulation):
-            host_batch = next(batches)
-            samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
-            batch = to_device(host_batch, engine.device)
-            loss, terms = task.loss(engine, batch, mode, step)
-            if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
-                _check_finite(loss, terms, step)
-            engine.backward(loss)
-            engine.step()  # the optimizer steps at the accumulation boundary only
-            window.add({"loss": loss, **terms}, samples, flops)
-        step += 1
-        window.modes.append(mode)
+    with StopSignal() as stop:
+        while step < stop_at:
+            mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
+            for _ in range(accumulation):
+                host_batch = next(batches)
+                samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
+                batch = to_device(host_batch, engine.device)
+                loss, terms = task.loss(engine, batch, mode, step)
+                if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
+                    _check_finite(loss, terms, step)
+                engine.backward(loss)
+                engine.step()  # the optimizer steps at the accumulation boundary only
+                window.add({"loss": loss, **terms}, samples, flops)
+            step += 1
+            window.modes.append(mode)
 
-        if step % run.log_every == 0 or step == stop_at:
-            record = _log_record(window, step, engine, mixed, skipped_before)
-            skipped_before = record.get("skipped_steps_total", 0)
-            log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
-            window = Window()
-        progress.update(1)
-        if run.eval_every and step % run.eval_every == 0 and step != run.max_steps:
-            evaluate(step)
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step != stop_at:
+            stopping = False
+            if step % run.log_every == 0 or step == stop_at:
+                record, stop_requested = _log_record(window, step, engine, mixed, skipped_before, stop.received)
+                skipped_before = record.get("skipped_steps_total", 0)
+                log.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+                window = Window()
+                stopping = stop_requested and step != stop_at
+                if stopping:
+                    log.write({"kind": "stop", "step": step, "signal": "SIGTERM"})
+                    if dist.is_main():
+                        print(f"\nSIGTERM: saving a checkpoint at step {step}, then stopping", flush=True)
+            progress.update(1)
+            if stopping:
+                break
+            if run.eval_every and step % run.eval_every == 0 and step != run.max_steps:
+                evaluate(step)
+            if run.checkpoint_every and step % run.checkpoint_every == 0 and step != stop_at:
+                save(step)
+        progress.close()
+        if step != resumed_at:  # else its checkpoint exists: DeepSpeed rewrites files in place, a kill would damage it
             save(step)
-    progress.close()
-    if step != resumed_at:  # else its checkpoint exists: DeepSpeed rewrites files in place, a kill would damage it
-        save(step)
     finished = step == run.max_steps
     metrics = evaluate(step) if finished else {}  # may update `best`
     return TrainResult(step, finished, metrics, best)
 
 
-def _log_record(window: Window, step: int, engine, mixed: str, skipped_before: int) -> dict:
+def _log_record(
+    window: Window, step: int, engine, mixed: str, skipped_before: int, stop_requested: bool
+) -> tuple[dict, bool]:
+    """The log line of the window, and whether any rank was asked to stop (StopSignal)."""
     elapsed = time.perf_counter() - window.start
-    # The window's modes must agree across ranks; a mismatch would silently train a mixture.
-    all_modes = dist.all_gather_object(window.modes)
+    # One exchange per log step: the window's modes, which must agree across ranks (a mismatch would
+    # silently train a mixture), and each rank's stop request.
+    gathered = dist.all_gather_object((window.modes, stop_requested))
+    all_modes = [modes for modes, _ in gathered]
     if any(m != all_modes[0] for m in all_modes):
         raise RuntimeError(
             f"ranks disagree on the stream mode at steps {step - len(window.modes) + 1}..{step}: {all_modes}"
@@ -380,7 +421,7 @@ def _log_record(window: Window, step: int, engine, mixed: str, skipped_before: i
         record["skipped_steps"] = engine.skipped_steps - skipped_before  # fp16 overflow: step skipped
     if torch.cuda.is_available():
         record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return record
+    return record, any(requested for _, requested in gathered)
 
 
 def local_rank() -> int:

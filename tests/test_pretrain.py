@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -31,9 +35,7 @@ def one_process_ds_config() -> Path:
     return config
 
 
-def run_pretrain(
-    args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
-) -> subprocess.CompletedProcess:
+def pretrain_command(args: list[str], processes: int = 2, script: str = "pretrain.py") -> tuple[list[str], dict]:
     """launch/<script> on ds_configs/cpu.json (2 ranks x 16); one process runs with a global batch of 16."""
     launcher = REPO / "launch" / script
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -43,7 +45,13 @@ def run_pretrain(
         config = one_process_ds_config()
     else:
         cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
-    cmd += ["--deepspeed_config", str(config), "--preset", "tiny", *args]
+    return [*cmd, "--deepspeed_config", str(config), "--preset", "tiny", *args], env
+
+
+def run_pretrain(
+    args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
+) -> subprocess.CompletedProcess:
+    cmd, env = pretrain_command(args, processes, script)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -181,6 +189,54 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
     assert "held-out metrics after 8 steps" in third.stdout
     assert sorted((pieces / "checkpoints").rglob("*")) == files
     assert [f.stat().st_mtime_ns for f in files] == written
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # an exited orphan may stay unreaped in a container
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_checkpoints_both_ranks_at_one_step_and_stops(tmp_path, toy_data):
+    """What a scheduler's time limit does (SLURM: SIGTERM to every task, SIGKILL after KillWait): the
+    ranks agree on the next log step, checkpoint it and stop, to continue with --resume. DataLoader
+    workers ignore the signal, so the steps up to the checkpoint still get their batches."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd, env = pretrain_command(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "500", "--log_every", "2",
+         "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]
+    )  # fmt: skip
+    with open(log, "w") as out:  # its own process group: the launcher, both ranks and their workers
+        launcher = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").is_file() or not records(run_dir, "train"):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        processes = psutil.Process(launcher.pid).children(recursive=True)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=60)
+        while [p for p in processes if running(p)]:  # the ranks and workers, now the launcher's orphans
+            assert time.monotonic() < deadline, f"the run did not stop: {log.read_text()[-3000:]}"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+    (stop,) = records(run_dir, "stop")
+    step = stop["step"]
+    assert step < 500 and records(run_dir, "train")[-1]["step"] == step
+    assert f"stopped at step {step} of 500; continue with --resume" in log.read_text()
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert tag == f"step{step:08d}" and (run_dir / "checkpoints" / tag / "COMPLETE").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints" / tag).glob("rng_rank*.pt")) == [
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    ]
+    assert not (run_dir / "export").exists()
 
 
 def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data):

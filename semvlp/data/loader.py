@@ -20,6 +20,7 @@ repeated, so ranks may get one batch more or less.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -156,6 +157,13 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # SIGTERM is the training process's to handle (semvlp.train.StopSignal: it checkpoints, then shuts
+    # its workers down); a worker that died of it first would fail the steps before the checkpoint.
+    # A worker still exits with its parent: PyTorch's workers watch the parent process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ResumableLoader:
     """Iterates one rank's batches; a cursor over (epoch, batch) that can be saved and restored.
 
@@ -189,7 +197,9 @@ class ResumableLoader:
         self._cursor = _Cursor(repeatable=repeatable)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers else {}
+        extra = {}
+        if num_workers:
+            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _ignore_sigterm}
         # Each new iterator draws a worker base seed; from its own generator, not the global
         # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.
         # Batches do not depend on it: they are built from their BatchKey alone.
