@@ -11,8 +11,8 @@ over the majority answer, must beat it by a clear margin in both stream modes; G
 ~+0.03) by a small one; NLVR2 and retrieval, whose labels the text alone does not give away, run a
 shorter schedule and are checked for complete, well-formed predictions and metrics only. Grounding
 comes from pre-training: fine-tuned from the export of a demo-length pre-training run, NLVR2 reaches
-~0.84, GQA ~0.49 (its color questions 0.43 against chance 1/8) and retrieval image R@5 ~0.7
-(tests/test_pretrain.py, test_demo_export_fine_tunes_*).
+~0.84 and GQA ~0.49 (its color questions 0.43 against chance 1/8), and the export ranks retrieval
+pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_pretrain.py, test_demo_export_*).
 """
 
 from __future__ import annotations

@@ -485,22 +485,11 @@ def test_demo_export_fine_tunes_gqa_beyond_the_question_prior(demo_run, toy_data
 
 
 @pytest.mark.slow
-def test_demo_export_fine_tunes_retrieval_well_above_chance(demo_run, toy_data, tmp_path):
-    """Flickr30K-style retrieval fine-tuned from the export for 60 steps, ranked over 50 test images
-    and their 250 captions (measured: image R@1/5/10 0.16 / 0.72 / 0.98; chance 0.02 / 0.10 / 0.20)."""
-    args = ["--max_steps", "60", "--eval_every", "60", "--eval_images", "50"]
-    results = fine_tune_demo_export(demo_run, toy_data, tmp_path / "retrieval", "finetune_retrieval.py", args)
-    test = results["splits"]["test"]
-    assert (test["images"], test["captions"]) == (50, 250)
-    assert test["image_r5"] >= 0.4 and test["image_r10"] >= 0.6, test
-    assert test["r_mean"] >= 0.35, test  # chance ~0.1
-
-
-@pytest.mark.slow
 def test_demo_export_retrieves_zero_shot(demo_run, toy_data, tmp_path):
     """--predict_only takes the pre-training export for retrieval: its ITM head ranks the pairs with no
     fine-tuning (measured on this export's 50 test images: image R@1/5/10 0.17 / 0.74 / 0.98, as
-    high as 60 fine-tuning steps reach)."""
+    high as 60 fine-tuning steps reach, 0.16 / 0.72 / 0.98; chance 0.02 / 0.10 / 0.20). Fine-tuning
+    retrieval itself is tested from random init in tests/test_finetune.py."""
     out = tmp_path / "zero_shot"
     result = run_pretrain(
         ["--data", str(toy_data), "--init_from", str(demo_run / "export"), "--mode", "two", "--predict_only",
