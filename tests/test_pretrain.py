@@ -100,9 +100,14 @@ def toy_data(tmp_path_factory) -> Path:
 
 def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     run_dir = tmp_path / "run"
+    # DeepSpeed's other monitors get the same records as TensorBoard; csv_monitor stands for them here.
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config["csv_monitor"] = {"enabled": True, "output_path": "auto", "job_name": "semvlp"}
+    (tmp_path / "csv.json").write_text(json.dumps(config))
     result = run_pretrain(
         ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "24", "--log_every", "4",
-         "--eval_every", "0", "--eval_batches", "2", "--num_workers", "1"]
+         "--eval_every", "0", "--eval_batches", "2", "--num_workers", "1", "--deepspeed_config",
+         str(tmp_path / "csv.json")]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     train = records(run_dir, "train")
@@ -122,6 +127,9 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
             assert f"{mode}/{metric}" in evaluation
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "vocab.txt").is_file()
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    losses_csv = (run_dir / "csv_monitor" / "semvlp" / "train_loss.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in losses_csv[1:]] == ["4", "8", "12", "16", "20", "24"]
+    assert (run_dir / "csv_monitor" / "semvlp" / "eval_two_itm_acc.csv").is_file()
     assert "held-out metrics after 24 steps" in result.stdout
 
 
