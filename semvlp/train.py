@@ -235,25 +235,29 @@ class StopSignal:
     """SIGTERM asks the run to stop, as a batch scheduler's time limit or a spot instance's notice
     does (SLURM sends it to every task, then SIGKILL after KillWait, 30 s by default; DeepSpeed's
     per-node launcher passes a SIGTERM of its own on to the ranks, one by one, each given 30 s).
+    SIGUSR1, which would otherwise kill the rank, does the same: an earlier notice where the ranks
+    are the scheduler's tasks (SLURM's `--signal=USR1@120` with `deepspeed --launcher slurm`).
     The loop finishes the step in hand and, at the next log step, where the ranks already exchange
     their stream modes, learns whether any rank was signalled; then all of them checkpoint that step
     and the run returns as with --exit_after_steps, to continue with --resume."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received: str | None = None  # the name of the first signal received
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # handlers can be set there only
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        self.received = self.received or signal.Signals(signum).name
 
 
 def _batches(loader) -> Iterator[dict]:
@@ -361,16 +365,16 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
 
             stopping = False
             if step % run.log_every == 0 or step == stop_at:
-                record, stop_requested = _log_record(window, step, engine, mixed, skipped_before, stop.received)
+                record, signals = _log_record(window, step, engine, mixed, skipped_before, stop.received)
                 skipped_before = record.get("skipped_steps_total", 0)
                 log.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
                 window = Window()
-                stopping = stop_requested and step != stop_at
+                stopping = bool(signals) and step != stop_at
                 if stopping:
-                    log.write({"kind": "stop", "step": step, "signal": "SIGTERM"})
+                    log.write({"kind": "stop", "step": step, "signals": signals})
                     if dist.is_main():
-                        print(f"\nSIGTERM: saving a checkpoint at step {step}, then stopping", flush=True)
+                        print(f"\n{', '.join(signals)}: saving a checkpoint at step {step}, then stopping", flush=True)
             progress.update(1)
             if stopping:
                 break
@@ -387,13 +391,13 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
 
 
 def _log_record(
-    window: Window, step: int, engine, mixed: str, skipped_before: int, stop_requested: bool
-) -> tuple[dict, bool]:
-    """The log line of the window, and whether any rank was asked to stop (StopSignal)."""
+    window: Window, step: int, engine, mixed: str, skipped_before: int, stop_signal: str | None
+) -> tuple[dict, list[str]]:
+    """The log line of the window, and the stop signals any rank received (StopSignal), sorted."""
     elapsed = time.perf_counter() - window.start
     # One exchange per log step: the window's modes, which must agree across ranks (a mismatch would
-    # silently train a mixture), and each rank's stop request.
-    gathered = dist.all_gather_object((window.modes, stop_requested))
+    # silently train a mixture), and each rank's stop signal.
+    gathered = dist.all_gather_object((window.modes, stop_signal))
     all_modes = [modes for modes, _ in gathered]
     if any(m != all_modes[0] for m in all_modes):
         raise RuntimeError(
@@ -421,7 +425,7 @@ def _log_record(
         record["skipped_steps"] = engine.skipped_steps - skipped_before  # fp16 overflow: step skipped
     if torch.cuda.is_available():
         record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return record, any(requested for _, requested in gathered)
+    return record, sorted({name for _, name in gathered if name is not None})
 
 
 def local_rank() -> int:

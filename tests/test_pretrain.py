@@ -236,6 +236,7 @@ def test_sigterm_checkpoints_both_ranks_at_one_step_and_stops(tmp_path, toy_data
 
     (stop,) = records(run_dir, "stop")
     step = stop["step"]
+    assert stop["signals"] == ["SIGTERM"]
     assert step < 500 and records(run_dir, "train")[-1]["step"] == step
     assert f"stopped at step {step} of 500; continue with --resume" in log.read_text()
     tag = (run_dir / "checkpoints" / "latest").read_text()
@@ -245,6 +246,19 @@ def test_sigterm_checkpoints_both_ranks_at_one_step_and_stops(tmp_path, toy_data
         "rng_rank1.pt",
     ]
     assert not (run_dir / "export").exists()
+
+
+def test_stop_signal_takes_sigterm_and_sigusr1_and_restores_the_handlers():
+    """SIGUSR1 (SLURM's --signal=USR1@120 notice) stops the run as SIGTERM does, instead of killing it."""
+    from semvlp.train import StopSignal
+
+    before = {signum: signal.getsignal(signum) for signum in StopSignal.SIGNALS}
+    with StopSignal() as stop:
+        assert stop.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGUSR1"  # the first one received
+    assert {signum: signal.getsignal(signum) for signum in StopSignal.SIGNALS} == before
 
 
 def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data):

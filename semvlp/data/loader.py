@@ -157,11 +157,12 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # SIGTERM is the training process's to handle (semvlp.train.StopSignal: it checkpoints, then shuts
-    # its workers down); a worker that died of it first would fail the steps before the checkpoint.
-    # A worker still exits with its parent: PyTorch's workers watch the parent process.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM and SIGUSR1 are the training process's to handle (semvlp.train.StopSignal: it
+    # checkpoints, then shuts its workers down); a worker that died of one first would fail the steps
+    # before the checkpoint. A worker still exits with its parent: PyTorch's workers watch it.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ResumableLoader:
@@ -199,7 +200,11 @@ class ResumableLoader:
             pin_memory = torch.cuda.is_available()
         extra = {}
         if num_workers:
-            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True, "worker_init_fn": _ignore_sigterm}
+            extra = {
+                "prefetch_factor": prefetch_factor,
+                "persistent_workers": True,
+                "worker_init_fn": _ignore_stop_signals,
+            }
         # Each new iterator draws a worker base seed; from its own generator, not the global
         # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.
         # Batches do not depend on it: they are built from their BatchKey alone.
