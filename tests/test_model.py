@@ -312,6 +312,29 @@ def test_save_and_load_pretrained_round_trip(tmp_path, model_class):
         torch.testing.assert_close(loaded(**inputs, mode="two").pooled, model(**inputs, mode="two").pooled)
 
 
+def test_auto_classes_load_exports(tmp_path):
+    """Once semvlp is imported, HuggingFace's Auto classes know its model type, as users of
+    transformers expect: AutoModel gives any export's encoder, the task Auto classes its whole model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
+
+    torch.manual_seed(0)
+    for model_class, auto_class in (
+        (SemVLPForQuestionAnswering, AutoModelForVisualQuestionAnswering),
+        (SemVLPForPreTraining, AutoModelForPreTraining),
+    ):
+        model = model_class(tiny_config())
+        model.save_pretrained(tmp_path / model_class.__name__)
+        assert isinstance(AutoConfig.from_pretrained(tmp_path / model_class.__name__), SemVLPConfig)
+        loaded = auto_class.from_pretrained(tmp_path / model_class.__name__)
+        assert type(loaded) is model_class
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        encoder = AutoModel.from_pretrained(tmp_path / model_class.__name__)
+        assert type(encoder) is SemVLPModel
+        for name, tensor in model.semvlp.state_dict().items():
+            assert torch.equal(encoder.state_dict()[name], tensor), name
+
+
 @pytest.mark.parametrize("mode", ["single", "two"])
 def test_finetuning_models_produce_losses(mode):
     torch.manual_seed(0)
