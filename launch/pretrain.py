@@ -13,7 +13,10 @@ Every option: `python launch/pretrain.py --help`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+import torch
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
@@ -49,8 +52,16 @@ class PretrainConfig(RunConfig):
         "costs grounding that GQA fine-tuning shows (docs/data_format.md section 6). The QA loss is logged either way",
     )
 
+    eval_only: bool = option(
+        False,
+        "no training: evaluate --init_from, a pre-training export (semvlp.export makes one of any checkpoint), on "
+        "the held-out split as a run's evaluations do (--eval_batches per rank and mode); OUTPUT_DIR/results.json",
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_only and self.init_from is None:
+            raise ConfigError("--eval_only needs --init_from, a pre-training export")
         if self.stream_schedule not in STREAM_SCHEDULES:
             raise ConfigError(f"--stream_schedule {self.stream_schedule!r}; expected one of {STREAM_SCHEDULES}")
         if not 0 <= self.qa_from_step < self.max_steps:
@@ -74,19 +85,21 @@ def main(argv: list[str] | None = None) -> None:
         split: build_pretrain_loader(
             data, tokenizer, micro_batch, dist.rank(), dist.world_size(), run.seed, run.num_workers, split
         )
-        for split in ("train", "valid")
+        for split in (("valid",) if run.eval_only else ("train", "valid"))
     }
-    if run.packed_text and run.stream_schedule != "two" and loaders["train"].dataset.stores.padded:
+    if run.packed_text and run.stream_schedule != "two" and loaders["valid"].dataset.stores.padded:
         raise ConfigError(
             "--packed_text: the feature stores are padded (visual_attention_mask), which single-stream packed "
             "text cannot mask; use padded text (no --packed_text) or --stream_schedule two"
         )
     model = SemVLPForPreTraining(config)
+    if run.eval_only:
+        runner.check_complete_export(model, run.init_from, "--eval_only")
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config)
     task = PretrainTask(
         config,
-        loaders["train"],
+        loaders.get("train"),
         loaders["valid"],
         run.stream_schedule,
         run.seed,
@@ -94,6 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         run.packed_text,
         run.qa_from_step,
     )
+    if run.eval_only:
+        engine.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(engine)
+        if dist.is_main():
+            results = {"init_from": run.init_from, "eval_batches": run.eval_batches, "metrics": metrics}
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            print_metrics(f"held-out metrics of {run.init_from}:", task.eval_modes, metrics)
+        return
     result = train(engine, task, run, run_dir, ds_config, data.vocab)
     if not result.finished:
         if dist.is_main():
@@ -101,10 +123,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     export_dir = runner.export(run_dir)
     if dist.is_main():
-        print(f"\nheld-out metrics after {run.max_steps} steps (export: {export_dir}):")
-        for mode in task.eval_modes:
-            row = {k.split("/", 1)[1]: v for k, v in result.metrics.items() if k.startswith(f"{mode}/")}
-            print(f"  {mode:>6}-stream  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(row.items())))
+        print_metrics(f"held-out metrics after {run.max_steps} steps (export: {export_dir}):", task.eval_modes,
+                      result.metrics)  # fmt: skip
+
+
+def print_metrics(title: str, modes: tuple[str, ...], metrics: dict[str, float]) -> None:
+    print(f"\n{title}")
+    for mode in modes:
+        row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{mode}/")}
+        print(f"  {mode:>6}-stream  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(row.items())))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,24 @@ def is_semvlp_export(folder: str | Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "semvlp"
 
 
+def check_complete_export(model: torch.nn.Module, folder: str, option: str) -> None:
+    """Runs without training (`option`) must not start from freshly initialized heads: every tensor
+    of `model` must come from the SemVLP export `folder`."""
+    from safetensors import safe_open
+
+    if not is_semvlp_export(folder):
+        raise ConfigError(f"{option}: --init_from {folder} is not a SemVLP export")
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{option}: {path} not found")
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    missing = [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    if missing:
+        raise ConfigError(f"{option}: {folder} lacks (or has other shapes for) {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}: is it an export of this task?")  # fmt: skip
+
+
 def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
     """The model's config from --model_config, an --init_from folder or --preset, with `fields` set.
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from semvlp.config import config_from_preset
+from semvlp.model import SemVLPModel
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -328,6 +329,7 @@ def assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args
         (["--stream_schedule", "sometimes"], "--stream_schedule 'sometimes'"),
         (["--max_steps", "0"], "--max_steps must be >= 1"),
         (["--max_steps", "10", "--qa_from_step", "10"], "--qa_from_step 10 must be in 0..max_steps-1=9"),
+        (["--eval_only"], "--eval_only needs --init_from, a pre-training export"),
     ],
 )  # fmt: skip
 def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message):
@@ -523,3 +525,32 @@ def test_demo_export_retrieves_zero_shot(demo_run, toy_data, tmp_path):
     assert (test["images"], test["captions"]) == (50, 250)
     assert test["image_r5"] >= 0.4 and test["image_r10"] >= 0.6, test
     assert test["r_mean"] >= 0.35, test  # chance ~0.1
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_runs_final_evaluation_from_its_export(demo_run, toy_data, tmp_path):
+    """--eval_only evaluates an export as the run evaluated itself: the demo export gives its run's
+    final held-out metrics, to the last digit (same batches, same masks, fp32 weights)."""
+    out = tmp_path / "eval"
+    result = run_pretrain(
+        ["--data", str(toy_data), "--init_from", str(demo_run / "export"), "--eval_only", "--eval_batches", "10",
+         "--num_workers", "0", "--output_dir", str(out)]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    final = records(demo_run, "eval")[-1]
+    assert set(metrics) == {k for k in final if "/" in k}
+    assert metrics == pytest.approx({k: final[k] for k in metrics}, abs=1e-6)
+    assert not (out / "checkpoints").exists() and not (out / "export").exists()
+
+
+def test_eval_only_refuses_an_export_without_the_pretraining_heads(tmp_path, toy_data):
+    encoder = tmp_path / "encoder"
+    SemVLPModel(config_from_preset("tiny", vocab_size=134)).save_pretrained(encoder)
+    result = run_pretrain(
+        ["--data", str(toy_data), "--init_from", str(encoder), "--eval_only", "--output_dir", str(tmp_path / "run")],
+        processes=1,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"--eval_only: {encoder} lacks (or has other shapes for) " in result.stderr
+    assert "is it an export of this task?" in result.stderr

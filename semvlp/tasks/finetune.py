@@ -264,7 +264,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     task.attach(config, micro, run.eval_batch_size or 2 * micro)
     model = task.model_class(config)
     if run.predict_only:
-        _check_complete_export(model, run.init_from)
+        runner.check_complete_export(model, run.init_from, "--predict_only")
         _check_same_labels(run.init_from, task.model_fields().get("id2label"))
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config)
@@ -303,23 +303,6 @@ def _check_same_labels(folder: str, id2label: dict[int, str] | None) -> None:
             f"--predict_only: {folder} was fine-tuned with class {first} = {saved.get(first)!r}, but the data's "
             f"answer table has {id2label.get(first)!r} there: use the table it was fine-tuned with"
         )
-
-
-def _check_complete_export(model: torch.nn.Module, folder: str) -> None:
-    """--predict_only must not run with freshly initialized heads: every tensor must come from the export."""
-    from safetensors import safe_open
-
-    if not runner.is_semvlp_export(folder):
-        raise ConfigError(f"--predict_only: --init_from {folder} is not a SemVLP export")
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise ConfigError(f"--predict_only: {path} not found")
-    with safe_open(str(path), "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    missing = [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
-    if missing:
-        raise ConfigError(f"--predict_only: {folder} lacks (or has other shapes for) {missing[:5]}"
-                          f"{' ...' if len(missing) > 5 else ''}: is it an export of this task?")  # fmt: skip
 
 
 def _print_summary(run: FinetuneConfig, results: dict) -> None:
