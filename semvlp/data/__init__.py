@@ -4,6 +4,7 @@ Formats are documented in docs/data_format.md. The entry points:
 
     ensure_toy_world(folder) -> path of data.json            (semvlp/data/toy.py)
     DataConfig.load(path)                                     (semvlp/data/config.py)
+    python -m semvlp.data.check data.json                     (semvlp/data/check.py)
     build_pretrain_loader(data_config, tokenizer, batch_size, rank, world_size, seed,
                           num_workers, split)                 (semvlp/data/pretrain_dataset.py)
     FeatureStore(path), load_tokenizer(vocab_path)

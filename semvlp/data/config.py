@@ -33,7 +33,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semvlp.data.annotations import LXMERT_SOURCES
+from semvlp.data.annotations import LXMERT_SOURCES, AnswerTable
 
 
 def _path(default: object = dataclasses.MISSING) -> typing.Any:
@@ -63,6 +63,16 @@ class QAData:
     test: tuple[str, ...] = _path(())
     ans2label: str | None = _path(None)
     label2ans: str | None = _path(None)
+
+    def load_answer_table(self, section_name: str) -> AnswerTable:
+        """The answer table: label2ans (LXMERT's list) if named, else ans2label."""
+        if self.label2ans is not None:
+            return AnswerTable.from_label2ans(self.label2ans)
+        if self.ans2label is not None:
+            return AnswerTable.from_ans2label(self.ans2label)
+        raise ValueError(
+            f"the data configuration's {section_name!r} section names no answer table (label2ans / ans2label)"
+        )
 
 
 @dataclass(frozen=True)

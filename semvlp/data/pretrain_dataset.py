@@ -235,7 +235,7 @@ def load_pretrain_answer_table(cfg: DataConfig) -> AnswerTable | None:
     return table
 
 
-def _check_train_corpus(cfg: DataConfig, corpus: PretrainCorpus, files: tuple[str, ...]) -> None:
+def check_train_corpus(cfg: DataConfig, corpus: PretrainCorpus, files: tuple[str, ...]) -> None:
     """Sources and QA labels that the train files do not have: a typo would silently drop data.
 
     A held-out split need not hold every source, so only the train files are checked. The default
@@ -315,7 +315,7 @@ def build_pretrain_dataset(
     answer_table = load_pretrain_answer_table(cfg)
     corpus = load_pretrain_annotations(files, cfg.pretrain.sources, answer_table)
     if split == "train":
-        _check_train_corpus(cfg, corpus, files)
+        check_train_corpus(cfg, corpus, files)
     masking = masking or MaskingConfig(max_text_len=cfg.max_text_len)
     return PretrainDataset(corpus, open_stores(cfg.stores), tokenizer, answer_table, masking, skip_missing)
 

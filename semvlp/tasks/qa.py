@@ -61,14 +61,6 @@ VQA = QAVariant("vqa", "score", True, "question_id", "answer", load_vqa)
 GQA = QAVariant("gqa", "accuracy", False, "questionId", "prediction", load_gqa)
 
 
-def load_answer_table(section: QAData, name: str) -> AnswerTable:
-    if section.label2ans is not None:
-        return AnswerTable.from_label2ans(section.label2ans)
-    if section.ans2label is not None:
-        return AnswerTable.from_ans2label(section.ans2label)
-    raise ConfigError(f"the data configuration's {name!r} section names no answer table (label2ans / ans2label)")
-
-
 class QADataset(KeyedBatchDataset):
     """Questions of one split; a batch holds text, visual inputs, `index` and (labelled splits)
     `answer_targets` [B, num_answers] float32 scores."""
@@ -121,7 +113,7 @@ class QATask(FinetuneTask):
         self.variant = variant
         self.metric = variant.metric
         section = variant.section(data)
-        self.table = load_answer_table(section, variant.name)
+        self.table = section.load_answer_table(variant.name)
         datasets = {}
         self.coverage = {}
         notes = []

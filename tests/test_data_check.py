@@ -1,0 +1,56 @@
+"""python -m semvlp.data.check: reads a data.json as the launchers do and lists every problem at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semvlp.data.check import main
+from semvlp.data.toy import ToySpec, ensure_toy_world
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    return Path(ensure_toy_world(tmp_path / "toy", spec=ToySpec.small()))
+
+
+def test_a_good_data_json_is_summarized_and_passes(toy):
+    result = subprocess.run(
+        [sys.executable, "-m", "semvlp.data.check", str(toy)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("stores: 180 images, K=100, D=2048: ")
+    for expected in ("pretrain train: ", "vqa valid: ", "gqa test: ", "nlvr2 train: 60 statements",
+                     "flickr30k test ['test']: 30 images, 150 captions"):  # fmt: skip
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+    assert lines[-1] == f"{toy}: no problems found"
+
+
+def test_every_problem_is_listed_with_its_section_and_file(toy, capsys):
+    data = json.loads(toy.read_text())
+    data["num_object_labels"] = 5  # the store holds object ids up to 39
+    data["gqa"]["label2ans"] = "no_such_table.json"
+    questions = json.loads((toy.parent / "vqa_valid.json").read_text())
+    questions.append({**questions[0], "question_id": 999999, "img_id": "not_an_image"})
+    (toy.parent / "vqa_valid_extra.json").write_text(json.dumps(questions))
+    data["vqa"]["valid"] = ["vqa_valid_extra.json"]
+    broken = toy.parent / "broken.json"
+    broken.write_text(json.dumps(data))
+
+    assert main([str(broken)]) == 1
+    out, err = capsys.readouterr()
+    problems = err.strip().splitlines()
+    assert problems[0] == "3 problem(s):", err
+    assert any(p.startswith("  stores: ") and "num_object_labels" in p for p in problems), err
+    assert any(p.startswith("  gqa answer table: ") and "no_such_table.json" in p for p in problems), err
+    missing = f"  vqa valid ({toy.parent / 'vqa_valid_extra.json'}): 1 of 31 images are in no feature store, "
+    assert any(p.startswith(missing) and "'not_an_image'" in p for p in problems), err
+    # the other sections are still read and reported
+    assert "nlvr2 valid: 20 statements" in out and "vqa valid: " in out
