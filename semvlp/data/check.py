@@ -79,25 +79,9 @@ def check_data(path: str | os.PathLike) -> DataReport:
         if getattr(cfg, name) is not None:
             _check_qa(report, cfg, name, load, stores)
     if cfg.nlvr2 is not None:
-        for split in SPLITS:
-            files = getattr(cfg.nlvr2, split)
-            examples = report.attempt(f"nlvr2 {split}", lambda files=files: load_nlvr2(files)) if files else None
-            if examples is not None:
-                report.lines.append(f"nlvr2 {split}: {len(examples)} statements")
-                images = [i for e in examples for i in (e.img0, e.img1)]
-                report.check_images(f"nlvr2 {split}", images, stores, files)
+        _check_nlvr2(report, cfg, stores)
     if cfg.flickr30k is not None:
-        section = cfg.flickr30k
-        for split, karpathy in zip(
-            SPLITS, (section.train_splits, section.valid_splits, section.test_splits), strict=True
-        ):
-            data = report.attempt(
-                f"flickr30k {split}", lambda karpathy=karpathy: load_flickr30k(section.annotations, karpathy)
-            )
-            if data is not None:
-                report.lines.append(f"flickr30k {split} {list(karpathy)}: {len(data.image_ids)} images, "
-                                    f"{len(data.captions)} captions")  # fmt: skip
-                report.check_images(f"flickr30k {split}", data.image_ids, stores, [section.annotations])
+        _check_flickr30k(report, cfg, stores)
     return report
 
 
@@ -123,7 +107,13 @@ def _check_pretrain(report: DataReport, cfg: DataConfig, stores: FeatureStoreSet
         report.check_images(f"pretrain {split}", corpus.image_ids, stores, files)
 
 
-def _check_qa(report: DataReport, cfg: DataConfig, name: str, load: Callable[[Sequence[str]], list], stores) -> None:
+def _check_qa(
+    report: DataReport,
+    cfg: DataConfig,
+    name: str,
+    load: Callable[[Sequence[str]], list],
+    stores: FeatureStoreSet | None,
+) -> None:
     section = getattr(cfg, name)
     table = report.attempt(f"{name} answer table", lambda: section.load_answer_table(name))
     for split in SPLITS:
@@ -139,6 +129,29 @@ def _check_qa(report: DataReport, cfg: DataConfig, name: str, load: Callable[[Se
                      f"table, score capped at {coverage.score_cap:.4f}")  # fmt: skip
         report.lines.append(line)
         report.check_images(f"{name} {split}", [e.img_id for e in examples], stores, files)
+
+
+def _check_nlvr2(report: DataReport, cfg: DataConfig, stores: FeatureStoreSet | None) -> None:
+    for split in SPLITS:
+        files = getattr(cfg.nlvr2, split)
+        examples = report.attempt(f"nlvr2 {split}", lambda files=files: load_nlvr2(files)) if files else None
+        if examples is not None:
+            report.lines.append(f"nlvr2 {split}: {len(examples)} statements")
+            images = [i for e in examples for i in (e.img0, e.img1)]
+            report.check_images(f"nlvr2 {split}", images, stores, files)
+
+
+def _check_flickr30k(report: DataReport, cfg: DataConfig, stores: FeatureStoreSet | None) -> None:
+    section = cfg.flickr30k
+    for split, karpathy in zip(SPLITS, (section.train_splits, section.valid_splits, section.test_splits), strict=True):
+        data = report.attempt(
+            f"flickr30k {split}", lambda karpathy=karpathy: load_flickr30k(section.annotations, karpathy)
+        )
+        if data is not None:
+            report.lines.append(
+                f"flickr30k {split} {list(karpathy)}: {len(data.image_ids)} images, {len(data.captions)} captions"
+            )
+            report.check_images(f"flickr30k {split}", data.image_ids, stores, [section.annotations])
 
 
 def main(argv: list[str] | None = None) -> int:
