@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from semvlp import dist
+from semvlp.data.tokenizer import vocab_file
 
 POINTER = "latest"
 COMPLETE = "COMPLETE"
@@ -66,7 +67,7 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
     if dist.is_main():
-        _save_model_description(engine.module, Path(vocab), directory / tag)
+        _save_model_description(engine.module, vocab, directory / tag)
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _write_atomically(directory / tag / COMPLETE, lambda p: p.write_text(f"{step}\n"))
@@ -76,13 +77,12 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     return directory / tag
 
 
-def _save_model_description(model: torch.nn.Module, vocab: Path, folder: Path) -> None:
+def _save_model_description(model: torch.nn.Module, vocab: str | Path, folder: Path) -> None:
     """config.json naming the model class (as save_pretrained writes it) and vocab.txt."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     _write_atomically(folder / CONFIG, lambda p: p.write_text(config.to_json_string()))
-    source = vocab / VOCAB if vocab.is_dir() else vocab
-    _write_atomically(folder / VOCAB, lambda p: shutil.copyfile(source, p))
+    _write_atomically(folder / VOCAB, lambda p: shutil.copyfile(vocab_file(vocab), p))
 
 
 def _prune(directory: Path, keep_last: int) -> None:

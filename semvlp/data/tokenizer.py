@@ -19,15 +19,19 @@ MAX_TEXT_LEN = 20  # tokens including [CLS] and [SEP] (paper, section 4.1)
 _REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+def vocab_file(vocab_path: str | os.PathLike) -> Path:
+    """The vocab.txt a vocab option names: the file itself, or the one in a (HuggingFace) folder."""
+    path = Path(vocab_path)
+    return path / "vocab.txt" if path.is_dir() else path
+
+
 def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
     """An uncased BERT WordPiece tokenizer from a vocab.txt (one token per line).
 
     Also accepts a folder holding vocab.txt (a HuggingFace checkpoint folder).
     Raises FileNotFoundError or ValueError with the path when the vocab is missing or not real.
     """
-    path = Path(vocab_path)
-    if path.is_dir():
-        path = path / "vocab.txt"
+    path = vocab_file(vocab_path)
     if not path.is_file():
         raise FileNotFoundError(f"vocab file not found: {path}")
     # The file's own lines: transformers adds absent special tokens to the tokenizer itself, which
