@@ -543,6 +543,37 @@ def attention_dropout_mask(
     return keep.bool()
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) in fp32, [B, H, Tq, Tk]: zero at masked keys, and all zero in a
+    row whose keys are all masked."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if key_padding_mask is None:
+        return torch.softmax(scores, dim=-1)
+    # All-masked rows: softmax over zeros, then zeroed, so both values and gradients are 0.
+    any_key = key_padding_mask.any(dim=-1)[:, None, None, None]
+    mask = key_padding_mask[:, None, None, :] | ~any_key
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) * any_key
+
+
+def attention_with_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    keep_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention and its probabilities (before dropout, fp32). `keep_mask` [B,H,Tq,Tk]
+    replaces random dropout (tests)."""
+    probs = attention_probs(q, k, key_padding_mask)
+    dropped = probs
+    if keep_mask is not None:
+        dropped = probs * keep_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        dropped = F.dropout(probs, p=dropout_p)
+    return torch.matmul(dropped, v.float()).to(q.dtype), probs
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -552,20 +583,7 @@ def attention_reference(
     keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager attention, softmax in fp32. `keep_mask` [B,H,Tq,Tk] replaces random dropout (tests)."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if key_padding_mask is not None:
-        # All-masked rows: softmax over zeros, then zeroed, so both values and gradients are 0.
-        any_key = key_padding_mask.any(dim=-1)[:, None, None, None]
-        mask = key_padding_mask[:, None, None, :] | ~any_key
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1) * any_key
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    if keep_mask is not None:
-        probs = probs * keep_mask / (1.0 - dropout_p)
-    elif dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return attention_with_probs(q, k, v, key_padding_mask, dropout_p, keep_mask)[0]
 
 
 def attention_sdpa(

@@ -12,6 +12,7 @@ from semvlp import SemVLPConfig, SemVLPForNLVR2, SemVLPForPreTraining, SemVLPFor
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPForRetrieval, init_from_bert
 from semvlp.model.bert_init import config_from_bert
+from semvlp.model.modeling import PackedText
 
 VOCAB, K = 97, 100
 
@@ -92,6 +93,68 @@ def test_text_padding_is_ignored(model):
         a, b = model(**inputs, mode=mode), model(**changed, mode=mode)
         torch.testing.assert_close(a.pooled, b.pooled)
         torch.testing.assert_close(a.text_states[0, :-3], b.text_states[0, :-3])
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) over the valid keys, written out: [B, heads, T_q, T_k]."""
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+    return scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+
+
+def test_output_attentions_returns_the_probabilities_each_block_uses(model):
+    """Single-stream block 1 and two-stream's first cross-attention, recomputed from the weights;
+    shapes and counts of every map; zero weight on padded keys; the outputs unchanged."""
+    cfg, inputs = model.config, make_inputs()
+    visual_mask = torch.ones(3, K, dtype=torch.long)
+    visual_mask[2, 70:] = 0
+    inputs["visual_attention_mask"] = visual_mask
+    keys_single = torch.cat(
+        [torch.ones(3, 1, dtype=torch.bool), visual_mask.bool(), inputs["attention_mask"].bool()], 1
+    )
+    heads, m, start = cfg.num_attention_heads, inputs["input_ids"].shape[1], cfg.cross_attention_start_layer
+
+    single = model(**inputs, mode="single", output_attentions=True, output_hidden_states=True)
+    assert [a.shape for a in single.attentions] == [(3, heads, 1 + K + m, 1 + K + m)] * cfg.num_hidden_layers
+    assert single.text_attentions is single.visual_attentions is single.cross_attentions is None
+    embedded = torch.cat(
+        [single.visual_hidden_states[0], model.embeddings(inputs["input_ids"], inputs["token_type_ids"])], 1
+    )
+    q, k, _ = model.encoder.layers[0].attention.qkv(embedded).chunk(3, dim=-1)
+    torch.testing.assert_close(single.attentions[0], _probabilities(q, k, keys_single, heads))
+
+    two = model(**inputs, mode="two", output_attentions=True, output_hidden_states=True)
+    assert two.attentions is None
+    assert [a.shape for a in two.text_attentions] == [(3, heads, m, m)] * cfg.num_hidden_layers
+    assert [a.shape for a in two.visual_attentions] == [(3, heads, 1 + K, 1 + K)] * cfg.num_hidden_layers
+    assert [a.shape for a in two.cross_attentions] == [(3, heads, 1 + K, m)] * (cfg.num_hidden_layers - start)
+    block = model.encoder.layers[start]  # block L_s + 1: self-attention, then cross-attention to the final text
+    keys_image = keys_single[:, : 1 + K]
+    after_self = block.attention(two.visual_hidden_states[start], keys_image, model.kernel_ops(two.pooled))
+    q = block.cross_attention.query(after_self)
+    k, _ = block.cross_attention.key_value(two.text_states).chunk(2, dim=-1)
+    torch.testing.assert_close(two.cross_attentions[0], _probabilities(q, k, inputs["attention_mask"].bool(), heads))
+
+    for maps, key_mask in (
+        (single.attentions, keys_single),
+        (two.text_attentions, inputs["attention_mask"].bool()),
+        (two.visual_attentions, keys_image),
+        (two.cross_attentions, inputs["attention_mask"].bool()),
+    ):
+        for probs in maps:
+            torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+            assert not probs.masked_select(~key_mask[:, None, None, :]).any()
+    for out, mode in ((single, "single"), (two, "two")):
+        plain = model(**inputs, mode=mode)
+        torch.testing.assert_close(out.pooled, plain.pooled, rtol=0, atol=0)
+        torch.testing.assert_close(out.visual_states, plain.visual_states, rtol=0, atol=0)
+
+
+def test_output_attentions_needs_padded_text(model):
+    inputs = make_inputs(batch=2)
+    text = PackedText(torch.randint(1, VOCAB, (12,)), torch.tensor([0, 5, 12], dtype=torch.int32), 7)
+    with pytest.raises(ValueError, match="output_attentions needs padded text"):
+        model(text, visual_feats=inputs["visual_feats"], visual_pos=inputs["visual_pos"], output_attentions=True)
 
 
 def test_both_modes_share_the_same_block_parameters():

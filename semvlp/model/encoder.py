@@ -21,12 +21,13 @@ All fusion sites (attention, bias+GELU, bias+dropout+residual+LayerNorm) go thro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from semvlp.config import SemVLPConfig
+from semvlp_kernels.attention import attention_with_probs
 from semvlp_kernels.dispatch import KernelOps
 from semvlp_kernels.varlen_attention import sequence_positions
 
@@ -73,6 +74,15 @@ class Packed:
         return out, joined, rows
 
 
+@dataclass
+class AttentionMaps:
+    """Attention probabilities recorded block by block (output_attentions): [B, heads, T_q, T_k]
+    in fp32, before dropout."""
+
+    self_attention: list[torch.Tensor] = field(default_factory=list)
+    cross_attention: list[torch.Tensor] = field(default_factory=list)
+
+
 class Attention(nn.Module):
     """Multi-head attention + output projection + dropout + residual + LayerNorm.
 
@@ -105,9 +115,11 @@ class Attention(nn.Module):
         mask: torch.Tensor | Packed | None,
         ops: KernelOps,
         context: torch.Tensor | None = None,
+        record: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, H] with `mask` a key padding mask [B, T_keys] (or None), or packed x [T, H] with
-        `mask` its Packed layout (self-attention only)."""
+        `mask` its Packed layout (self-attention only). With `record` (padded x only), attention
+        runs eagerly and appends its probabilities: the fused kernels never form them."""
         if self.cross:
             q = self.query(x)
             k, v = self.key_value(context).chunk(2, dim=-1)
@@ -117,6 +129,10 @@ class Attention(nn.Module):
         if isinstance(mask, Packed):
             heads = lambda t: t.view(t.shape[0], self.num_heads, -1)  # (T, nh, hs)
             attended = ops.varlen_attention(heads(q), heads(k), heads(v), mask.cu_seqlens, mask.max_seqlen, dropout)
+        elif record is not None:
+            attended, probs = attention_with_probs(self._heads(q), self._heads(k), self._heads(v), mask, dropout)
+            attended = attended.transpose(1, 2)
+            record.append(probs)
         else:
             attended = ops.attention(self._heads(q), self._heads(k), self._heads(v), mask, dropout).transpose(1, 2)
         attended = attended.reshape(x.shape)
@@ -172,10 +188,12 @@ class Block(nn.Module):
         ops: KernelOps,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
-        x = self.attention(x, mask, ops)
+        x = self.attention(x, mask, ops, record=None if maps is None else maps.self_attention)
         if context is not None:
-            x = self.cross_attention(x, context_mask, ops, context=context)
+            record = None if maps is None else maps.cross_attention
+            x = self.cross_attention(x, context_mask, ops, context=context, record=record)
         return self.ffn(x, ops)
 
 
@@ -184,6 +202,13 @@ class EncoderOutput:
     text_states: torch.Tensor  # [B, m, H], or [T, H] for packed text
     visual_states: torch.Tensor  # [B, 1+K, H], [IMG] first
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None  # after embeddings and each block
+    # output_attentions: single-stream fills `attentions` (keys [IMG, objects, text]); two-stream
+    # fills `text_attentions` (the text pass), `visual_attentions` (the image pass's
+    # self-attention) and `cross_attentions` (image queries, text keys; blocks L_s+1..L only).
+    attentions: tuple[torch.Tensor, ...] | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None
+    visual_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class Encoder(nn.Module):
@@ -202,6 +227,7 @@ class Encoder(nn.Module):
         visual_mask: torch.Tensor | None,
         ops: KernelOps,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> EncoderOutput:
         batch, num_visual, hidden_size = visual.shape
         if isinstance(text_mask, Packed):  # example b = [IMG, o_1..o_K, text_b], one varlen batch
@@ -213,11 +239,17 @@ class Encoder(nn.Module):
             mask = _concat_masks(visual_mask, text_mask, visual.shape[:2], text.shape[:2], x.device)
             visual_of, text_of = (lambda x: x[:, :num_visual]), (lambda x: x[:, num_visual:])
         hidden = [visual] if output_hidden_states else None
+        maps = AttentionMaps() if output_attentions else None
         for layer in self.layers:
-            x = layer(x, mask, ops)
+            x = layer(x, mask, ops, maps=maps)
             if hidden is not None:
                 hidden.append(visual_of(x))
-        return EncoderOutput(text_of(x), visual_of(x), tuple(hidden) if hidden else None)
+        return EncoderOutput(
+            text_of(x),
+            visual_of(x),
+            tuple(hidden) if hidden else None,
+            attentions=None if maps is None else tuple(maps.self_attention),
+        )
 
     def two_stream(
         self,
@@ -227,23 +259,40 @@ class Encoder(nn.Module):
         visual_mask: torch.Tensor | None,
         ops: KernelOps,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> EncoderOutput:
-        text = self.text_stream(text, text_mask, ops)
+        text_maps, visual_maps = (AttentionMaps(), AttentionMaps()) if output_attentions else (None, None)
+        text = self.text_stream(text, text_mask, ops, text_maps)
         # Cross-attention keys: the final text states, padded if packed (queries and keys differ).
         context, context_mask = text, text_mask
         if isinstance(text_mask, Packed):
             context, context_mask = text_mask.pad(text), text_mask.key_padding_mask(text.shape[0])
         hidden = [visual] if output_hidden_states else None
-        visual = self.visual_stream(visual, visual_mask, ops, context, context_mask, hidden=hidden)
-        return EncoderOutput(text, visual, tuple(hidden) if hidden else None)
+        visual = self.visual_stream(visual, visual_mask, ops, context, context_mask, hidden=hidden, maps=visual_maps)
+        if not output_attentions:
+            return EncoderOutput(text, visual, tuple(hidden) if hidden else None)
+        return EncoderOutput(
+            text,
+            visual,
+            tuple(hidden) if hidden else None,
+            text_attentions=tuple(text_maps.self_attention),
+            visual_attentions=tuple(visual_maps.self_attention),
+            cross_attentions=tuple(visual_maps.cross_attention),
+        )
 
     # The two streams apart. The text never sees the image, and the image blocks below L_s never
     # see the text: a retrieval scorer encodes each caption and each image's lower blocks once.
 
-    def text_stream(self, text: torch.Tensor, text_mask: torch.Tensor | Packed | None, ops: KernelOps) -> torch.Tensor:
+    def text_stream(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | Packed | None,
+        ops: KernelOps,
+        maps: AttentionMaps | None = None,
+    ) -> torch.Tensor:
         """Two-stream text: every block, self-attention only."""
         for layer in self.layers:
-            text = layer(text, text_mask, ops)
+            text = layer(text, text_mask, ops, maps=maps)
         return text
 
     def visual_stream(
@@ -255,16 +304,17 @@ class Encoder(nn.Module):
         context_mask: torch.Tensor | None,
         blocks: slice = slice(None),
         hidden: list[torch.Tensor] | None = None,
+        maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         """Two-stream image through `self.layers[blocks]`; blocks from L_s on also attend to
         `context`, the final text states (None is allowed only for blocks below L_s)."""
         for layer in self.layers[blocks]:
             if layer.cross_attention is None:
-                visual = layer(visual, visual_mask, ops)
+                visual = layer(visual, visual_mask, ops, maps=maps)
             elif context is None:
                 raise ValueError("blocks from cross_attention_start_layer on need the text states as context")
             else:
-                visual = layer(visual, visual_mask, ops, context=context, context_mask=context_mask)
+                visual = layer(visual, visual_mask, ops, context=context, context_mask=context_mask, maps=maps)
             if hidden is not None:
                 hidden.append(visual)
         return visual

@@ -53,6 +53,14 @@ class SemVLPOutput(ModelOutput):
     visual_states: torch.Tensor | None = None  # [B, 1+K, H], [IMG] first
     pooled: torch.Tensor | None = None  # [B, H]: pooler(h_CLS) single-stream, pooler(o_IMG) two-stream
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None
+    # output_attentions=True, per block, [B, heads, T_q, T_k] fp32 probabilities before dropout.
+    # "single": `attentions`, over [IMG, o_1..o_K, text] (T = 1 + K + m). "two": `text_attentions`
+    # [B, heads, m, m], `visual_attentions` [B, heads, 1+K, 1+K] and `cross_attentions`
+    # [B, heads, 1+K, m] (image queries, final text states as keys; blocks L_s+1..L only).
+    attentions: tuple[torch.Tensor, ...] | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None
+    visual_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -123,6 +131,7 @@ class SemVLPModel(SemVLPPreTrainedModel):
         visual_attention_mask: torch.Tensor | None = None,
         mode: str = "single",
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> SemVLPOutput:
         """Encode a batch of (text, image) pairs.
 
@@ -136,6 +145,9 @@ class SemVLPModel(SemVLPPreTrainedModel):
             visual_attention_mask: [B, K], 1 for real objects; None when nothing is padded.
             mode: "single" (image and text concatenated) or "two" (separate, cross-attention above L_s).
             output_hidden_states: also return the visual states after the embeddings and each block.
+            output_attentions: also return every block's attention probabilities (see
+                SemVLPOutput). Attention then runs eagerly, whatever the kernel backend: fused
+                kernels never form the probabilities. Padded text only.
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -144,16 +156,27 @@ class SemVLPModel(SemVLPPreTrainedModel):
                 "visual_attention_mask with PackedText in single-stream mode is not supported "
                 "(the packed sequences [IMG, objects, text] cannot mask objects); pass padded text"
             )
+        if output_attentions and isinstance(input_ids, PackedText):
+            raise ValueError("output_attentions needs padded text (input_ids [B, m]), not a PackedText")
         batch = self._check_text(input_ids, attention_mask, token_type_ids)
         self._check_visual(visual_feats, visual_pos, visual_attention_mask, batch)
         text, text_mask = self._embed_text(input_ids, attention_mask, token_type_ids)
         visual, visual_mask = self._embed_visual(visual_feats, visual_pos, visual_attention_mask)
         ops = self.kernel_ops(text)
         run = self.encoder.single_stream if mode == "single" else self.encoder.two_stream
-        out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states)
+        out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states, output_attentions)
         text_states = text_mask.pad(out.text_states) if isinstance(text_mask, Packed) else out.text_states
         first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
-        return SemVLPOutput(text_states, out.visual_states, self.pooler(first), out.visual_hidden_states)
+        return SemVLPOutput(
+            text_states,
+            out.visual_states,
+            self.pooler(first),
+            out.visual_hidden_states,
+            out.attentions,
+            out.text_attentions,
+            out.visual_attentions,
+            out.cross_attentions,
+        )
 
     # mode="two" in pieces. The text never sees the image and the image blocks below L_s never see
     # the text, so scoring C captions against I images needs C text encodings and I lower-image
