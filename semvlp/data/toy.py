@@ -6,6 +6,7 @@ writes, deterministically from the seed, in well under a minute on 2 cores (~50 
 
     features.h5               one store (K=100, D=2048) with the train, valid and test images
     vocab.txt                 WordPiece vocab covering every word used
+    objects_vocab.txt         the detector's label names, one per line (python -m semvlp.attention_map)
     pretrain_train.json       LXMERT pre-training layout (sentf/labelf), sources mscoco, vqa, gqa
     pretrain_valid.json
     all_ans.json              the pre-training answer table (LXMERT layout)
@@ -55,7 +56,7 @@ import numpy as np
 from semvlp.data.config import DataConfig, NLVR2Data, PretrainData, QAData, RetrievalData
 from semvlp.data.store import FeatureStoreWriter
 
-TOY_VERSION = 1
+TOY_VERSION = 2
 
 OBJECTS = (
     "car",
@@ -522,6 +523,8 @@ def generate_toy_world(
     words.update(str(i) for i in range(10))
     with open(out / "vocab.txt", "w") as f:
         f.write("\n".join(SPECIAL_TOKENS + tuple(sorted(words))) + "\n")
+    with open(out / "objects_vocab.txt", "w") as f:  # label id -> name, Visual Genome's layout
+        f.write("\n".join(OBJECTS + BACKGROUNDS) + "\n")
 
     base = out.resolve()
     config = DataConfig(
