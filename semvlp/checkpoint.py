@@ -107,15 +107,21 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     tag = latest_tag(directory)
     if tag is None:
         return None
+    folder = Path(directory) / tag
+    saved, world = len(list(folder.glob("rng_rank*.pt"))), dist.world_size()
+    if saved != world:  # before DeepSpeed, whose error comes as a traceback after a partial load
+        raise ValueError(
+            f"--resume: {folder} was saved by {saved} processes and this run has {world}; ZeRO's optimizer "
+            f"shards cannot be split anew. Resume with {saved} processes, or export the weights "
+            f"(`python -m semvlp.export {folder} --out DIR`) and start a new run with --init_from DIR "
+            f"(optimizer state, lr schedule and data position then start afresh)"
+        )
     path, client_state = engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(directory) / tag}")
-    rng_file = Path(directory) / tag / f"rng_rank{dist.rank()}.pt"
-    if not rng_file.is_file():
-        raise RuntimeError(f"{rng_file} is missing: the checkpoint was saved with a different number of ranks")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
     return client_state
 
 

@@ -248,6 +248,15 @@ def test_sigterm_checkpoints_both_ranks_at_one_step_and_stops(tmp_path, toy_data
     ]
     assert not (run_dir / "export").exists()
 
+    # Another number of processes cannot resume it (ZeRO-1 shards the optimizer per rank): the error
+    # says so before DeepSpeed loads anything, and names the way on.
+    alone = run_pretrain(["--data", str(toy_data), "--output_dir", str(run_dir), "--resume", "--num_workers", "0"], 1)
+    assert alone.returncode == 2
+    folder = run_dir / "checkpoints" / tag
+    assert f"error: --resume: {folder} was saved by 2 processes and this run has 1;" in alone.stderr
+    assert f"`python -m semvlp.export {folder} --out DIR`" in alone.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+
 
 def test_stop_signal_takes_sigterm_and_sigusr1_and_restores_the_handlers():
     """SIGUSR1 (SLURM's --signal=USR1@120 notice) stops the run as SIGTERM does, instead of killing it."""
