@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -395,6 +397,23 @@ def test_config_values_that_would_drop_data_are_errors(light, tmp_path):
         build_pretrain_dataset(edited(sources=["mscoco"]))
     # The default, LXMERT's five sources, takes those the files hold (the toy world has no vg, visual7w).
     assert build_pretrain_dataset(edited(sources=list(LXMERT_SOURCES))).corpus_sources == LXMERT_SOURCES
+
+
+def test_a_loader_alive_at_exit_stops_its_workers(toy, tmp_path):
+    """Workers ignore SIGTERM (a stop signal is the training process's); so multiprocessing's exit
+    handling, which SIGTERMs daemonic workers and waits, must find them stopped already, even when
+    the loader outlives the program (torch.compile's caches keep it, so would a global)."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "from semvlp.data import build_pretrain_loader\n"
+        f"loader = build_pretrain_loader({str(toy)!r}, batch_size=8, num_workers=2)\n"
+        "iterator = iter(loader)\n"
+        "next(iterator)\n"
+        "print('exiting', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "exiting\n"
 
 
 def test_iterating_leaves_the_global_rng_alone(light):

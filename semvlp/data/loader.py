@@ -20,6 +20,7 @@ repeated, so ranks may get one batch more or less.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,10 +160,25 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _ignore_stop_signals(worker_id: int) -> None:
     # SIGTERM and SIGUSR1 are the training process's to handle (semvlp.train.StopSignal: it
-    # checkpoints, then shuts its workers down); a worker that died of one first would fail the steps
-    # before the checkpoint. A worker still exits with its parent: PyTorch's workers watch it.
+    # checkpoints, then stops); a worker that died of one first would fail the steps before the
+    # checkpoint. So they are stopped as _stop_workers does, never by SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers as its iterator does when deleted: tell each to finish,
+    join it. (DataLoader has no public call for this.)
+
+    Registered as a multiprocessing finalizer: it runs when the ResumableLoader is collected, or at
+    exit if it is still alive (torch.compile's caches keep it, so does an exception on the way out).
+    Its exit priority puts it first: multiprocessing's exit handling then closes the index queues
+    (priority 10), which would lose the message to finish, and then SIGTERMs the daemonic workers and
+    waits for them, forever, since they ignore SIGTERM.
+    """
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None:
+        iterator._shutdown_workers()
 
 
 class ResumableLoader:
@@ -217,6 +233,8 @@ class ResumableLoader:
             generator=torch.Generator().manual_seed(seed),
             **extra,
         )
+        if num_workers:
+            multiprocessing.util.Finalize(self, _stop_workers, args=(self._loader,), exitpriority=100)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
