@@ -28,10 +28,11 @@
 #                                 step is launch overhead (compare the kernel busy % columns)
 #   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
-#   pretrain            120    0  the main job, only with time left: launch/pretrain.py, one process,
+#   pretrain            180    0  the main job, only with time left: launch/pretrain.py, one process,
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
-#                                 world, 30 steps with kernel_backend auto, then 30 with triton
+#                                 world, 30 steps with kernel_backend auto, 30 with triton, then 30
+#                                 with auto and --compile
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
 # stage gets its full 200 s when the kernel tests take about a minute. With a smaller budget the
@@ -67,7 +68,7 @@ TEE_PID=$!
 STAGES=(install info kernel-tests kernel-bench throughput throughput-compile throughput-fp16 model-kernels pretrain
     summary)
 declare -A LIMIT=([install]=60 [info]=20 [kernel-tests]=150 [kernel-bench]=120 [throughput]=200
-    [throughput-compile]=110 [throughput-fp16]=60 [model-kernels]=60 [pretrain]=120 [summary]=15)
+    [throughput-compile]=110 [throughput-fp16]=60 [model-kernels]=60 [pretrain]=180 [summary]=15)
 declare -A MIN=([install]=60 [info]=20 [kernel-tests]=60 [kernel-bench]=45 [throughput]=150
     [throughput-compile]=45 [throughput-fp16]=25 [model-kernels]=0 [pretrain]=0 [summary]=10)
 SELECTED=${GPU_CHECK_STAGES:-}
@@ -271,13 +272,13 @@ else
 fi
 
 # The main job as a user runs it, minus the launcher: launch/pretrain.py as one DeepSpeed process on
-# the toy world, first with the default kernel backend, then with every Triton kernel.
+# the toy world, with the default kernel backend, with every Triton kernel, then compiled.
 pretrain() {
     "$PY" -m semvlp.data.toy --out "$WORK/toy" >/dev/null || return 1
-    local config=$WORK/pretrain_ds.json preset=base steps=30 backends=(auto triton) backend rc=0
+    local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto triton auto-compile) variant rc=0
     # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
     # (tests/test_model_kernels.py covers that model there).
-    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 backends=(auto); fi
+    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 variants=(auto); fi
     "$PY" - "$CPU_MODE" "$config" <<'EOF' || return 1
 import json, sys
 
@@ -288,14 +289,16 @@ config["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's FusedAdam woul
 json.dump(config, open(out, "w"))
 print(f"one process, micro-batch {config['train_micro_batch_size_per_gpu']}, config {out}")
 EOF
-    for backend in "${backends[@]}"; do
-        echo "--- pretrain: kernel_backend $backend, $preset preset, $steps steps"
+    for variant in "${variants[@]}"; do  # BACKEND or BACKEND-compile
+        local backend=${variant%-compile} compile=() compiled=false
+        if [ "$variant" != "$backend" ]; then compile=(--compile) compiled=true; fi
+        echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps"
         "$PY" launch/pretrain.py --deepspeed_config "$config" --preset "$preset" --data "$WORK/toy/data.json" \
-            --output_dir "$WORK/pretrain_$backend" --kernel_backend "$backend" --max_steps "$steps" \
-            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 || rc=1
-        if [ -f "$WORK/pretrain_$backend/metrics.jsonl" ]; then
-            sed "s/^{/{\"kernel_backend\": \"$backend\", /" "$WORK/pretrain_$backend/metrics.jsonl" \
-                >>"$OUT/pretrain_metrics.jsonl"
+            --output_dir "$WORK/pretrain_$variant" --kernel_backend "$backend" --max_steps "$steps" \
+            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${compile[@]}" || rc=1
+        if [ -f "$WORK/pretrain_$variant/metrics.jsonl" ]; then
+            sed "s/^{/{\"kernel_backend\": \"$backend\", \"compile\": $compiled, /" \
+                "$WORK/pretrain_$variant/metrics.jsonl" >>"$OUT/pretrain_metrics.jsonl"
         fi
     done
     return $rc

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if run.eval_only:
         runner.check_complete_export(model, run.init_from, "--eval_only")
     runner.initialize_model(model, run)
-    engine = runner.build_engine(model, ds_config)
+    engine = runner.build_engine(model, ds_config, run)
     task = PretrainTask(
         config,
         loaders.get("train"),

@@ -38,6 +38,11 @@ class RunConfig:
         None, "L_s: cross-attention in blocks L_s+1..L; default: the model config's"
     )
     kernel_backend: str = option("auto", "auto | eager | sdpa | triton (auto: per device and dtype, logged at start)")
+    compile: bool = option(
+        False,
+        "torch.compile the model (DeepSpeed's engine.compile): fused elementwise ops and fewer launches; the first "
+        "steps of each stream mode, and of train and eval, compile first",
+    )
     max_steps: int = option(1000, "optimizer steps")
     warmup_ratio: float = option(0.05, "warmup_num_steps = ratio x max_steps where the ds_config says auto")
     log_every: int = option(10, "steps per metrics.jsonl line (losses averaged over them)")

@@ -189,8 +189,11 @@ def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None 
     return run_dir, ds_config
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
+def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
+    """The DeepSpeed engine; with --compile its module is compiled in place (state-dict names unchanged)."""
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if run.compile:
+        engine.compile()
     return engine
 
 

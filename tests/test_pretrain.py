@@ -407,6 +407,31 @@ def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_d
     assert states["loader"]["position"] == 6  # micro-batches consumed: 3 steps x 2
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data):
+    """--compile (DeepSpeed's engine.compile): the same losses step by step and the same evaluation
+    as eager, to fp32 rounding (inductor reorders arithmetic), in both stream modes and through the
+    masked rows' graph breaks; checkpoints and export keep the module's parameter names. The run
+    exits although the compiled model's caches keep its loaders (and their workers) alive to exit."""
+    common = ["--data", str(toy_data), "--max_steps", "4", "--log_every", "1", "--eval_every", "0",
+              "--eval_batches", "1", "--num_workers", "1"]  # fmt: skip
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_pretrain([*common, "--output_dir", str(eager)], processes=1).returncode == 0
+    result = run_pretrain([*common, "--output_dir", str(compiled), "--compile"], processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [records(run, "train") for run in (eager, compiled)]
+    assert {m for r in steps[1] for m in r["modes"]} == {"single", "two"}
+    for a, b in zip(*steps, strict=True):
+        assert a["modes"] == b["modes"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    final = [records(run, "eval")[-1] for run in (eager, compiled)]
+    for name in ("single/loss_mlm", "single/loss_itm", "two/loss_mlm", "two/loss_itm", "two/loss_obj_feat"):
+        assert final[1][name] == pytest.approx(final[0][name], rel=1e-4), name
+    exported = [SemVLPModel.from_pretrained(run / "export").state_dict() for run in (eager, compiled)]
+    assert exported[1].keys() == exported[0].keys()
+    for name, tensor in exported[0].items():
+        torch.testing.assert_close(exported[1][name], tensor, rtol=1e-3, atol=1e-5)
+
+
 def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
     from semvlp.data.config import DataConfig
     from semvlp.data.pretrain_dataset import pretraining_model_fields

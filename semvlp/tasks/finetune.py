@@ -267,7 +267,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         runner.check_complete_export(model, run.init_from, "--predict_only")
         _check_same_labels(run.init_from, task.model_fields().get("id2label"))
     runner.initialize_model(model, run)
-    engine = runner.build_engine(model, ds_config)
+    engine = runner.build_engine(model, ds_config, run)
 
     results: dict = {"mode": run.mode, "notes": task.notes}
     if not run.predict_only:
