@@ -150,6 +150,25 @@ def test_output_attentions_returns_the_probabilities_each_block_uses(model):
         torch.testing.assert_close(out.visual_states, plain.visual_states, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_hidden_states_enter_and_leave_every_block(model, mode):
+    inputs = make_inputs()
+    out = model(**inputs, mode=mode, output_hidden_states=True)
+    text, visual = out.text_hidden_states, out.visual_hidden_states
+    assert len(text) == len(visual) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(text[0], model.embeddings(inputs["input_ids"], inputs["token_type_ids"]))
+    torch.testing.assert_close(text[-1], out.text_states, rtol=0, atol=0)
+    torch.testing.assert_close(visual[-1], out.visual_states, rtol=0, atol=0)
+    ops, block = model.kernel_ops(out.pooled), model.encoder.layers[0]
+    keys = torch.cat([torch.ones(3, 1 + K, dtype=torch.bool), inputs["attention_mask"].bool()], dim=1)
+    if mode == "single":  # block 1 maps the concatenation of the two inputs to that of the two outputs
+        joint = block(torch.cat([visual[0], text[0]], dim=1), keys, ops)
+        torch.testing.assert_close(joint, torch.cat([visual[1], text[1]], dim=1))
+    else:  # each stream through block 1 alone
+        torch.testing.assert_close(block(text[0], keys[:, 1 + K :], ops), text[1])
+        torch.testing.assert_close(block(visual[0], None, ops), visual[1])
+
+
 def test_output_attentions_needs_padded_text(model):
     inputs = make_inputs(batch=2)
     text = PackedText(torch.randint(1, VOCAB, (12,)), torch.tensor([0, 5, 12], dtype=torch.int32), 7)

@@ -83,6 +83,21 @@ def test_packed_forward_and_gradients_equal_padded(backend, mode):
         torch.testing.assert_close(grads["packed"][n], expected, atol=2e-5, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_packed_hidden_states_equal_padded(mode):
+    model = make_model("eager").eval()
+    padded, packed = make_inputs(NUM_OBJECTS["eager"])
+    real = padded["attention_mask"].bool()
+    with torch.no_grad():
+        a, b = (model(**inputs, mode=mode, output_hidden_states=True) for inputs in (padded, packed))
+    assert len(b.text_hidden_states) == len(b.visual_hidden_states) == model.config.num_hidden_layers + 1
+    for layer, (want, got) in enumerate(zip(a.text_hidden_states, b.text_hidden_states, strict=True)):
+        assert got.shape == want.shape and not got[~real].any(), layer
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5, msg=lambda m, i=layer: f"{i}: {m}")
+    for want, got in zip(a.visual_hidden_states, b.visual_hidden_states, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_backend_runs_the_varlen_kernel_on_packed_text(monkeypatch):
     calls = []
     real_kernel = dispatch.varlen_attention

@@ -201,7 +201,9 @@ class Block(nn.Module):
 class EncoderOutput:
     text_states: torch.Tensor  # [B, m, H], or [T, H] for packed text
     visual_states: torch.Tensor  # [B, 1+K, H], [IMG] first
-    visual_hidden_states: tuple[torch.Tensor, ...] | None = None  # after embeddings and each block
+    # output_hidden_states: the states entering block 1, then leaving each block (L + 1 of each)
+    text_hidden_states: tuple[torch.Tensor, ...] | None = None  # packed text: [T, H] each
+    visual_hidden_states: tuple[torch.Tensor, ...] | None = None
     # output_attentions: single-stream fills `attentions` (keys [IMG, objects, text]); two-stream
     # fills `text_attentions` (the text pass), `visual_attentions` (the image pass's
     # self-attention) and `cross_attentions` (image queries, text keys; blocks L_s+1..L only).
@@ -238,16 +240,18 @@ class Encoder(nn.Module):
             x = torch.cat([visual, text], dim=1)
             mask = _concat_masks(visual_mask, text_mask, visual.shape[:2], text.shape[:2], x.device)
             visual_of, text_of = (lambda x: x[:, :num_visual]), (lambda x: x[:, num_visual:])
-        hidden = [visual] if output_hidden_states else None
+        text_hidden, visual_hidden = ([text], [visual]) if output_hidden_states else (None, None)
         maps = AttentionMaps() if output_attentions else None
         for layer in self.layers:
             x = layer(x, mask, ops, maps=maps)
-            if hidden is not None:
-                hidden.append(visual_of(x))
+            if output_hidden_states:
+                text_hidden.append(text_of(x))
+                visual_hidden.append(visual_of(x))
         return EncoderOutput(
             text_of(x),
             visual_of(x),
-            tuple(hidden) if hidden else None,
+            _tuple_or_none(text_hidden),
+            _tuple_or_none(visual_hidden),
             attentions=None if maps is None else tuple(maps.self_attention),
         )
 
@@ -262,23 +266,21 @@ class Encoder(nn.Module):
         output_attentions: bool = False,
     ) -> EncoderOutput:
         text_maps, visual_maps = (AttentionMaps(), AttentionMaps()) if output_attentions else (None, None)
-        text = self.text_stream(text, text_mask, ops, text_maps)
+        text_hidden, visual_hidden = ([text], [visual]) if output_hidden_states else (None, None)
+        text = self.text_stream(text, text_mask, ops, hidden=text_hidden, maps=text_maps)
         # Cross-attention keys: the final text states, padded if packed (queries and keys differ).
         context, context_mask = text, text_mask
         if isinstance(text_mask, Packed):
             context, context_mask = text_mask.pad(text), text_mask.key_padding_mask(text.shape[0])
-        hidden = [visual] if output_hidden_states else None
-        visual = self.visual_stream(visual, visual_mask, ops, context, context_mask, hidden=hidden, maps=visual_maps)
-        if not output_attentions:
-            return EncoderOutput(text, visual, tuple(hidden) if hidden else None)
-        return EncoderOutput(
-            text,
-            visual,
-            tuple(hidden) if hidden else None,
-            text_attentions=tuple(text_maps.self_attention),
-            visual_attentions=tuple(visual_maps.self_attention),
-            cross_attentions=tuple(visual_maps.cross_attention),
+        visual = self.visual_stream(
+            visual, visual_mask, ops, context, context_mask, hidden=visual_hidden, maps=visual_maps
         )
+        out = EncoderOutput(text, visual, _tuple_or_none(text_hidden), _tuple_or_none(visual_hidden))
+        if output_attentions:
+            out.text_attentions = tuple(text_maps.self_attention)
+            out.visual_attentions = tuple(visual_maps.self_attention)
+            out.cross_attentions = tuple(visual_maps.cross_attention)
+        return out
 
     # The two streams apart. The text never sees the image, and the image blocks below L_s never
     # see the text: a retrieval scorer encodes each caption and each image's lower blocks once.
@@ -288,11 +290,14 @@ class Encoder(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | Packed | None,
         ops: KernelOps,
+        hidden: list[torch.Tensor] | None = None,
         maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         """Two-stream text: every block, self-attention only."""
         for layer in self.layers:
             text = layer(text, text_mask, ops, maps=maps)
+            if hidden is not None:
+                hidden.append(text)
         return text
 
     def visual_stream(
@@ -318,6 +323,10 @@ class Encoder(nn.Module):
             if hidden is not None:
                 hidden.append(visual)
         return visual
+
+
+def _tuple_or_none(states: list[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+    return None if states is None else tuple(states)
 
 
 def _concat_masks(

@@ -52,6 +52,9 @@ class SemVLPOutput(ModelOutput):
     text_states: torch.Tensor | None = None  # [B, m, H] (m = max_seqlen for PackedText, zeros past each caption)
     visual_states: torch.Tensor | None = None  # [B, 1+K, H], [IMG] first
     pooled: torch.Tensor | None = None  # [B, H]: pooler(h_CLS) single-stream, pooler(o_IMG) two-stream
+    # output_hidden_states=True: the states entering block 1, then leaving each block (L + 1 tensors
+    # each; [B, m, H] text, zeros past each caption for PackedText; [B, 1+K, H] image)
+    text_hidden_states: tuple[torch.Tensor, ...] | None = None
     visual_hidden_states: tuple[torch.Tensor, ...] | None = None
     # output_attentions=True, per block, [B, heads, T_q, T_k] fp32 probabilities before dropout.
     # "single": `attentions`, over [IMG, o_1..o_K, text] (T = 1 + K + m). "two": `text_attentions`
@@ -144,7 +147,7 @@ class SemVLPModel(SemVLPPreTrainedModel):
             visual_pos: [B, K, 4] boxes (x1, y1, x2, y2) normalized to [0, 1].
             visual_attention_mask: [B, K], 1 for real objects; None when nothing is padded.
             mode: "single" (image and text concatenated) or "two" (separate, cross-attention above L_s).
-            output_hidden_states: also return the visual states after the embeddings and each block.
+            output_hidden_states: also return the text and image states entering block 1 and leaving each block.
             output_attentions: also return every block's attention probabilities (see
                 SemVLPOutput). Attention then runs eagerly, whatever the kernel backend: fused
                 kernels never form the probabilities. Padded text only.
@@ -165,12 +168,16 @@ class SemVLPModel(SemVLPPreTrainedModel):
         ops = self.kernel_ops(text)
         run = self.encoder.single_stream if mode == "single" else self.encoder.two_stream
         out = run(text, text_mask, visual, visual_mask, ops, output_hidden_states, output_attentions)
-        text_states = text_mask.pad(out.text_states) if isinstance(text_mask, Packed) else out.text_states
+        text_states, text_hidden = out.text_states, out.text_hidden_states
+        if isinstance(text_mask, Packed):
+            text_states = text_mask.pad(text_states)
+            text_hidden = None if text_hidden is None else tuple(text_mask.pad(h) for h in text_hidden)
         first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
         return SemVLPOutput(
             text_states,
             out.visual_states,
             self.pooler(first),
+            text_hidden,
             out.visual_hidden_states,
             out.attentions,
             out.text_attentions,
