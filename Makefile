@@ -24,7 +24,7 @@ $(STAMP): setup.py pyproject.toml
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Pre-trains the tiny model in 2 CPU processes on the toy world (generated in data/toy on first
 # use) for about 8 minutes, then prints held-out metrics per stream mode.
