@@ -77,6 +77,7 @@ import torch
 
 from semvlp.config import config_from_preset
 from semvlp.flops import training_step_flops
+from semvlp.run_config import COMPILE_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,7 +90,6 @@ SCHEMA = "semvlp-throughput/1"
 MODES = ("single", "two", "alternate")
 BACKENDS = ("eager", "sdpa", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 PROFILED_SECTIONS = ("main", "compiled")  # runs whose kernel time per step is measured (device_time)
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's WordPiece ids
 MASK_PROB = 0.15

@@ -18,6 +18,8 @@ from pathlib import Path
 from semvlp.config import PRESETS
 from semvlp.data.config import DataConfig
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 
 def option(default, doc: str):
     """A config field with its `--help` text (the help shows the default after it)."""
@@ -42,6 +44,11 @@ class RunConfig:
         False,
         "torch.compile the model (DeepSpeed's engine.compile): fused elementwise ops and fewer launches; the first "
         "steps of each stream mode, and of train and eval, compile first",
+    )
+    compile_mode: str = option(
+        "default",
+        "torch.compile's mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
+        "max-autotune-no-cudagraphs",
     )
     max_steps: int = option(1000, "optimizer steps")
     warmup_ratio: float = option(0.05, "warmup_num_steps = ratio x max_steps where the ds_config says auto")
@@ -68,6 +75,10 @@ class RunConfig:
         for name in ("eval_every", "eval_batches", "checkpoint_every", "num_workers", "exit_after_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile_mode {self.compile_mode} needs --compile")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("deepspeed_config", "model_config", "init_from", "data"):
