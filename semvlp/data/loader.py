@@ -171,7 +171,7 @@ def _stop_workers(loader: DataLoader) -> None:
     join it. (DataLoader has no public call for this.)
 
     Registered as a multiprocessing finalizer: it runs when the ResumableLoader is collected, or at
-    exit if it is still alive (torch.compile's caches keep it, so does an exception on the way out).
+    exit if it is still alive then (torch.compile's caches keep it).
     Its exit priority puts it first: multiprocessing's exit handling then closes the index queues
     (priority 10), which would lose the message to finish, and then SIGTERMs the daemonic workers and
     waits for them, forever, since they ignore SIGTERM.

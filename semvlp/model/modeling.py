@@ -174,15 +174,15 @@ class SemVLPModel(SemVLPPreTrainedModel):
             text_hidden = None if text_hidden is None else tuple(text_mask.pad(h) for h in text_hidden)
         first = text_states[:, 0] if mode == "single" else out.visual_states[:, 0]
         return SemVLPOutput(
-            text_states,
-            out.visual_states,
-            self.pooler(first),
-            text_hidden,
-            out.visual_hidden_states,
-            out.attentions,
-            out.text_attentions,
-            out.visual_attentions,
-            out.cross_attentions,
+            text_states=text_states,
+            visual_states=out.visual_states,
+            pooled=self.pooler(first),
+            text_hidden_states=text_hidden,
+            visual_hidden_states=out.visual_hidden_states,
+            attentions=out.attentions,
+            text_attentions=out.text_attentions,
+            visual_attentions=out.visual_attentions,
+            cross_attentions=out.cross_attentions,
         )
 
     # mode="two" in pieces. The text never sees the image and the image blocks below L_s never see
