@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_export(args.export)
         tokenizer = load_tokenizer(args.vocab or Path(args.export))
+        if not args.caption.strip():
+            raise ValueError("--caption is empty")
+        if args.objects < 0:
+            raise ValueError(f"--objects {args.objects}: expected a count >= 0")
         input_ids = tokenizer(args.caption.strip())["input_ids"]
         if len(input_ids) > MAX_TEXT_LEN:
             raise ValueError(
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             store.close()
         names = read_object_names(args.object_names, int(image.obj_ids.max())) if args.object_names else None
-        layer = args.layer or model.config.num_hidden_layers
+        layer = model.config.num_hidden_layers if args.layer is None else args.layer
         tokens = tokenizer.convert_ids_to_tokens(input_ids)
         amap = attention_map(model, input_ids, tokens, image, args.mode, layer, args.head)
     except (ValueError, KeyError, OSError) as e:
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in _report(amap, image, names, args.objects):
         print(line)
+    unknown = amap.tokens.count(tokenizer.unk_token)
+    if unknown:
+        print(f"note: {unknown} word(s) of the caption are not in the vocab and read as {tokenizer.unk_token}")
     if args.out:
         record = {
             "export": str(args.export),

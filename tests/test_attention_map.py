@@ -106,7 +106,14 @@ def test_two_stream_map_is_the_last_cross_attention_averaged_over_heads(world, t
     got = np.array([o["attention"] for o in record["objects"]])
     np.testing.assert_allclose(got, out.cross_attentions[-1][0, :, 1:].mean(0).numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose([o["text_share"] for o in record["objects"]], 1, rtol=1e-5)
-    assert capsys.readouterr().out.startswith("two-stream block 4, mean over heads (cross-attention)")
+    printed = capsys.readouterr().out
+    assert printed.startswith("two-stream block 4, mean over heads (cross-attention)")
+    assert "not in the vocab" not in printed
+
+    args = _args(world, "--mode", "two")
+    args[args.index("--caption") + 1] = "a red zebra on the grass ."  # the toy vocab has no zebra
+    assert main(args) == 0
+    assert "note: 1 word(s) of the caption are not in the vocab and read as [UNK]" in capsys.readouterr().out
 
 
 def test_a_padded_store_lists_only_its_real_objects(world, tmp_path):
@@ -143,6 +150,9 @@ def test_a_finetuned_export_gives_its_encoder(world, tmp_path):
     [
         (("--mode", "two", "--layer", "2"), "--layer 2: expected 3..4 (two-stream: the blocks with cross-attention"),
         (("--layer", "5"), "--layer 5: expected 1..4"),
+        (("--layer", "0"), "--layer 0: expected 1..4"),
+        (("--objects", "-1"), "--objects -1: expected a count >= 0"),
+        (("--caption", "  "), "--caption is empty"),
         (("--head", "5"), "--head 5: expected 1..4, or 'mean'"),
         (("--caption", "a dog " * 20), "--caption is 42 tokens with [CLS] and [SEP]; the model was pre-trained on"),
         (("--image_id", "no_such_image"), "image 'no_such_image' is not in "),
