@@ -19,6 +19,9 @@ from semvlp.config import PRESETS
 from semvlp.data.config import DataConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# inductor generates the kernels; the others run the captured graphs eagerly, to tell a capture
+# problem from a code-generation one (torch.compile's debugging backends)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def option(default, doc: str):
@@ -50,6 +53,10 @@ class RunConfig:
         "torch.compile's mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune | "
         "max-autotune-no-cudagraphs",
     )
+    compile_backend: str = option(
+        "inductor",
+        "torch.compile's backend with --compile: inductor | aot_eager | eager (debugging: no code generation)",
+    )
     max_steps: int = option(1000, "optimizer steps")
     warmup_ratio: float = option(0.05, "warmup_num_steps = ratio x max_steps where the ds_config says auto")
     log_every: int = option(10, "steps per metrics.jsonl line (losses averaged over them)")
@@ -77,8 +84,15 @@ class RunConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}")
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"--compile_mode {self.compile_mode} needs --compile")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"--compile_backend {self.compile_backend!r}: expected one of {COMPILE_BACKENDS}")
+        for name, default in (("compile_mode", "default"), ("compile_backend", "inductor")):
+            if getattr(self, name) != default and not self.compile:
+                raise ValueError(f"--{name} {getattr(self, name)} needs --compile")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(
+                f"--compile_mode {self.compile_mode} is inductor's; --compile_backend is {self.compile_backend}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("deepspeed_config", "model_config", "init_from", "data"):

@@ -193,7 +193,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
     """The DeepSpeed engine; with --compile its module is compiled in place (state-dict names unchanged)."""
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     if run.compile:
-        engine.compile(compile_kwargs={} if run.compile_mode == "default" else {"mode": run.compile_mode})
+        mode = {} if run.compile_mode == "default" else {"mode": run.compile_mode}
+        engine.compile(backend=run.compile_backend, compile_kwargs=mode)
     return engine
 
 
