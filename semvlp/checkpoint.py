@@ -120,7 +120,7 @@ def load_latest(engine, directory: str | Path) -> dict | None:
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(directory) / tag}")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
     set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
     return client_state
 

@@ -275,12 +275,15 @@ class Encoder(nn.Module):
         visual = self.visual_stream(
             visual, visual_mask, ops, context, context_mask, hidden=visual_hidden, maps=visual_maps
         )
-        out = EncoderOutput(text, visual, _tuple_or_none(text_hidden), _tuple_or_none(visual_hidden))
-        if output_attentions:
-            out.text_attentions = tuple(text_maps.self_attention)
-            out.visual_attentions = tuple(visual_maps.self_attention)
-            out.cross_attentions = tuple(visual_maps.cross_attention)
-        return out
+        return EncoderOutput(
+            text,
+            visual,
+            _tuple_or_none(text_hidden),
+            _tuple_or_none(visual_hidden),
+            text_attentions=None if text_maps is None else tuple(text_maps.self_attention),
+            visual_attentions=None if visual_maps is None else tuple(visual_maps.self_attention),
+            cross_attentions=None if visual_maps is None else tuple(visual_maps.cross_attention),
+        )
 
     # The two streams apart. The text never sees the image, and the image blocks below L_s never
     # see the text: a retrieval scorer encodes each caption and each image's lower blocks once.
