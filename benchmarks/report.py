@@ -33,7 +33,7 @@ FORMULA = (
     "projection 4x: its input needs no gradient) + 12 x d x s_q x s_k per attention layer and sequence, real "
     "tokens only; for one stream this is the usual 6N + 12·L·d·s per token. Single-stream: s = 1 + K + m. "
     "Two-stream, per stream: text s = m, image s = 1 + K, cross-attention s_q = 1 + K, s_k = m. "
-    "MFU = model FLOP/s / dense peak (benchmarks/peaks.py; empty for unknown devices). "
+    "MFU = model FLOP/s / dense peak (semvlp/peaks.py; empty for unknown devices). "
     "ours/peer = samples/s against HF `VisualBertForPreTraining` (single) and `LxmertForPreTraining` "
     "(two, 9/5/5 layers), randomly initialized at the same size, same batch and precision."
 )

@@ -47,7 +47,7 @@ Peers are measured with torch.utils.flop_counter (executed matmul FLOPs, which f
 e.g. VisualBERT's masked-LM logits at every position); tests/test_benchmarks.py checks that our
 formula matches the counter on our model.
 tokens/s counts K + m input tokens per sample for every model. MFU = model TFLOP/s over the
-device's dense peak for the precision (benchmarks/peaks.py); unknown devices get no MFU.
+device's dense peak for the precision (semvlp/peaks.py); unknown devices get no MFU.
 
 Output: a JSON file (`--out`, a .json path or a folder) with the device, versions, git commit, date
 and every figure, rewritten after each run so a killed job keeps what it measured; a table last.
@@ -77,12 +77,12 @@ import torch
 
 from semvlp.config import config_from_preset
 from semvlp.flops import training_step_flops
+from semvlp.peaks import peak_tflops
 from semvlp.run_config import COMPILE_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_time import device_ms  # noqa: E402
-from peaks import peak_tflops  # noqa: E402
 from peers import PEER_MODE, build_peer, peer_forward, peer_inputs  # noqa: E402
 from report import format_tables  # noqa: E402
 

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from semvlp import checkpoint, dist
+from semvlp.peaks import peak_tflops
 from semvlp.run_config import RunConfig
 
 
@@ -217,6 +218,7 @@ class Window:
     micro_batches: int = 0
     samples: int = 0
     flops: float = 0.0
+    data_wait: float = 0.0  # seconds this rank waited for the input pipeline
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, terms: dict[str, torch.Tensor], samples: int, flops: float) -> None:
@@ -316,6 +318,8 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
         best = state.get("best")
         log.write({"kind": "resume", "step": step, "from": checkpoint.latest_tag(ckpt_dir)})
     mixed = precision(ds_config)
+    # MFU where the device's dense peak for this precision is listed (semvlp/peaks.py), per process.
+    peak = peak_tflops(torch.cuda.get_device_name(engine.device), mixed)[0] if engine.device.type == "cuda" else None
 
     def client_state(at_step: int) -> dict:
         return {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__, "best": best}
@@ -351,7 +355,9 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
         while step < stop_at:
             mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
             for _ in range(accumulation):
+                waited_from = time.perf_counter()
                 host_batch = next(batches)
+                window.data_wait += time.perf_counter() - waited_from
                 samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
                 batch = to_device(host_batch, engine.device)
                 loss, terms = task.loss(engine, batch, mode, step)
@@ -365,7 +371,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
 
             stopping = False
             if step % run.log_every == 0 or step == stop_at:
-                record, signals = _log_record(window, step, engine, mixed, skipped_before, stop.received)
+                record, signals = _log_record(window, step, engine, mixed, skipped_before, stop.received, peak)
                 skipped_before = record.get("skipped_steps_total", 0)
                 log.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
@@ -391,7 +397,13 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
 
 
 def _log_record(
-    window: Window, step: int, engine, mixed: str, skipped_before: int, stop_signal: str | None
+    window: Window,
+    step: int,
+    engine,
+    mixed: str,
+    skipped_before: int,
+    stop_signal: str | None,
+    peak_tflops_per_device: float | None,
 ) -> tuple[dict, list[str]]:
     """The log line of the window, and the stop signals any rank received (StopSignal), sorted."""
     elapsed = time.perf_counter() - window.start
@@ -414,8 +426,11 @@ def _log_record(
         "samples_per_s": window.samples * world / elapsed,
         "tflops_per_s": window.flops * world / elapsed / 1e12,
         "step_time_s": elapsed / len(window.modes),
+        "data_wait_s": window.data_wait / len(window.modes),  # rank 0's wait for its input pipeline
         "world_size": world,
     }
+    if peak_tflops_per_device:
+        record["mfu"] = record["tflops_per_s"] / (peak_tflops_per_device * world)
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None and math.isfinite(float(grad_norm)):
         record["grad_norm"] = float(grad_norm)

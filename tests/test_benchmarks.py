@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from semvlp.peaks import peak_tflops
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
@@ -29,7 +31,6 @@ def _load(name: str):
 
 throughput = _load("throughput")
 report = _load("report")
-peaks = _load("peaks")
 
 
 @pytest.fixture(autouse=True)
@@ -267,7 +268,7 @@ def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
     ],
 )
 def test_peak_table(name, precision, expected):
-    value, source = peaks.peak_tflops(name, precision)
+    value, source = peak_tflops(name, precision)
     assert value == expected, source
     assert source
 

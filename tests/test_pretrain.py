@@ -122,6 +122,8 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     for name in ("mlm", "obj_feat", "obj_label", "attr_label", "itm", "qa"):
         assert all(name in r for r in train)
     assert train[-1]["samples_per_s"] > 0 and train[-1]["tflops_per_s"] > 0
+    assert all(0 < r["data_wait_s"] < r["step_time_s"] for r in train)  # the loader's worker prepares ahead
+    assert all("mfu" not in r for r in train)  # no listed peak for a CPU
     evaluation = records(run_dir, "eval")[-1]
     for mode in ("single", "two"):
         for metric in ("itm_acc", "mlm_acc", "qa_acc", "obj_label_acc", "loss_itm"):
@@ -132,6 +134,25 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert [line.split(",")[0] for line in losses_csv[1:]] == ["4", "8", "12", "16", "20", "24"]
     assert (run_dir / "csv_monitor" / "semvlp" / "eval_two_itm_acc.csv").is_file()
     assert "held-out metrics after 24 steps" in result.stdout
+
+
+def test_log_record_gives_mfu_against_the_peak_of_every_process():
+    """The `mfu` a GPU run logs (none on CPU, above): model TFLOP/s over the listed dense peak of all
+    processes; and `data_wait_s` per step."""
+    from types import SimpleNamespace
+
+    from semvlp.peaks import peak_tflops
+    from semvlp.train import Window, _log_record
+
+    engine = SimpleNamespace(get_lr=lambda: [1e-4], get_global_grad_norm=lambda: None)
+    window = Window(terms={"loss": torch.tensor(2.0)}, modes=["single", "two"], micro_batches=2, samples=128)
+    window.flops, window.data_wait, window.start = 2 * 5.0e12, 0.004, time.perf_counter() - 0.02
+    peak, _ = peak_tflops("NVIDIA H100 80GB HBM3", "bf16")
+    record, signals = _log_record(window, 2, engine, "bf16", 0, None, peak)
+    assert signals == [] and record["loss"] == pytest.approx(1.0)  # summed over 2 micro-batches
+    assert record["mfu"] == pytest.approx(record["tflops_per_s"] / 989.0)  # one process: world size 1
+    assert record["data_wait_s"] == pytest.approx(0.002)
+    assert "mfu" not in _log_record(window, 2, engine, "fp32", 0, None, None)[0]
 
 
 def test_qa_loss_joins_the_training_loss_at_qa_from_step(tmp_path, toy_data):
