@@ -7,6 +7,7 @@ here is the sum of the durations of the kernels, memcpys and memsets that CUPTI 
 torch.profiler) while the callable runs: what the calls cost the GPU, whatever the host did around
 them. Inside a training step, where enough GPU work is queued ahead, that is what an op costs; a
 step whose device time is well below its wall time is host-bound (launch-bound or stalled at syncs).
+A training run measures the same for its own steps with --profile_steps (semvlp/profiling.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections.abc import Callable
 
 import torch
 
+from semvlp.profiling import device_time_us
+
 
 def device_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) -> float | None:
     """Milliseconds of device activity per call of `fn` (None off CUDA). `fn` should be warm."""
     if device.type != "cuda":
         return None
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
@@ -28,12 +30,7 @@ def device_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) ->
         for _ in range(calls):
             fn()
         torch.cuda.synchronize(device)
-    # As the profiler's own "Self CUDA time total": device-side events, user annotations excluded.
-    total_us = sum(
-        event.self_device_time_total
-        for event in prof.events()
-        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
-    )
+    total_us = device_time_us(prof)
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no device activity (CUPTI unavailable?)")
     return total_us / calls / 1e3

@@ -32,7 +32,8 @@
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
 #                                 world, 30 steps with kernel_backend auto, 30 with triton, then 30
-#                                 with auto and --compile
+#                                 with auto and --compile; each profiles its steps 21-23
+#                                 (--profile_steps: the GPU's busy share of the real step)
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
 # stage gets its full 200 s when the kernel tests take about a minute. With a smaller budget the
@@ -276,9 +277,10 @@ fi
 pretrain() {
     "$PY" -m semvlp.data.toy --out "$WORK/toy" >/dev/null || return 1
     local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto triton auto-compile) variant rc=0
+    local profile=(--profile_warmup 20 --profile_steps 3)
     # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
     # (tests/test_model_kernels.py covers that model there).
-    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 variants=(auto); fi
+    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 variants=(auto) profile=(--profile_warmup 2 --profile_steps 1); fi
     "$PY" - "$CPU_MODE" "$config" <<'EOF' || return 1
 import json, sys
 
@@ -295,7 +297,7 @@ EOF
         echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps"
         "$PY" launch/pretrain.py --deepspeed_config "$config" --preset "$preset" --data "$WORK/toy/data.json" \
             --output_dir "$WORK/pretrain_$variant" --kernel_backend "$backend" --max_steps "$steps" \
-            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${compile[@]}" || rc=1
+            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${profile[@]}" "${compile[@]}" || rc=1
         if [ -f "$WORK/pretrain_$variant/metrics.jsonl" ]; then
             sed "s/^{/{\"kernel_backend\": \"$backend\", \"compile\": $compiled, /" \
                 "$WORK/pretrain_$variant/metrics.jsonl" >>"$OUT/pretrain_metrics.jsonl"

@@ -72,6 +72,12 @@ class RunConfig:
         "> 0: checkpoint and exit after this many steps of this invocation (for time-limited cluster jobs: the "
         "schedule still spans --max_steps; continue with --resume)",
     )
+    profile_steps: int = option(
+        0,
+        "> 0: torch.profiler over this many steps after --profile_warmup: traces in OUTPUT_DIR/profile/ and a "
+        "`profile` line in metrics.jsonl (ms per step, top operators; on CUDA the GPU's busy share)",
+    )
+    profile_warmup: int = option(10, "steps of this invocation before --profile_steps begins (compilation, autotuning)")
 
     def __post_init__(self):
         if self.model_config is None and self.preset not in PRESETS:
@@ -79,7 +85,8 @@ class RunConfig:
         for name in ("max_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "checkpoint_every", "num_workers", "exit_after_steps"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "num_workers", "exit_after_steps",
+                     "profile_steps", "profile_warmup"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.compile_mode not in COMPILE_MODES:
@@ -92,6 +99,12 @@ class RunConfig:
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise ValueError(
                 f"--compile_mode {self.compile_mode} is inductor's; --compile_backend is {self.compile_backend}"
+            )
+        steps_here = min(self.max_steps, self.exit_after_steps or self.max_steps)
+        if self.profile_steps and self.profile_warmup >= steps_here:
+            raise ValueError(
+                f"--profile_warmup {self.profile_warmup} leaves no step to profile in the {steps_here} steps this "
+                "run does (--max_steps, --exit_after_steps)"
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from semvlp import checkpoint, dist
 from semvlp.peaks import peak_tflops
+from semvlp.profiling import StepProfiler
 from semvlp.run_config import RunConfig
 
 
@@ -351,8 +352,10 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     batches = _batches(task.train_loader)
     stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
     accumulation = engine.gradient_accumulation_steps()
-    with StopSignal() as stop:
+    profiler = StepProfiler(run.profile_steps, run.profile_warmup, run_dir / "profile", engine.device, dist.rank())
+    with StopSignal() as stop, profiler:
         while step < stop_at:
+            profiler.step_begins(step - resumed_at, step)
             mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
             for _ in range(accumulation):
                 waited_from = time.perf_counter()
@@ -382,11 +385,18 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
                     if dist.is_main():
                         print(f"\n{', '.join(signals)}: saving a checkpoint at step {step}, then stopping", flush=True)
             progress.update(1)
+            evaluating = bool(run.eval_every) and step % run.eval_every == 0 and step != run.max_steps
+            checkpointing = bool(run.checkpoint_every) and step % run.checkpoint_every == 0 and step != stop_at
+            closing = stopping or evaluating or checkpointing or step == stop_at
+            profiled = profiler.step_ended(step, closing)
+            if profiled is not None:
+                log.write(profiled)
+                _print_profile(profiled)
             if stopping:
                 break
-            if run.eval_every and step % run.eval_every == 0 and step != run.max_steps:
+            if evaluating:
                 evaluate(step)
-            if run.checkpoint_every and step % run.checkpoint_every == 0 and step != stop_at:
+            if checkpointing:
                 save(step)
         progress.close()
         if step != resumed_at:  # else its checkpoint exists: DeepSpeed rewrites files in place, a kill would damage it
@@ -394,6 +404,21 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     finished = step == run.max_steps
     metrics = evaluate(step) if finished else {}  # may update `best`
     return TrainResult(step, finished, metrics, best)
+
+
+def _print_profile(record: dict) -> None:
+    if not dist.is_main():
+        return
+    if "error" in record:
+        print(f"\nprofiling failed (training goes on): {record['error']}", flush=True)
+        return
+    busy = f", GPU busy {record['gpu_busy_pct']:.0f}%" if "gpu_busy_pct" in record else ""
+    top = ", ".join(f"{op['name']} {op['self_ms_per_step']:.2f}" for op in record["top_ops"][:3])
+    print(
+        f"\nprofile of steps {record['first_step']}-{record['step']}: {record['wall_ms_per_step']:.1f} ms/step{busy}; "
+        f"most time (ms/step): {top}; trace {record['trace']}",
+        flush=True,
+    )
 
 
 def _log_record(

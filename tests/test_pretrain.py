@@ -365,6 +365,8 @@ def assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args
         (["--compile", "--compile_backend", "tvm"], "--compile_backend 'tvm': expected one of ('inductor', "),
         (["--compile", "--compile_backend", "eager", "--compile_mode", "max-autotune"],
          "--compile_mode max-autotune is inductor's; --compile_backend is eager"),
+        (["--max_steps", "10", "--profile_steps", "3", "--profile_warmup", "10"],
+         "--profile_warmup 10 leaves no step to profile in the 10 steps this run does"),
     ],
 )  # fmt: skip
 def test_option_errors_name_the_option_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message):
@@ -417,6 +419,8 @@ def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):
 
 
 def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_data):
+    """... for the schedule, the checkpoints and the profiler (--profile_steps), whose window holds
+    every micro-batch of its steps, on every rank."""
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     accumulating = tmp_path / "accumulate.json"
@@ -424,13 +428,22 @@ def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_d
     run_dir = tmp_path / "run"
     result = run_pretrain(
         ["--data", str(toy_data), "--output_dir", str(run_dir), "--deepspeed_config", str(accumulating),
-         "--max_steps", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"]
+         "--max_steps", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0",
+         "--profile_warmup", "1", "--profile_steps", "2"]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
     states = torch.load(run_dir / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["global_steps"] == 3  # optimizer steps
     assert states["loader"]["position"] == 6  # micro-batches consumed: 3 steps x 2
+    [profile] = records(run_dir, "profile")
+    assert (profile["first_step"], profile["step"], profile["steps"]) == (2, 3, 2)
+    step_ms = [1e3 * r["step_time_s"] for r in records(run_dir, "train")[1:]]  # log_every 1: steps 2 and 3
+    assert profile["wall_ms_per_step"] == pytest.approx(sum(step_ms) / 2, rel=0.5)
+    assert "profile of steps 2-3:" in result.stdout
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
+        "rank0_steps2-3.pt.trace.json.gz", "rank1_steps2-3.pt.trace.json.gz", "summary_steps2-3.txt"
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

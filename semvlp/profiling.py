@@ -1,0 +1,128 @@
+"""Profile a few steps of a real run (--profile_steps): where a training step's time goes.
+
+torch.profiler records `steps` optimizer steps once `warmup` steps of this invocation have run
+(by then compilation, Triton's autotuning and the allocator's first rounds are over). Every rank
+writes a Chrome trace, `OUTPUT_DIR/profile/rank<r>_steps<a>-<b>.pt.trace.json.gz` (ui.perfetto.dev
+or chrome://tracing open it). Rank 0 also writes the operator table (`profile/summary_steps<a>-<b>.txt`)
+and a `profile` record in metrics.jsonl: wall milliseconds per step, the operators that take the
+most time and, on CUDA, the GPU's own kernel time per step and its share of the wall time
+(`gpu_busy_pct`). Well below 100% the step is host-bound: the GPU waits for Python, kernel
+launches or host syncs, and fewer, larger kernels (--compile, CUDA graphs) pay more than faster ones.
+
+Evaluations and checkpoints are not steps: the window closes before one, with fewer steps if need be.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+TOP_OPS = 15  # operators listed in the metrics record (summary.txt has more)
+
+
+def device_time_us(prof: profile) -> float:
+    """Microseconds of device activity (kernels, memcpys, memsets) that `prof` recorded, as the
+    profiler's own "Self CUDA time total": device-side events, user annotations excluded."""
+    return sum(
+        event.self_device_time_total
+        for event in prof.events()
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    )
+
+
+class StepProfiler:
+    """Opens a torch.profiler window over training steps; see the module docstring.
+
+    Used as a context manager around the loop, which calls `step_begins` before each optimizer
+    step and `step_ended` after it; the latter returns the rank's record when the window closes.
+    """
+
+    def __init__(self, steps: int, warmup: int, out_dir: Path, device: torch.device, rank: int):
+        self.steps, self.warmup = steps, warmup
+        self.out_dir, self.device, self.rank = out_dir, device, rank
+        self._prof: profile | None = None
+        self._first_step = 0
+        self._profiled = 0
+        self._start = 0.0
+        self.done = steps == 0  # nothing to do, or the window is over
+
+    def step_begins(self, done: int, step: int) -> None:
+        """`done`: steps of this invocation so far; `step`: the run's steps so far."""
+        if self.done or self._prof is not None or done < self.warmup:
+            return
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._sync()  # the window's wall time starts with an empty queue
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._first_step, self._profiled, self._start = step + 1, 0, time.perf_counter()
+
+    def step_ended(self, step: int, closing: bool) -> dict | None:
+        """After optimizer step `step` (1-based): the record when this closes the window, else None."""
+        if self._prof is None:
+            return None
+        self._profiled += 1
+        if self._profiled < self.steps and not closing:
+            return None
+        self._sync()  # the queued kernels belong to the window
+        wall_s = time.perf_counter() - self._start
+        prof, self._prof, self.done = self._prof, None, True
+        try:
+            prof.__exit__(None, None, None)
+            return self._write(prof, step, wall_s)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic: its failure must not cost the run
+            return {"kind": "profile", "step": step, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Stops a window that an exception left open; nothing is written."""
+        if self._prof is not None:
+            prof, self._prof, self.done = self._prof, None, True
+            prof.__exit__(None, None, None)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _write(self, prof: profile, last_step: int, wall_s: float) -> dict:
+        steps = self._profiled
+        name = f"steps{self._first_step}-{last_step}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / f"rank{self.rank}_{name}.pt.trace.json.gz"
+        prof.export_chrome_trace(str(trace))
+        on_gpu = self.device.type == "cuda"
+        events = prof.key_averages()
+        sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        record = {
+            "kind": "profile",
+            "step": last_step,
+            "first_step": self._first_step,
+            "steps": steps,
+            "wall_ms_per_step": 1e3 * wall_s / steps,
+            "trace": str(trace),
+        }
+        if on_gpu:
+            device_us = device_time_us(prof)
+            if device_us > 0:
+                record["device_ms_per_step"] = device_us / 1e3 / steps
+                record["gpu_busy_pct"] = 100 * record["device_ms_per_step"] / record["wall_ms_per_step"]
+            else:
+                record["device_note"] = "the profiler recorded no GPU activity (CUPTI unavailable?)"
+        top = sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)[:TOP_OPS]
+        record["top_ops"] = [
+            {
+                "name": e.key,
+                "self_ms_per_step": getattr(e, sort_by) / 1e3 / steps,
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ]
+        if self.rank == 0:
+            table = events.table(sort_by=sort_by, row_limit=40, max_name_column_width=80)
+            (self.out_dir / f"summary_{name}.txt").write_text(table + "\n")
+        return record
