@@ -32,7 +32,7 @@
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
 #                                 world, 30 steps with kernel_backend auto, 30 with triton, then 30
-#                                 with auto and --compile; each profiles its steps 21-23
+#                                 with auto and --compile; each profiles its steps 11-13
 #                                 (--profile_steps: the GPU's busy share of the real step)
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
@@ -277,7 +277,7 @@ fi
 pretrain() {
     "$PY" -m semvlp.data.toy --out "$WORK/toy" >/dev/null || return 1
     local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto triton auto-compile) variant rc=0
-    local profile=(--profile_warmup 20 --profile_steps 3)
+    local profile=(--profile_steps 3)  # steps 11-13: compiled and tuned by then, and out of the last log window
     # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
     # (tests/test_model_kernels.py covers that model there).
     if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 variants=(auto) profile=(--profile_warmup 2 --profile_steps 1); fi
@@ -299,6 +299,14 @@ EOF
             --output_dir "$WORK/pretrain_$variant" --kernel_backend "$backend" --max_steps "$steps" \
             --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${profile[@]}" "${compile[@]}" || rc=1
         if [ -f "$WORK/pretrain_$variant/metrics.jsonl" ]; then
+            "$PY" - "$WORK/pretrain_$variant/versions.json" "$backend" "$compiled" >>"$OUT/pretrain_metrics.jsonl" <<'EOF'
+import datetime, json, os, sys
+
+versions = json.load(open(sys.argv[1]))
+now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+print(json.dumps({"kernel_backend": sys.argv[2], "compile": sys.argv[3] == "true", "kind": "run", **versions,
+                  "git_commit": os.environ.get("SEMVLP_GIT_COMMIT", "unknown"), "date": now}))
+EOF
             sed "s/^{/{\"kernel_backend\": \"$backend\", \"compile\": $compiled, /" \
                 "$WORK/pretrain_$variant/metrics.jsonl" >>"$OUT/pretrain_metrics.jsonl"
         fi
@@ -314,6 +322,10 @@ summary() {
         "$PY" benchmarks/report.py --detail "${files[@]}"
     else
         echo "no throughput results"
+    fi
+    if [ -f "$OUT/pretrain_metrics.jsonl" ]; then
+        echo
+        "$PY" benchmarks/report.py --pretrain "$OUT/pretrain_metrics.jsonl"
     fi
 }
 # The summary prints last: the per-file detail, then the pooled table, then the stage table.

@@ -3,6 +3,7 @@
     python benchmarks/report.py                            # summary of benchmarks/results/*.json
     python benchmarks/report.py OUT/*.json --detail        # plus every file's per-run tables
     python benchmarks/report.py --readme README.md         # also rewrite README's results block
+    python benchmarks/report.py --pretrain OUT/pretrain_metrics.jsonl   # gpu_check's runs of the main job
 
 The summary pools the files of one (device, git commit, preset): a GPU check writes one file per
 group of backends. For each precision, micro-batch and mode it shows our fastest run (any backend,
@@ -210,6 +211,35 @@ def target_checks(group: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- the main job (gpu_check's pretrain stage)
+
+
+def format_pretrain(records: list[dict]) -> str:
+    """One row per launch/pretrain.py run of gpu_check.sh (pretrain_metrics.jsonl: each run's
+    metrics.jsonl lines, prefixed with its kernel_backend and compile, after a `run` line naming
+    device, versions and commit): its last log window and its profiled steps (--profile_steps)."""
+    runs: dict[tuple, dict] = {}
+    for r in records:
+        run = runs.setdefault((r.get("kernel_backend"), r.get("compile")), {})
+        run[r.get("kind")] = r  # the last of each kind
+    lines = [
+        "| device | commit | kernel backend | compile | step | samples/s | ms/step | MFU % | data wait ms "
+        "| profiled steps | profiled ms/step | GPU busy % |",
+        "|" + "---|" * 12,
+    ]
+    for (backend, compiled), run in runs.items():
+        about, train, profile = run.get("run", {}), run.get("train", {}), run.get("profile", {})
+        cells = [about.get("device", "-"), about.get("git_commit", "-")[:8], str(backend), "yes" if compiled else "no"]
+        cells += [str(train.get("step", "-")), _fmt(train.get("samples_per_s"), ".1f")]
+        cells += [_fmt(train["step_time_s"] * 1e3 if "step_time_s" in train else None, ".1f")]
+        cells += [_fmt(train["mfu"] * 100 if "mfu" in train else None, ".1f")]
+        cells += [_fmt(train["data_wait_s"] * 1e3 if "data_wait_s" in train else None, ".2f")]
+        steps = f"{profile['first_step']}-{profile['step']}" if "first_step" in profile else profile.get("error", "-")
+        cells += [steps, _fmt(profile.get("wall_ms_per_step"), ".1f"), _fmt(profile.get("gpu_busy_pct"), ".0f")]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
 def readme_block(docs: list[dict]) -> str:
     body = format_summary(docs) if docs else "No results yet."
     regen = "Regenerated from `benchmarks/results/*.json` by `python benchmarks/report.py --readme README.md`."
@@ -230,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="*", type=Path, help="JSON files or folders (default: benchmarks/results)")
     p.add_argument("--detail", action="store_true", help="also print every file's per-run tables")
     p.add_argument("--readme", type=Path, help="rewrite the marked results block of this file")
+    p.add_argument("--pretrain", type=Path, help="only the table of gpu_check.sh's pretrain_metrics.jsonl")
     args = p.parse_args(argv)
+    if args.pretrain:
+        print(format_pretrain([json.loads(line) for line in args.pretrain.read_text().splitlines() if line.strip()]))
+        return 0
     paths = []
     for path in args.paths or [RESULTS]:
         paths += sorted(path.glob("*.json")) if path.is_dir() else [path]
