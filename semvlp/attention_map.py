@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from semvlp.config import is_semvlp_export
 from semvlp.data.store import FeatureStore, ImageFeatures
 from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
 from semvlp.model import SemVLPModel
@@ -49,8 +50,11 @@ def load_export(folder: str | Path) -> SemVLPModel:
 
     Raises ValueError naming the folder when it is not an export or lacks encoder weights."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder}: no config.json; expected a SemVLP export (OUTPUT_DIR/export, semvlp.export)")
+    if not is_semvlp_export(folder):
+        raise ValueError(
+            f"{folder}: not a SemVLP export (no config.json of model_type 'semvlp'); expected OUTPUT_DIR/export or a "
+            "folder written by python -m semvlp.export"
+        )
     # Quiet: the task heads the encoder leaves unused are expected, and one model needs no progress bar.
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import PretrainedConfig
 
 KERNEL_BACKENDS = ("auto", "eager", "sdpa", "triton")
@@ -116,3 +119,9 @@ def config_from_preset(name: str, **overrides) -> SemVLPConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
     return SemVLPConfig(**{**PRESETS[name], **overrides})
+
+
+def is_semvlp_export(folder: str | Path) -> bool:
+    """Whether `folder` holds a SemVLP model (a config.json of model_type "semvlp"), not e.g. BERT's."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == SemVLPConfig.model_type

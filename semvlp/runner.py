@@ -19,7 +19,7 @@ import deepspeed
 import torch
 
 from semvlp import checkpoint, dist
-from semvlp.config import SemVLPConfig, config_from_preset
+from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export
 from semvlp.export import export_checkpoint
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
@@ -93,11 +93,6 @@ def resolve_data(run: RunConfig) -> Path:
     if not dist.is_main():
         path = ensure_toy_world(TOY_WORLD_DIR)  # exists now: returns its data.json
     return Path(path)
-
-
-def is_semvlp_export(folder: str | Path) -> bool:
-    config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "semvlp"
 
 
 def check_complete_export(model: torch.nn.Module, folder: str, option: str) -> None:

@@ -175,7 +175,10 @@ def test_bad_arguments_exit_2_naming_the_option(world, tmp_path, monkeypatch, ca
 
 def test_a_folder_that_is_not_an_export_is_named(world, tmp_path, capsys):
     assert main([str(tmp_path), *_args(world)[1:]]) == 2
-    assert f"{tmp_path}: no config.json; expected a SemVLP export" in capsys.readouterr().err
+    assert f"{tmp_path}: not a SemVLP export (no config.json of model_type 'semvlp')" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))  # a BERT folder
+    assert main([str(tmp_path), *_args(world)[1:]]) == 2
+    assert f"{tmp_path}: not a SemVLP export" in capsys.readouterr().err
     (tmp_path / "config.json").write_text((world["export"] / "config.json").read_text())
     assert main([str(tmp_path), *_args(world)[1:]]) == 2
     assert f"{tmp_path}: not a loadable SemVLP export" in capsys.readouterr().err
