@@ -63,7 +63,7 @@ class KernelResources:
     kernel: str
     op: str  # the fused op, and the case that first compiled this specialisation
     case: str
-    config: dict  # num_warps, num_stages and the kernel's block-size constexprs
+    config: dict  # num_warps, num_stages and the kernel's tile-size constexprs
     registers: int  # per thread
     spill_bytes: int  # per thread: ptxas's stack frame, in local memory
     shared_bytes: int  # per block
@@ -131,7 +131,8 @@ class OfflineDriver:
     def launcher_cls(self, src, metadata):
         # Called just before load_binary for the same kernel: keep what the record needs.
         names = src.fn.arg_names
-        blocks = {names[path[0]]: v for path, v in src.constants.items() if "BLOCK" in names[path[0]]}
+        tiles = ("BLOCK", "ROWS")  # the tile-size constexprs
+        blocks = {names[path[0]]: v for path, v in src.constants.items() if any(t in names[path[0]] for t in tiles)}
         self._pending = {"num_warps": metadata.num_warps, "num_stages": metadata.num_stages, **blocks}
         return lambda *args, **kwargs: None
 

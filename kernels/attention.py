@@ -32,7 +32,6 @@ References: Dao et al., FlashAttention-2 (2023), backward in their notation; Tri
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +39,10 @@ import triton
 import triton.language as tl
 
 from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.tuning import tuned
 
 MAX_KEYS = 128  # keys of one (batch, head) held in one tile; see module docstring
 LOG2E = 1.4426950408889634
-# Read when this module's kernels are decorated, which is when triton decides interpreted vs compiled.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _configs(block_ms: list[int], key_blocks: tuple[int, ...] | None = None) -> list[triton.Config]:
@@ -54,14 +52,6 @@ def _configs(block_ms: list[int], key_blocks: tuple[int, ...] | None = None) -> 
     else:
         blocks = [{"BLOCK_M": m, "KEY_BLOCK": n} for n in key_blocks for m in block_ms]
     return [triton.Config(b, num_warps=w, num_stages=1) for b in blocks for w in (4, 8)]
-
-
-def _tuned(configs: list[triton.Config]) -> list[triton.Config]:
-    # The interpreter cannot time configs, and tests pin one config (STYLE.md (e)): both set
-    # SEMVLP_TRITON_AUTOTUNE=0 or run interpreted, and get the first.
-    if INTERPRETED or os.environ.get("SEMVLP_TRITON_AUTOTUNE", "1") == "0":
-        return configs[:1]
-    return configs
 
 
 @triton.jit
@@ -170,10 +160,10 @@ def _backward_tile(
     return dq, dk, dv
 
 
-FORWARD_CONFIGS = _tuned(_configs([64, 128, 32]))
+FORWARD_CONFIGS = _configs([64, 128, 32])
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
+@triton.autotune(configs=tuned(FORWARD_CONFIGS), key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"])
 @triton.jit
 def _attention_forward_kernel(
     q_ptr,  # [B, H, Tq, D]
@@ -343,11 +333,11 @@ def _backward_programs(tq: int, tk: int, meta: dict) -> int:
 # Split: 32-key blocks compile to 66-136 registers on an H100 and 72-128 on an A100, without
 # spills (16-24 warps per SM at 8 warps); 64-key blocks to 92-240 on an H100, 235-255 on an A100.
 # The first config (fused, 32 rows) is the one tests pin.
-BACKWARD_CONFIGS = _tuned(_configs([32, 16], key_blocks=(MAX_KEYS, 64, 32)))
+BACKWARD_CONFIGS = _configs([32, 16], key_blocks=(MAX_KEYS, 64, 32))
 
 
 @triton.autotune(
-    configs=BACKWARD_CONFIGS,
+    configs=tuned(BACKWARD_CONFIGS),
     key=["TQ", "TK", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_key_blocks},
 )

@@ -4,6 +4,13 @@ x [..., N] contiguous, bias [N]. Forward reads x once and writes y once. The bac
 x + bias (cheaper than saving the GELU input), writes dx, and reduces dbias from per-tile fp32
 partials (one row per tile-row of the grid, summed by torch: no atomics, fixed order).
 
+Tiles: each program holds a [BLOCK_ROWS, BLOCK_COLS] tile in fp32 registers. The first configs
+(32 x 256 at 4 warps, 64 elements a thread) are the ones first measured on an H100; Triton 3.9
+compiles them for sm_90 to 147 (forward) and 175 (backward) registers a thread, which leaves 12
+and 8 resident warps per SM. The autotuner also times tiles of 16-32 elements a thread (48-101
+registers, 16-40 warps per SM; benchmarks/kernel_resources.py), keyed on N. The backward keeps
+BLOCK_ROWS = 32 in every config: it sizes the dbias partials, allocated before the autotuner picks.
+
 Math, with u = x + bias, Phi the standard normal CDF and phi its density:
   y  = u * Phi(u) = 0.5 * u * (1 + erf(u / sqrt(2)))
   dy/du = Phi(u) + u * phi(u) = 0.5 * (1 + erf(u / sqrt(2))) + u * exp(-u^2 / 2) / sqrt(2 pi)
@@ -17,12 +24,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 32
-BLOCK_COLS = 256
+from semvlp_kernels.tuning import tuned
+
+BLOCK_ROWS = 32  # the backward's, in every config: one dbias partial row per 32 rows
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # jit globals must be constexpr
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_ROWS": rows, "BLOCK_COLS": cols}, num_warps=warps)
+    for rows, cols, warps in ((32, 256, 4), (16, 256, 4), (32, 256, 8), (4, 1024, 4))
+]
+BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_COLS": cols}, num_warps=warps) for cols, warps in ((256, 4), (256, 8), (128, 8), (64, 4))
+]
+
+
+@triton.autotune(configs=tuned(FORWARD_CONFIGS), key=["N"])
 @triton.jit
 def _bias_gelu_forward_kernel(
     x_ptr,  # [M, N]
@@ -41,6 +59,7 @@ def _bias_gelu_forward_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.autotune(configs=tuned(BACKWARD_CONFIGS), key=["N"])
 @triton.jit
 def _bias_gelu_backward_kernel(
     dy_ptr,  # [M, N]
@@ -74,19 +93,14 @@ def _check(x: torch.Tensor, bias: torch.Tensor) -> None:
         raise ValueError("bias must be contiguous")
 
 
-def _grid(m: int, n: int) -> tuple[int, int]:
-    return triton.cdiv(m, BLOCK_ROWS), triton.cdiv(n, BLOCK_COLS)
-
-
 def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Args: x [..., N] contiguous, bias [N]. Returns gelu(x + bias) in x's dtype."""
     _check(x, bias)
     n = x.shape[-1]
     m = x.numel() // n
     y = torch.empty_like(x)
-    _bias_gelu_forward_kernel[_grid(m, n)](
-        x, bias, y, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, enable_fp_fusion=True
-    )
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_ROWS"]), triton.cdiv(n, meta["BLOCK_COLS"]))
+    _bias_gelu_forward_kernel[grid](x, bias, y, m, n, enable_fp_fusion=True)
     return y
 
 
@@ -96,11 +110,9 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) ->
     n = x.shape[-1]
     m = x.numel() // n
     dx = torch.empty_like(x)
-    grid = _grid(m, n)
-    partial = torch.empty(grid[0], n, dtype=torch.float32, device=x.device)
-    _bias_gelu_backward_kernel[grid](
-        dy, x, bias, dx, partial, m, n, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, enable_fp_fusion=True
-    )
+    partial = torch.empty(triton.cdiv(m, BLOCK_ROWS), n, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (partial.shape[0], triton.cdiv(n, meta["BLOCK_COLS"]))
+    _bias_gelu_backward_kernel[grid](dy, x, bias, dx, partial, m, n, BLOCK_ROWS=BLOCK_ROWS, enable_fp_fusion=True)
     return dx, partial.sum(0).to(bias.dtype)
 
 

@@ -46,10 +46,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from semvlp_kernels.attention import INTERPRETED, MAX_KEYS, attention, attention_reference, attention_sdpa
+from semvlp_kernels.attention import MAX_KEYS, attention, attention_reference, attention_sdpa
 from semvlp_kernels.bias_gelu import bias_gelu
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
+from semvlp_kernels.tuning import INTERPRETED
 from semvlp_kernels.varlen_attention import HEAD_DIMS, sequence_positions, varlen_attention
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,13 @@ Backward, per row, with xhat = (h - mean) * rstd, wdy = weight * dy (05's c1/c2)
   dweight = sum_rows dy * xhat,  dln_bias = sum_rows dy,  dbias = sum_rows dx
 The column sums follow Liger: a fixed number of programs, each owning a contiguous run of rows
 with private fp32 partials, then one torch `sum` (no locks, fixed order).
+
+The backward works on [ROWS, BLOCK] tiles, ROWS rows per loop iteration so that enough loads are in
+flight (a one-row loop was latency-bound on an H100). Its first config (8 rows, 8 warps) is the one
+first measured; Triton 3.9 compiles it for sm_90 to 198 registers a thread (244 with dropout): one
+8-warp program per SM. The autotuner also times 4, 2 and 1 rows at 4-8 warps (72-128 registers
+without dropout, 16-28 warps per SM by registers; benchmarks/kernel_resources.py), keyed on N and
+dropout. A tile never holds more than MAX_TILE fp32 elements: wider rows take fewer of them.
 """
 
 from __future__ import annotations
@@ -24,8 +31,14 @@ import triton
 import triton.language as tl
 
 from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.tuning import tuned
 
 MAX_COLS = 65536 // 4  # one fp32 row per block, as tutorial 05
+MAX_TILE = tl.constexpr(8192)  # fp32 elements of a backward tile, whatever ROWS asks (jit globals are constexpr)
+BACKWARD_CONFIGS = [
+    triton.Config({"ROWS": rows}, num_warps=warps, num_stages=stages)
+    for rows, warps, stages in ((8, 8, 3), (4, 8, 1), (2, 4, 1), (1, 4, 1))
+]
 
 
 def _num_warps(block: int) -> int:
@@ -67,6 +80,7 @@ def _residual_layer_norm_forward_kernel(
     tl.store(rstd_ptr + row, rstd)
 
 
+@triton.autotune(configs=tuned(BACKWARD_CONFIGS), key=["N", "HAS_DROPOUT"])
 @triton.jit
 def _residual_layer_norm_backward_kernel(
     dy_ptr,  # [M, N]
@@ -84,8 +98,9 @@ def _residual_layer_norm_backward_kernel(
     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    # Each iteration handles ROWS rows at once (a [ROWS, BLOCK] tile) so that enough loads are
-    # in flight; a one-row loop is latency-bound on an H100.
+    # Each iteration handles TILE_ROWS rows at once: ROWS, or fewer where a [ROWS, BLOCK] tile
+    # would exceed MAX_TILE elements (BLOCK and MAX_TILE are powers of two).
+    TILE_ROWS: tl.constexpr = ROWS if ROWS * BLOCK <= MAX_TILE else (MAX_TILE // BLOCK if MAX_TILE > BLOCK else 1)
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -96,8 +111,8 @@ def _residual_layer_norm_backward_kernel(
     dbias = tl.zeros([BLOCK], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for first in range(row_start, row_end, ROWS):
-        rows = first + tl.arange(0, ROWS)
+    for first in range(row_start, row_end, TILE_ROWS):
+        rows = first + tl.arange(0, TILE_ROWS)
         row_ok = rows < row_end
         tile_ok = row_ok[:, None] & ok[None, :]
         offs = rows[:, None] * N + cols[None, :]
@@ -175,7 +190,6 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     m = x.numel() // n
     block = triton.next_power_of_2(n)
     programs = _num_programs(m, x.device)
-    rows_per_iter = max(1, min(8, 8192 // block))  # a [rows, block] fp32 tile of <= 8192 elements
     rows_per_program = triton.cdiv(m, programs)
     dh = torch.empty_like(x)
     dx = torch.empty_like(x) if dropout_p > 0.0 else dh
@@ -183,7 +197,7 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     _residual_layer_norm_backward_kernel[(programs,)](
         dy, x, bias, residual, weight, mean, rstd, dh, dx, partial,
         m, n, rows_per_program, programs, float(dropout_p), seed,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, ROWS=rows_per_iter, num_warps=8, enable_fp_fusion=True,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, enable_fp_fusion=True,
     )  # fmt: skip
     dweight, dln_bias, dbias = partial.sum(1)
     # Without dropout dx == dh: the same tensor goes to both inputs, as autograd's AddBackward does.

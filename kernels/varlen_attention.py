@@ -52,6 +52,7 @@ from semvlp_kernels.attention import (
     attention_reference,
 )
 from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.tuning import tuned
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,7 +60,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tuned per key-tile width (the power of two above max_seqlen) rather than per max_seqlen, so
 # that batches whose longest caption is 17, 19 or 20 tokens share one tuning run.
-@triton.autotune(configs=FORWARD_CONFIGS, key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.autotune(configs=tuned(FORWARD_CONFIGS), key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _varlen_attention_forward_kernel(
     q_ptr,  # [T, H, D], T = total tokens of the packed batch
@@ -112,7 +113,7 @@ def _varlen_attention_forward_kernel(
 # on the rows of sequence b; the grid is sized by max_seqlen and a shorter sequence's spare
 # programs return at once.
 @triton.autotune(
-    configs=BACKWARD_CONFIGS,
+    configs=tuned(BACKWARD_CONFIGS),
     key=["BLOCK_N", "HEAD_DIM", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_key_blocks},
 )

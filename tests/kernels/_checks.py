@@ -48,6 +48,11 @@ def assert_matches_reference(
         assert_lowp_close(name, a, e, lo)
 
 
+def config_id(config) -> str:
+    """A triton.Config as a test id: its constexprs and warps, e.g. BLOCK_COLS128-warps8."""
+    return "-".join([*(f"{k}{v}" for k, v in config.kwargs.items()), f"warps{config.num_warps}"])
+
+
 def skip_bf16_in_interpreter(dtype: torch.dtype, device: str) -> None:
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (DESIGN.md 6); tested compiled on CUDA")

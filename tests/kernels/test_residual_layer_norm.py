@@ -6,8 +6,9 @@ from functools import partial
 
 import pytest
 import torch
-from _checks import assert_matches_reference, value_and_grads
+from _checks import assert_matches_reference, config_id, value_and_grads
 
+from semvlp_kernels import residual_layer_norm as module
 from semvlp_kernels.residual_layer_norm import (
     MAX_COLS,
     residual_dropout_mask,
@@ -50,6 +51,20 @@ def test_residual_layer_norm_matches_reference(shape, dtype, dropout_p, device):
     keep = residual_dropout_mask(inputs[0].shape, dropout_p, 7, inputs[0].device) if dropout_p else None
     if keep is not None and keep.numel() > 500:
         assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.03, "keep fraction far from 1 - p"
+    reference = partial(residual_layer_norm_reference, eps=1e-12, dropout_p=dropout_p, keep_mask=keep)
+    assert_matches_reference(NAMES, ours, reference, inputs, dy)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+@pytest.mark.parametrize("n", [257, 2500], ids=["n257", "n2500"])  # 2500: tiles capped at MAX_TILE // 4096 rows
+@pytest.mark.parametrize("config", module.BACKWARD_CONFIGS, ids=config_id)
+def test_every_backward_config_the_autotuner_may_pick_matches_reference(config, n, dropout_p, device, monkeypatch):
+    """The suite pins the first config; on a GPU the autotuner picks any (residual_layer_norm.py)."""
+    monkeypatch.setattr(module._residual_layer_norm_backward_kernel, "configs", [config])
+    inputs = _inputs((11,), n, torch.float32, device)  # 11 rows: loops end mid-tile
+    dy = 0.1 * torch.randn(11, n, device=device)
+    ours = value_and_grads(partial(residual_layer_norm, eps=1e-12, dropout_p=dropout_p, seed=7), inputs, dy)
+    keep = residual_dropout_mask(inputs[0].shape, dropout_p, 7, inputs[0].device) if dropout_p else None
     reference = partial(residual_layer_norm_reference, eps=1e-12, dropout_p=dropout_p, keep_mask=keep)
     assert_matches_reference(NAMES, ours, reference, inputs, dy)
 
