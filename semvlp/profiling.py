@@ -3,11 +3,13 @@
 torch.profiler records `steps` optimizer steps once `warmup` steps of this invocation have run
 (by then compilation, Triton's autotuning and the allocator's first rounds are over). Every rank
 writes a Chrome trace, `OUTPUT_DIR/profile/rank<r>_steps<a>-<b>.pt.trace.json.gz` (ui.perfetto.dev
-or chrome://tracing open it). Rank 0 also writes the operator table (`profile/summary_steps<a>-<b>.txt`)
-and a `profile` record in metrics.jsonl: wall milliseconds per step, the operators that take the
-most time and, on CUDA, the GPU's own kernel time per step and its share of the wall time
-(`gpu_busy_pct`). Well below 100% the step is host-bound: the GPU waits for Python, kernel
-launches or host syncs, and fewer, larger kernels (--compile, CUDA graphs) pay more than faster ones.
+or chrome://tracing open it). Rank 0 also writes the operator tables
+(`profile/summary_steps<a>-<b>.txt`) and a `profile` record in metrics.jsonl: wall milliseconds per
+step, the operators that take the most time (`top_ops`; on CUDA ranked by GPU time, with
+`top_host_ops` ranked by host time beside them) and, on CUDA, the GPU's own kernel time per step and
+its share of the wall time (`gpu_busy_pct`). Well below 100% the step is host-bound: the GPU waits
+for Python, kernel launches or host syncs, and fewer, larger kernels (--compile, CUDA graphs) pay
+more than faster ones.
 
 Evaluations and checkpoints are not steps: the window closes before one, with fewer steps if need be.
 """
@@ -22,6 +24,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 TOP_OPS = 15  # operators listed in the metrics record (summary.txt has more)
+HOST, DEVICE = "self_cpu_time_total", "self_device_time_total"  # what the operators are ranked by
 
 
 def device_time_us(prof: profile) -> float:
@@ -97,7 +100,7 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         on_gpu = self.device.type == "cuda"
         events = prof.key_averages()
-        sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        rankings = {"top_ops": DEVICE, "top_host_ops": HOST} if on_gpu else {"top_ops": HOST}
         record = {
             "kind": "profile",
             "step": last_step,
@@ -113,16 +116,22 @@ class StepProfiler:
                 record["gpu_busy_pct"] = 100 * record["device_ms_per_step"] / record["wall_ms_per_step"]
             else:
                 record["device_note"] = "the profiler recorded no GPU activity (CUPTI unavailable?)"
-        top = sorted(events, key=lambda e: getattr(e, sort_by), reverse=True)[:TOP_OPS]
-        record["top_ops"] = [
-            {
-                "name": e.key,
-                "self_ms_per_step": getattr(e, sort_by) / 1e3 / steps,
-                "calls_per_step": e.count / steps,
-            }
-            for e in top
-        ]
+        for field, time_total in rankings.items():
+            top = sorted(events, key=lambda e: getattr(e, time_total), reverse=True)[:TOP_OPS]
+            record[field] = [_op_record(e, time_total, steps) for e in top]
         if self.rank == 0:
-            table = events.table(sort_by=sort_by, row_limit=40, max_name_column_width=80)
-            (self.out_dir / f"summary_{name}.txt").write_text(table + "\n")
+            tables = [
+                f"operators by {time_total}:\n"
+                + events.table(sort_by=time_total, row_limit=40, max_name_column_width=80)
+                for time_total in rankings.values()
+            ]
+            (self.out_dir / f"summary_{name}.txt").write_text("\n\n".join(tables) + "\n")
         return record
+
+
+def _op_record(event, time_total: str, steps: int) -> dict:
+    return {
+        "name": event.key,
+        "self_ms_per_step": getattr(event, time_total) / 1e3 / steps,
+        "calls_per_step": event.count / steps,
+    }

@@ -81,3 +81,55 @@ def test_a_failure_to_write_is_a_record_not_an_exception(tmp_path):
     blocked.write_text("a file where the folder should go")
     records = _run(StepProfiler(steps=1, warmup=0, out_dir=blocked, device=CPU, rank=0), steps=1)
     assert len(records) == 1 and records[0]["step"] == 1 and "FileExistsError" in records[0]["error"]
+
+
+class _Event:
+    def __init__(self, key: str, count: int, host_us: float, device_us: float, on_device: bool = False):
+        from torch.autograd import DeviceType
+
+        self.key, self.count = key, count
+        self.self_cpu_time_total, self.self_device_time_total = host_us, device_us
+        self.device_type = DeviceType.CUDA if on_device else DeviceType.CPU
+
+
+class _Averages(list):
+    def table(self, sort_by: str, row_limit: int, max_name_column_width: int) -> str:
+        return "\n".join(e.key for e in sorted(self, key=lambda e: getattr(e, sort_by), reverse=True))
+
+
+class _CudaProfile:
+    """What torch.profiler gives on a GPU, as far as StepProfiler reads it."""
+
+    def __init__(self, kernels_us: list[float]):
+        launches = [_Event("cudaLaunchKernel", 40, host_us=900.0, device_us=0.0)]
+        self._kernels = [
+            _Event(f"kernel{i}", 2, host_us=0.0, device_us=us, on_device=True) for i, us in enumerate(kernels_us)
+        ]
+        self._averages = _Averages(launches + self._kernels)
+
+    def events(self):
+        return self._kernels
+
+    def key_averages(self):
+        return self._averages
+
+    def export_chrome_trace(self, path: str) -> None:
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": []}, f)
+
+
+def test_on_a_gpu_the_record_has_the_gpus_busy_share_and_both_rankings(tmp_path):
+    """The CUDA branch, on a stand-in for the profiler's results (this machine has no GPU)."""
+    profiler = StepProfiler(steps=2, warmup=0, out_dir=tmp_path, device=torch.device("cuda"), rank=0)
+    profiler._first_step, profiler._profiled = 3, 2
+    record = profiler._write(_CudaProfile([6000.0, 14000.0]), last_step=4, wall_s=0.05)  # 20 ms of kernels in 50
+    assert record["wall_ms_per_step"] == pytest.approx(25.0) and record["device_ms_per_step"] == pytest.approx(10.0)
+    assert record["gpu_busy_pct"] == pytest.approx(40.0)
+    assert [op["name"] for op in record["top_ops"][:2]] == ["kernel1", "kernel0"]  # by GPU time
+    assert record["top_ops"][0]["self_ms_per_step"] == pytest.approx(7.0)
+    assert record["top_host_ops"][0] == {"name": "cudaLaunchKernel", "self_ms_per_step": 0.45, "calls_per_step": 20}
+    summary = (tmp_path / "summary_steps3-4.txt").read_text()
+    assert "operators by self_device_time_total:\nkernel1" in summary
+    assert "operators by self_cpu_time_total:\ncudaLaunchKernel" in summary
+    record = profiler._write(_CudaProfile([]), last_step=4, wall_s=0.05)
+    assert "gpu_busy_pct" not in record and "CUPTI" in record["device_note"]
