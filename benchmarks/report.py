@@ -224,8 +224,8 @@ def format_pretrain(records: list[dict]) -> str:
         run[r.get("kind")] = r  # the last of each kind
     lines = [
         "| device | commit | kernel backend | compile | step | samples/s | ms/step | MFU % | data wait ms "
-        "| profiled steps | profiled ms/step | GPU busy % |",
-        "|" + "---|" * 12,
+        "| profiled steps | profiled ms/step | GPU busy % | kernels/step |",
+        "|" + "---|" * 13,
     ]
     for (backend, compiled), run in runs.items():
         about, train, profile = run.get("run", {}), run.get("train", {}), run.get("profile", {})
@@ -236,6 +236,7 @@ def format_pretrain(records: list[dict]) -> str:
         cells += [_fmt(train["data_wait_s"] * 1e3 if "data_wait_s" in train else None, ".2f")]
         steps = f"{profile['first_step']}-{profile['step']}" if "first_step" in profile else profile.get("error", "-")
         cells += [steps, _fmt(profile.get("wall_ms_per_step"), ".1f"), _fmt(profile.get("gpu_busy_pct"), ".0f")]
+        cells.append(_fmt(profile.get("kernels_per_step"), ".0f"))
         lines.append(_row(cells))
     return "\n".join(lines)
 

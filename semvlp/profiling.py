@@ -6,10 +6,10 @@ writes a Chrome trace, `OUTPUT_DIR/profile/rank<r>_steps<a>-<b>.pt.trace.json.gz
 or chrome://tracing open it). Rank 0 also writes the operator tables
 (`profile/summary_steps<a>-<b>.txt`) and a `profile` record in metrics.jsonl: wall milliseconds per
 step, the operators that take the most time (`top_ops`; on CUDA ranked by GPU time, with
-`top_host_ops` ranked by host time beside them) and, on CUDA, the GPU's own kernel time per step and
-its share of the wall time (`gpu_busy_pct`). Well below 100% the step is host-bound: the GPU waits
-for Python, kernel launches or host syncs, and fewer, larger kernels (--compile, CUDA graphs) pay
-more than faster ones.
+`top_host_ops` ranked by host time beside them) and, on CUDA, the GPU's own kernel time per step,
+its share of the wall time (`gpu_busy_pct`) and the kernels a step launches. Well below 100% the
+step is host-bound: the GPU waits for Python, kernel launches or host syncs, and fewer, larger
+kernels (--compile, CUDA graphs) pay more than faster ones.
 
 Evaluations and checkpoints are not steps: the window closes before one, with fewer steps if need be.
 """
@@ -27,14 +27,19 @@ TOP_OPS = 15  # operators listed in the metrics record (summary.txt has more)
 HOST, DEVICE = "self_cpu_time_total", "self_device_time_total"  # what the operators are ranked by
 
 
-def device_time_us(prof: profile) -> float:
-    """Microseconds of device activity (kernels, memcpys, memsets) that `prof` recorded, as the
-    profiler's own "Self CUDA time total": device-side events, user annotations excluded."""
-    return sum(
-        event.self_device_time_total
+def device_events(prof: profile) -> list:
+    """The device activity (kernels, memcpys, memsets) that `prof` recorded: device-side events,
+    user annotations excluded, as the profiler's own "Self CUDA time total" counts them."""
+    return [
+        event
         for event in prof.events()
         if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
-    )
+    ]
+
+
+def device_time_us(prof: profile) -> float:
+    """Microseconds of device activity that `prof` recorded."""
+    return sum(event.self_device_time_total for event in device_events(prof))
 
 
 class StepProfiler:
@@ -110,10 +115,12 @@ class StepProfiler:
             "trace": str(trace),
         }
         if on_gpu:
-            device_us = device_time_us(prof)
+            activity = device_events(prof)
+            device_us = sum(event.self_device_time_total for event in activity)
             if device_us > 0:
                 record["device_ms_per_step"] = device_us / 1e3 / steps
                 record["gpu_busy_pct"] = 100 * record["device_ms_per_step"] / record["wall_ms_per_step"]
+                record["kernels_per_step"] = len(activity) / steps  # launches: what CUDA graphs would save
             else:
                 record["device_note"] = "the profiler recorded no GPU activity (CUPTI unavailable?)"
         for field, time_total in rankings.items():

@@ -156,7 +156,7 @@ def test_report_tables_gpu_checks_runs_of_the_main_job(tmp_path, capsys):
         {"kind": "train", "step": 10, "kernel_backend": "auto", "compile": False, "samples_per_s": 1.0},
         {**train, "kernel_backend": "auto", "compile": False},
         {"kind": "profile", "step": 13, "first_step": 11, "steps": 3, "wall_ms_per_step": 33.0,
-         "gpu_busy_pct": 61.4, "kernel_backend": "auto", "compile": False},
+         "gpu_busy_pct": 61.4, "kernels_per_step": 2110.0, "kernel_backend": "auto", "compile": False},
         {**run, "kernel_backend": "auto", "compile": True},
         {**train, "kernel_backend": "auto", "compile": True},
         {"kind": "profile", "step": 11, "error": "RuntimeError: CUPTI", "kernel_backend": "auto", "compile": True},
@@ -166,9 +166,10 @@ def test_report_tables_gpu_checks_runs_of_the_main_job(tmp_path, capsys):
     assert report.main(["--pretrain", str(path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| NVIDIA")]
     assert rows == [
-        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | no | 30 | 2000.0 | 32.0 | 41.2 | 0.40 | 11-13 | 33.0 | 61 |",
+        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | no | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
+        "| 11-13 | 33.0 | 61 | 2110 |",
         "| NVIDIA H100 80GB HBM3 | 01234567 | auto | yes | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
-        "| RuntimeError: CUPTI | - | - |",
+        "| RuntimeError: CUPTI | - | - | - |",
     ]
 
 

@@ -124,7 +124,7 @@ def test_on_a_gpu_the_record_has_the_gpus_busy_share_and_both_rankings(tmp_path)
     profiler._first_step, profiler._profiled = 3, 2
     record = profiler._write(_CudaProfile([6000.0, 14000.0]), last_step=4, wall_s=0.05)  # 20 ms of kernels in 50
     assert record["wall_ms_per_step"] == pytest.approx(25.0) and record["device_ms_per_step"] == pytest.approx(10.0)
-    assert record["gpu_busy_pct"] == pytest.approx(40.0)
+    assert record["gpu_busy_pct"] == pytest.approx(40.0) and record["kernels_per_step"] == 1
     assert [op["name"] for op in record["top_ops"][:2]] == ["kernel1", "kernel0"]  # by GPU time
     assert record["top_ops"][0]["self_ms_per_step"] == pytest.approx(7.0)
     assert record["top_host_ops"][0] == {"name": "cudaLaunchKernel", "self_ms_per_step": 0.45, "calls_per_step": 20}
