@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.utils import logging as hf_logging
 
-from semvlp.config import is_semvlp_export
-from semvlp.data.store import FeatureStore, ImageFeatures
-from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
+from semvlp.data.store import ImageFeatures
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.example import encode_text, load_export, read_images, visual_inputs
 from semvlp.model import SemVLPModel
 from semvlp.model.modeling import MODES
 
@@ -43,33 +42,6 @@ class AttentionMap:
     objects: list[int]  # store slots of the image's real objects (all K unless the store is padded)
     weights: np.ndarray  # [len(objects), len(tokens)]: attention from each object to each token
     text_share: np.ndarray  # [len(objects)]: each row's sum (1 in two-stream mode)
-
-
-def load_export(folder: str | Path) -> SemVLPModel:
-    """The encoder of any SemVLP export (pre-training or fine-tuned), in eval mode on the CPU.
-
-    Raises ValueError naming the folder when it is not an export or lacks encoder weights."""
-    folder = Path(folder)
-    if not is_semvlp_export(folder):
-        raise ValueError(
-            f"{folder}: not a SemVLP export (no config.json of model_type 'semvlp'); expected OUTPUT_DIR/export or a "
-            "folder written by python -m semvlp.export"
-        )
-    # Quiet: the task heads the encoder leaves unused are expected, and one model needs no progress bar.
-    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = SemVLPModel.from_pretrained(folder, output_loading_info=True)
-    except OSError as e:
-        raise ValueError(f"{folder}: not a loadable SemVLP export ({e})") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if progress_bar:
-            hf_logging.enable_progress_bar()
-    if info["missing_keys"]:
-        raise ValueError(f"{folder}: the export lacks encoder weights {sorted(info['missing_keys'])[:5]}")
-    return model.eval()
 
 
 def attention_map(
@@ -95,16 +67,8 @@ def attention_map(
         raise ValueError(f"--layer {layer}: expected {first}..{config.num_hidden_layers}{where}")
     if head is not None and not 1 <= head <= config.num_attention_heads:
         raise ValueError(f"--head {head}: expected 1..{config.num_attention_heads}, or 'mean'")
-    visual_mask = None if image.valid_mask is None else torch.from_numpy(image.valid_mask)[None].long()
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([input_ids]),
-            visual_feats=torch.from_numpy(image.features).float()[None],
-            visual_pos=torch.from_numpy(image.boxes).float()[None],
-            visual_attention_mask=visual_mask,
-            mode=mode,
-            output_attentions=True,
-        )
+        out = model(input_ids=torch.tensor([input_ids]), **visual_inputs([image]), mode=mode, output_attentions=True)
     num_objects = image.features.shape[0]
     if mode == "single":  # keys [IMG, o_1..o_K, text]: object rows 1..K, text columns after them
         probs = out.attentions[layer - 1][0, :, 1 : 1 + num_objects, 1 + num_objects :]
@@ -173,21 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_export(args.export)
         tokenizer = load_tokenizer(args.vocab or Path(args.export))
-        if not args.caption.strip():
-            raise ValueError("--caption is empty")
+        input_ids = encode_text(tokenizer, args.caption, "--caption")
         if args.objects < 0:
             raise ValueError(f"--objects {args.objects}: expected a count >= 0")
-        input_ids = tokenizer(args.caption.strip())["input_ids"]
-        if len(input_ids) > MAX_TEXT_LEN:
-            raise ValueError(
-                f"--caption is {len(input_ids)} tokens with [CLS] and [SEP]; the model was pre-trained on at "
-                f"most {MAX_TEXT_LEN} (paper section 4.1): shorten it"
-            )
-        store = FeatureStore(args.store)
-        try:
-            image = store.read(args.image_id)
-        finally:
-            store.close()
+        [image] = read_images(args.store, [args.image_id])
         names = read_object_names(args.object_names, int(image.obj_ids.max())) if args.object_names else None
         layer = model.config.num_hidden_layers if args.layer is None else args.layer
         tokens = tokenizer.convert_ids_to_tokens(input_ids)

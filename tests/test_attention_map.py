@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from semvlp import SemVLPForPreTraining, SemVLPForQuestionAnswering
-from semvlp.attention_map import load_export, main
+from semvlp.attention_map import main
 from semvlp.config import config_from_preset
 from semvlp.data.store import FeatureStore, FeatureStoreWriter
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import BACKGROUNDS, OBJECTS, ToySpec, ensure_toy_world
+from semvlp.example import load_export
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION = "a red dog and two cups on the grass ."

@@ -1,0 +1,78 @@
+"""One example from the command line (semvlp.attention_map, semvlp.predict): an export loaded
+quietly on the CPU, a text tokenized as in training, and images read from a feature store as the
+model's visual inputs. Bad input raises ValueError (KeyError for an image not in the store) naming
+the option at fault; the command-line tools turn it into exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from semvlp.config import is_semvlp_export
+from semvlp.data.store import FeatureStore, ImageFeatures
+from semvlp.data.tokenizer import MAX_TEXT_LEN
+from semvlp.model import SemVLPModel
+
+
+def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPModel) -> PreTrainedModel:
+    """`model_class` from a SemVLP export (pre-training or fine-tuned), in eval mode on the CPU; by
+    default the encoder, which any export holds. The export must hold every weight of the class."""
+    folder = Path(folder)
+    if not is_semvlp_export(folder):
+        raise ValueError(
+            f"{folder}: not a SemVLP export (no config.json of model_type 'semvlp'); expected OUTPUT_DIR/export or a "
+            "folder written by python -m semvlp.export"
+        )
+    # Quiet: the heads a class leaves unused are expected, and one model needs no progress bar.
+    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    except OSError as e:
+        raise ValueError(f"{folder}: not a loadable SemVLP export ({e})") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])[:5]
+        raise ValueError(f"{folder}: the export lacks {model_class.__name__} weights {missing}")
+    return model.eval()
+
+
+def encode_text(tokenizer: BertTokenizerFast, text: str, option: str) -> list[int]:
+    """`[CLS] ... [SEP]` ids of `text`, at most MAX_TEXT_LEN of them as in training."""
+    if not text.strip():
+        raise ValueError(f"{option} is empty")
+    input_ids = tokenizer(text.strip())["input_ids"]
+    if len(input_ids) > MAX_TEXT_LEN:
+        raise ValueError(
+            f"{option} is {len(input_ids)} tokens with [CLS] and [SEP]; the model was pre-trained on at most "
+            f"{MAX_TEXT_LEN} (paper section 4.1): shorten it"
+        )
+    return input_ids
+
+
+def read_images(store_path: str | Path, image_ids: list[str]) -> list[ImageFeatures]:
+    store = FeatureStore(store_path)
+    try:
+        return [store.read(image_id) for image_id in image_ids]
+    finally:
+        store.close()
+
+
+def visual_inputs(images: list[ImageFeatures]) -> dict[str, torch.Tensor | None]:
+    """visual_feats [N, K, D] and visual_pos [N, K, 4] (fp32) of images from one store, and their
+    visual_attention_mask [N, K] where that store is padded (None otherwise)."""
+    stack = lambda arrays: torch.stack([torch.from_numpy(a) for a in arrays])
+    return {
+        "visual_feats": stack([image.features for image in images]).float(),
+        "visual_pos": stack([image.boxes for image in images]).float(),
+        "visual_attention_mask": None
+        if images[0].valid_mask is None
+        else stack([image.valid_mask for image in images]).long(),
+    }
