@@ -1,0 +1,118 @@
+"""Ask an export about one example, as one checks a model by hand:
+
+    # a VQA or GQA export: its top answers
+    python -m semvlp.predict runs/vqa/export --store coco.h5 --image_id COCO_val2014_000000000042 \\
+        --text "what is the man holding ?"
+    # an NLVR2 export: is the statement true of the two images?
+    python -m semvlp.predict runs/nlvr2/export --store nlvr2.h5 --image_id dev-850-0-img0 dev-850-0-img1 \\
+        --text "there are two dogs in the left image ."
+    # a retrieval or pre-training export: do the image and the caption match (the ITM head)?
+    python -m semvlp.predict runs/demo/export --store data/toy/features.h5 --image_id toy_002000 \\
+        --text "a blue cup next to a white dog by the wall ."
+
+The export's config.json says which model it is (`architectures`, written by save_pretrained), and
+so what it is asked. Answers are named from the export's answer table (config.id2label, kept by
+the VQA and GQA launchers) and scored as the answer head was trained: an independent sigmoid per
+answer (binary cross-entropy against soft scores, LXMERT's loss). NLVR2 and image-text matching
+give the probability of "true" and of "matched". `--mode` is the stream mode, as in training.
+Output: a few lines, and with `--out` the same as JSON. Bad input exits 2, naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.example import encode_text, load_export, read_images, visual_inputs
+from semvlp.model import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
+from semvlp.model.modeling import MODES
+
+# What each kind of export is asked, by the class its config.json names: (model class to load, images).
+# A pre-training export scores pairs with its ITM head, which SemVLPForRetrieval loads (zero-shot retrieval).
+TASKS = {
+    "SemVLPForQuestionAnswering": ("answers", SemVLPForQuestionAnswering, 1),
+    "SemVLPForNLVR2": ("nlvr2", SemVLPForNLVR2, 2),
+    "SemVLPForRetrieval": ("match", SemVLPForRetrieval, 1),
+    "SemVLPForPreTraining": ("match", SemVLPForRetrieval, 1),
+}
+
+
+def export_task(export: str | Path) -> tuple[str, type, int]:
+    """(task, model class, images per example) of an export, from its config.json."""
+    architectures = json.loads((Path(export) / "config.json").read_text()).get("architectures") or []
+    known = [TASKS[name] for name in architectures if name in TASKS]
+    if not known:
+        raise ValueError(
+            f"{export}: its config.json names {architectures or 'no architectures'}; semvlp.predict answers for "
+            f"{sorted(TASKS)} (an encoder alone has no head to ask)"
+        )
+    return known[0]
+
+
+def predict(model, input_ids: list[int], inputs: dict, mode: str, top: int) -> dict:
+    """The export's answer for one example (see the module docstring). `inputs`: visual_inputs of
+    the example's images, stacked for NLVR2's pair."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        if isinstance(model, SemVLPForNLVR2):
+            logits = model(ids, **{k: None if v is None else v[None] for k, v in inputs.items()}, mode=mode).logits
+            return {"true": float(torch.softmax(logits, -1)[0, 1])}
+        logits = model(ids, **inputs, mode=mode).logits
+    if isinstance(model, SemVLPForRetrieval):
+        return {"match": float(torch.softmax(logits, -1)[0, 1])}
+    scores, labels = torch.sigmoid(logits[0]).topk(min(top, logits.shape[-1]))
+    names = model.config.id2label  # without an answer table, transformers' default names two labels
+    answers = [names[label] if len(names) == logits.shape[-1] else f"answer {label}" for label in labels.tolist()]
+    return {"answers": [{"answer": a, "score": s} for a, s in zip(answers, scores.tolist(), strict=True)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m semvlp.predict",
+        description="What an export answers for one (image, text) example: VQA/GQA answers, NLVR2 true/false, "
+        "or image-text matching for a pre-training or retrieval export.",
+    )
+    parser.add_argument("export", help="a SemVLP export folder (OUTPUT_DIR/export, or python -m semvlp.export)")
+    parser.add_argument("--store", required=True, help="the feature store (.h5) holding the image(s)")
+    parser.add_argument("--image_id", required=True, nargs="+", help="the image's id in the store (NLVR2: two)")
+    parser.add_argument("--text", required=True, help="the question, statement or caption")
+    parser.add_argument("--mode", choices=MODES, default="single", help="stream mode (default: single)")
+    parser.add_argument("--top", type=int, default=5, help="answers to list (VQA, GQA)")
+    parser.add_argument("--vocab", help="vocab.txt (default: the export's)")
+    parser.add_argument("--out", help="write the prediction here as JSON")
+    args = parser.parse_args(argv)
+    try:
+        task, model_class, num_images = export_task(args.export)
+        if len(args.image_id) != num_images:
+            raise ValueError(f"--image_id: {len(args.image_id)} given; a {task} export takes {num_images}")
+        if args.top < 1:
+            raise ValueError(f"--top {args.top}: expected a count >= 1")
+        model = load_export(args.export, model_class)
+        tokenizer = load_tokenizer(args.vocab or Path(args.export))
+        input_ids = encode_text(tokenizer, args.text, "--text")
+        inputs = visual_inputs(read_images(args.store, args.image_id))
+        prediction = predict(model, input_ids, inputs, args.mode, args.top)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    for name, value in prediction.items():
+        if name == "answers":
+            print("\n".join(f"{a['score']:.3f}  {a['answer']}" for a in value))
+        else:
+            print(f"P({name}) = {value:.3f}")
+    unknown = tokenizer.convert_ids_to_tokens(input_ids).count(tokenizer.unk_token)
+    if unknown:
+        print(f"note: {unknown} word(s) of the text are not in the vocab and read as {tokenizer.unk_token}")
+    if args.out:
+        record = {"export": str(args.export), "image_ids": args.image_id, "text": args.text, "mode": args.mode}
+        Path(args.out).write_text(json.dumps({**record, "task": task, **prediction}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""python -m semvlp.predict: one (image, text) example through a real export, store and vocab; its
+answers equal the model's own on the same inputs, for each kind of export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from semvlp import SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPModel
+from semvlp.config import config_from_preset
+from semvlp.data.store import FeatureStore
+from semvlp.data.tokenizer import load_tokenizer
+from semvlp.data.toy import ToySpec, ensure_toy_world
+from semvlp.model import SemVLPForRetrieval
+from semvlp.predict import main
+
+REPO = Path(__file__).resolve().parents[1]
+ANSWERS = ["red", "blue", "yes", "no", "2", "3"]
+TEXT = "by the wall , what color is the dog ?"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A small toy world and one tiny export of each kind, random weights, with the world's vocab."""
+    root = tmp_path_factory.mktemp("predict")
+    toy = Path(ensure_toy_world(root / "toy", spec=ToySpec.small())).parent
+    config = config_from_preset("tiny", vocab_size=len(load_tokenizer(toy / "vocab.txt")))
+    exports = {}
+    for name, model_class, extra in [
+        ("pretraining", SemVLPForPreTraining, {}),
+        ("vqa", SemVLPForQuestionAnswering, {"num_qa_labels": 6, "id2label": dict(enumerate(ANSWERS))}),
+        ("nlvr2", SemVLPForNLVR2, {}),
+        ("encoder", SemVLPModel, {}),
+    ]:
+        torch.manual_seed(0)
+        exports[name] = root / name
+        model_class(config_from_preset("tiny", vocab_size=config.vocab_size, **extra)).save_pretrained(exports[name])
+        shutil.copyfile(toy / "vocab.txt", exports[name] / "vocab.txt")
+    store = FeatureStore(toy / "features.h5")
+    image_ids = store.image_ids[:2]
+    store.close()
+    return {"store": toy / "features.h5", "image_ids": image_ids, "exports": exports}
+
+
+def _args(world: dict, export: str, *extra: str, images: int = 1) -> list[str]:
+    return [str(world["exports"][export]), "--store", str(world["store"]), "--image_id",
+            *world["image_ids"][:images], "--text", TEXT, *extra]  # fmt: skip
+
+
+def _model_logits(world: dict, export: str, model_class, mode: str, images: int = 1) -> torch.Tensor:
+    model = model_class.from_pretrained(world["exports"][export]).eval()
+    ids = torch.tensor([load_tokenizer(world["exports"][export])(TEXT)["input_ids"]])
+    store = FeatureStore(world["store"])
+    read = [store.read(image_id) for image_id in world["image_ids"][:images]]
+    feats = torch.stack([torch.from_numpy(r.features).float() for r in read])
+    boxes = torch.stack([torch.from_numpy(r.boxes).float() for r in read])
+    if images == 2:  # NLVR2: one example, its two images
+        feats, boxes = feats[None], boxes[None]
+    with torch.no_grad():
+        return model(ids, visual_feats=feats, visual_pos=boxes, mode=mode).logits[0]
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_a_pretraining_export_scores_the_match_with_its_itm_head(world, mode, capsys):
+    assert main(_args(world, "pretraining", "--mode", mode)) == 0
+    expected = torch.softmax(_model_logits(world, "pretraining", SemVLPForRetrieval, mode), -1)[1]
+    assert capsys.readouterr().out.splitlines()[0] == f"P(match) = {expected:.3f}"
+
+
+def test_a_vqa_export_names_its_top_answers_with_their_sigmoid_scores(world, tmp_path):
+    out = tmp_path / "prediction.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "semvlp.predict", *_args(world, "vqa", "--top", "3", "--out", str(out))],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scores = torch.sigmoid(_model_logits(world, "vqa", SemVLPForQuestionAnswering, "single"))
+    top = scores.topk(3)
+    record = json.loads(out.read_text())
+    assert (record["task"], record["text"], record["image_ids"]) == ("answers", TEXT, world["image_ids"][:1])
+    assert [a["answer"] for a in record["answers"]] == [ANSWERS[i] for i in top.indices.tolist()]
+    assert [a["score"] for a in record["answers"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert result.stdout.splitlines()[0] == f"{top.values[0]:.3f}  {ANSWERS[top.indices[0]]}"
+
+
+def test_an_nlvr2_export_takes_two_images(world, capsys):
+    assert main(_args(world, "nlvr2", images=2)) == 0
+    expected = torch.softmax(_model_logits(world, "nlvr2", SemVLPForNLVR2, "single", images=2), -1)[1]
+    assert capsys.readouterr().out.splitlines()[0] == f"P(true) = {expected:.3f}"
+
+
+@pytest.mark.parametrize(
+    "export, extra, message",
+    [
+        ("nlvr2", [], "--image_id: 1 given; a nlvr2 export takes 2"),
+        ("vqa", ["--top", "0"], "--top 0: expected a count >= 1"),
+        ("vqa", ["--text", " "], "--text is empty"),
+        ("vqa", ["--text", "a " * 25], "--text is 27 tokens with [CLS] and [SEP]"),
+        ("vqa", ["--image_id", "no_such_image"], "image 'no_such_image' is not in"),
+        ("encoder", [], "names ['SemVLPModel']; semvlp.predict answers for"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_naming_the_option(world, export, extra, message, capsys):
+    args = _args(world, export)
+    for option, value in zip(extra[::2], extra[1::2], strict=True):
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
