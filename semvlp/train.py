@@ -433,9 +433,9 @@ def _log_record(
     """The log line of the window, and the stop signals any rank received (StopSignal), sorted."""
     elapsed = time.perf_counter() - window.start
     # One exchange per log step: the window's modes, which must agree across ranks (a mismatch would
-    # silently train a mixture), and each rank's stop signal.
-    gathered = dist.all_gather_object((window.modes, stop_signal))
-    all_modes = [modes for modes, _ in gathered]
+    # silently train a mixture), each rank's stop signal, and its wait for its input pipeline.
+    gathered = dist.all_gather_object((window.modes, stop_signal, window.data_wait))
+    all_modes = [modes for modes, _, _ in gathered]
     if any(m != all_modes[0] for m in all_modes):
         raise RuntimeError(
             f"ranks disagree on the stream mode at steps {step - len(window.modes) + 1}..{step}: {all_modes}"
@@ -451,7 +451,7 @@ def _log_record(
         "samples_per_s": window.samples * world / elapsed,
         "tflops_per_s": window.flops * world / elapsed / 1e12,
         "step_time_s": elapsed / len(window.modes),
-        "data_wait_s": window.data_wait / len(window.modes),  # rank 0's wait for its input pipeline
+        "data_wait_s": max(wait for _, _, wait in gathered) / len(window.modes),  # the slowest rank's wait
         "world_size": world,
     }
     if peak_tflops_per_device:
@@ -465,7 +465,7 @@ def _log_record(
         record["skipped_steps"] = engine.skipped_steps - skipped_before  # fp16 overflow: step skipped
     if torch.cuda.is_available():
         record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return record, sorted({name for _, name in gathered if name is not None})
+    return record, sorted({name for _, name, _ in gathered if name is not None})
 
 
 def local_rank() -> int:
