@@ -48,9 +48,18 @@ def assert_matches_reference(
         assert_lowp_close(name, a, e, lo)
 
 
-def config_id(config) -> str:
-    """A triton.Config as a test id: its constexprs and warps, e.g. BLOCK_COLS128-warps8."""
-    return "-".join([*(f"{k}{v}" for k, v in config.kwargs.items()), f"warps{config.num_warps}"])
+def autotune_choices(module, *passes: str) -> list:
+    """pytest params (kernel, config), one per config the GPU's autotuner may pick for the kernels of
+    `passes` ("forward": the module's *_forward_kernel over FORWARD_CONFIGS, likewise "backward");
+    the suite otherwise runs only each kernel's first (kernels/tuning.py). A test pins one with
+    monkeypatch.setattr(kernel, "configs", [config])."""
+    params = []
+    for which in passes:
+        [kernel] = [k for n, k in vars(module).items() if n.endswith(f"_{which}_kernel") and hasattr(k, "configs")]
+        for config in getattr(module, f"{which.upper()}_CONFIGS"):
+            tiles = (f"{k}{v}" for k, v in config.kwargs.items())
+            params.append(pytest.param(kernel, config, id="-".join([which, *tiles, f"warps{config.num_warps}"])))
+    return params
 
 
 def skip_bf16_in_interpreter(dtype: torch.dtype, device: str) -> None:

@@ -15,7 +15,7 @@ from functools import partial
 
 import pytest
 import torch
-from _checks import assert_matches_reference, config_id, skip_bf16_in_interpreter, value_and_grads
+from _checks import assert_matches_reference, autotune_choices, skip_bf16_in_interpreter, value_and_grads
 
 from semvlp_kernels import attention as module
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask, attention_reference
@@ -97,16 +97,11 @@ def test_split_backward_matches_reference(name, key_block, dtype, device, split_
     assert_matches_reference(NAMES, ours, reference, (q, k, v), dout, lowp_reference=partial(_lowp_eager, mask=mask))
 
 
-@pytest.mark.parametrize(
-    "kernel, config",
-    [("_attention_forward_kernel", c) for c in module.FORWARD_CONFIGS]
-    + [("_attention_backward_kernel", c) for c in module.BACKWARD_CONFIGS],
-    ids=lambda v: v.split("_")[2] if isinstance(v, str) else config_id(v),
-)
+@pytest.mark.parametrize("kernel, config", autotune_choices(module, "forward", "backward"))
 def test_every_config_the_autotuner_may_pick_matches_reference(kernel, config, device, monkeypatch):
-    """The suite pins each kernel's first config; on a GPU the autotuner picks any. Single-stream
-    121 x 121 tokens with padding, fp32: partial query tiles and key blocks in every layout."""
-    monkeypatch.setattr(getattr(module, kernel), "configs", [config])
+    """Single-stream 121 x 121 tokens with padding, fp32: partial query tiles and key blocks in
+    every layout."""
+    monkeypatch.setattr(kernel, "configs", [config])
     _, b, h, tq, tk, d, lengths = CASES[0]
     q, k, v, mask = _inputs(b, h, tq, tk, d, lengths, torch.float32, device)
     dout = 0.1 * torch.randn(b, h, tq, d, device=device)

@@ -3,7 +3,7 @@ after loading, so the interpreter's bf16 is trustworthy here, DESIGN.md 6)."""
 
 import pytest
 import torch
-from _checks import assert_matches_reference, config_id, value_and_grads
+from _checks import assert_matches_reference, autotune_choices, value_and_grads
 
 from semvlp_kernels import bias_gelu as module
 from semvlp_kernels.bias_gelu import bias_gelu, bias_gelu_reference
@@ -28,15 +28,9 @@ def test_bias_gelu_matches_reference(shape, dtype, device):
     assert_matches_reference(("y", "dx", "dbias"), ours, bias_gelu_reference, (x, bias), dy, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "kernel, config",
-    [("_bias_gelu_forward_kernel", c) for c in module.FORWARD_CONFIGS]
-    + [("_bias_gelu_backward_kernel", c) for c in module.BACKWARD_CONFIGS],
-    ids=lambda v: v.split("_")[3] if isinstance(v, str) else config_id(v),
-)
+@pytest.mark.parametrize("kernel, config", autotune_choices(module, "forward", "backward"))
 def test_every_config_the_autotuner_may_pick_matches_reference(kernel, config, device, monkeypatch):
-    """The suite pins each kernel's first config; on a GPU the autotuner picks any (bias_gelu.py)."""
-    monkeypatch.setattr(getattr(module, kernel), "configs", [config])
+    monkeypatch.setattr(kernel, "configs", [config])
     x = (-0.3 + torch.randn(37, 1100, device=device)).requires_grad_()  # partial tiles in both dims
     bias = (0.1 * torch.randn(1100, device=device)).requires_grad_()
     dy = 0.1 * torch.randn(37, 1100, device=device)

@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 import torch
-from _checks import assert_matches_reference, config_id, value_and_grads
+from _checks import assert_matches_reference, autotune_choices, value_and_grads
 
 from semvlp_kernels import residual_layer_norm as module
 from semvlp_kernels.residual_layer_norm import (
@@ -57,10 +57,9 @@ def test_residual_layer_norm_matches_reference(shape, dtype, dropout_p, device):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
 @pytest.mark.parametrize("n", [257, 2500], ids=["n257", "n2500"])  # 2500: tiles capped at MAX_TILE // 4096 rows
-@pytest.mark.parametrize("config", module.BACKWARD_CONFIGS, ids=config_id)
-def test_every_backward_config_the_autotuner_may_pick_matches_reference(config, n, dropout_p, device, monkeypatch):
-    """The suite pins the first config; on a GPU the autotuner picks any (residual_layer_norm.py)."""
-    monkeypatch.setattr(module._residual_layer_norm_backward_kernel, "configs", [config])
+@pytest.mark.parametrize("kernel, config", autotune_choices(module, "backward"))
+def test_every_config_the_autotuner_may_pick_matches_reference(kernel, config, n, dropout_p, device, monkeypatch):
+    monkeypatch.setattr(kernel, "configs", [config])
     inputs = _inputs((11,), n, torch.float32, device)  # 11 rows: loops end mid-tile
     dy = 0.1 * torch.randn(11, n, device=device)
     ours = value_and_grads(partial(residual_layer_norm, eps=1e-12, dropout_p=dropout_p, seed=7), inputs, dy)
