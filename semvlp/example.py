@@ -17,15 +17,20 @@ from semvlp.data.tokenizer import MAX_TEXT_LEN
 from semvlp.model import SemVLPModel
 
 
-def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPModel) -> PreTrainedModel:
-    """`model_class` from a SemVLP export (pre-training or fine-tuned), in eval mode on the CPU; by
-    default the encoder, which any export holds. The export must hold every weight of the class."""
-    folder = Path(folder)
+def check_export(folder: str | Path) -> None:
+    """ValueError naming `folder` unless it holds a SemVLP model's config.json."""
     if not is_semvlp_export(folder):
         raise ValueError(
             f"{folder}: not a SemVLP export (no config.json of model_type 'semvlp'); expected OUTPUT_DIR/export or a "
             "folder written by python -m semvlp.export"
         )
+
+
+def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPModel) -> PreTrainedModel:
+    """`model_class` from a SemVLP export (pre-training or fine-tuned), in eval mode on the CPU; by
+    default the encoder, which any export holds. The export must hold every weight of the class."""
+    folder = Path(folder)
+    check_export(folder)
     # Quiet: the heads a class leaves unused are expected, and one model needs no progress bar.
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

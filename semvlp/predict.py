@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from semvlp.data.tokenizer import load_tokenizer
-from semvlp.example import encode_text, load_export, read_images, visual_inputs
+from semvlp.example import check_export, encode_text, load_export, read_images, visual_inputs
 from semvlp.model import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
 from semvlp.model.modeling import MODES
 
@@ -44,6 +44,7 @@ TASKS = {
 
 def export_task(export: str | Path) -> tuple[str, type, int]:
     """(task, model class, images per example) of an export, from its config.json."""
+    check_export(export)
     architectures = json.loads((Path(export) / "config.json").read_text()).get("architectures") or []
     known = [TASKS[name] for name in architectures if name in TASKS]
     if not known:

@@ -45,6 +45,8 @@ def world(tmp_path_factory) -> dict:
     store = FeatureStore(toy / "features.h5")
     image_ids = store.image_ids[:2]
     store.close()
+    exports["not_an_export"] = root / "not_an_export"  # a folder without config.json
+    exports["not_an_export"].mkdir()
     return {"store": toy / "features.h5", "image_ids": image_ids, "exports": exports}
 
 
@@ -104,6 +106,7 @@ def test_an_nlvr2_export_takes_two_images(world, capsys):
         ("vqa", ["--text", "a " * 25], "--text is 27 tokens with [CLS] and [SEP]"),
         ("vqa", ["--image_id", "no_such_image"], "image 'no_such_image' is not in"),
         ("encoder", [], "names ['SemVLPModel']; semvlp.predict answers for"),
+        ("not_an_export", [], "not_an_export: not a SemVLP export (no config.json of model_type 'semvlp')"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_option(world, export, extra, message, capsys):
