@@ -75,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-from semvlp.config import config_from_preset
+from semvlp.config import PRESETS, config_from_preset
 from semvlp.flops import training_step_flops
 from semvlp.peaks import peak_tflops
 from semvlp.run_config import COMPILE_MODES
@@ -911,7 +911,12 @@ def _csv(choices: tuple[str, ...] | None):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="base" if cuda else "tiny", help="model preset (default: base GPU, tiny CPU)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="base" if cuda else "tiny",
+        help="model preset (default: base GPU, tiny CPU)",
+    )
     p.add_argument("--batch-size", type=int, default=64 if cuda else 4, help="micro-batch (default 64 GPU, 4 CPU)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma list of single,two,alternate")
     p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS), help="comma list of eager,sdpa,triton")

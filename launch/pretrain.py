@@ -20,7 +20,7 @@ import torch
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
-from semvlp.data.pretrain_dataset import build_pretrain_loader, pretraining_model_fields
+from semvlp.data.pretrain_dataset import build_pretrain_dataset, pretrain_loader, pretraining_model_fields
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPForPreTraining
 from semvlp.run_config import RunConfig, option
@@ -73,25 +73,28 @@ class PretrainConfig(RunConfig):
 
 def main(argv: list[str] | None = None) -> None:
     run = PretrainConfig.from_args(argv)
-    run_dir, ds_config = runner.start(run)
+    # Options first, then the data (minutes for the paper's 9M sentences), then the run folder: a bad
+    # option or data file stops the run before anything is written.
+    runner.check_options(run)
     data = DataConfig.load(runner.resolve_data(run))
     tokenizer = load_tokenizer(data.vocab)
     config = runner.build_model_config(run, **pretraining_model_fields(data, tokenizer))
     if config.vocab_size != len(tokenizer):
         raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
-
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    loaders = {
-        split: build_pretrain_loader(
-            data, tokenizer, micro_batch, dist.rank(), dist.world_size(), run.seed, run.num_workers, split
-        )
-        for split in (("valid",) if run.eval_only else ("train", "valid"))
-    }
-    if run.packed_text and run.stream_schedule != "two" and loaders["valid"].dataset.stores.padded:
+    splits = ("valid",) if run.eval_only else ("train", "valid")
+    datasets = {split: build_pretrain_dataset(data, tokenizer, split) for split in splits}
+    if run.packed_text and run.stream_schedule != "two" and datasets["valid"].stores.padded:
         raise ConfigError(
             "--packed_text: the feature stores are padded (visual_attention_mask), which single-stream packed "
             "text cannot mask; use padded text (no --packed_text) or --stream_schedule two"
         )
+
+    run_dir, ds_config = runner.start(run)
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    loaders = {
+        split: pretrain_loader(dataset, split, micro_batch, dist.rank(), dist.world_size(), run.seed, run.num_workers)
+        for split, dataset in datasets.items()
+    }
     model = SemVLPForPreTraining(config)
     if run.eval_only:
         runner.check_complete_export(model, run.init_from, "--eval_only")

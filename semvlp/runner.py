@@ -164,17 +164,23 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
                   f"{len(report.new)} new", flush=True)  # fmt: skip
 
 
-def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
-    """Check the model options and the ds_config against this run, then start: before the process
-    group exists and before anything is written to --output_dir, so a bad option leaves no run folder.
+def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> dict:
+    """The run's own options checked, the model's and the ds_config's (batch arithmetic included), and
+    the resolved ds_config: launchers call it before reading data that can take minutes, and `start`
+    calls it again, since a fine-tuning run's length comes from its data.
 
     `lr` / `train_batch_size` replace the ds_config's (train.override_batch_and_lr).
     """
     # What SemVLPConfig.validate checks comes from the run's options alone (the data adds only the
-    # vocabulary and label counts), so the config they make is checked now, not after the write.
+    # vocabulary and label counts), so the config they make can be checked first.
     build_model_config(run)
-    world = world_size_from_env()
-    ds_config = resolve_ds_config(run, world, Path(run.output_dir), lr, train_batch_size)
+    return resolve_ds_config(run, world_size_from_env(), Path(run.output_dir), lr, train_batch_size)
+
+
+def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
+    """Check the options (`check_options`), then start the process group and write the run folder.
+    Launchers read and check their data before this, so a bad option or data file leaves no run folder."""
+    ds_config = check_options(run, lr, train_batch_size)
     init_distributed()
     run_dir = prepare_run_dir(run)
     if dist.is_main():

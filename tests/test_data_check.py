@@ -54,3 +54,13 @@ def test_every_problem_is_listed_with_its_section_and_file(toy, capsys):
     assert any(p.startswith(missing) and "'not_an_image'" in p for p in problems), err
     # the other sections are still read and reported
     assert "nlvr2 valid: 20 statements" in out and "vqa valid: " in out
+
+
+def test_a_data_json_that_does_not_parse_is_the_one_problem(tmp_path, capsys):
+    broken = tmp_path / "data.json"
+    broken.write_text('{"stores": [\n')
+    assert main([str(broken)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "1 problem(s):",
+        f"  data.json: {broken}: invalid JSON at line 2: Expecting value",
+    ]

@@ -214,6 +214,8 @@ def test_npz_dir(tmp_path):
     (folder / "img_d.npz").write_bytes(b"garbage")
     report = convert_npz_dir(folder, tmp_path / "t.h5", num_objects=6, feature_dim=D, skip_bad=True, progress=False)
     assert (report.written, report.skipped) == (2, 2)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such folder"):
+        convert_npz_dir(tmp_path / "nope", tmp_path / "u.h5", num_objects=6, feature_dim=D, progress=False)
 
 
 def test_cli_progress_and_errors(tmp_path, capsys):

@@ -256,19 +256,26 @@ def test_option_errors_name_the_option(toy, tmp_path, capsys, load_launcher, scr
     assert not (tmp_path / "run").exists()
 
 
-def test_model_options_are_checked_before_the_data_is_read(toy, tmp_path, capsys, load_launcher):
-    """A bad model option must not wait for a data load (minutes for VQA's 600K questions): here the
-    data configuration's files do not exist (a copy elsewhere: its relative paths point nowhere),
-    and the option error comes first."""
+@pytest.mark.parametrize("fault", ["model", "ds_config"])
+def test_options_are_checked_before_the_data_is_read(toy, tmp_path, capsys, load_launcher, fault):
+    """A bad model option or ds_config must not wait for a data load (minutes for VQA's 600K
+    questions): here the data configuration's files do not exist (a copy elsewhere: its relative
+    paths point nowhere), and the option error comes first."""
     from semvlp.runner import run_main
 
     shutil.copy(toy, tmp_path / "data.json")
-    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
-            "--output_dir", str(tmp_path / "run"), "--cross_attention_start_layer", "5"]  # fmt: skip
+    ds_config, args = CPU_CONFIG, ["--cross_attention_start_layer", "5"]
+    message = "cross_attention_start_layer=5 must be in 0..num_hidden_layers=4"
+    if fault == "ds_config":
+        ds_config, args = tmp_path / "ds.json", []
+        ds_config.write_text(json.dumps({k: v for k, v in load(CPU_CONFIG).items() if k != "gradient_clipping"}))
+        message = f"{ds_config}: set gradient_clipping explicitly"
+    argv = ["--deepspeed_config", str(ds_config), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run"), *args]  # fmt: skip
     with pytest.raises(SystemExit) as exited:
         run_main(load_launcher("finetune_vqa.py").main, argv)
     assert exited.value.code == 2
-    assert "cross_attention_start_layer=5 must be in 0..num_hidden_layers=4" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -395,6 +395,27 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
+@pytest.mark.parametrize("fault", ["data.json", "annotations"])
+def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load_launcher, fault):
+    """The data are read before the run folder is written: a data.json that does not parse, or a
+    pre-training record without its sentences, is named and leaves nothing behind."""
+    from semvlp.data.config import DataConfig
+
+    data = tmp_path / "data.json"
+    if fault == "data.json":
+        data.write_text('{"stores": ["features.h5"],\n')
+        message = f"{data}: invalid JSON at line 2"
+    else:
+        raw = DataConfig.load(toy_data).to_dict()
+        records = json.loads(Path(raw["pretrain"]["train"][0]).read_text())
+        del records[7]["sentf"]
+        (tmp_path / "train.json").write_text(json.dumps(records))
+        raw["pretrain"]["train"] = [str(tmp_path / "train.json")]
+        DataConfig.from_dict(raw).save(data)
+        message = f"{tmp_path / 'train.json'}: record 7 has no field 'sentf'"
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--data", str(data)], message)
+
+
 def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_data, capsys, load_launcher):
     step = tmp_path / "checkpoints" / "step00000100"
     step.mkdir(parents=True)

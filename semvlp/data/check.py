@@ -59,7 +59,7 @@ class DataReport:
 def check_data(path: str | os.PathLike) -> DataReport:
     """Read everything `path` (a data.json) names; see the module docstring."""
     report = DataReport()
-    cfg = report.attempt(str(path), lambda: DataConfig.load(path))
+    cfg = report.attempt("data.json", lambda: DataConfig.load(path))
     if cfg is None:
         return report
     stores = report.attempt("stores", lambda: open_stores(cfg.stores))

@@ -378,6 +378,8 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
 
 
 def npz_records(folder: str | os.PathLike) -> Iterator[Record]:
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(Path(folder).glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"no .npz files in {folder}")

@@ -336,6 +336,22 @@ def build_pretrain_loader(
 ) -> ResumableLoader:
     """The pre-training loader of one rank; see the module docstring for the batch layout."""
     dataset = build_pretrain_dataset(data_config, tokenizer, split, masking, skip_missing)
+    return pretrain_loader(dataset, split, batch_size, rank, world_size, seed, num_workers, pin_memory=pin_memory)
+
+
+def pretrain_loader(
+    dataset: PretrainDataset,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int,
+    *,
+    pin_memory: bool | None = None,
+) -> ResumableLoader:
+    """The loader of one rank over a dataset already built (the launcher reads the data before it
+    starts the process group and writes the run folder)."""
     train = split == "train"
     loader = ResumableLoader(
         dataset,

@@ -241,7 +241,7 @@ def load_data(run: FinetuneConfig) -> tuple[DataConfig, object, FeatureStoreSet]
 def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, DataConfig, object, FeatureStoreSet,
                                                              tuple[str, ...]], FinetuneTask]) -> None:  # fmt: skip
     """Fine-tune (or, with --predict_only, predict) with the task `make_task` builds; see the module docstring."""
-    runner.build_model_config(run)  # the model options alone, checked before a data load that can take minutes
+    runner.check_options(run, lr=run.lr, train_batch_size=run.batch_size)  # before a data load that can take minutes
     data, tokenizer, stores = load_data(run)
     splits = run.prediction_splits
     if not run.predict_only:
