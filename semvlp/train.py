@@ -284,6 +284,19 @@ def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int)
     )
 
 
+def check_finite_weights(engine, step: int) -> None:
+    """Before a checkpoint: the weights are finite on every rank, or the run stops. Under bf16 the
+    ds_configs turn DeepSpeed's per-tensor overflow check off (`check_grad_overflow`: thousands of
+    small kernels a step), so a non-finite gradient is applied, and the loss check sees it only at
+    the next step: too late for a checkpoint at this one, which would replace the last good one."""
+    bad = sum((~torch.isfinite(p)).sum() for p in engine.module.parameters())
+    if dist.all_reduce_sum(torch.as_tensor(bad, dtype=torch.float32, device=engine.device)).item():
+        raise NonFiniteLossError(
+            f"non-finite weights after step {step} (a non-finite gradient was applied: bf16 steps are not checked "
+            "for overflow); not checkpointing them. Stopping; the last complete checkpoint is untouched."
+        )
+
+
 @dataclass
 class TrainResult:
     step: int  # global optimizer steps done
@@ -325,8 +338,9 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     def client_state(at_step: int) -> dict:
         return {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__, "best": best}
 
-    def save(at_step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, at_step, client_state(at_step), run.keep_checkpoints, vocab)
+    def save(at_step: int, directory: Path = ckpt_dir, keep_last: int = run.keep_checkpoints) -> None:
+        check_finite_weights(engine, at_step)
+        checkpoint.save(engine, directory, at_step, client_state(at_step), keep_last, vocab)
 
     def evaluate(at_step: int) -> dict[str, float]:
         nonlocal best
@@ -341,7 +355,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
             # Every rank holds the same metrics (tasks reduce over ranks), so all take this branch together.
             if best is None or metrics[best_metric] > best["value"]:
                 best = {"step": at_step, "metric": best_metric, "value": metrics[best_metric], "metrics": metrics}
-                checkpoint.save(engine, run_dir / "best", at_step, client_state(at_step), keep_last=1, vocab=vocab)
+                save(at_step, run_dir / "best", keep_last=1)
                 log.write({"kind": "best", "step": at_step, best_metric: metrics[best_metric]})
         return metrics
 

@@ -391,3 +391,24 @@ def test_gpu_check_runs_only_the_selected_stages_and_prints_the_stage_table(tmp_
         "pretrain": "skipped (not in GPU_CHECK_STAGES)",
     }
     assert table[-1].startswith("gpu_check: done") and (tmp_path / "out" / "gpu_check.log").is_file()
+
+
+def test_step_ops_counts_the_operators_of_deepspeeds_bf16_overflow_check(tmp_path):
+    """benchmarks/step_ops.py on the CPU: a DeepSpeed step of the shipped h100.json (overflow check
+    off) against the same config with DeepSpeed's default, which adds ~13 operators per tensor."""
+    default = json.loads((REPO / "ds_configs" / "h100.json").read_text())
+    default["bf16"]["check_grad_overflow"] = True
+    (tmp_path / "checked.json").write_text(json.dumps(default))
+    cmd = [sys.executable, str(BENCH / "step_ops.py"), "ds_configs/h100.json", str(tmp_path / "checked.json"),
+           "--preset", "tiny", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "out").glob("step_ops-*-tiny-*.json")
+    result = json.loads(path.read_text())
+    assert result["device"]["type"] == "cpu" and result["git"]["commit"] and result["versions"]["deepspeed"]
+    shipped, checked = result["runs"]
+    assert shipped["optimizer"] == checked["optimizer"] == "DeepSpeedZeroOptimizer"
+    tensors = shipped["parameter_tensors"]
+    assert checked["operators_per_step"] - shipped["operators_per_step"] >= 10 * tensors
+    assert shipped["by_phase"]["forward/model"] == checked["by_phase"]["forward/model"] > 0
+    assert done.stdout.splitlines()[-1].startswith(str(tmp_path / "checked.json"))

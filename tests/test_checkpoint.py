@@ -20,6 +20,7 @@ from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
 
 REPO = Path(__file__).resolve().parents[1]
+GPU_PRECISION = {"bf16": json.loads((REPO / "ds_configs" / "h100.json").read_text())["bf16"]}  # a100.json's too
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def engine_factory():
         model = SemVLPModel(
             config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=1)
         )
-        precision = {"bf16": {"enabled": True}} if bf16 else {}  # a100.json / h100.json train in bf16
+        precision = GPU_PRECISION if bf16 else {}
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config={**config, **precision}
         )
@@ -184,6 +185,50 @@ def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_fa
         assert f"nothing written at {out}" in err
         assert not out.exists()
         assert not list(tmp_path.glob(".export*"))
+
+
+def test_the_gpu_configs_train_bf16_without_the_per_tensor_overflow_check(engine_factory):
+    """a100.json / h100.json: ZeRO-1 in bf16 without DeepSpeed's overflow check, whose ~13 small ops
+    per tensor and step are 3,000 of the ~4,900 a base-size step dispatches (benchmarks/step_ops.py).
+    A non-finite gradient is then applied; check_finite_weights keeps it out of the checkpoints."""
+    assert GPU_PRECISION == {"bf16": {"enabled": True, "check_grad_overflow": False}}
+    engine = engine_factory(seed=0, bf16=True)
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer" and not engine.optimizer.check_grad_overflow
+    assert json.loads((REPO / "ds_configs" / "a100.json").read_text()) == json.loads(
+        (REPO / "ds_configs" / "h100.json").read_text()
+    )
+
+
+def test_non_finite_weights_stop_the_run_instead_of_a_checkpoint(engine_factory):
+    from semvlp.train import NonFiniteLossError, check_finite_weights
+
+    engine = engine_factory(seed=0, bf16=True)
+    train_step(engine)
+    check_finite_weights(engine, 1)
+    with torch.no_grad():
+        engine.module.encoder.layers[1].ffn.down.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite weights after step 1 .* not checkpointing them"):
+        check_finite_weights(engine, 1)
+
+
+def test_a_bf16_run_resumes_to_the_weights_and_optimizer_state_of_an_uninterrupted_one(tmp_path, engine_factory, vocab):
+    straight = engine_factory(seed=0, bf16=True)
+    for _ in range(3):
+        train_step(straight)
+    checkpoint.save(straight, tmp_path, 3, {"step": 3}, keep_last=2, vocab=vocab)
+    train_step(straight)
+
+    resumed = engine_factory(seed=1, bf16=True)
+    assert checkpoint.load_latest(resumed, tmp_path)["step"] == 3
+    train_step(resumed)
+    for name, tensor in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[name], tensor), name
+    expected, got = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for a, b in zip(expected["single_partition_of_fp32_groups"], got["single_partition_of_fp32_groups"], strict=True):
+        assert torch.equal(a, b)  # the fp32 master weights
+    for key, state in expected["base_optimizer_state"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(got["base_optimizer_state"]["state"][key][name], value), (key, name)
 
 
 def test_a_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path, engine_factory, vocab):

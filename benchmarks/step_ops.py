@@ -1,0 +1,204 @@
+"""Operators one DeepSpeed training step dispatches, per ds_config: the kernel launches a step costs.
+
+    python benchmarks/step_ops.py                                   # ds_configs/cpu.json and h100.json, base preset
+    python benchmarks/step_ops.py ds_configs/h100.json --override '{"bf16": {"enabled": true}}'
+
+Why: a base-size step on an H100 is ~10 ms of GPU work, and every small operator is a kernel
+launch, several microseconds of host time. What DeepSpeed's optimizer adds per parameter tensor is
+paid ~230 times a step. This counts it on any device, the CPU included: one process, the
+pre-training model (`--preset`, micro-batch `--batch-size`, 20-token text, K = 100, single-stream),
+`--warmup` steps, then every aten operator dispatched in `--steps` steps (a TorchDispatchMode),
+views excluded (they launch nothing). Each is counted by phase: forward, backward and the optimizer
+step, and as DeepSpeed's when DeepSpeed's code is on the Python stack. The ds_config's batch sizes
+are replaced by the micro-batch; its precision, ZeRO and optimizer sections are used as they are
+(`--override` merges a JSON object into them). fp16 needs CUDA. On a GPU, `--profile_steps` in the
+launchers counts the kernels themselves (`kernels_per_step`).
+
+Measured on the CPU (benchmarks/results/step_ops-*.json): in bf16, DeepSpeed's ZeRO-1 overflow check
+(`bf16.check_grad_overflow`, on by default) dispatches ~13 operators per tensor and step, ~3,000 of
+a base-size step's ~4,900. The A100/H100 configs therefore turn it off (train.check_finite_weights
+keeps a non-finite update out of the checkpoints).
+
+Output: benchmarks/results/step_ops-<device>-<preset>-<date>.json and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from throughput import device_info, git_commit, versions  # noqa: E402
+
+from semvlp.config import PRESETS, config_from_preset  # noqa: E402
+from semvlp.model import SemVLPForPreTraining  # noqa: E402
+
+# Operators that make a view or ask about metadata: no kernel on any device.
+VIEWS = frozenset((
+    "view", "detach", "t", "transpose", "slice", "expand", "_unsafe_view", "as_strided", "narrow", "alias", "unsqueeze",
+    "squeeze", "permute", "select", "split", "unbind", "split_with_sizes", "_reshape_alias", "view_as", "lift_fresh",
+    "_has_compatible_shallow_copy_type", "resolve_conj", "resolve_neg", "is_same_size",
+))  # fmt: skip
+# Whose an operator is: the innermost of these frames on the Python stack. Autograd's backward runs
+# under engine.backward, so DeepSpeed is anywhere up the stack; its gradient hooks are innermost.
+OWNERS = (("/deepspeed/", "deepspeed"), ("/semvlp/", "model"), ("/torch/autograd/", "model"))
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts non-view aten operators by (phase, "deepspeed" | "model")."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in VIEWS:
+            owner = "deepspeed" if self.phase == "step" else "model"
+            for frame in [] if self.phase == "step" else reversed(traceback.extract_stack(limit=24)[:-1]):
+                found = next((who for part, who in OWNERS if part in frame.filename), None)
+                if found:
+                    owner = found
+                    break
+            self.counts[(self.phase, owner)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def synthetic_batch(batch_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    text, objects = 20, 100
+    batch = dict(
+        input_ids=torch.randint(vocab, (batch_size, text), generator=g),
+        visual_feats=torch.randn(batch_size, objects, 2048, generator=g).to(dtype),
+        visual_pos=torch.rand(batch_size, objects, 4, generator=g).to(dtype),
+        mlm_labels=torch.where(torch.rand(batch_size, text, generator=g) < 0.15, 5, -100),
+        obj_mask=torch.rand(batch_size, objects, generator=g) < 0.15,
+        obj_labels=torch.randint(40, (batch_size, objects), generator=g),
+        obj_confs=torch.rand(batch_size, objects, generator=g).to(dtype),
+        attr_labels=torch.randint(12, (batch_size, objects), generator=g),
+        attr_confs=torch.rand(batch_size, objects, generator=g).to(dtype),
+        itm_labels=torch.ones(batch_size, dtype=torch.long),
+        qa_labels=torch.randint(10, (batch_size,), generator=g),
+    )
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: int, steps: int) -> dict:
+    """Operators per step of one DeepSpeed engine built from `ds_config` (needs a process group)."""
+    import deepspeed
+
+    ds_config = {**ds_config, "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": batch_size}
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config.pop("tensorboard", None)
+    scheduler = ds_config.get("scheduler", {}).get("params", {})
+    for key in ("warmup_num_steps", "total_num_steps"):
+        if scheduler.get(key) == "auto":
+            scheduler[key] = 100
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = torch.float16 if ds_config.get("fp16", {}).get("enabled") else dtype
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(config_from_preset(preset, vocab_size=1000, num_qa_labels=10)).to(dtype)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    batch = synthetic_batch(batch_size, 1000, dtype, engine.device)
+    counter = OperatorCount()
+
+    def step() -> None:
+        counter.phase = "forward"
+        loss = engine(**batch, mode="single").loss
+        counter.phase = "backward"
+        engine.backward(loss)
+        counter.phase = "step"
+        engine.step()
+
+    for _ in range(warmup):
+        step()
+    with counter:
+        for _ in range(steps):
+            step()
+    per_step = {f"{phase}/{who}": n / steps for (phase, who), n in sorted(counter.counts.items())}
+    return {
+        "optimizer": type(engine.optimizer).__name__,
+        "parameter_tensors": sum(p.requires_grad for p in model.parameters()),
+        "operators_per_step": sum(per_step.values()),
+        "deepspeed_operators_per_step": sum(n for key, n in per_step.items() if key.endswith("/deepspeed")),
+        "by_phase": per_step,
+    }
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` merged into `base`, recursively for objects."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="*", default=["ds_configs/cpu.json", "ds_configs/h100.json"], help="ds_configs")
+    p.add_argument("--override", type=json.loads, default={}, help="a JSON object merged into every ds_config")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    p.add_argument("--batch-size", type=int, default=2, help="micro-batch (operator counts do not depend on it)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON ('' for none)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # One process of its own; the launchers' runner.init_distributed does the same for `python launch/...`.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29531")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = []
+    for path in args.configs:
+        ds_config = merge(json.loads(Path(path).read_text()), args.override)
+        run = {"ds_config": path, "override": args.override or None}
+        if ds_config.get("fp16", {}).get("enabled") and device.type != "cuda":
+            run["skipped"] = "fp16 needs CUDA"
+        else:
+            run.update(count_step_operators(ds_config, args.preset, args.batch_size, args.warmup, args.steps))
+        runs.append(run)
+    result = {
+        "benchmark": "step_ops",
+        "device": device_info(device),
+        "versions": versions(),
+        "git": git_commit(),
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+    }
+    if args.out:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        name = "".join(c if c.isalnum() else "-" for c in result["device"]["name"].lower()).strip("-")
+        path = Path(args.out) / f"step_ops-{name}-{args.preset}-{stamp}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    print(f"\n{'ds_config':28} {'override':40} {'optimizer':24} {'tensors':>7} {'ops/step':>9} {'deepspeed':>9}")
+    for run in runs:
+        override = json.dumps(run["override"]) if run["override"] else "-"
+        if "skipped" in run:
+            print(f"{run['ds_config']:28} {override:40} skipped: {run['skipped']}")
+            continue
+        print(f"{run['ds_config']:28} {override:40} {run['optimizer']:24} {run['parameter_tensors']:7d} "
+              f"{run['operators_per_step']:9.0f} {run['deepspeed_operators_per_step']:9.0f}")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()
