@@ -98,7 +98,8 @@ def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: 
     """Operators per step of one DeepSpeed engine built from `ds_config` (needs a process group)."""
     import deepspeed
 
-    ds_config = {**ds_config, "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": batch_size}
+    world = int(os.environ["WORLD_SIZE"])
+    ds_config = {**ds_config, "train_batch_size": batch_size * world, "train_micro_batch_size_per_gpu": batch_size}
     ds_config["gradient_accumulation_steps"] = 1
     ds_config.pop("tensorboard", None)
     scheduler = ds_config.get("scheduler", {}).get("params", {})
@@ -153,12 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON ('' for none)")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # One process of its own; the launchers' runner.init_distributed does the same for `python launch/...`.
+    # One process of its own unless a launcher started several (`deepspeed --num_gpus N benchmarks/step_ops.py`:
+    # with N ranks ZeRO-1 partitions the optimizer and reduces gradients, and each rank's step is counted).
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", "29531")
@@ -179,13 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
         "git": git_commit(),
         "preset": args.preset,
         "batch_size": args.batch_size,
+        "world_size": int(os.environ["WORLD_SIZE"]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
     }
+    if os.environ["RANK"] != "0":
+        return result
     if args.out:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = "".join(c if c.isalnum() else "-" for c in result["device"]["name"].lower()).strip("-")
-        path = Path(args.out) / f"step_ops-{name}-{args.preset}-{stamp}.json"
+        ranks = f"-x{result['world_size']}ranks" if result["world_size"] > 1 else ""
+        path = Path(args.out) / f"step_ops-{name}-{args.preset}{ranks}-{stamp}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
