@@ -31,9 +31,10 @@
 #   pretrain            180    0  the main job, only with time left: launch/pretrain.py, one process,
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
-#                                 world, 30 steps with kernel_backend auto, 30 with triton, then 30
-#                                 with auto and --compile; each profiles its steps 11-13
-#                                 (--profile_steps: the GPU's busy share of the real step)
+#                                 world, 30 steps with kernel_backend auto, 30 with auto and DeepSpeed's
+#                                 bf16 overflow check on (its default, which h100.json turns off), 30
+#                                 with triton, then 30 with auto and --compile; each profiles its steps
+#                                 11-13 (--profile_steps: the GPU's busy share of the real step)
 #   summary              15   10  benchmarks/report.py over the JSON files, stage table
 # Worst case (every stage uses its whole limit): 450 s. Typical: install ~20 s, and the throughput
 # stage gets its full 200 s when the kernel tests take about a minute. With a smaller budget the
@@ -273,14 +274,19 @@ else
 fi
 
 # The main job as a user runs it, minus the launcher: launch/pretrain.py as one DeepSpeed process on
-# the toy world, with the default kernel backend, with every Triton kernel, then compiled.
+# the toy world, with the default kernel backend, again with DeepSpeed's bf16 overflow check on (its
+# default, which the shipped configs turn off: benchmarks/step_ops.py counts ~3,000 operators a step),
+# with every Triton kernel, then compiled. A variant is BACKEND[-compile|-overflowcheck].
 pretrain() {
     "$PY" -m semvlp.data.toy --out "$WORK/toy" >/dev/null || return 1
-    local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto triton auto-compile) variant rc=0
+    local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto auto-overflowcheck triton auto-compile)
+    local variant rc=0
     local profile=(--profile_steps 3)  # steps 11-13: compiled and tuned by then, and out of the last log window
     # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
     # (tests/test_model_kernels.py covers that model there).
-    if [ "$CPU_MODE" = 1 ]; then preset=tiny steps=4 variants=(auto) profile=(--profile_warmup 2 --profile_steps 1); fi
+    if [ "$CPU_MODE" = 1 ]; then
+        preset=tiny steps=4 variants=(auto auto-overflowcheck) profile=(--profile_warmup 2 --profile_steps 1)
+    fi
     "$PY" - "$CPU_MODE" "$config" <<'EOF' || return 1
 import json, sys
 
@@ -289,26 +295,32 @@ config = json.load(open("ds_configs/cpu.json" if cpu_mode else "ds_configs/h100.
 config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
 config["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's FusedAdam would be JIT-built first
 json.dump(config, open(out, "w"))
+if "bf16" in config:  # (fp32, the CPU smoke run's, has no overflow check: the same config)
+    config["bf16"]["check_grad_overflow"] = True
+json.dump(config, open(out.replace(".json", "_overflowcheck.json"), "w"))
 print(f"one process, micro-batch {config['train_micro_batch_size_per_gpu']}, config {out}")
 EOF
-    for variant in "${variants[@]}"; do  # BACKEND or BACKEND-compile
-        local backend=${variant%-compile} compile=() compiled=false
-        if [ "$variant" != "$backend" ]; then compile=(--compile) compiled=true; fi
-        echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps"
-        "$PY" launch/pretrain.py --deepspeed_config "$config" --preset "$preset" --data "$WORK/toy/data.json" \
+    for variant in "${variants[@]}"; do
+        local backend=${variant%%-*} compile=() compiled=false ds_config=$config checked=false
+        case $variant in
+            *-compile) compile=(--compile) compiled=true ;;
+            *-overflowcheck) ds_config=${config%.json}_overflowcheck.json checked=true ;;
+        esac
+        echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps, $ds_config"
+        "$PY" launch/pretrain.py --deepspeed_config "$ds_config" --preset "$preset" --data "$WORK/toy/data.json" \
             --output_dir "$WORK/pretrain_$variant" --kernel_backend "$backend" --max_steps "$steps" \
             --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${profile[@]}" "${compile[@]}" || rc=1
         if [ -f "$WORK/pretrain_$variant/metrics.jsonl" ]; then
-            "$PY" - "$WORK/pretrain_$variant/versions.json" "$backend" "$compiled" >>"$OUT/pretrain_metrics.jsonl" <<'EOF'
+            local prefix="\"kernel_backend\": \"$backend\", \"compile\": $compiled, \"overflow_check\": $checked"
+            "$PY" - "$WORK/pretrain_$variant/versions.json" "{$prefix}" >>"$OUT/pretrain_metrics.jsonl" <<'EOF'
 import datetime, json, os, sys
 
 versions = json.load(open(sys.argv[1]))
 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-print(json.dumps({"kernel_backend": sys.argv[2], "compile": sys.argv[3] == "true", "kind": "run", **versions,
+print(json.dumps({**json.loads(sys.argv[2]), "kind": "run", **versions,
                   "git_commit": os.environ.get("SEMVLP_GIT_COMMIT", "unknown"), "date": now}))
 EOF
-            sed "s/^{/{\"kernel_backend\": \"$backend\", \"compile\": $compiled, /" \
-                "$WORK/pretrain_$variant/metrics.jsonl" >>"$OUT/pretrain_metrics.jsonl"
+            sed "s/^{/{$prefix, /" "$WORK/pretrain_$variant/metrics.jsonl" >>"$OUT/pretrain_metrics.jsonl"
         fi
     done
     return $rc

@@ -216,20 +216,22 @@ def target_checks(group: dict, rows: list[dict]) -> list[str]:
 
 def format_pretrain(records: list[dict]) -> str:
     """One row per launch/pretrain.py run of gpu_check.sh (pretrain_metrics.jsonl: each run's
-    metrics.jsonl lines, prefixed with its kernel_backend and compile, after a `run` line naming
-    device, versions and commit): its last log window and its profiled steps (--profile_steps)."""
+    metrics.jsonl lines, prefixed with its kernel_backend, compile and overflow_check (DeepSpeed's
+    bf16 overflow check, which the shipped configs turn off), after a `run` line naming device,
+    versions and commit): its last log window and its profiled steps (--profile_steps)."""
     runs: dict[tuple, dict] = {}
     for r in records:
-        run = runs.setdefault((r.get("kernel_backend"), r.get("compile")), {})
+        run = runs.setdefault((r.get("kernel_backend"), r.get("compile"), r.get("overflow_check", False)), {})
         run[r.get("kind")] = r  # the last of each kind
     lines = [
-        "| device | commit | kernel backend | compile | step | samples/s | ms/step | MFU % | data wait ms "
-        "| profiled steps | profiled ms/step | GPU busy % | kernels/step |",
-        "|" + "---|" * 13,
+        "| device | commit | kernel backend | compile | bf16 overflow check | step | samples/s | ms/step | MFU % "
+        "| data wait ms | profiled steps | profiled ms/step | GPU busy % | kernels/step |",
+        "|" + "---|" * 14,
     ]
-    for (backend, compiled), run in runs.items():
+    for (backend, compiled, checked), run in runs.items():
         about, train, profile = run.get("run", {}), run.get("train", {}), run.get("profile", {})
         cells = [about.get("device", "-"), about.get("git_commit", "-")[:8], str(backend), "yes" if compiled else "no"]
+        cells.append("yes" if checked else "no")
         cells += [str(train.get("step", "-")), _fmt(train.get("samples_per_s"), ".1f")]
         cells += [_fmt(train["step_time_s"] * 1e3 if "step_time_s" in train else None, ".1f")]
         cells += [_fmt(train["mfu"] * 100 if "mfu" in train else None, ".1f")]

@@ -146,8 +146,8 @@ def test_report_summary_and_readme_block(cli_run, tmp_path, capsys):
 
 
 def test_report_tables_gpu_checks_runs_of_the_main_job(tmp_path, capsys):
-    """gpu_check.sh's pretrain_metrics.jsonl: a row per (kernel backend, compile) from its last log
-    window and its profile record; a failed profile shows its error."""
+    """gpu_check.sh's pretrain_metrics.jsonl: a row per (kernel backend, compile, DeepSpeed's bf16
+    overflow check) from its last log window and its profile record; a failed profile shows its error."""
     run = {"kind": "run", "device": "NVIDIA H100 80GB HBM3", "git_commit": "0123456789abcdef"}
     train = {"kind": "train", "step": 30, "samples_per_s": 2000.0, "step_time_s": 0.032, "mfu": 0.412,
              "data_wait_s": 0.0004}  # fmt: skip
@@ -160,16 +160,19 @@ def test_report_tables_gpu_checks_runs_of_the_main_job(tmp_path, capsys):
         {**run, "kernel_backend": "auto", "compile": True},
         {**train, "kernel_backend": "auto", "compile": True},
         {"kind": "profile", "step": 11, "error": "RuntimeError: CUPTI", "kernel_backend": "auto", "compile": True},
+        {**run, "kernel_backend": "auto", "compile": False, "overflow_check": True},
+        {**train, "kernel_backend": "auto", "compile": False, "overflow_check": True, "samples_per_s": 1500.0},
     ]  # fmt: skip
     path = tmp_path / "pretrain_metrics.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert report.main(["--pretrain", str(path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| NVIDIA")]
     assert rows == [
-        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | no | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
+        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | no | no | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
         "| 11-13 | 33.0 | 61 | 2110 |",
-        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | yes | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
+        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | yes | no | 30 | 2000.0 | 32.0 | 41.2 | 0.40 "
         "| RuntimeError: CUPTI | - | - | - |",
+        "| NVIDIA H100 80GB HBM3 | 01234567 | auto | no | yes | 30 | 1500.0 | 32.0 | 41.2 | 0.40 | - | - | - | - |",
     ]
 
 
