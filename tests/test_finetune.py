@@ -387,3 +387,23 @@ def test_a_task_model_from_a_pretraining_export_loads_the_encoder_and_names_the_
     for name, tensor in model.state_dict().items():
         if not name.startswith("answer_head."):
             assert torch.equal(tensor, exported[name]), name
+
+
+SECTIONS = [("finetune_gqa.py", "gqa"), ("finetune_nlvr2.py", "nlvr2"), ("finetune_retrieval.py", "flickr30k")]
+
+
+@pytest.mark.parametrize("script, section", SECTIONS)
+def test_a_data_json_without_the_tasks_section_is_named(toy, tmp_path, capsys, load_launcher, script, section):
+    from semvlp.data.config import DataConfig
+    from semvlp.runner import run_main
+
+    raw = DataConfig.load(toy).to_dict()
+    del raw[section]
+    DataConfig.from_dict(raw).save(tmp_path / "data.json")
+    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher(script).main, argv)
+    assert exited.value.code == 2
+    assert f"error: --data {tmp_path / 'data.json'}: no '{section}' section" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -67,7 +67,7 @@ class NLVR2Task(FinetuneTask):
     def __init__(self, run: FinetuneConfig, data: DataConfig, tokenizer, stores: FeatureStoreSet,
                  splits: tuple[str, ...]):  # fmt: skip
         if data.nlvr2 is None:
-            raise ConfigError("the data configuration has no 'nlvr2' section")
+            raise ConfigError(f"--data {run.data}: no 'nlvr2' section (docs/data_format.md)")
         datasets, notes = {}, []
         for split in splits:
             files = getattr(data.nlvr2, split)

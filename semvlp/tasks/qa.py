@@ -44,10 +44,11 @@ class QAVariant:
     answer_key: str  # prediction file: answer key
     loader: object  # annotations reader
 
-    def section(self, data: DataConfig) -> QAData:
+    def section(self, data: DataConfig, path: str | None) -> QAData:
+        """The variant's section of `data`, read from `path` (--data)."""
         section = getattr(data, self.name)
         if section is None:
-            raise ConfigError(f"the data configuration has no {self.name!r} section")
+            raise ConfigError(f"--data {path}: no {self.name!r} section (docs/data_format.md)")
         return section
 
     def score(self, predictions: list[str], labels: list[dict[str, float]]) -> float:
@@ -112,7 +113,7 @@ class QATask(FinetuneTask):
                  splits: tuple[str, ...]):  # fmt: skip
         self.variant = variant
         self.metric = variant.metric
-        section = variant.section(data)
+        section = variant.section(data, run.data)
         self.table = section.load_answer_table(variant.name)
         datasets = {}
         self.coverage = {}

@@ -127,7 +127,7 @@ class RetrievalTask(FinetuneTask):
     def __init__(self, run: RetrievalConfig, data: DataConfig, tokenizer, stores: FeatureStoreSet,
                  splits: tuple[str, ...]):  # fmt: skip
         if data.flickr30k is None:
-            raise ConfigError("the data configuration has no 'flickr30k' section")
+            raise ConfigError(f"--data {run.data}: no 'flickr30k' section (docs/data_format.md)")
         self.stores = stores
         datasets, notes = {}, []
         for split in splits:
