@@ -6,16 +6,19 @@
     # an NLVR2 export: is the statement true of the two images?
     python -m semvlp.predict runs/nlvr2/export --store nlvr2.h5 --image_id dev-850-0-img0 dev-850-0-img1 \\
         --text "there are two dogs in the left image ."
-    # a retrieval or pre-training export: do the image and the caption match (the ITM head)?
+    # a retrieval or pre-training export: do the image and the caption match (the ITM head)? A
+    # pre-training export also answers a question with its image-QA head
     python -m semvlp.predict runs/demo/export --store data/toy/features.h5 --image_id toy_002000 \\
         --text "a blue cup next to a white dog by the wall ."
 
 The export's config.json says which model it is (`architectures`, written by save_pretrained), and
 so what it is asked. Answers are named from the export's answer table (config.id2label, kept by
-the VQA and GQA launchers) and scored as the answer head was trained: an independent sigmoid per
-answer (binary cross-entropy against soft scores, LXMERT's loss). NLVR2 and image-text matching
-give the probability of "true" and of "matched". `--mode` is the stream mode, as in training.
-Output: a few lines, and with `--out` the same as JSON. Bad input exits 2, naming the option.
+the VQA and GQA launchers and by pre-training with an answer table) and scored as the head was
+trained: a VQA/GQA head by an independent sigmoid per answer (binary cross-entropy against soft
+scores, LXMERT's loss), the pre-training QA head by a softmax (its cross-entropy). NLVR2 and
+image-text matching give the probability of "true" and of "matched". `--mode` is the stream mode,
+as in training. Output: a few lines, and with `--out` the same as JSON. Bad input exits 2, naming
+the option.
 """
 
 from __future__ import annotations
@@ -29,16 +32,15 @@ import torch
 
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.example import check_export, encode_text, load_export, read_images, visual_inputs
-from semvlp.model import SemVLPForNLVR2, SemVLPForQuestionAnswering, SemVLPForRetrieval
+from semvlp.model import SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPForRetrieval
 from semvlp.model.modeling import MODES
 
-# What each kind of export is asked, by the class its config.json names: (model class to load, images).
-# A pre-training export scores pairs with its ITM head, which SemVLPForRetrieval loads (zero-shot retrieval).
+# What each kind of export is asked, by the class its config.json names: (task, model class, images).
 TASKS = {
     "SemVLPForQuestionAnswering": ("answers", SemVLPForQuestionAnswering, 1),
     "SemVLPForNLVR2": ("nlvr2", SemVLPForNLVR2, 2),
     "SemVLPForRetrieval": ("match", SemVLPForRetrieval, 1),
-    "SemVLPForPreTraining": ("match", SemVLPForRetrieval, 1),
+    "SemVLPForPreTraining": ("match", SemVLPForPreTraining, 1),
 }
 
 
@@ -63,27 +65,38 @@ def predict(model, input_ids: list[int], inputs: dict, mode: str, top: int) -> d
         if isinstance(model, SemVLPForNLVR2):
             logits = model(ids, **{k: None if v is None else v[None] for k, v in inputs.items()}, mode=mode).logits
             return {"true": float(torch.softmax(logits, -1)[0, 1])}
+        if isinstance(model, SemVLPForPreTraining):  # its forward computes the losses: run the heads it needs
+            pooled = model.semvlp(ids, **inputs, mode=mode).pooled
+            match = {"match": float(torch.softmax(model.itm_head(pooled), -1)[0, 1])}
+            if len(model.config.id2label) != model.config.num_qa_labels:  # pre-trained without an answer table
+                return match
+            return {**match, "answers": top_answers(torch.softmax(model.qa_head(pooled)[0], -1), model.config, top)}
         logits = model(ids, **inputs, mode=mode).logits
     if isinstance(model, SemVLPForRetrieval):
         return {"match": float(torch.softmax(logits, -1)[0, 1])}
-    scores, labels = torch.sigmoid(logits[0]).topk(min(top, logits.shape[-1]))
-    names = model.config.id2label  # without an answer table, transformers' default names two labels
-    answers = [names[label] if len(names) == logits.shape[-1] else f"answer {label}" for label in labels.tolist()]
-    return {"answers": [{"answer": a, "score": s} for a, s in zip(answers, scores.tolist(), strict=True)]}
+    return {"answers": top_answers(torch.sigmoid(logits[0]), model.config, top)}
+
+
+def top_answers(scores: torch.Tensor, config, top: int) -> list[dict]:
+    """The `top` best of one example's answer `scores`, named from config.id2label."""
+    values, labels = scores.topk(min(top, len(scores)))
+    names = config.id2label  # without an answer table, transformers' default names two labels
+    answers = [names[label] if len(names) == len(scores) else f"answer {label}" for label in labels.tolist()]
+    return [{"answer": a, "score": s} for a, s in zip(answers, values.tolist(), strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m semvlp.predict",
         description="What an export answers for one (image, text) example: VQA/GQA answers, NLVR2 true/false, "
-        "or image-text matching for a pre-training or retrieval export.",
+        "or image-text matching for a pre-training (and its image-QA answers) or retrieval export.",
     )
     parser.add_argument("export", help="a SemVLP export folder (OUTPUT_DIR/export, or python -m semvlp.export)")
     parser.add_argument("--store", required=True, help="the feature store (.h5) holding the image(s)")
     parser.add_argument("--image_id", required=True, nargs="+", help="the image's id in the store (NLVR2: two)")
     parser.add_argument("--text", required=True, help="the question, statement or caption")
     parser.add_argument("--mode", choices=MODES, default="single", help="stream mode (default: single)")
-    parser.add_argument("--top", type=int, default=5, help="answers to list (VQA, GQA)")
+    parser.add_argument("--top", type=int, default=5, help="answers to list (VQA, GQA, pre-training QA)")
     parser.add_argument("--vocab", help="vocab.txt (default: the export's)")
     parser.add_argument("--out", help="write the prediction here as JSON")
     args = parser.parse_args(argv)

@@ -33,7 +33,8 @@ def world(tmp_path_factory) -> dict:
     config = config_from_preset("tiny", vocab_size=len(load_tokenizer(toy / "vocab.txt")))
     exports = {}
     for name, model_class, extra in [
-        ("pretraining", SemVLPForPreTraining, {}),
+        ("pretraining", SemVLPForPreTraining, {"num_qa_labels": 6, "id2label": dict(enumerate(ANSWERS))}),
+        ("pretraining_without_qa", SemVLPForPreTraining, {}),
         ("vqa", SemVLPForQuestionAnswering, {"num_qa_labels": 6, "id2label": dict(enumerate(ANSWERS))}),
         ("nlvr2", SemVLPForNLVR2, {}),
         ("encoder", SemVLPModel, {}),
@@ -55,24 +56,44 @@ def _args(world: dict, export: str, *extra: str, images: int = 1) -> list[str]:
             *world["image_ids"][:images], "--text", TEXT, *extra]  # fmt: skip
 
 
-def _model_logits(world: dict, export: str, model_class, mode: str, images: int = 1) -> torch.Tensor:
-    model = model_class.from_pretrained(world["exports"][export]).eval()
-    ids = torch.tensor([load_tokenizer(world["exports"][export])(TEXT)["input_ids"]])
+def _inputs(world: dict, images: int = 1) -> dict[str, torch.Tensor]:
+    """The example as the model takes it, read here without semvlp.example."""
+    ids = torch.tensor([load_tokenizer(world["exports"]["vqa"])(TEXT)["input_ids"]])
     store = FeatureStore(world["store"])
     read = [store.read(image_id) for image_id in world["image_ids"][:images]]
     feats = torch.stack([torch.from_numpy(r.features).float() for r in read])
     boxes = torch.stack([torch.from_numpy(r.boxes).float() for r in read])
     if images == 2:  # NLVR2: one example, its two images
         feats, boxes = feats[None], boxes[None]
+    return {"input_ids": ids, "visual_feats": feats, "visual_pos": boxes}
+
+
+def _model_logits(world: dict, export: str, model_class, mode: str, images: int = 1) -> torch.Tensor:
+    model = model_class.from_pretrained(world["exports"][export]).eval()
     with torch.no_grad():
-        return model(ids, visual_feats=feats, visual_pos=boxes, mode=mode).logits[0]
+        return model(**_inputs(world, images), mode=mode).logits[0]
 
 
 @pytest.mark.parametrize("mode", ["single", "two"])
-def test_a_pretraining_export_scores_the_match_with_its_itm_head(world, mode, capsys):
-    assert main(_args(world, "pretraining", "--mode", mode)) == 0
+def test_a_pretraining_export_scores_the_match_and_answers_with_its_itm_and_qa_heads(world, mode, tmp_path):
+    out = tmp_path / "prediction.json"
+    assert main(_args(world, "pretraining", "--mode", mode, "--top", "2", "--out", str(out))) == 0
+    record = json.loads(out.read_text())
+    # the ITM head, as zero-shot retrieval scores pairs (SemVLPForRetrieval loads it from the export)
     expected = torch.softmax(_model_logits(world, "pretraining", SemVLPForRetrieval, mode), -1)[1]
-    assert capsys.readouterr().out.splitlines()[0] == f"P(match) = {expected:.3f}"
+    assert record["match"] == pytest.approx(float(expected), abs=1e-6)
+    # the image-QA head, by the softmax its cross-entropy trains
+    model = SemVLPForPreTraining.from_pretrained(world["exports"]["pretraining"]).eval()
+    with torch.no_grad():
+        top = torch.softmax(model.qa_head(model.semvlp(**_inputs(world), mode=mode).pooled)[0], -1).topk(2)
+    assert [a["answer"] for a in record["answers"]] == [ANSWERS[i] for i in top.indices.tolist()]
+    assert [a["score"] for a in record["answers"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_a_pretraining_export_without_an_answer_table_scores_the_match_only(world, capsys):
+    assert main(_args(world, "pretraining_without_qa")) == 0
+    expected = torch.softmax(_model_logits(world, "pretraining_without_qa", SemVLPForRetrieval, "single"), -1)[1]
+    assert capsys.readouterr().out.splitlines() == [f"P(match) = {expected:.3f}"]
 
 
 def test_a_vqa_export_names_its_top_answers_with_their_sigmoid_scores(world, tmp_path):
