@@ -403,7 +403,7 @@ def test_step_ops_counts_the_operators_of_deepspeeds_bf16_overflow_check(tmp_pat
     default["bf16"]["check_grad_overflow"] = True
     (tmp_path / "checked.json").write_text(json.dumps(default))
     cmd = [sys.executable, str(BENCH / "step_ops.py"), "ds_configs/h100.json", str(tmp_path / "checked.json"),
-           "--preset", "tiny", "--out", str(tmp_path / "out")]  # fmt: skip
+           "--preset", "tiny", "--warmup", "1", "--steps", "1", "--out", str(tmp_path / "out")]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "out").glob("step_ops-*-tiny-*.json")
