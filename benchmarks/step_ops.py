@@ -1,15 +1,18 @@
 """Operators one DeepSpeed training step dispatches, per ds_config: the kernel launches a step costs.
 
     python benchmarks/step_ops.py                                   # ds_configs/cpu.json and h100.json, base preset
-    python benchmarks/step_ops.py ds_configs/h100.json --override '{"bf16": {"enabled": true}}'
+    python benchmarks/step_ops.py ds_configs/h100.json --override '{"bf16": {"check_grad_overflow": true}}'
+    deepspeed --num_gpus 2 benchmarks/step_ops.py                   # each rank's step, ZeRO-1 partitioned
 
 Why: a base-size step on an H100 is ~10 ms of GPU work, and every small operator is a kernel
 launch, several microseconds of host time. What DeepSpeed's optimizer adds per parameter tensor is
-paid ~230 times a step. This counts it on any device, the CPU included: one process, the
-pre-training model (`--preset`, micro-batch `--batch-size`, 20-token text, K = 100, single-stream),
-`--warmup` steps, then every aten operator dispatched in `--steps` steps (a TorchDispatchMode),
-views excluded (they launch nothing). Each is counted by phase: forward, backward and the optimizer
-step, and as DeepSpeed's when DeepSpeed's code is on the Python stack. The ds_config's batch sizes
+paid ~230 times a step. This counts it on any device, the CPU included: one process (or each rank
+under the deepspeed launcher), the pre-training model (`--preset`, micro-batch `--batch-size`,
+20-token text, K = 100, single-stream), `--warmup` steps, then every aten operator dispatched in
+`--steps` steps (a TorchDispatchMode), views excluded (they launch nothing). Each is counted by
+phase (forward, backward, optimizer step) and by owner: the optimizer step is DeepSpeed's, and an
+operator of the other phases is DeepSpeed's when DeepSpeed's code is the innermost of DeepSpeed,
+semvlp and autograd on the Python stack (its gradient hooks). The ds_config's batch sizes
 are replaced by the micro-batch; its precision, ZeRO and optimizer sections are used as they are
 (`--override` merges a JSON object into them). fp16 needs CUDA. On a GPU, `--profile_steps` in the
 launchers counts the kernels themselves (`kernels_per_step`).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -33,6 +37,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+import deepspeed
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -41,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from throughput import device_info, git_commit, versions  # noqa: E402
 
+import semvlp  # noqa: E402
 from semvlp.config import PRESETS, config_from_preset  # noqa: E402
 from semvlp.model import SemVLPForPreTraining  # noqa: E402
 
@@ -50,9 +56,19 @@ VIEWS = frozenset((
     "squeeze", "permute", "select", "split", "unbind", "split_with_sizes", "_reshape_alias", "view_as", "lift_fresh",
     "_has_compatible_shallow_copy_type", "resolve_conj", "resolve_neg", "is_same_size",
 ))  # fmt: skip
-# Whose an operator is: the innermost of these frames on the Python stack. Autograd's backward runs
-# under engine.backward, so DeepSpeed is anywhere up the stack; its gradient hooks are innermost.
-OWNERS = (("/deepspeed/", "deepspeed"), ("/semvlp/", "model"), ("/torch/autograd/", "model"))
+
+
+def _package_dir(module) -> str:
+    return str(Path(module.__file__).resolve().parent) + os.sep
+
+
+# Whose an operator is: the innermost frame on the Python stack from one of these packages. Autograd's
+# backward runs under engine.backward, so DeepSpeed is somewhere up the stack; its gradient hooks are innermost.
+OWNERS = (
+    (_package_dir(deepspeed), "deepspeed"),
+    (_package_dir(semvlp), "model"),
+    (_package_dir(torch.autograd), "model"),
+)
 
 
 class OperatorCount(TorchDispatchMode):
@@ -65,14 +81,22 @@ class OperatorCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.split(".")[0] not in VIEWS:
-            owner = "deepspeed" if self.phase == "step" else "model"
-            for frame in [] if self.phase == "step" else reversed(traceback.extract_stack(limit=24)[:-1]):
-                found = next((who for part, who in OWNERS if part in frame.filename), None)
-                if found:
-                    owner = found
-                    break
-            self.counts[(self.phase, owner)] += 1
+            self.counts[(self.phase, self.owner())] += 1
         return func(*args, **(kwargs or {}))
+
+    def owner(self) -> str:
+        if self.phase == "step":
+            return "deepspeed"  # torch.optim's operators included: DeepSpeed drives them
+        for frame in reversed(traceback.extract_stack(limit=24)):
+            for package, who in OWNERS:
+                if _real_path(frame.filename).startswith(package):
+                    return who
+        return "model"
+
+
+@functools.cache
+def _real_path(filename: str) -> str:
+    return os.path.realpath(filename)
 
 
 def synthetic_batch(batch_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -96,8 +120,6 @@ def synthetic_batch(batch_size: int, vocab: int, dtype: torch.dtype, device: tor
 
 def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: int, steps: int) -> dict:
     """Operators per step of one DeepSpeed engine built from `ds_config` (needs a process group)."""
-    import deepspeed
-
     world = int(os.environ["WORLD_SIZE"])
     ds_config = {**ds_config, "train_batch_size": batch_size * world, "train_micro_batch_size_per_gpu": batch_size}
     ds_config["gradient_accumulation_steps"] = 1
