@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     runner.check_options(run)
     data = DataConfig.load(runner.resolve_data(run))
     tokenizer = load_tokenizer(data.vocab)
-    config = runner.build_model_config(run, **pretraining_model_fields(data, tokenizer))
-    if config.vocab_size != len(tokenizer):
-        raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
+    fields = pretraining_model_fields(data, tokenizer)
+    config = runner.build_model_config(run, **fields)
+    runner.check_model_fits_data(config, data, tokenizer, fields)
     splits = ("valid",) if run.eval_only else ("train", "valid")
     datasets = {split: build_pretrain_dataset(data, tokenizer, split) for split in splits}
     if run.packed_text and run.stream_schedule != "two" and datasets["valid"].stores.padded:

@@ -20,6 +20,7 @@ import torch
 
 from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export
+from semvlp.data.config import DataConfig
 from semvlp.export import export_checkpoint
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
@@ -142,6 +143,22 @@ def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
         option = "--cross_attention_start_layer" if "cross_attention_start_layer" in str(e) else "model config"
         raise ConfigError(f"{option}: {e}") from e
     return config
+
+
+def check_model_fits_data(config: SemVLPConfig, data: DataConfig, tokenizer, fields: dict) -> None:
+    """The model the options build can take this data: its vocabulary, its longest text, and the
+    config `fields` the data decides (label counts, answers). Raises ConfigError naming both sides."""
+    if config.vocab_size != len(tokenizer):
+        raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
+    if data.max_text_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"the data's max_text_len={data.max_text_len} (data.json) exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}: lower max_text_len or use a model with more "
+            "positions (a text longer than that would fail mid-run, at the first batch that holds one)"
+        )
+    for name, value in fields.items():
+        if getattr(config, name) != value:
+            raise ConfigError(f"the model's {name}={getattr(config, name)} but the data needs {value}")
 
 
 def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:

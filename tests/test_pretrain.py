@@ -395,16 +395,20 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
-@pytest.mark.parametrize("fault", ["data.json", "annotations"])
+@pytest.mark.parametrize("fault", ["data.json", "annotations", "text length"])
 def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load_launcher, fault):
-    """The data are read before the run folder is written: a data.json that does not parse, or a
-    pre-training record without its sentences, is named and leaves nothing behind."""
+    """The data are read before the run folder is written: a data.json that does not parse, a
+    pre-training record without its sentences, or a text length the model has no positions for, is
+    named and leaves nothing behind."""
     from semvlp.data.config import DataConfig
 
     data = tmp_path / "data.json"
     if fault == "data.json":
         data.write_text('{"stores": ["features.h5"],\n')
         message = f"{data}: invalid JSON at line 2"
+    elif fault == "text length":  # the tiny preset has 64 positions
+        DataConfig.from_dict({**DataConfig.load(toy_data).to_dict(), "max_text_len": 65}).save(data)
+        message = "the data's max_text_len=65 (data.json) exceeds the model's max_position_embeddings=64"
     else:
         raw = DataConfig.load(toy_data).to_dict()
         records = json.loads(Path(raw["pretrain"]["train"][0]).read_text())

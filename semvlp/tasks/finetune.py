@@ -250,16 +250,12 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     if not run.predict_only:
         run = resolve_length(run, task.num_train_examples(), runner.world_size_from_env())
         task.run = run
+    config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
+    runner.check_model_fits_data(config, data, tokenizer, task.model_fields())
     run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
     if dist.is_main():
         for note in task.notes:
             print(note, flush=True)
-    config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
-    if config.vocab_size != len(tokenizer):
-        raise ConfigError(f"the model's vocab_size={config.vocab_size} but {data.vocab} holds {len(tokenizer)} tokens")
-    for name, value in task.model_fields().items():
-        if getattr(config, name) != value:
-            raise ConfigError(f"the model's {name}={getattr(config, name)} but the data needs {value}")
     micro = ds_config["train_micro_batch_size_per_gpu"]
     task.attach(config, micro, run.eval_batch_size or 2 * micro)
     model = task.model_class(config)
