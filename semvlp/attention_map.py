@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from semvlp.data.store import ImageFeatures
-from semvlp.data.tokenizer import load_tokenizer
-from semvlp.example import encode_text, load_export, read_images, visual_inputs
+from semvlp.example import encode_text, load_export, load_vocab, read_images, visual_inputs
 from semvlp.model import SemVLPModel
 from semvlp.model.modeling import MODES
 
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = load_export(args.export)
-        tokenizer = load_tokenizer(args.vocab or Path(args.export))
+        tokenizer = load_vocab(args.vocab, args.export, model)
         input_ids = encode_text(tokenizer, args.caption, "--caption")
         if args.objects < 0:
             raise ValueError(f"--objects {args.objects}: expected a count >= 0")

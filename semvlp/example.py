@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from semvlp.config import is_semvlp_export
 from semvlp.data.store import FeatureStore, ImageFeatures
-from semvlp.data.tokenizer import MAX_TEXT_LEN
+from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
 from semvlp.model import SemVLPModel
 
 
@@ -47,6 +47,19 @@ def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPM
         missing = sorted(info["missing_keys"])[:5]
         raise ValueError(f"{folder}: the export lacks {model_class.__name__} weights {missing}")
     return model.eval()
+
+
+def load_vocab(vocab: str | Path | None, export: str | Path, model: PreTrainedModel) -> BertTokenizerFast:
+    """The tokenizer of `vocab` (--vocab), by default the export's own vocab.txt; it must have as many
+    tokens as the model has word embeddings, or a token past them would fail in the embedding lookup."""
+    tokenizer = load_tokenizer(vocab or Path(export))
+    if len(tokenizer) != model.config.vocab_size:
+        source = f"--vocab {vocab}" if vocab else f"{Path(export) / 'vocab.txt'}"
+        raise ValueError(
+            f"{source} holds {len(tokenizer)} tokens, but the export's model has vocab_size={model.config.vocab_size}: "
+            "use the vocab it was trained with"
+        )
+    return tokenizer
 
 
 def encode_text(tokenizer: BertTokenizerFast, text: str, option: str) -> list[int]:

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from semvlp.data.tokenizer import load_tokenizer
-from semvlp.example import check_export, encode_text, load_export, read_images, visual_inputs
+from semvlp.example import check_export, encode_text, load_export, load_vocab, read_images, visual_inputs
 from semvlp.model import SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPForRetrieval
 from semvlp.model.modeling import MODES
 
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.top < 1:
             raise ValueError(f"--top {args.top}: expected a count >= 1")
         model = load_export(args.export, model_class)
-        tokenizer = load_tokenizer(args.vocab or Path(args.export))
+        tokenizer = load_vocab(args.vocab, args.export, model)
         input_ids = encode_text(tokenizer, args.text, "--text")
         inputs = visual_inputs(read_images(args.store, args.image_id))
         prediction = predict(model, input_ids, inputs, args.mode, args.top)

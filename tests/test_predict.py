@@ -133,3 +133,13 @@ def test_an_nlvr2_export_takes_two_images(world, capsys):
 def test_bad_input_exits_2_naming_the_option(world, export, extra, message, capsys):
     assert main(_args(world, export, *extra)) == 2  # a repeated option: argparse takes the last
     assert message in capsys.readouterr().err
+
+
+def test_a_vocab_of_another_size_than_the_model_is_named(world, tmp_path, capsys):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text((world["exports"]["vqa"] / "vocab.txt").read_text() + "an_extra_token\n")
+    assert main(_args(world, "vqa", "--vocab", str(vocab), "--text", "an_extra_token")) == 2
+    size = SemVLPForQuestionAnswering.config_class.from_pretrained(world["exports"]["vqa"]).vocab_size
+    assert f"--vocab {vocab} holds {size + 1} tokens, but the export's model has vocab_size={size}" in (
+        capsys.readouterr().err
+    )
