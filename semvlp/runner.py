@@ -124,6 +124,14 @@ def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
             f"--init_from {run.init_from} is a training checkpoint (DeepSpeed shards): export it first with "
             f"`python -m semvlp.export {run.init_from} --out DIR` and pass --init_from DIR"
         )
+    if run.init_from is not None and "vocab_size" in fields:
+        theirs = json.loads((Path(run.init_from) / "config.json").read_text()).get("vocab_size")
+        if theirs is not None and theirs != fields["vocab_size"]:
+            raise ConfigError(
+                f"--init_from {run.init_from} has vocab_size={theirs}, but the data's vocab holds "
+                f"{fields['vocab_size']} tokens: data.json's 'vocab' must be the vocab it was trained with "
+                f"({Path(run.init_from) / 'vocab.txt'})"
+            )
     overrides = dict(fields, kernel_backend=run.kernel_backend)
     if run.cross_attention_start_layer is not None:
         overrides["cross_attention_start_layer"] = run.cross_attention_start_layer

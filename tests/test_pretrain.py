@@ -420,6 +420,14 @@ def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--data", str(data)], message)
 
 
+def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, capsys, load_launcher):
+    """Its word embeddings could not be loaded: the data's vocab must be the one it was trained with."""
+    config_from_preset("tiny", vocab_size=50).save_pretrained(tmp_path / "export")
+    message = f"--init_from {tmp_path / 'export'} has vocab_size=50, but the data's vocab holds "
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(tmp_path / "export")],
+                                 message)  # fmt: skip
+
+
 def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_data, capsys, load_launcher):
     step = tmp_path / "checkpoints" / "step00000100"
     step.mkdir(parents=True)
