@@ -18,9 +18,9 @@ are replaced by the micro-batch; its precision, ZeRO and optimizer sections are 
 launchers counts the kernels themselves (`kernels_per_step`).
 
 Measured on the CPU (benchmarks/results/step_ops-*.json): in bf16, DeepSpeed's ZeRO-1 overflow check
-(`bf16.check_grad_overflow`, on by default since DeepSpeed 0.19.3) dispatches ~13 operators per tensor and step, ~3,000 of
-a base-size step's ~4,900. The A100/H100 configs therefore turn it off (train.check_finite_weights
-keeps a non-finite update out of the checkpoints).
+(`bf16.check_grad_overflow`, on by default since DeepSpeed 0.19.3) dispatches ~13 operators per
+tensor and step, ~3,000 of a base-size step's ~4,900. The A100/H100 configs therefore turn it off
+(train.check_finite_weights keeps a non-finite update out of the checkpoints).
 
 Output: benchmarks/results/step_ops-<device>-<preset>-<date>.json and a table.
 """
