@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from throughput import device_info, git_commit, versions  # noqa: E402
+from throughput import device_info, git_commit, make_batch, versions  # noqa: E402
 
 import semvlp  # noqa: E402
 from semvlp.config import PRESETS, config_from_preset  # noqa: E402
@@ -56,6 +56,8 @@ VIEWS = frozenset((
     "squeeze", "permute", "select", "split", "unbind", "split_with_sizes", "_reshape_alias", "view_as", "lift_fresh",
     "_has_compatible_shallow_copy_type", "resolve_conj", "resolve_neg", "is_same_size",
 ))  # fmt: skip
+
+TEXT_LEN = 20  # the pre-training text length, [CLS] and [SEP] included
 
 
 def _package_dir(module) -> str:
@@ -99,25 +101,6 @@ def _real_path(filename: str) -> str:
     return os.path.realpath(filename)
 
 
-def synthetic_batch(batch_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    text, objects = 20, 100
-    batch = dict(
-        input_ids=torch.randint(vocab, (batch_size, text), generator=g),
-        visual_feats=torch.randn(batch_size, objects, 2048, generator=g).to(dtype),
-        visual_pos=torch.rand(batch_size, objects, 4, generator=g).to(dtype),
-        mlm_labels=torch.where(torch.rand(batch_size, text, generator=g) < 0.15, 5, -100),
-        obj_mask=torch.rand(batch_size, objects, generator=g) < 0.15,
-        obj_labels=torch.randint(40, (batch_size, objects), generator=g),
-        obj_confs=torch.rand(batch_size, objects, generator=g).to(dtype),
-        attr_labels=torch.randint(12, (batch_size, objects), generator=g),
-        attr_confs=torch.rand(batch_size, objects, generator=g).to(dtype),
-        itm_labels=torch.ones(batch_size, dtype=torch.long),
-        qa_labels=torch.randint(10, (batch_size,), generator=g),
-    )
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: int, steps: int) -> dict:
     """Operators per step of one DeepSpeed engine built from `ds_config` (needs a process group)."""
     world = int(os.environ["WORLD_SIZE"])
@@ -131,9 +114,10 @@ def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: 
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     dtype = torch.float16 if ds_config.get("fp16", {}).get("enabled") else dtype
     torch.manual_seed(0)
-    model = SemVLPForPreTraining(config_from_preset(preset, vocab_size=1000, num_qa_labels=10)).to(dtype)
+    config = config_from_preset(preset, vocab_size=1000, num_qa_labels=10)
+    model = SemVLPForPreTraining(config).to(dtype)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    batch = synthetic_batch(batch_size, 1000, dtype, engine.device)
+    batch = make_batch(config, [TEXT_LEN] * batch_size, TEXT_LEN, False, engine.device).inputs  # the model casts
     counter = OperatorCount()
 
     def step() -> None:
