@@ -16,8 +16,11 @@ are not compressed.) Sentences of the other images are dropped with skip_missing
 
 Timing: the store file is read once first, so it is page-cached (the target case). For each worker
 count the loader runs --warmup batches untimed (worker start-up), then batches for at least
---seconds; samples/s = samples / elapsed. `read_images_per_s` is the bare store read rate
-(FeatureStore.read_into of every field, one process), the ceiling of the pipeline.
+--seconds; samples/s = samples / elapsed. With workers, twice: as the training loops run it
+(`reuse_buffers`: each worker writes batch after batch into the same few shared-memory buffers)
+and as `build_pretrain_loader` does by default (fresh shared memory per batch).
+`read_images_per_s` is the bare store read rate (FeatureStore.read_into of every field, one
+process), the ceiling of the pipeline.
 
 Memory: with 2 workers, each worker's private memory (Private_Dirty of /proc/PID/smaps_rollup less
 RssShmem, i.e. less the batches in flight) is measured for the corpus repeated --memory-scale / 4
@@ -28,8 +31,9 @@ Output: benchmarks/results/dataloader-<machine>-<date>.json (machine, versions, 
 figure), and a table. The target in issue 3 is >= 5,000 samples/s per loader process from a
 page-cached store on a 2-core machine. Workers hand batches over in shared memory, whose pages
 cost more to fault in than private memory (~50 ms vs ~13 ms per 100 MB batch on the project's CPU
-machine), so on a 2-core machine the in-process loader is the fastest. Numbers on a shared
-machine depend on its load: the JSON records the load average before and after.
+machine): fresh per batch, that made one worker ~5x slower than the in-process loader, hence
+`reuse_buffers`. Numbers on a shared machine depend on its load: the JSON records the load
+average before and after.
 """
 
 from __future__ import annotations
@@ -180,8 +184,8 @@ def tiled_dataset(config: DataConfig, scale: int) -> PretrainDataset:
     return PretrainDataset(big, open_stores(config.stores), load_tokenizer(config.vocab), table, skip_missing=True)
 
 
-def run_loader(dataset, batch_size: int, workers: int, warmup: int, seconds: float) -> dict:
-    loader = ResumableLoader(dataset, batch_size, seed=0, num_workers=workers)
+def run_loader(dataset, batch_size: int, workers: int, warmup: int, seconds: float, reuse_buffers: bool) -> dict:
+    loader = ResumableLoader(dataset, batch_size, seed=0, num_workers=workers, reuse_buffers=reuse_buffers)
     batches = samples = 0
     times = []
     t0 = None
@@ -201,6 +205,7 @@ def run_loader(dataset, batch_size: int, workers: int, warmup: int, seconds: flo
                 mem = worker_private_mb(loader)
                 return {
                     "workers": workers,
+                    "reuse_buffers": reuse_buffers and workers > 0,
                     "batch_size": batch_size,
                     "timed_batches": len(times),
                     "samples_per_s": round(samples / elapsed, 1),
@@ -245,20 +250,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bare store reads: {reads:,.0f} images/s (one process)", flush=True)
     runs = []
     for w in args.workers:
-        r = run_loader(dataset, args.batch_size, w, args.warmup, args.seconds)
-        runs.append(r)
-        print(
-            f"  workers={w}: {r['samples_per_s']:>9,.0f} samples/s  p50 {r['ms_per_batch_p50']:.1f} ms/batch"
-            f"  worker private MB {r['worker_private_dirty_mb']}",
-            flush=True,
-        )
+        for reuse in (True, False) if w else (False,):
+            r = run_loader(dataset, args.batch_size, w, args.warmup, args.seconds, reuse)
+            runs.append(r)
+            buffers = ("reused buffers" if reuse else "fresh buffers") if w else "in process"
+            print(
+                f"  workers={w} ({buffers}): {r['samples_per_s']:>9,.0f} samples/s  p50 "
+                f"{r['ms_per_batch_p50']:.1f} ms/batch  worker private MB {r['worker_private_dirty_mb']}",
+                flush=True,
+            )
 
     memory = None
     if not args.no_memory:
         memory = {}
         for scale in (args.memory_scale // 4, args.memory_scale):
             ds = tiled_dataset(config, scale)
-            r = run_loader(ds, args.batch_size, 2, args.warmup, min(args.seconds, 3.0))
+            r = run_loader(ds, args.batch_size, 2, args.warmup, min(args.seconds, 3.0), reuse_buffers=True)
             memory[f"x{scale}"] = {"sentences": len(ds), "worker_private_dirty_mb": r["worker_private_dirty_mb"]}
             del ds
         print(f"worker memory vs corpus size: {memory}", flush=True)

@@ -91,8 +91,17 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir, ds_config = runner.start(run)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    loaders = {
-        split: pretrain_loader(dataset, split, micro_batch, dist.rank(), dist.world_size(), run.seed, run.num_workers)
+    loaders = {  # the training loop holds one batch at a time: its workers may reuse their buffers
+        split: pretrain_loader(
+            dataset,
+            split,
+            micro_batch,
+            dist.rank(),
+            dist.world_size(),
+            run.seed,
+            run.num_workers,
+            reuse_buffers=split == "train",
+        )
         for split, dataset in datasets.items()
     }
     model = SemVLPForPreTraining(config)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from semvlp.data.pretrain_dataset import (
     MaskingConfig,
     PretrainDataset,
     build_pretrain_dataset,
+    pretrain_loader,
     pretraining_model_fields,
 )
 from semvlp.data.store import FeatureStore, FeatureStoreWriter, open_stores
@@ -269,6 +271,36 @@ def test_resume_mid_epoch(light, num_workers):
     other = build_pretrain_loader(light, batch_size=64, seed=1)
     with pytest.raises(ValueError, match="batch_size=128 but this loader has batch_size=64"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_workers_that_reuse_their_buffers_give_the_batches_of_fresh_memory(light, num_workers):
+    """reuse_buffers=True (the training loops'): each worker writes its batches into
+    prefetch_factor + 1 = 3 shared-memory slots, over and over. A consumer that holds one batch at
+    a time still gets exactly the in-process loader's batches, through an epoch's end, an iteration
+    left early and the next one."""
+    dataset = build_pretrain_dataset(light)
+    fresh = pretrain_loader(dataset, "train", 128, 0, 1, 1, 0)
+    reused = pretrain_loader(dataset, "train", 128, 0, 1, 1, num_workers, reuse_buffers=True)
+    shared_memory = set()  # the shared-memory objects (inodes) the batches' features live in
+
+    def compare(limit: int | None = None) -> int:
+        count = 0
+        for got, expected in zip(reused, fresh, strict=True):
+            fd, _ = got["visual_feats"].untyped_storage()._share_fd_cpu_()
+            shared_memory.add(os.fstat(fd).st_ino)
+            batches_equal(got, expected)
+            count += 1
+            if count == limit:
+                break
+        return count
+
+    per_epoch = compare()  # epoch 0
+    assert compare(limit=2) == 2  # epoch 1, left after two batches
+    assert compare() == per_epoch - 2  # its rest
+    assert (reused.epoch, fresh.epoch) == (2, 2)
+    assert per_epoch > 3 * num_workers
+    assert len(shared_memory) == 3 * num_workers
 
 
 def test_sharding():

@@ -10,7 +10,11 @@ DataLoader workers, on which worker built it, or on what came before. That gives
   resumed run regenerates the same keys and therefore the same batches;
 - fewer copies: one worker reads each image's features straight into the batch tensor,
   allocated in shared memory, instead of per-sample arrays that a collate function stacks
-  and the worker queue then copies again.
+  and the worker queue then copies again;
+- with `reuse_buffers=True` (the trainer's training loaders), each worker writes its batches into
+  a few shared-memory buffers it keeps, instead of fresh shared memory per batch, whose pages
+  cost more to fault in than the batch costs to read (see `_WorkerBuffers`). A batch's tensors
+  are then valid only until the consumer asks for the next batch: it must not keep batches.
 
 Sharding follows torch's DistributedSampler: one permutation of all examples per (seed,
 epoch), rank r takes positions r, r + W, r + 2W, ... In training every rank gets the same
@@ -20,6 +24,7 @@ repeated, so ranks may get one batch more or less.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing.util
 import signal
 from collections.abc import Iterator
@@ -57,6 +62,8 @@ class KeyedBatchDataset(Dataset):
     """Base class: `dataset[key]` is the batch named by a BatchKey (see the module docstring)."""
 
     def __getitem__(self, key: BatchKey) -> dict:
+        if _worker_buffers is not None:
+            _worker_buffers.start_batch()
         return self.make_batch(np.asarray(key.indices, dtype=np.int64), key.rng())
 
     def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
@@ -145,6 +152,53 @@ class _CursorSampler(Sampler):
         return len(self.sampler)
 
 
+class _WorkerBuffers:
+    """A DataLoader worker's batch buffers in shared memory, reused batch after batch.
+
+    Fresh shared memory per batch costs its page faults on every batch: filling a fresh 100 MB
+    batch took ~60 ms against ~15 ms for one already mapped (benchmarks/dataloader.py, 2-core
+    EPYC). So the worker keeps `depth` slots; each batch takes the next slot, and its i-th
+    `allocate` call gets the slot's i-th buffer back when shape and dtype match (else a fresh one,
+    kept in its place: the last, smaller batch of an epoch).
+
+    Why depth = prefetch_factor + 1 is safe: DataLoader (in order, the default) hands task n to
+    worker n mod W, and keeps at most W * prefetch_factor tasks outstanding, so it sends task n
+    only once the consumer has taken batch n - W * prefetch_factor. A slot comes back to its worker
+    depth = prefetch_factor + 1 of its tasks later, at task n + W * (prefetch_factor + 1), once the
+    consumer has asked for batch n + W: it is done with batch n. Batches that wait in the
+    DataLoader for their turn, or in its pin-memory thread, are all later than the current one. A
+    new iteration's first tasks may reuse the slots of the last one's batches: the consumer, having
+    started a new iteration, has asked for its next batch.
+    """
+
+    def __init__(self, depth: int):
+        self.slots: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        self.batches = 0
+        self.slot: list[torch.Tensor] | None = None
+        self.used = 0
+
+    def start_batch(self) -> None:
+        self.slot = self.slots[self.batches % len(self.slots)]
+        self.batches += 1
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        slot, i = self.slot, self.used
+        self.used += 1
+        if i < len(slot) and slot[i].shape == shape and slot[i].dtype == dtype:
+            return slot[i]
+        buffer = torch.empty(shape, dtype=dtype).share_memory_()
+        if i < len(slot):
+            slot[i] = buffer
+        else:
+            slot.append(buffer)
+        return buffer
+
+
+# Set in a worker of a loader with reuse_buffers=True, by its worker_init_fn.
+_worker_buffers: _WorkerBuffers | None = None
+
+
 def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized tensor; in a DataLoader worker, directly in shared memory.
 
@@ -152,18 +206,22 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     there from the start avoids a full copy of the 400 KB/sample features on the way out.
     """
     if get_worker_info() is not None:
+        if _worker_buffers is not None and _worker_buffers.slot is not None:
+            return _worker_buffers.take(tuple(shape), dtype)
         return torch.empty(shape, dtype=dtype).share_memory_()
     # In the main process, memory from numpy: first-touch page faults on a fresh 100 MB batch
     # cost ~13 ms this way against ~40 ms for torch.empty (measured, torch 2.13 CPU build).
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int, buffer_depth: int) -> None:
     # SIGTERM and SIGUSR1 are the training process's to handle (semvlp.train.StopSignal: it
     # checkpoints, then stops); a worker that died of one first would fail the steps before the
     # checkpoint. So they are stopped as _stop_workers does, never by SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    global _worker_buffers
+    _worker_buffers = _WorkerBuffers(buffer_depth) if buffer_depth else None
 
 
 def _stop_workers(loader: DataLoader) -> None:
@@ -189,7 +247,9 @@ class ResumableLoader:
     loader (same dataset, batch size, seed, world size) and iteration continues with exactly
     the batches an uninterrupted run would have produced. With `repeatable=True` (evaluation)
     every iteration yields the same batches from the start and the state never moves.
-    Only one iteration may be active at a time.
+    Only one iteration may be active at a time. With `reuse_buffers=True` and workers, a batch's
+    tensors may be overwritten once the consumer asks for the next batch (`_WorkerBuffers`): for
+    consumers that hold one batch at a time, as the training loop does.
     """
 
     def __init__(
@@ -205,6 +265,7 @@ class ResumableLoader:
         repeatable: bool = False,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        reuse_buffers: bool = False,
     ):
         self.dataset = dataset
         self.sampler = ShardedBatchSampler(
@@ -216,10 +277,11 @@ class ResumableLoader:
             pin_memory = torch.cuda.is_available()
         extra = {}
         if num_workers:
+            buffer_depth = prefetch_factor + 1 if reuse_buffers else 0
             extra = {
                 "prefetch_factor": prefetch_factor,
                 "persistent_workers": True,
-                "worker_init_fn": _ignore_stop_signals,
+                "worker_init_fn": functools.partial(_init_worker, buffer_depth=buffer_depth),
             }
         # Each new iterator draws a worker base seed; from its own generator, not the global
         # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.

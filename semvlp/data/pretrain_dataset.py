@@ -354,9 +354,10 @@ def pretrain_loader(
     num_workers: int,
     *,
     pin_memory: bool | None = None,
+    reuse_buffers: bool = False,
 ) -> ResumableLoader:
     """The loader of one rank over a dataset already built (the launcher reads the data before it
-    starts the process group and writes the run folder)."""
+    starts the process group and writes the run folder). reuse_buffers: see ResumableLoader."""
     train = split == "train"
     loader = ResumableLoader(
         dataset,
@@ -369,6 +370,7 @@ def pretrain_loader(
         drop_last=train,
         repeatable=not train,
         pin_memory=pin_memory,
+        reuse_buffers=reuse_buffers,
     )
     logger.info(
         "pre-training %s: %d sentences, %d batches of %d per epoch on rank %d/%d",

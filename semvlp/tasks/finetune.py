@@ -152,9 +152,9 @@ class FinetuneTask:
         self.micro_batch = micro_batch
         self.eval_batch_size = eval_batch_size
         if "train" in self.datasets:
-            self.train_loader = ResumableLoader(
+            self.train_loader = ResumableLoader(  # the training loop holds one batch at a time
                 self.datasets["train"], micro_batch, dist.rank(), dist.world_size(), self.run.seed,
-                self.run.num_workers, shuffle=True, drop_last=True,
+                self.run.num_workers, shuffle=True, drop_last=True, reuse_buffers=True,
             )  # fmt: skip
 
     def eval_loader(self, split: str) -> ResumableLoader:
