@@ -14,7 +14,8 @@ Entry point for launchers:
         pin_memory=None,        # None: when CUDA is available
         masking=MaskingConfig(),
         skip_missing=False,     # drop sentences whose image is in no store instead of failing
-    )
+        reuse_buffers=False,    # True: workers write into the same few shared-memory batches (3x
+    )                           # faster); a batch is then valid until the next is asked for
     loader.dataset.answer_table          # QA classes (len() = size of the QA head), or None
     for batch in loader: ...             # one epoch of this rank's batches, then the next epoch
     state = loader.state_dict()          # save in the checkpoint; loader.load_state_dict(state)
@@ -338,10 +339,14 @@ def build_pretrain_loader(
     pin_memory: bool | None = None,
     masking: MaskingConfig | None = None,
     skip_missing: bool = False,
+    reuse_buffers: bool = False,
 ) -> ResumableLoader:
     """The pre-training loader of one rank; see the module docstring for the batch layout."""
     dataset = build_pretrain_dataset(data_config, tokenizer, split, masking, skip_missing)
-    return pretrain_loader(dataset, split, batch_size, rank, world_size, seed, num_workers, pin_memory=pin_memory)
+    return pretrain_loader(
+        dataset, split, batch_size, rank, world_size, seed, num_workers, pin_memory=pin_memory,
+        reuse_buffers=reuse_buffers,
+    )  # fmt: skip
 
 
 def pretrain_loader(
