@@ -27,7 +27,8 @@
 #                                 (mode reduce-overhead; sdpa, then triton): how much of eager's
 #                                 step is launch overhead (compare the kernel busy % columns)
 #   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
-#   model-kernels        60    0  tests/test_model_kernels.py on the GPU, only with time left
+#   model-kernels        60    0  tests/test_model_kernels.py on the GPU, and the loader test of workers
+#                                 reusing their buffers (here with pinned memory), only with time left
 #   pretrain            180    0  the main job, only with time left: launch/pretrain.py, one process,
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
@@ -268,7 +269,8 @@ run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISI
     --backends triton,sdpa --modes single,two,alternate
 
 if [ -f tests/test_model_kernels.py ] && [ "$CPU_MODE" != 1 ]; then
-    run_stage model-kernels "$PY" -m pytest tests/test_model_kernels.py -q -p no:cacheprovider
+    run_stage model-kernels "$PY" -m pytest tests/test_model_kernels.py -q -p no:cacheprovider \
+        "tests/test_data_pretrain.py::test_workers_that_reuse_their_buffers_give_the_batches_of_fresh_memory"
 else
     skip_stage model-kernels "cpu mode or no tests/test_model_kernels.py"
 fi

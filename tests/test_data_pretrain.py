@@ -278,7 +278,8 @@ def test_workers_that_reuse_their_buffers_give_the_batches_of_fresh_memory(light
     """reuse_buffers=True (the training loops'): each worker writes its batches into
     prefetch_factor + 1 = 3 shared-memory slots, over and over. A consumer that holds one batch at
     a time still gets exactly the in-process loader's batches, through an epoch's end, an iteration
-    left early and the next one."""
+    left early and the next one. On a CUDA machine the batches pass through the DataLoader's
+    pin-memory thread (benchmarks/gpu_check.sh runs this there)."""
     dataset = build_pretrain_dataset(light)
     fresh = pretrain_loader(dataset, "train", 128, 0, 1, 1, 0)
     reused = pretrain_loader(dataset, "train", 128, 0, 1, 1, num_workers, reuse_buffers=True)
