@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from semvlp.data import build_pretrain_loader, ensure_toy_world
+from semvlp.data import loader as loader_module
 from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable, MissingImagesError, PretrainCorpus
 from semvlp.data.batching import gather_tokens
 from semvlp.data.config import DataConfig
 from semvlp.data.convert import RawImage, convert
-from semvlp.data.loader import ShardedBatchSampler
+from semvlp.data.loader import BatchKey, ShardedBatchSampler, _WorkerBuffers
 from semvlp.data.pretrain_dataset import (
     MaskingConfig,
     PretrainDataset,
@@ -302,6 +303,29 @@ def test_workers_that_reuse_their_buffers_give_the_batches_of_fresh_memory(light
     assert (reused.epoch, fresh.epoch) == (2, 2)
     assert per_epoch > 3 * num_workers
     assert len(shared_memory) == 3 * num_workers
+
+
+def test_a_worker_reuses_a_slot_only_once_the_consumer_is_done_with_its_batch(monkeypatch):
+    """A worker's _WorkerBuffers with 2 workers and prefetch_factor 2 (3 slots): batch n may take
+    the slot of batch m only if n >= m + 5 (DataLoader sends batch n once the consumer has taken
+    n - 4). Round robin gives a worker every other batch, so its slots come back 6 batches later;
+    batches handed to it closer than that get fresh memory, and a new iteration frees every slot."""
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: object())  # allocate() as in a worker
+
+    def build(buffers: _WorkerBuffers, numbers: list[int], world_size: int = 1, rank: int = 0) -> list:
+        monkeypatch.setattr(loader_module, "_worker_buffers", buffers)
+        features = []
+        for n in numbers:
+            buffers.start_batch(BatchKey(seed=0, epoch=0, batch=n * world_size + rank, indices=()))
+            features.append(loader_module.allocate((4, 3), torch.float16))
+        return features  # kept alive: distinct tensors keep distinct ids
+
+    round_robin = build(_WorkerBuffers(3, num_workers=2, world_size=2), [1, 3, 5, 7, 9, 11], 2, 1)
+    assert [later is earlier for earlier, later in zip(round_robin[:3], round_robin[3:], strict=True)] == [True] * 3
+    too_close = build(_WorkerBuffers(3, num_workers=2, world_size=1), [0, 1, 2, 3, 4, 5])
+    assert len({id(t) for t in too_close}) == 6
+    restarted = build(_WorkerBuffers(3, num_workers=2, world_size=1), [0, 2, 4, 2])  # 2 again: a new iteration
+    assert restarted[3] is restarted[0]
 
 
 def test_sharding():

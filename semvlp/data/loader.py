@@ -63,7 +63,7 @@ class KeyedBatchDataset(Dataset):
 
     def __getitem__(self, key: BatchKey) -> dict:
         if _worker_buffers is not None:
-            _worker_buffers.start_batch()
+            _worker_buffers.start_batch(key)
         return self.make_batch(np.asarray(key.indices, dtype=np.int64), key.rng())
 
     def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
@@ -158,30 +158,46 @@ class _WorkerBuffers:
     Fresh shared memory per batch costs its page faults on every batch: filling a fresh 100 MB
     batch took ~60 ms against ~15 ms for one already mapped (2-core Intel Xeon), and one worker
     loaded 2,923 samples/s against 9,356 reusing (benchmarks/dataloader.py, batch 256). So the
-    worker keeps `depth` slots; each batch takes the next slot, and its i-th
-    `allocate` call gets the slot's i-th buffer back when shape and dtype match (else a fresh one,
-    kept in its place: the last, smaller batch of an epoch).
+    worker keeps `depth` slots; each batch takes the next slot, and its i-th `allocate` call gets
+    the slot's i-th buffer back when shape and dtype match (else a fresh one, kept in its place:
+    the last, smaller batch of an epoch).
 
-    Why depth = prefetch_factor + 1 is safe: DataLoader (in order, the default) hands task n to
-    worker n mod W, and keeps at most W * prefetch_factor tasks outstanding, so it sends task n
-    only once the consumer has taken batch n - W * prefetch_factor. A slot comes back to its worker
-    depth = prefetch_factor + 1 of its tasks later, at task n + W * (prefetch_factor + 1), once the
-    consumer has asked for batch n + W: it is done with batch n. Batches that wait in the
-    DataLoader for their turn, or in its pin-memory thread, are all later than the current one. A
-    new iteration's first tasks may reuse the slots of the last one's batches: the consumer, having
-    started a new iteration, has asked for its next batch.
+    When a slot may be rewritten: DataLoader keeps at most W * prefetch_factor tasks outstanding
+    (W workers), so it sends the task of batch n only once the consumer has taken batch
+    n - W * prefetch_factor; a batch m <= n - W * prefetch_factor - 1 of the same iteration is then
+    done with (the consumer has asked for a later one), and so is every batch of an earlier
+    iteration (the consumer has started a new one). Batches that wait in the DataLoader for their
+    turn, or in its pin-memory thread, are all later than the consumer's. In order (DataLoader's
+    default) it sends batch n to worker n mod W, so with depth = prefetch_factor + 1 a slot comes
+    back after W * (prefetch_factor + 1) batches, and always meets that bound. `start_batch` checks
+    it all the same, from the batches' keys, and builds a batch that would not in fresh memory. A
+    worker's batch numbers rise within an iteration, so one that does not rise starts a new one.
     """
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, num_workers: int, world_size: int):
         self.slots: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        self.held: list[tuple[int, int] | None] = [None] * depth  # (epoch, batch number) in each slot
+        self.min_gap = num_workers * (depth - 1) + 1  # depth - 1 = prefetch_factor
+        self.world_size = world_size
+        self.last: tuple[int, int] | None = None  # (epoch, batch number) of the last batch built
         self.batches = 0
-        self.slot: list[torch.Tensor] | None = None
+        self.slot: list[torch.Tensor] | None = None  # the current batch's; None: fresh memory
         self.used = 0
 
-    def start_batch(self) -> None:
-        self.slot = self.slots[self.batches % len(self.slots)]
+    def start_batch(self, key: BatchKey) -> None:
+        turn = self.batches % len(self.slots)
         self.batches += 1
         self.used = 0
+        epoch, number = key.epoch, key.batch // self.world_size  # this rank's batch number in the epoch
+        if self.last is not None and (epoch, number) <= self.last:  # a new iteration: every batch is done
+            self.held = [None] * len(self.held)
+        self.last = (epoch, number)
+        held = self.held[turn]
+        if held is not None and held[0] == epoch and held[1] < number < held[1] + self.min_gap:
+            self.slot = None  # the consumer may still hold batch held[1]
+            return
+        self.held[turn] = (epoch, number)
+        self.slot = self.slots[turn]
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         slot, i = self.slot, self.used
@@ -215,14 +231,15 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def _init_worker(worker_id: int, buffer_depth: int) -> None:
+def _init_worker(worker_id: int, buffer_depth: int, world_size: int) -> None:
     # SIGTERM and SIGUSR1 are the training process's to handle (semvlp.train.StopSignal: it
     # checkpoints, then stops); a worker that died of one first would fail the steps before the
     # checkpoint. So they are stopped as _stop_workers does, never by SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     global _worker_buffers
-    _worker_buffers = _WorkerBuffers(buffer_depth) if buffer_depth else None
+    num_workers = get_worker_info().num_workers
+    _worker_buffers = _WorkerBuffers(buffer_depth, num_workers, world_size) if buffer_depth else None
 
 
 def _stop_workers(loader: DataLoader) -> None:
@@ -282,7 +299,7 @@ class ResumableLoader:
             extra = {
                 "prefetch_factor": prefetch_factor,
                 "persistent_workers": True,
-                "worker_init_fn": functools.partial(_init_worker, buffer_depth=buffer_depth),
+                "worker_init_fn": functools.partial(_init_worker, buffer_depth=buffer_depth, world_size=world_size),
             }
         # Each new iterator draws a worker base seed; from its own generator, not the global
         # RNG, so that starting an iteration (as a resumed run does) never shifts dropout masks.
