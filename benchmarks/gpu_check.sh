@@ -32,7 +32,8 @@
 #   pretrain            180    0  the main job, only with time left: launch/pretrain.py, one process,
 #                                 base preset, bf16 (ds_configs/h100.json at micro-batch 64, with
 #                                 torch's AdamW instead of DeepSpeed's JIT-built FusedAdam), the toy
-#                                 world, 30 steps with kernel_backend auto, 30 with auto and DeepSpeed's
+#                                 world (4 loader workers, 0 if /dev/shm has under 1 GB free),
+#                                 30 steps with kernel_backend auto, 30 with auto and DeepSpeed's
 #                                 bf16 overflow check on (its default, which h100.json turns off), 30
 #                                 with triton, then 30 with auto and --compile; each profiles its steps
 #                                 11-13 (--profile_steps: the GPU's busy share of the real step)
@@ -159,6 +160,7 @@ info() {
     else
         echo "no nvidia-smi"
     fi
+    echo "cpus $(nproc); /dev/shm (the loader workers' batches): $(df -Ph /dev/shm | awk 'NR == 2 {print $2 " total, " $4 " free"}')"
     "$PY" - <<'EOF'
 import importlib.metadata as md, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
@@ -284,10 +286,18 @@ pretrain() {
     local config=$WORK/pretrain_ds.json preset=base steps=30 variants=(auto auto-overflowcheck triton auto-compile)
     local variant rc=0
     local profile=(--profile_steps 3)  # steps 11-13: compiled and tuned by then, and out of the last log window
+    # The toy store is gzip-compressed (~0.4 ms an image to decode; real stores are not), so 4 workers
+    # keep 64-sample steps fed. Each keeps 3 batches in /dev/shm (~80 MB); a container's default
+    # 64 MB would kill them, so with under 1 GB free the batches are built in the training process.
+    local workers=4 shm_free_mb
+    shm_free_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+    if [ -z "$shm_free_mb" ] || [ "$shm_free_mb" -lt 1024 ]; then
+        workers=0
+    fi
     # On a CPU the Triton kernels would run in Triton's interpreter, far too slow for training steps
     # (tests/test_model_kernels.py covers that model there).
     if [ "$CPU_MODE" = 1 ]; then
-        preset=tiny steps=4 variants=(auto auto-overflowcheck) profile=(--profile_warmup 2 --profile_steps 1)
+        preset=tiny steps=4 variants=(auto auto-overflowcheck) profile=(--profile_warmup 2 --profile_steps 1) workers=1
     fi
     "$PY" - "$CPU_MODE" "$config" <<'EOF' || return 1
 import json, sys
@@ -308,10 +318,10 @@ EOF
             *-compile) compile=(--compile) compiled=true ;;
             *-overflowcheck) ds_config=${config%.json}_overflowcheck.json checked=true ;;
         esac
-        echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps, $ds_config"
+        echo "--- pretrain: kernel_backend $backend ${compile[*]}, $preset preset, $steps steps, loader workers: $workers, $ds_config"
         "$PY" launch/pretrain.py --deepspeed_config "$ds_config" --preset "$preset" --data "$WORK/toy/data.json" \
             --output_dir "$WORK/pretrain_$variant" --kernel_backend "$backend" --max_steps "$steps" \
-            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers 2 "${profile[@]}" "${compile[@]}" || rc=1
+            --log_every 10 --eval_every "$steps" --eval_batches 2 --num_workers "$workers" "${profile[@]}" "${compile[@]}" || rc=1
         if [ -f "$WORK/pretrain_$variant/metrics.jsonl" ]; then
             local prefix="\"kernel_backend\": \"$backend\", \"compile\": $compiled, \"overflow_check\": $checked"
             "$PY" - "$WORK/pretrain_$variant/versions.json" "{$prefix}" >>"$OUT/pretrain_metrics.jsonl" <<'EOF'
