@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     run = PretrainConfig.from_args(argv)
     # Options first, then the data (minutes for the paper's 9M sentences), then the run folder: a bad
     # option or data file stops the run before anything is written.
-    runner.check_options(run)
+    micro_batch = runner.check_options(run)["train_micro_batch_size_per_gpu"]
     data = DataConfig.load(runner.resolve_data(run))
     tokenizer = load_tokenizer(data.vocab)
     fields = pretraining_model_fields(data, tokenizer)
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             "--packed_text: the feature stores are padded (visual_attention_mask), which single-stream packed "
             "text cannot mask; use padded text (no --packed_text) or --stream_schedule two"
         )
+    runner.check_shared_memory(run, datasets.get("train"), micro_batch, [datasets["valid"]], micro_batch)
 
     run_dir, ds_config = runner.start(run)
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     loaders = {  # the training loop holds one batch at a time: its workers may reuse their buffers
         split: pretrain_loader(
             dataset,

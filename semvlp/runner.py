@@ -21,12 +21,14 @@ import torch
 from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export
 from semvlp.data.config import DataConfig
+from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
 from semvlp.export import export_checkpoint
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
 from semvlp.train import ConfigError, NonFiniteLossError, prepare_run_dir, resolve_ds_config, versions
 
 TOY_WORLD_DIR = Path("data/toy")
+SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torch's shared-memory files)
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
@@ -61,7 +63,7 @@ def shm_allreduce_buffer() -> Path:
     """This rank's DeepSpeed CPU all-reduce buffer (named so by deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
     env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
-    return Path("/dev/shm") / name
+    return SHARED_MEMORY / name
 
 
 def _start_with_fresh_shm_buffers() -> None:
@@ -80,6 +82,41 @@ def _start_with_fresh_shm_buffers() -> None:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size_from_env() -> int:
+    """Ranks on this machine: DeepSpeed's launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_shared_memory(
+    run: RunConfig,
+    train_dataset: KeyedBatchDataset | None,
+    micro_batch: int,
+    eval_datasets: list[KeyedBatchDataset],
+    eval_batch_size: int,
+) -> None:
+    """The batches the loader workers hold fit in /dev/shm. Workers hand batches over in shared memory;
+    when it runs out, the run fails in its first steps with torch's "unable to allocate shared memory".
+    A container's default is 64 MB (Docker), less than one worker's three batches at 64 x K=100.
+    The training workers keep their batches for the whole run; evaluation adds one loader's at a
+    time. Checked before the run folder, on every rank, each counting the ranks of its machine.
+    """
+    if not run.num_workers or not SHARED_MEMORY.is_dir():
+        return
+    per_rank = max((shared_memory_bound(d, eval_batch_size, run.num_workers) for d in eval_datasets), default=0)
+    if train_dataset is not None:
+        per_rank += shared_memory_bound(train_dataset, micro_batch, run.num_workers)
+    ranks = local_world_size_from_env()
+    fs = os.statvfs(SHARED_MEMORY)
+    free = fs.f_bavail * fs.f_frsize
+    if ranks * per_rank > free:
+        raise ConfigError(
+            f"--num_workers {run.num_workers}: the loader workers of {ranks} rank(s) on this machine hold up to "
+            f"{ranks * per_rank / 2**20:,.0f} MB of batches in {SHARED_MEMORY}, which has "
+            f"{free / 2**20:,.0f} MB free. Use fewer workers (--num_workers 0 builds batches in the training "
+            f"process, without shared memory) or give {SHARED_MEMORY} more room (docker run --shm-size 8g)"
+        )
 
 
 def resolve_data(run: RunConfig) -> Path:

@@ -7,6 +7,8 @@ kernels are compiled instead.
 
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +49,18 @@ def load_launcher(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def small_dev_shm():
+    """Wraps a command so that it runs with a /dev/shm of the given size (a private tmpfs mounted in a
+    new mount namespace), as in a container: Docker gives 64 MB. Needs root (CAP_SYS_ADMIN)."""
+    probe = ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small /dev/shm needs unshare and root (CAP_SYS_ADMIN)")
+
+    def wrap(command: list[str], size: str) -> list[str]:
+        mount = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, "sh", *command]
+
+    return wrap

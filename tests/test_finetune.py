@@ -34,7 +34,10 @@ DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
 
 
-def launch(script: str, args: list[str], processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(
+    script: str, args: list[str], processes: int = 2, timeout: int = 600, wrap=None
+) -> subprocess.CompletedProcess:
+    """launch/<script> on ds_configs/cpu.json; `wrap` may wrap its command line (small_dev_shm)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     path = REPO / "launch" / script
     if processes == 1:
@@ -43,8 +46,9 @@ def launch(script: str, args: list[str], processes: int = 2, timeout: int = 600)
         port = str(29300 + os.getpid() % 300)
         cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(path)]
     cmd += ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--num_workers", "1", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return result
+    if wrap is not None:
+        cmd = wrap(cmd)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -278,6 +282,18 @@ def test_options_are_checked_before_the_data_is_read(toy, tmp_path, capsys, load
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_loader_workers_that_would_overfill_dev_shm_stop_before_the_run_folder(toy, tmp_path, small_dev_shm):
+    """The fine-tuning launchers check /dev/shm as pre-training does (tests/test_pretrain.py), here
+    with NLVR2's two images per example: one worker's 3 training batches alone exceed 8 MB."""
+    out = tmp_path / "run"
+    args = ["--data", str(toy), "--output_dir", str(out)]
+    result = launch("finetune_nlvr2.py", args, processes=1, wrap=lambda cmd: small_dev_shm(cmd, "8m"))
+    assert result.returncode == 2
+    assert "--num_workers 1: the loader workers of 1 rank(s) on this machine hold up to" in result.stderr
+    assert "MB of batches in /dev/shm, which has 8 MB free" in result.stderr
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- in-process pieces

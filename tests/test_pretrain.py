@@ -420,6 +420,24 @@ def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--data", str(data)], message)
 
 
+def test_loader_workers_that_would_overfill_dev_shm_stop_before_the_run_folder(tmp_path, toy_data, small_dev_shm):
+    """In a container's 64 MB /dev/shm (Docker's default), 2 ranks with the default 2 workers each would
+    hold 3 training and up to 3 evaluation batches per worker there: the run stops before its run folder
+    and says so, instead of failing in its first steps with torch's "unable to allocate shared memory"."""
+    from semvlp.data.loader import shared_memory_bound
+    from semvlp.data.pretrain_dataset import build_pretrain_dataset
+
+    cmd, env = pretrain_command(["--data", str(toy_data), "--output_dir", str(tmp_path / "run")])
+    result = subprocess.run(small_dev_shm(cmd, "64m"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    per_rank = sum(shared_memory_bound(build_pretrain_dataset(toy_data, split=s), 16, 2) for s in ("train", "valid"))
+    assert (
+        f"--num_workers 2: the loader workers of 2 rank(s) on this machine hold up to {2 * per_rank / 2**20:,.0f} MB "
+        "of batches in /dev/shm, which has 64 MB free. Use fewer workers"
+    ) in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, capsys, load_launcher):
     """Its word embeddings could not be loaded: the data's vocab must be the one it was trained with."""
     config_from_preset("tiny", vocab_size=50).save_pretrained(tmp_path / "export")

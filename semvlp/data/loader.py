@@ -25,6 +25,7 @@ repeated, so ranks may get one batch more or less.
 from __future__ import annotations
 
 import functools
+import mmap
 import multiprocessing.util
 import signal
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+PREFETCH_FACTOR = 2  # batches each DataLoader worker prepares ahead (torch's default)
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,21 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
+def shared_memory_bound(
+    dataset: KeyedBatchDataset, batch_size: int, num_workers: int, prefetch_factor: int = PREFETCH_FACTOR
+) -> int:
+    """The most shared memory (bytes) a loader's workers hold at once, from a batch built here.
+
+    Each worker holds at most prefetch_factor + 1 batches: with reuse_buffers its slots; without,
+    the batches in flight (DataLoader keeps at most W * prefetch_factor outstanding) and the one the
+    consumer holds. Each tensor takes whole pages. Text is padded per batch, so other batches differ
+    from this one by a few KB; the image features, the same in every batch, are nearly all of it.
+    """
+    batch = dataset.make_batch(np.arange(min(batch_size, len(dataset))), np.random.default_rng(0))
+    pages = sum(-(-t.nbytes // mmap.PAGESIZE) for t in batch.values() if isinstance(t, torch.Tensor))
+    return num_workers * (prefetch_factor + 1) * pages * mmap.PAGESIZE
+
+
 def _init_worker(worker_id: int, buffer_depth: int, world_size: int) -> None:
     # SIGTERM and SIGUSR1 are the training process's to handle (semvlp.train.StopSignal: it
     # checkpoints, then stops); a worker that died of one first would fail the steps before the
@@ -282,7 +300,7 @@ class ResumableLoader:
         drop_last: bool = True,
         repeatable: bool = False,
         pin_memory: bool | None = None,
-        prefetch_factor: int = 2,
+        prefetch_factor: int = PREFETCH_FACTOR,
         reuse_buffers: bool = False,
     ):
         self.dataset = dataset

@@ -33,7 +33,7 @@ import torch
 from semvlp import checkpoint, dist, runner
 from semvlp.data.annotations import check_images
 from semvlp.data.config import DataConfig
-from semvlp.data.loader import ResumableLoader
+from semvlp.data.loader import KeyedBatchDataset, ResumableLoader
 from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.flops import training_step_flops
@@ -241,7 +241,9 @@ def load_data(run: FinetuneConfig) -> tuple[DataConfig, object, FeatureStoreSet]
 def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, DataConfig, object, FeatureStoreSet,
                                                              tuple[str, ...]], FinetuneTask]) -> None:  # fmt: skip
     """Fine-tune (or, with --predict_only, predict) with the task `make_task` builds; see the module docstring."""
-    runner.check_options(run, lr=run.lr, train_batch_size=run.batch_size)  # before a data load that can take minutes
+    # before a data load that can take minutes
+    micro = runner.check_options(run, lr=run.lr, train_batch_size=run.batch_size)["train_micro_batch_size_per_gpu"]
+    eval_batch_size = run.eval_batch_size or 2 * micro
     data, tokenizer, stores = load_data(run)
     splits = run.prediction_splits
     if not run.predict_only:
@@ -252,12 +254,13 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         task.run = run
     config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
     runner.check_model_fits_data(config, data, tokenizer, task.model_fields())
+    loaded = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
+    runner.check_shared_memory(run, task.datasets.get("train"), micro, loaded, eval_batch_size)
     run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
     if dist.is_main():
         for note in task.notes:
             print(note, flush=True)
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    task.attach(config, micro, run.eval_batch_size or 2 * micro)
+    task.attach(config, micro, eval_batch_size)
     model = task.model_class(config)
     if run.predict_only:
         runner.check_complete_export(model, run.init_from, "--predict_only")
