@@ -205,6 +205,7 @@ def test_gqa_predictions_and_exact_match(toy, finetuned):
 def test_nlvr2_csv_has_one_line_per_statement(toy, finetuned):
     out, results = finetuned("finetune_nlvr2.py", "--mode", "two", *SHORT)
     check_best_checkpoint(out, results, "two/accuracy", steps=(20, 40))
+    assert json.loads((out / "export" / "config.json").read_text())["id2label"] == {"0": "false", "1": "true"}
     for split in ("valid", "test"):
         statements = load(toy.parent / f"nlvr2_{split}.json")
         with open(out / "predictions" / f"nlvr2_{split}.csv", newline="") as f:
@@ -222,6 +223,7 @@ def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetu
         "finetune_retrieval.py", "--eval_images", "12", "--negatives", "2", "--hard_negatives", "1", *SHORT
     )
     check_best_checkpoint(out, results, "single/r_mean", steps=(20, 40))
+    assert json.loads((out / "export" / "config.json").read_text())["id2label"] == {"0": "mismatched", "1": "matched"}
     rankings = load(out / "predictions" / "retrieval_test.json")
     assert len(rankings["text_retrieval"]) == 12 and len(rankings["image_retrieval"]) == 60
     images = {r["image_id"] for r in rankings["text_retrieval"]}

@@ -600,6 +600,11 @@ def test_demo_export_fine_tunes_nlvr2_well_above_chance(demo_run, toy_data, tmp_
     export). From random init it stays at chance (test_finetune.py)."""
     args = ["--max_steps", "120", "--eval_every", "120", "--lr", "1e-4"]
     results = fine_tune_demo_export(demo_run, toy_data, tmp_path / "nlvr2", "finetune_nlvr2.py", args)
+    # the export names its classifier's outputs, not the pre-training export's QA answers
+    assert json.loads((tmp_path / "nlvr2" / "export" / "config.json").read_text())["id2label"] == {
+        "0": "false",
+        "1": "true",
+    }
     assert results["best"]["value"] >= 0.7, results["best"]  # dev accuracy; chance is 0.5
     assert results["splits"]["test"]["accuracy"] >= 0.7, results["splits"]["test"]
 

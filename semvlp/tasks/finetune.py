@@ -140,7 +140,8 @@ class FinetuneTask:
 
     # -- set-up
     def model_fields(self) -> dict:
-        """Model config fields the data decides (e.g. the number of answers)."""
+        """Model config fields the task decides: the number of answers and their names (QA, from the
+        data), or the names of the classifier's outputs (`id2label`, as HuggingFace names them)."""
         return {}
 
     def num_train_examples(self) -> int:
@@ -264,7 +265,8 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     model = task.model_class(config)
     if run.predict_only:
         runner.check_complete_export(model, run.init_from, "--predict_only")
-        _check_same_labels(run.init_from, task.model_fields().get("id2label"))
+        if "num_qa_labels" in task.model_fields():  # an answer table from the data
+            _check_same_labels(run.init_from, task.model_fields()["id2label"])
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config, run)
 
@@ -287,11 +289,11 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         _print_summary(run, results)
 
 
-def _check_same_labels(folder: str, id2label: dict[int, str] | None) -> None:
+def _check_same_labels(folder: str, id2label: dict[int, str]) -> None:
     """--predict_only must name each class as fine-tuning did: an answer table reordered or regenerated
     since then would turn every prediction into another answer, silently."""
     saved = json.loads((Path(folder) / "config.json").read_text()).get("id2label")
-    if id2label is None or saved is None:
+    if saved is None:
         return
     saved = {int(k): v for k, v in saved.items()}
     if saved == {i: f"LABEL_{i}" for i in saved}:  # HuggingFace's placeholder: the export keeps no names

@@ -84,6 +84,9 @@ class NLVR2Task(FinetuneTask):
         super().__init__(run, datasets)
         self.notes = notes
 
+    def model_fields(self) -> dict:
+        return {"id2label": {0: "false", 1: "true"}}  # the classifier's outputs, not an init's answer table
+
     def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(**model_inputs(batch), labels=batch["labels"], mode=mode)
         return out.loss, {"ce": out.loss.detach()}

@@ -151,6 +151,9 @@ class RetrievalTask(FinetuneTask):
         # Training pairs per positive, plus the pool's scoring forward passes (1/3 of a training pass each).
         self.pairs_per_sample = 1 + 2 * kept + (2 * run.negatives / 3 if run.hard_negatives else 0)
 
+    def model_fields(self) -> dict:
+        return {"id2label": {0: "mismatched", 1: "matched"}}  # the ITM head's outputs, not an answer table
+
     # -- training
     def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         run = self.run
