@@ -255,8 +255,8 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         task.run = run
     config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
     runner.check_model_fits_data(config, data, tokenizer, task.model_fields())
-    loaded = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
-    runner.check_shared_memory(run, task.datasets.get("train"), micro, loaded, eval_batch_size)
+    eval_datasets = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
+    runner.check_shared_memory(run, task.datasets.get("train"), micro, eval_datasets, eval_batch_size)
     run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
     if dist.is_main():
         for note in task.notes:
