@@ -305,41 +305,42 @@ def test_workers_that_reuse_their_buffers_give_the_batches_of_fresh_memory(light
     assert len(shared_memory) == 3 * num_workers
 
 
-# Iterates a loader in a private /dev/shm and prints the most of it the batches used at once, next to
-# shared_memory_bound: what the launchers check before a run.
+# Iterates loaders (workers, "reuse" or "fresh") in a private /dev/shm, one after the other, and prints
+# the most of it each one's batches used at once, next to shared_memory_bound: what the launchers check.
 PEAK_SHARED_MEMORY = """
 import json, os, sys
 from semvlp.data.loader import shared_memory_bound
 from semvlp.data.pretrain_dataset import build_pretrain_dataset, pretrain_loader
 
-data, workers, reuse = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse"
-
 def used():
     fs = os.statvfs("/dev/shm")
     return (fs.f_blocks - fs.f_bfree) * fs.f_frsize
 
-dataset = build_pretrain_dataset(data)
-loader = pretrain_loader(dataset, "train", 16, 0, 1, 0, workers, reuse_buffers=reuse)
-before, peak = used(), 0
-for i, batch in enumerate(loader):
-    peak = max(peak, used() - before)
-    if i == 8 * workers:
-        break
-print(json.dumps({"peak": peak, "bound": shared_memory_bound(dataset, 16, workers)}))
+dataset = build_pretrain_dataset(sys.argv[1])
+for workers, kind in zip(sys.argv[2::2], sys.argv[3::2]):
+    workers = int(workers)
+    loader = pretrain_loader(dataset, "train", 16, 0, 1, 0, workers, reuse_buffers=kind == "reuse")
+    before, peak = used(), 0
+    for i, batch in enumerate(loader):
+        peak = max(peak, used() - before)
+        if i == 8 * workers:
+            break
+    del loader, batch  # its workers stop, its shared memory is freed
+    bound = shared_memory_bound(dataset, 16, workers)
+    print(json.dumps({"workers": workers, "kind": kind, "peak": peak, "bound": bound}))
 """
 
 
-@pytest.mark.parametrize("workers, reuse", [(2, "reuse"), (2, "fresh")])
-def test_the_shared_memory_bound_holds_what_the_workers_hold(toy, small_dev_shm, workers, reuse):
+def test_the_shared_memory_bound_holds_what_the_workers_hold(toy, small_dev_shm):
     """shared_memory_bound, which the launchers check /dev/shm against, is what reusing workers hold
     (their 3 slots each, to the page) and at least what workers taking fresh memory hold."""
-    cmd = [sys.executable, "-c", PEAK_SHARED_MEMORY, str(toy), str(workers), reuse]
+    cmd = [sys.executable, "-c", PEAK_SHARED_MEMORY, str(toy), "2", "reuse", "2", "fresh"]
     result = subprocess.run(small_dev_shm(cmd, "512m"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    measured = json.loads(result.stdout.splitlines()[-1])
-    assert 0 < measured["peak"] <= measured["bound"]
-    if reuse == "reuse":
-        assert measured["peak"] >= 0.99 * measured["bound"]
+    reuse, fresh = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    assert (reuse["kind"], fresh["kind"]) == ("reuse", "fresh")
+    assert 0.99 * reuse["bound"] <= reuse["peak"] <= reuse["bound"]
+    assert 0 < fresh["peak"] <= fresh["bound"]
 
 
 def test_a_worker_reuses_a_slot_only_once_the_consumer_is_done_with_its_batch(monkeypatch):

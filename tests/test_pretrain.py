@@ -454,19 +454,16 @@ def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(step)], message)
 
 
-def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data):
+def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data, capsys, load_launcher, monkeypatch):
+    """With the world size DeepSpeed's launcher gives 2 ranks (WORLD_SIZE), a global batch that is not
+    micro-batch x accumulation x ranks stops the run before the data is read."""
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config["train_batch_size"] = 48  # 16 x 1 x 2 ranks = 32
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(config))
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(tmp_path / "run"), "--deepspeed_config", str(bad)]
-    )
-    assert result.returncode != 0
-    assert (
-        "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
-        in (result.stderr)
-    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--deepspeed_config", str(bad)], message)
 
 
 def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_data):
