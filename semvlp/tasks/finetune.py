@@ -253,8 +253,9 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     if not run.predict_only:
         run = resolve_length(run, task.num_train_examples(), runner.world_size_from_env())
         task.run = run
-    config = runner.build_model_config(run, vocab_size=len(tokenizer), **task.model_fields())
-    runner.check_model_fits_data(config, data, tokenizer, task.model_fields())
+    fields = task.model_fields()
+    config = runner.build_model_config(run, vocab_size=len(tokenizer), **fields)
+    runner.check_model_fits_data(config, data, tokenizer, fields)
     eval_datasets = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
     runner.check_shared_memory(run, task.datasets.get("train"), micro, eval_datasets, eval_batch_size)
     run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
@@ -265,8 +266,8 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     model = task.model_class(config)
     if run.predict_only:
         runner.check_complete_export(model, run.init_from, "--predict_only")
-        if "num_qa_labels" in task.model_fields():  # an answer table from the data
-            _check_same_labels(run.init_from, task.model_fields()["id2label"])
+        if "num_qa_labels" in fields:  # an answer table from the data
+            _check_same_labels(run.init_from, fields["id2label"])
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config, run)
 
