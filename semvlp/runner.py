@@ -84,9 +84,23 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# What each launcher calls the number of ranks it started on a machine: DeepSpeed's own (LOCAL_SIZE, also
+# under its MPICH and Intel MPI runners), torchrun, Open MPI's mpirun (DeepSpeed's openmpi runner),
+# MPICH's and Intel MPI's mpiexec.
+LOCAL_WORLD_SIZE_VARIABLES = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+
+
 def local_world_size_from_env() -> int:
-    """Ranks on this machine: DeepSpeed's launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
-    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """Ranks on this machine, as the launcher says (LOCAL_WORLD_SIZE_VARIABLES). SLURM's srun (DeepSpeed's
+    slurm runner) gives the step's ranks on every machine, e.g. "4(x2),3": the most on any one counts,
+    the machine that runs out first. 1 without a launcher."""
+    for name in LOCAL_WORLD_SIZE_VARIABLES:
+        if name in os.environ:
+            return int(os.environ[name])
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE")
+    if per_node:
+        return max(int(count.split("(")[0]) for count in per_node.split(","))
+    return 1
 
 
 def check_shared_memory(

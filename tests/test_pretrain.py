@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 
+from semvlp import runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
 
@@ -436,6 +437,26 @@ def test_loader_workers_that_would_overfill_dev_shm_stop_before_the_run_folder(t
         "of batches in /dev/shm, which has 64 MB free. Use fewer workers"
     ) in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "launcher_env, ranks",
+    [
+        ({}, 1),  # python launch/pretrain.py
+        ({"LOCAL_SIZE": "2"}, 2),  # deepspeed
+        ({"LOCAL_WORLD_SIZE": "4"}, 4),  # torchrun
+        ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 8),  # deepspeed --launcher openmpi, mpirun
+        ({"MPI_LOCALNRANKS": "3"}, 3),  # MPICH or Intel MPI mpiexec
+        ({"SLURM_STEP_TASKS_PER_NODE": "8(x2),4"}, 8),  # deepspeed --launcher slurm, srun
+        ({"SLURM_STEP_TASKS_PER_NODE": "2", "LOCAL_SIZE": "4"}, 4),  # deepspeed inside a SLURM job
+    ],
+)
+def test_the_shared_memory_check_counts_the_ranks_every_launcher_starts_on_a_machine(monkeypatch, launcher_env, ranks):
+    for name in (*runner.LOCAL_WORLD_SIZE_VARIABLES, "SLURM_STEP_TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launcher_env.items():
+        monkeypatch.setenv(name, value)
+    assert runner.local_world_size_from_env() == ranks
 
 
 def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, capsys, load_launcher):
