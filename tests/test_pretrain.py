@@ -467,6 +467,20 @@ def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, ca
                                  message)  # fmt: skip
 
 
+def test_init_from_a_model_of_another_feature_size_is_named(tmp_path, toy_data, capsys, load_launcher):
+    """Its visual projection takes other features than the stores hold (another detector): an error,
+    not a silently new projection."""
+    from semvlp.data.config import DataConfig
+    from semvlp.data.tokenizer import load_tokenizer
+
+    vocab_size = len(load_tokenizer(DataConfig.load(toy_data).vocab))
+    config_from_preset("tiny", vocab_size=vocab_size, visual_feat_dim=1024).save_pretrained(tmp_path / "export")
+    message = (f"--init_from {tmp_path / 'export'} has visual_feat_dim=1024, but the data's feature stores hold "
+               "2048-dimensional features")  # fmt: skip
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(tmp_path / "export")],
+                                 message)  # fmt: skip
+
+
 def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_data, capsys, load_launcher):
     step = tmp_path / "checkpoints" / "step00000100"
     step.mkdir(parents=True)

@@ -281,17 +281,19 @@ def check_label_counts(cfg: DataConfig, stores: FeatureStoreSet) -> None:
 
 
 def pretraining_model_fields(cfg: DataConfig, tokenizer=None) -> dict:
-    """The model config fields the data fixes: vocabulary size, label counts, QA answers (>= 1) and,
-    with an answer table, their names (`id2label`, HuggingFace's name: the export names the image-QA
-    head's answers on its own, as a VQA export does; `python -m semvlp.predict` lists them).
+    """The model config fields the data fixes: vocabulary size, the stores' feature size, label counts,
+    QA answers (>= 1) and, with an answer table, their names (`id2label`, HuggingFace's name: the export
+    names the image-QA head's answers on its own, as a VQA export does; `python -m semvlp.predict` lists them).
 
     The label counts are checked against the label ids in the stores (check_label_counts).
     """
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab)
-    check_label_counts(cfg, open_stores(cfg.stores))
+    stores = open_stores(cfg.stores)
+    check_label_counts(cfg, stores)
     answers = load_pretrain_answer_table(cfg)
     fields = dict(
         vocab_size=len(tokenizer),
+        visual_feat_dim=stores.feature_dim,
         num_object_labels=cfg.num_object_labels,
         num_attribute_labels=cfg.num_attribute_labels,
         num_qa_labels=max(len(answers) if answers is not None else 0, 1),
