@@ -426,3 +426,27 @@ def test_a_data_json_without_the_tasks_section_is_named(toy, tmp_path, capsys, l
     assert exited.value.code == 2
     assert f"error: --data {tmp_path / 'data.json'}: no '{section}' section" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_prediction_splits_without_files_are_skipped_and_predicting_none_of_them_is_named(
+    toy, tmp_path, capsys, load_launcher
+):
+    """A data.json without an NLVR2 test split: training predicts the dev split only (tests/
+    test_data_from_lxmert.py trains so); --predict_only on the test split alone has nothing to do."""
+    from semvlp.config import config_from_preset
+    from semvlp.data.config import DataConfig
+    from semvlp.runner import run_main
+
+    raw = DataConfig.load(toy).to_dict()
+    raw["nlvr2"]["test"] = []
+    DataConfig.from_dict(raw).save(tmp_path / "data.json")
+    config_from_preset("tiny").save_pretrained(tmp_path / "export")  # stops before its weights are read
+    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run"), "--predict_only", "--init_from", str(tmp_path / "export"),
+            "--predict_splits", "test"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("finetune_nlvr2.py").main, argv)
+    assert exited.value.code == 2
+    message = "error: --predict_splits test: the data configuration lists no files for them"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -250,6 +250,9 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     if not run.predict_only:
         splits = tuple(dict.fromkeys(("train", "valid", *splits)))
     task = make_task(run, data, tokenizer, stores, splits)
+    predicted = [split for split in run.prediction_splits if split in task.datasets]  # others: no files (a note)
+    if run.predict_only and not predicted:
+        raise ConfigError(f"--predict_splits {run.predict_splits}: the data configuration lists no files for them")
     if not run.predict_only:
         run = resolve_length(run, task.num_train_examples(), runner.world_size_from_env())
         task.run = run
@@ -283,7 +286,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         checkpoint.load_latest(engine, best_dir)  # the best dev evaluation's weights
         results["export"] = str(runner.export(run_dir, best_dir))
     results["splits"] = {}
-    for split in run.prediction_splits:
+    for split in predicted:
         results["splits"][split] = task.predict(engine, split, run_dir / "predictions")
     if dist.is_main():
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
