@@ -628,7 +628,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type for sizes: a bad value is an option error (exit 2) before any file is touched."""
     try:
         value = int(text)
@@ -655,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     format_parsers = {"lxmert-tsv": tsv, "butd-tsv": butd, "npz-dir": npz, "uniter-lmdb": uniter}
     for p in format_parsers.values():
         p.add_argument("--out", required=True, help="the store to write (.h5)")
-        p.add_argument("--num-objects", type=_positive_int, default=100, help="K, objects per image (default 100)")
-        p.add_argument("--feature-dim", type=_positive_int, default=FEATURE_DIM)
+        p.add_argument("--num-objects", type=positive_int, default=100, help="K, objects per image (default 100)")
+        p.add_argument("--feature-dim", type=positive_int, default=FEATURE_DIM)
         p.add_argument("--pad", action="store_true", help="pad images with fewer than K boxes")
         p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
         p.add_argument(
