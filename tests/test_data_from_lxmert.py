@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,27 @@ def test_a_bad_feature_record_stops_the_command_and_a_second_run_resumes(lxmert_
     nlvr2.write_text(good)
     assert run(lxmert_folder, out) == 0
     assert f"{out / 'features/mscoco_imgfeat/train2014_obj36.h5'}: there already" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        (("mscoco_imgfeat", "nlvr2_imgfeat"), "no feature TSV (*.tsv, *.tsv.gz) in it or in mscoco_imgfeat, "),
+        (("lxmert", "vqa", "gqa", "nlvr2"), "none of LXMERT's annotation files, e.g. lxmert/mscoco_train.json"),
+        (("vocab.txt",), "--vocab {root}/vocab.txt: vocab file not found"),
+    ],
+)
+def test_a_folder_it_cannot_use_is_named_before_any_conversion(lxmert_folder, tmp_path, capsys, remove, message):
+    for name in remove:
+        if (lxmert_folder / name).is_dir():
+            shutil.rmtree(lxmert_folder / name)
+        else:
+            (lxmert_folder / name).unlink()
+    with pytest.raises(SystemExit) as exited:
+        run(lxmert_folder, tmp_path / "semvlp")
+    assert exited.value.code == 2
+    assert message.format(root=lxmert_folder) in capsys.readouterr().err
+    assert not (tmp_path / "semvlp").exists()
 
 
 def test_the_launchers_train_on_what_it_writes(lxmert_folder, tmp_path):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from semvlp.data import check, convert
 from semvlp.data.config import DataConfig
+from semvlp.data.tokenizer import load_tokenizer
 
 NUM_OBJECTS = 36  # LXMERT's *_obj36.tsv
 FEATURE_FOLDERS = (".", "mscoco_imgfeat", "vg_gqa_imgfeat", "nlvr2_imgfeat")
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     found, missing = sections(root)
     if not found:
         parser.error(f"{root}: none of LXMERT's annotation files, e.g. {SECTIONS['pretrain']['train'][0]}")
+    try:  # now, not after hours of conversion
+        load_tokenizer(args.vocab)
+    except (OSError, ValueError) as e:
+        parser.error(f"--vocab {args.vocab}: {e}")
 
     stores = []
     for tsv in tsvs:
