@@ -100,7 +100,28 @@ def toy_data(tmp_path_factory) -> Path:
     return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
 
 
+def eager_args(toy_data: Path) -> list[str]:
+    """4 steps of the tiny preset in one process, the QA loss from step 2, logging every step: `eager_run`'s."""
+    return ["--data", str(toy_data), "--max_steps", "4", "--qa_from_step", "2", "--log_every", "1",
+            "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory, toy_data) -> Path:
+    """The padded, eager run that --packed_text and --compile must reproduce and --qa_from_step shapes."""
+    run_dir = tmp_path_factory.mktemp("eager") / "run"
+    result = run_pretrain([*eager_args(toy_data), "--output_dir", str(run_dir)], processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
+    """Alternating pre-training on 2 ranks, started over the /dev/shm all-reduce buffers an earlier run on
+    the same port left (DeepSpeed's, here stale and too short to map): the launcher removes them before
+    DeepSpeed maps them, and its own at exit."""
+    buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{LAUNCH_PORT}_{r}") for r in (0, 1)]
+    for buffer in buffers:
+        buffer.write_bytes(b"stale state flags")
     run_dir = tmp_path / "run"
     # DeepSpeed's other monitors get the same records as TensorBoard; csv_monitor stands for them here.
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
@@ -135,6 +156,7 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert [line.split(",")[0] for line in losses_csv[1:]] == ["4", "8", "12", "16", "20", "24"]
     assert (run_dir / "csv_monitor" / "semvlp" / "eval_two_itm_acc.csv").is_file()
     assert "held-out metrics after 24 steps" in result.stdout
+    assert not [b for b in buffers if b.exists()]
 
 
 def test_log_record_gives_mfu_against_the_peak_of_every_process():
@@ -156,37 +178,14 @@ def test_log_record_gives_mfu_against_the_peak_of_every_process():
     assert "mfu" not in _log_record(window, 2, engine, "fp32", 0, None, None)[0]
 
 
-def test_qa_loss_joins_the_training_loss_at_qa_from_step(tmp_path, toy_data):
-    run_dir = tmp_path / "run"
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "4", "--qa_from_step", "2",
-         "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"],
-        processes=1,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    train = records(run_dir, "train")
+def test_qa_loss_joins_the_training_loss_at_qa_from_step(eager_run):
+    train = records(eager_run, "train")  # --qa_from_step 2
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for record in train:  # "loss" is what was backpropagated; "qa" is logged at every step
         others = sum(record[name] for name in ("mlm", "obj_feat", "obj_label", "attr_label", "itm"))
         expected = others if record["step"] <= 2 else others + record["qa"]
         assert record["qa"] > 0.1 and record["loss"] == pytest.approx(expected, rel=1e-5), record
-    assert json.loads((run_dir / "hparams.json").read_text())["qa_from_step"] == 2
-
-
-def test_stale_cpu_all_reduce_buffers_are_replaced_then_removed(tmp_path, toy_data):
-    """An earlier run on the same port leaves DeepSpeed's /dev/shm all-reduce buffers (here: stale
-    and too short to map); the launcher removes them before DeepSpeed maps them, and its own at exit."""
-    buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{LAUNCH_PORT}_{r}") for r in (0, 1)]
-    for buffer in buffers:
-        buffer.write_bytes(b"stale state flags")
-    run_dir = tmp_path / "run"
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "4", "--log_every", "2",
-         "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"]
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["step"] for r in records(run_dir, "train")] == [2, 4]
-    assert not [b for b in buffers if b.exists()]
+    assert json.loads((eager_run / "hparams.json").read_text())["qa_from_step"] == 2
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
@@ -293,11 +292,12 @@ def test_stop_signal_takes_sigterm_and_sigusr1_and_restores_the_handlers():
     assert {signum: signal.getsignal(signum) for signum in StopSignal.SIGNALS} == before
 
 
-def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data):
+def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, toy_data, eager_run):
     """--packed_text (PackedText + packed mlm_labels, training and evaluation) logs the padded run's losses.
 
-    Dropout is off: packed and padded text draw different dropout masks. The packed run stops after
-    step 1 and resumes, so its step 2 also checks that a resumed packed run continues unchanged.
+    The tiny preset has no dropout, which would draw other masks for packed and padded text. The
+    packed run stops after step 1 and resumes, so its later steps also check that a resumed packed
+    run continues unchanged.
     """
     from semvlp.data import build_pretrain_loader
     from semvlp.model import PackedText
@@ -308,21 +308,17 @@ def test_packed_text_trains_and_resumes_to_the_losses_of_padded_text(tmp_path, t
     assert isinstance(inputs["input_ids"], PackedText) and inputs["mlm_labels"] is batch["packed_mlm_labels"]
     assert "attention_mask" not in inputs and "token_type_ids" not in inputs
 
-    no_dropout = tmp_path / "no_dropout.json"
-    config_from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to_json_file(no_dropout)
-    common = ["--data", str(toy_data), "--model_config", str(no_dropout), "--max_steps", "2", "--log_every", "1",
-              "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]  # fmt: skip
-    padded, packed = tmp_path / "padded", tmp_path / "packed"
-    result = run_pretrain([*common, "--output_dir", str(padded)], processes=1)
-    assert result.returncode == 0, result.stderr[-3000:]
+    tiny = config_from_preset("tiny")
+    assert tiny.hidden_dropout_prob == tiny.attention_probs_dropout_prob == 0.0
+    padded, packed = eager_run, tmp_path / "packed"
     for extra in (["--exit_after_steps", "1"], ["--resume"]):
-        result = run_pretrain([*common, "--output_dir", str(packed), "--packed_text", *extra], processes=1)
+        result = run_pretrain([*eager_args(toy_data), "--output_dir", str(packed), "--packed_text", *extra], 1)
         assert result.returncode == 0, result.stderr[-3000:]
 
     assert json.loads((packed / "hparams.json").read_text())["packed_text"] is True
     assert records(packed, "resume")[0]["step"] == 1
     padded_train, packed_train = records(padded, "train"), records(packed, "train")
-    assert [r["step"] for r in packed_train] == [r["step"] for r in padded_train] == [1, 2]
+    assert [r["step"] for r in packed_train] == [r["step"] for r in padded_train] == [1, 2, 3, 4]
     assert {m for r in padded_train for m in r["modes"]} == {"single", "two"}  # seed 42: single, then two
     for expected, got in zip(padded_train, packed_train, strict=True):
         assert got["modes"] == expected["modes"]
@@ -530,7 +526,7 @@ def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_d
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data):
+def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data, eager_run):
     """--compile (DeepSpeed's engine.compile): the same losses step by step and the same evaluation
     as eager, in both stream modes and through the masked rows' graph breaks; checkpoints and export
     keep the module's parameter names. The run exits although the compiled model's caches keep its
@@ -538,11 +534,9 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data):
     joint graph as with inductor, without inductor's C++ code generation, which costs this 2-core CI
     about 80 s more and says nothing of the Triton code a GPU gets (with inductor the same run gave
     the eager losses to 1e-5 by hand)."""
-    common = ["--data", str(toy_data), "--max_steps", "4", "--log_every", "1", "--eval_every", "0",
-              "--eval_batches", "1", "--num_workers", "1"]  # fmt: skip
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert run_pretrain([*common, "--output_dir", str(eager)], processes=1).returncode == 0
-    result = run_pretrain([*common, "--output_dir", str(compiled), "--compile", "--compile_backend", "aot_eager"], 1)
+    eager, compiled = eager_run, tmp_path / "compiled"
+    compile_args = ["--compile", "--compile_backend", "aot_eager"]
+    result = run_pretrain([*eager_args(toy_data), "--output_dir", str(compiled), *compile_args], processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [records(run, "train") for run in (eager, compiled)]
     assert {m for r in steps[1] for m in r["modes"]} == {"single", "two"}
