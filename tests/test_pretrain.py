@@ -116,9 +116,14 @@ def eager_run(tmp_path_factory, toy_data) -> Path:
 
 
 def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
-    """Alternating pre-training on 2 ranks, started over the /dev/shm all-reduce buffers an earlier run on
-    the same port left (DeepSpeed's, here stale and too short to map): the launcher removes them before
-    DeepSpeed maps them, and its own at exit."""
+    """Alternating pre-training on 2 ranks, each step 2 accumulated micro-batches of 8:
+
+    - a step is an optimizer step for the schedule, the checkpoints and the profiler (--profile_steps),
+      whose window holds every micro-batch of its steps, on every rank;
+    - it starts over the /dev/shm all-reduce buffers an earlier run on the same port left (DeepSpeed's,
+      here stale and too short to map): the launcher removes them before DeepSpeed maps them, and its
+      own at exit.
+    """
     buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{LAUNCH_PORT}_{r}") for r in (0, 1)]
     for buffer in buffers:
         buffer.write_bytes(b"stale state flags")
@@ -126,11 +131,12 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     # DeepSpeed's other monitors get the same records as TensorBoard; csv_monitor stands for them here.
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config["csv_monitor"] = {"enabled": True, "output_path": "auto", "job_name": "semvlp"}
+    config.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     (tmp_path / "csv.json").write_text(json.dumps(config))
     result = run_pretrain(
         ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "24", "--log_every", "4",
          "--eval_every", "0", "--eval_batches", "2", "--num_workers", "1", "--deepspeed_config",
-         str(tmp_path / "csv.json")]
+         str(tmp_path / "csv.json"), "--profile_warmup", "1", "--profile_steps", "2"]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     train = records(run_dir, "train")
@@ -157,6 +163,17 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert (run_dir / "csv_monitor" / "semvlp" / "eval_two_itm_acc.csv").is_file()
     assert "held-out metrics after 24 steps" in result.stdout
     assert not [b for b in buffers if b.exists()]
+
+    states = torch.load(run_dir / "checkpoints" / "step00000024" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["global_steps"] == 24  # optimizer steps
+    assert states["loader"]["position"] == 48  # micro-batches consumed: 24 steps x 2
+    [profile] = records(run_dir, "profile")
+    assert (profile["first_step"], profile["step"], profile["steps"]) == (2, 3, 2)
+    assert profile["wall_ms_per_step"] == pytest.approx(1e3 * train[1]["step_time_s"], rel=0.5)  # steps 5-8
+    assert "profile of steps 2-3:" in result.stdout
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
+        "rank0_steps2-3.pt.trace.json.gz", "rank1_steps2-3.pt.trace.json.gz", "summary_steps2-3.txt"
+    ]  # fmt: skip
 
 
 def test_log_record_gives_mfu_against_the_peak_of_every_process():
@@ -495,34 +512,6 @@ def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--deepspeed_config", str(bad)], message)
-
-
-def test_a_step_is_an_optimizer_step_under_gradient_accumulation(tmp_path, toy_data):
-    """... for the schedule, the checkpoints and the profiler (--profile_steps), whose window holds
-    every micro-batch of its steps, on every rank."""
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    config.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
-    accumulating = tmp_path / "accumulate.json"
-    accumulating.write_text(json.dumps(config))
-    run_dir = tmp_path / "run"
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--deepspeed_config", str(accumulating),
-         "--max_steps", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0",
-         "--profile_warmup", "1", "--profile_steps", "2"]
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
-    states = torch.load(run_dir / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert states["global_steps"] == 3  # optimizer steps
-    assert states["loader"]["position"] == 6  # micro-batches consumed: 3 steps x 2
-    [profile] = records(run_dir, "profile")
-    assert (profile["first_step"], profile["step"], profile["steps"]) == (2, 3, 2)
-    step_ms = [1e3 * r["step_time_s"] for r in records(run_dir, "train")[1:]]  # log_every 1: steps 2 and 3
-    assert profile["wall_ms_per_step"] == pytest.approx(sum(step_ms) / 2, rel=0.5)
-    assert "profile of steps 2-3:" in result.stdout
-    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
-        "rank0_steps2-3.pt.trace.json.gz", "rank1_steps2-3.pt.trace.json.gz", "summary_steps2-3.txt"
-    ]  # fmt: skip
 
 
 @pytest.mark.slow
