@@ -165,27 +165,26 @@ def check_complete_export(model: torch.nn.Module, folder: str, option: str) -> N
                           f"{' ...' if len(missing) > 5 else ''}: is it an export of this task?")  # fmt: skip
 
 
-# Config fields that shape weights an init must bring: the data must agree with its config.
-WEIGHT_SHAPING_FIELDS = ("vocab_size", "visual_feat_dim")
+# The config fields that shape weights an --init_from brings (word embeddings, visual projection), and
+# what the data says of each when they differ.
+_DATA_SAYS = {
+    "vocab_size": "the data's vocab holds {} tokens: data.json's 'vocab' must be the vocab it was trained with "
+    "({vocab})",
+    "visual_feat_dim": "the data's feature stores hold {}-dimensional features: its visual projection takes the "
+    "features of the detector it was trained with",
+}
 
 
 def _check_init_fits_data(init_from: Path, fields: dict) -> None:
     """An --init_from whose word embeddings or visual projection the data cannot use is named, not
     silently replaced by new weights (a BERT folder has no visual_feat_dim: its projection is new)."""
     theirs = json.loads((init_from / "config.json").read_text())
-    vocab_size, feat_dim = theirs.get("vocab_size"), theirs.get("visual_feat_dim")
-    if "vocab_size" in fields and vocab_size is not None and vocab_size != fields["vocab_size"]:
-        raise ConfigError(
-            f"--init_from {init_from} has vocab_size={vocab_size}, but the data's vocab holds "
-            f"{fields['vocab_size']} tokens: data.json's 'vocab' must be the vocab it was trained with "
-            f"({init_from / 'vocab.txt'})"
-        )
-    if "visual_feat_dim" in fields and feat_dim is not None and feat_dim != fields["visual_feat_dim"]:
-        raise ConfigError(
-            f"--init_from {init_from} has visual_feat_dim={feat_dim}, but the data's feature stores hold "
-            f"{fields['visual_feat_dim']}-dimensional features: its visual projection takes the features of "
-            "the detector it was trained with"
-        )
+    for name, says in _DATA_SAYS.items():
+        if name in fields and theirs.get(name) not in (None, fields[name]):
+            raise ConfigError(
+                f"--init_from {init_from} has {name}={theirs[name]}, but "
+                + says.format(fields[name], vocab=init_from / "vocab.txt")
+            )
 
 
 def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
@@ -198,7 +197,7 @@ def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
             f"--init_from {run.init_from} is a training checkpoint (DeepSpeed shards): export it first with "
             f"`python -m semvlp.export {run.init_from} --out DIR` and pass --init_from DIR"
         )
-    if run.init_from is not None and fields.keys() & WEIGHT_SHAPING_FIELDS:
+    if run.init_from is not None and fields.keys() & _DATA_SAYS.keys():
         _check_init_fits_data(Path(run.init_from), fields)
     overrides = dict(fields, kernel_backend=run.kernel_backend)
     if run.cross_attention_start_layer is not None:

@@ -92,7 +92,7 @@ def sections(root: Path) -> tuple[dict, list[str]]:
         for key, names in layout.items():
             files = (names,) if isinstance(names, str) else names
             present = [str(root / f) for f in files if (root / f).is_file()]
-            missing += [f for f in files if not (root / f).is_file()]
+            missing += [f for f in files if str(root / f) not in present]
             if present:
                 section[key] = present[0] if isinstance(names, str) else present
         has_annotations = any(key in section for key in ("train", "valid", "test"))
