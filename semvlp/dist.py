@@ -35,6 +35,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank (None without a process group): its collectives take host tensors
+    and never wait for a GPU stream, as the default group's (NCCL's on GPUs) would. On clusters where
+    gloo picks the wrong network interface, GLOO_SOCKET_IFNAME names the right one."""
+    return dist.new_group(backend="gloo") if is_initialized() else None
+
+
+def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None) -> dist.Work | None:
+    """Start summing `values` over the ranks of `group`, in place; the work to wait for (None
+    without a process group: `values` is already the sum)."""
+    if not is_initialized():
+        return None
+    return dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank (e.g. a run directory chosen once)."""
     if not is_initialized():

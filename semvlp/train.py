@@ -237,25 +237,47 @@ class Window:
 class StopSignal:
     """SIGTERM asks the run to stop, as a batch scheduler's time limit or a spot instance's notice
     does (SLURM sends it to every task, then SIGKILL after KillWait, 30 s by default; DeepSpeed's
-    per-node launcher passes a SIGTERM of its own on to the ranks, one by one, each given 30 s).
+    per-node launcher passes a SIGTERM of its own on to the ranks and kills them 30 s later).
     SIGUSR1, which would otherwise kill the rank, does the same: an earlier notice where the ranks
     are the scheduler's tasks (SLURM's `--signal=USR1@120` with `deepspeed --launcher slurm`).
-    The loop finishes the step in hand and, at the next log step, where the ranks already exchange
-    their stream modes, learns whether any rank was signalled; then all of them checkpoint that step
-    and the run returns as with --exit_after_steps, to continue with --resume."""
+
+    The ranks must agree on the step to checkpoint (a ZeRO checkpoint is saved by all of them), so
+    each calls `agreed` once a step: it starts summing the signals each rank has received over a
+    gloo group and returns the sum it started the step before, which finished meanwhile. A step
+    never waits for another rank or for the GPU, and every rank learns of a signal to any of them at
+    the same step, at most two steps after it arrived; then all checkpoint that step and the run
+    returns as with --exit_after_steps, to continue with --resume."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.received: str | None = None  # the name of the first signal received
+        self.received: str | None = None  # the name of the first signal this rank received
         self._previous: dict[int, object] = {}
+        self._group = None
+        self._in_flight: tuple[torch.Tensor, object] | None = None  # (the sum, its work)
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # handlers can be set there only
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self._group = dist.host_group()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def agreed(self) -> list[str]:
+        """The names of the signals any rank had received by its previous call; every rank calls this
+        once a step, and all get the same answer."""
+        previous = self._in_flight
+        counts = torch.tensor([int(self.received == s.name) for s in self.SIGNALS])
+        self._in_flight = (counts, dist.start_all_reduce_sum(counts, self._group))
+        if previous is None:
+            return []
+        counts, work = previous
+        if work is not None:
+            work.wait()
+        return [s.name for s, n in zip(self.SIGNALS, counts.tolist(), strict=True) if n]
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and self._in_flight is not None and self._in_flight[1] is not None:
+            self._in_flight[1].wait()  # every rank started it; none leaves a collective behind
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -386,18 +408,18 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
             step += 1
             window.modes.append(mode)
 
-            stopping = False
-            if step % run.log_every == 0 or step == stop_at:
-                record, signals = _log_record(window, step, engine, mixed, skipped_before, stop.received, peak)
+            signals = stop.agreed()
+            stopping = bool(signals) and step != stop_at
+            if step % run.log_every == 0 or step == stop_at or stopping:
+                record = _log_record(window, step, engine, mixed, skipped_before, peak)
                 skipped_before = record.get("skipped_steps_total", 0)
                 log.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
                 window = Window()
-                stopping = bool(signals) and step != stop_at
-                if stopping:
-                    log.write({"kind": "stop", "step": step, "signals": signals})
-                    if dist.is_main():
-                        print(f"\n{', '.join(signals)}: saving a checkpoint at step {step}, then stopping", flush=True)
+            if stopping:
+                log.write({"kind": "stop", "step": step, "signals": signals})
+                if dist.is_main():
+                    print(f"\n{', '.join(signals)}: saving a checkpoint at step {step}, then stopping", flush=True)
             progress.update(1)
             evaluating = bool(run.eval_every) and step % run.eval_every == 0 and step != run.max_steps
             checkpointing = bool(run.checkpoint_every) and step % run.checkpoint_every == 0 and step != stop_at
@@ -441,15 +463,14 @@ def _log_record(
     engine,
     mixed: str,
     skipped_before: int,
-    stop_signal: str | None,
     peak_tflops_per_device: float | None,
-) -> tuple[dict, list[str]]:
-    """The log line of the window, and the stop signals any rank received (StopSignal), sorted."""
+) -> dict:
+    """The log line of the window."""
     elapsed = time.perf_counter() - window.start
     # One exchange per log step: the window's modes, which must agree across ranks (a mismatch would
-    # silently train a mixture), each rank's stop signal, and its wait for its input pipeline.
-    gathered = dist.all_gather_object((window.modes, stop_signal, window.data_wait))
-    all_modes = [modes for modes, _, _ in gathered]
+    # silently train a mixture), and each rank's wait for its input pipeline.
+    gathered = dist.all_gather_object((window.modes, window.data_wait))
+    all_modes = [modes for modes, _ in gathered]
     if any(m != all_modes[0] for m in all_modes):
         raise RuntimeError(
             f"ranks disagree on the stream mode at steps {step - len(window.modes) + 1}..{step}: {all_modes}"
@@ -465,7 +486,7 @@ def _log_record(
         "samples_per_s": window.samples * world / elapsed,
         "tflops_per_s": window.flops * world / elapsed / 1e12,
         "step_time_s": elapsed / len(window.modes),
-        "data_wait_s": max(wait for _, _, wait in gathered) / len(window.modes),  # the slowest rank's wait
+        "data_wait_s": max(wait for _, wait in gathered) / len(window.modes),  # the slowest rank's wait
         "world_size": world,
     }
     if peak_tflops_per_device:
@@ -479,7 +500,7 @@ def _log_record(
         record["skipped_steps"] = engine.skipped_steps - skipped_before  # fp16 overflow: step skipped
     if torch.cuda.is_available():
         record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return record, sorted({name for _, name, _ in gathered if name is not None})
+    return record
 
 
 def local_rank() -> int:
