@@ -13,13 +13,17 @@ config.json and vocab.txt make each complete checkpoint exportable on its own (s
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from semvlp import dist
 from semvlp.data.tokenizer import vocab_file
@@ -28,6 +32,11 @@ POINTER = "latest"
 COMPLETE = "COMPLETE"
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in its order
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved (a full disk, a lost file system); the previous one is intact."""
 
 
 def tag_for_step(step: int) -> str:
@@ -64,10 +73,19 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     """
     directory = Path(directory)
     tag = tag_for_step(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
-    _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
-    if dist.is_main():
-        _save_model_description(engine.module, vocab, directory / tag)
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+        _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
+        if dist.is_main():
+            _save_model_description(engine.module, vocab, directory / tag)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(directory / tag, ignore_errors=True)  # never complete: `latest` cannot name it
+        last = _pointer(directory)
+        kept = f"{directory / POINTER} still names {last}" if last else "none is kept"
+        raise CheckpointError(
+            f"saving checkpoint {directory / tag} failed on rank {dist.rank()} (is the disk full?): {e}. "
+            f"The last complete checkpoint is untouched: {kept}"
+        ) from e
     dist.barrier()  # every rank's shards are on disk
     if dist.is_main():
         _write_atomically(directory / tag / COMPLETE, lambda p: p.write_text(f"{step}\n"))
@@ -91,15 +109,70 @@ def _prune(directory: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _pointer(directory: Path) -> str | None:
+    pointer = directory / POINTER
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def latest_tag(directory: str | Path) -> str | None:
-    """The newest complete checkpoint's tag, or None when there is none."""
-    pointer = Path(directory) / POINTER
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (Path(directory) / tag / COMPLETE).is_file():
-        raise RuntimeError(f"{pointer} names {tag!r}, which has no {COMPLETE} marker: the checkpoint folder is damaged")
+    """The newest complete checkpoint's tag, or None when there is none; ValueError for a damaged pointer."""
+    tag = _pointer(Path(directory))
+    if tag is not None and not (Path(directory) / tag / COMPLETE).is_file():
+        complete = sorted(p.name for p in Path(directory).glob("step*") if (p / COMPLETE).is_file())
+        raise ValueError(
+            f"{Path(directory) / POINTER} names {tag!r}, which has no {COMPLETE} marker: the checkpoint folder is "
+            f"damaged. Its complete checkpoints: {', '.join(complete) or 'none'}; write the name of one into "
+            f"{Path(directory) / POINTER} to resume from it"
+        )
     return tag
+
+
+def check_torch_file(path: Path) -> None:
+    """ValueError naming `path` unless it is a whole torch.save archive: a zip, whose directory at
+    its end a truncated file lacks. torch.load's own errors name no file."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: not a readable torch file (truncated or damaged: {e})") from e
+
+
+def weights_file(folder: str | Path) -> Path:
+    """A model folder's weights (model.safetensors, else pytorch_model.bin), checked readable, so a
+    damaged or missing file is named before a run writes anything; ValueError otherwise."""
+    folder = Path(folder)
+    found = [folder / name for name in WEIGHTS if (folder / name).is_file()]
+    if not found:
+        raise ValueError(f"{folder}: no weights ({' or '.join(WEIGHTS)})")
+    path = found[0]
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt"):  # reads the header, which names every tensor's bytes
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged: {e})") from e
+    else:
+        with open(path, "rb") as f:
+            zipped = f.read(2) == b"PK"  # torch.save's zip format; older files are plain pickles
+        if zipped:
+            check_torch_file(path)
+    return path
+
+
+def check_same_model(model: torch.nn.Module, folder: Path) -> None:
+    """ValueError naming the fields where `model`'s config differs from the one saved in checkpoint
+    `folder`, before DeepSpeed fails on the weights they shape: the fields its config class defines
+    and the labels; not the kernel backend, which may change."""
+    saved = json.loads((folder / CONFIG).read_text())
+    ours = json.loads(model.config.to_json_string())
+    fields = [*inspect.signature(type(model.config).__init__).parameters, "id2label"]
+    differ = [k for k in fields if k not in ("self", "kwargs", "kernel_backend") and saved.get(k) != ours.get(k)]
+    if differ:
+        values = ", ".join(f"{k}={saved.get(k)!r} (this run: {ours.get(k)!r})" for k in differ[:5])
+        raise ValueError(
+            f"--resume: {folder} holds a model with {values}{' ...' if len(differ) > 5 else ''}. Resume with the "
+            "options it was saved with, or export it and start a new run with --init_from"
+        )
 
 
 def load_latest(engine, directory: str | Path) -> dict | None:
@@ -116,6 +189,10 @@ def load_latest(engine, directory: str | Path) -> dict | None:
             f"(`python -m semvlp.export {folder} --out DIR`) and start a new run with --init_from DIR "
             f"(optimizer state, lr schedule and data position then start afresh)"
         )
+    if (folder / CONFIG).is_file():
+        check_same_model(engine.module, folder)
+    for shard in sorted(folder.glob("*.pt")):
+        check_torch_file(shard)
     path, client_state = engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -141,10 +218,7 @@ def find_complete(path: str | Path) -> Path:
     if not path.is_dir():
         raise ValueError(f"{path}: no such checkpoint folder")
     if (path / POINTER).is_file():
-        try:
-            return path / latest_tag(path)
-        except RuntimeError as e:  # a damaged pointer
-            raise ValueError(str(e)) from e
+        return path / latest_tag(path)
     if (path / COMPLETE).is_file():
         return path
     if is_checkpoint(path):

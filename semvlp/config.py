@@ -124,4 +124,10 @@ def config_from_preset(name: str, **overrides) -> SemVLPConfig:
 def is_semvlp_export(folder: str | Path) -> bool:
     """Whether `folder` holds a SemVLP model (a config.json of model_type "semvlp"), not e.g. BERT's."""
     config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == SemVLPConfig.model_type
+    if not config.is_file():
+        return False
+    try:
+        fields = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from e
+    return isinstance(fields, dict) and fields.get("model_type") == SemVLPConfig.model_type

@@ -11,6 +11,7 @@ import torch
 from transformers import BertTokenizerFast, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from semvlp.checkpoint import weights_file
 from semvlp.config import is_semvlp_export
 from semvlp.data.store import FeatureStore, ImageFeatures
 from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
@@ -31,6 +32,7 @@ def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPM
     default the encoder, which any export holds. The export must hold every weight of the class."""
     folder = Path(folder)
     check_export(folder)
+    weights_file(folder)  # a missing or damaged file named (from_pretrained's errors may not)
     # Quiet: the heads a class leaves unused are expected, and one model needs no progress bar.
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

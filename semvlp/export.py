@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors import SafetensorError
 
 from semvlp import checkpoint
-from semvlp.config import SemVLPConfig
+from semvlp.config import SemVLPConfig, is_semvlp_export
 from semvlp.model import (
     SemVLPForNLVR2,
     SemVLPForPreTraining,
@@ -45,12 +46,23 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     """
     folder = checkpoint.find_complete(path)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite")
+    source, target = folder.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise ValueError(f"--out {out} would replace or hold the checkpoint {folder}: choose a folder outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite")
+        if not is_semvlp_export(out):  # --overwrite replaces a model, never e.g. a run folder
+            raise ValueError(f"--out {out} holds files but no SemVLP model: --overwrite replaces only a model folder")
     for name in (checkpoint.CONFIG, checkpoint.VOCAB):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}, so the model it holds is unknown (saved by an older semvlp?)")
-    config = SemVLPConfig.from_json_file(folder / checkpoint.CONFIG)
+    for shard in sorted(folder.glob("*.pt")):
+        checkpoint.check_torch_file(shard)
+    try:
+        config = SemVLPConfig.from_json_file(folder / checkpoint.CONFIG)
+    except (ValueError, OSError) as e:  # json's errors name no file
+        raise ValueError(f"{folder / checkpoint.CONFIG}: not a readable model config ({e})") from e
     names = config.architectures or []
     if len(names) != 1 or names[0] not in MODEL_CLASSES:
         raise ValueError(f"{folder / checkpoint.CONFIG}: architectures {names} is not one of {sorted(MODEL_CLASSES)}")
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         folder = export_checkpoint(args.checkpoint, args.out, args.overwrite)
-    except (ValueError, OSError) as e:  # OSError: no permission, a full disk...
+    except (ValueError, OSError, SafetensorError) as e:  # OSError: no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"nothing written at {args.out}", file=sys.stderr)
         return 2

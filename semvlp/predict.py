@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {unknown} word(s) of the text are not in the vocab and read as {tokenizer.unk_token}")
     if args.out:
         record = {"export": str(args.export), "image_ids": args.image_id, "text": args.text, "mode": args.mode}
-        Path(args.out).write_text(json.dumps({**record, "task": task, **prediction}, indent=1) + "\n")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**record, "task": task, **prediction}, indent=1) + "\n")
+        except OSError as e:
+            print(f"error: --out {args.out}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

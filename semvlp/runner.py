@@ -32,14 +32,15 @@ SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torc
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss)."""
+    """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss
+    or a failed checkpoint save)."""
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, checkpoint.CheckpointError) as e:
         print(f"error (rank {dist.rank()}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -217,6 +218,11 @@ def build_model_config(run: RunConfig, **fields) -> SemVLPConfig:
     except ValueError as e:
         option = "--cross_attention_start_layer" if "cross_attention_start_layer" in str(e) else "model config"
         raise ConfigError(f"{option}: {e}") from e
+    if run.init_from is not None:
+        try:  # a missing or damaged weights file, named before any work
+            checkpoint.weights_file(run.init_from)
+        except ValueError as e:
+            raise ConfigError(f"--init_from {e}") from e
     return config
 
 
@@ -266,7 +272,20 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
     # What SemVLPConfig.validate checks comes from the run's options alone (the data adds only the
     # vocabulary and label counts), so the config they make can be checked first.
     build_model_config(run)
-    return resolve_ds_config(run, world_size_from_env(), Path(run.output_dir), lr, train_batch_size)
+    run_dir = Path(run.output_dir)
+    _check_writable(run_dir, "--output_dir")
+    if run.resume and checkpoint.latest_tag(run_dir / "checkpoints") is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    return resolve_ds_config(run, world_size_from_env(), run_dir, lr, train_batch_size)
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """`folder` is, or can be made, a folder this process may write in."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {folder}: {existing} is not writable (permissions, or a read-only file system)")
 
 
 def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
@@ -284,7 +303,11 @@ def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
     """The DeepSpeed engine; with --compile its module is compiled in place (state-dict names unchanged)."""
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    except (TypeError, AssertionError, KeyError) as e:  # e.g. an optimizer or scheduler parameter it lacks
+        message = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"--deepspeed_config {run.deepspeed_config}: DeepSpeed rejects it: {message}") from e
     if run.compile:
         mode = {} if run.compile_mode == "default" else {"mode": run.compile_mode}
         engine.compile(backend=run.compile_backend, compile_kwargs=mode)

@@ -80,12 +80,16 @@ def resolve_ds_config(
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config {path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object, found a {type(cfg).__name__}")
     override_batch_and_lr(cfg, world_size, lr, train_batch_size)
     micro = cfg.get("train_micro_batch_size_per_gpu")
     accum = cfg.get("gradient_accumulation_steps", 1)
     total = cfg.get("train_batch_size")
     if not isinstance(micro, int) or not isinstance(total, int):
         raise ConfigError(f"{path}: set train_batch_size and train_micro_batch_size_per_gpu explicitly")
+    if micro < 1 or total < 1:
+        raise ConfigError(f"{path}: train_batch_size={total} and train_micro_batch_size_per_gpu={micro} must be >= 1")
     if micro * accum * world_size != total:
         raise ConfigError(
             f"{path}: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "

@@ -86,12 +86,16 @@ def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch
         torch.save(state_dict, path)
 
     monkeypatch.setattr(TorchCheckpointEngine, "save", crash_after_first_file)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(checkpoint.CheckpointError) as failed:
         checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep_last=2, vocab=vocab)
     monkeypatch.undo()
+    assert str(failed.value) == (
+        f"saving checkpoint {tmp_path / 'step00000002'} failed on rank 0 (is the disk full?): disk full (simulated). "
+        f"The last complete checkpoint is untouched: {tmp_path / 'latest'} still names step00000001"
+    )
 
-    assert written and Path(written[0]).parent.name == "step00000002"  # the crash left a partial checkpoint
-    assert not (tmp_path / "step00000002" / checkpoint.COMPLETE).exists()
+    assert written and Path(written[0]).parent.name == "step00000002"  # the crash came after a file ...
+    assert not (tmp_path / "step00000002").exists()  # ... and took the partial checkpoint with it
     assert checkpoint.latest_tag(tmp_path) == "step00000001"
 
     fresh = engine_factory(seed=1)
@@ -99,6 +103,36 @@ def test_pointer_survives_a_crash_mid_save(tmp_path, engine_factory, monkeypatch
     assert client_state["step"] == 1
     for name, tensor in fresh.module.state_dict().items():
         assert torch.equal(tensor, good[name]), name
+
+
+def test_resume_names_a_damaged_or_different_checkpoint_before_deepspeed_loads_it(tmp_path, engine_factory, vocab):
+    engine = engine_factory(seed=0)
+    train_step(engine)
+    step = checkpoint.save(engine, tmp_path / "run", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    cases = tmp_path / "cases"
+
+    def damaged(name: str, damage) -> Path:
+        shutil.copytree(tmp_path / "run", cases / name)
+        damage(cases / name / step.name)
+        return cases / name
+
+    other_model = damaged("other_model", lambda folder: (folder / "config.json").write_text(
+        json.dumps({**json.loads((folder / "config.json").read_text()), "cross_attention_start_layer": 2})
+    ))  # fmt: skip
+    shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    truncated = damaged("truncated", lambda folder: os.truncate(folder / shard, 1000))
+    no_step = damaged("no_step", lambda folder: (folder.parent / "latest").write_text("step00000007"))
+    expected = {
+        other_model: f"--resume: {other_model / step.name} holds a model with cross_attention_start_layer=2 "
+        "(this run: 1). Resume with the options it was saved with",
+        truncated: f"{truncated / step.name / shard}: not a readable torch file (truncated or damaged",
+        no_step: f"{no_step / 'latest'} names 'step00000007', which has no COMPLETE marker: the checkpoint folder is "
+        f"damaged. Its complete checkpoints: step00000001; write the name of one into {no_step / 'latest'}",
+    }
+    for directory, message in expected.items():
+        with pytest.raises(ValueError) as error:
+            checkpoint.load_latest(engine_factory(seed=1), directory)
+        assert message in str(error.value), directory
 
 
 def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path, engine_factory, vocab):
@@ -166,15 +200,19 @@ def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_fa
     unfinished = run_dir / "checkpoints" / "step00000002"
     unfinished.mkdir()
     (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"")
-    no_config = tmp_path / "no_config" / "step00000001"
-    no_config.parent.mkdir()
-    shutil.copytree(step, no_config)
+    no_config, bad_config, bad_shard = (tmp_path / name / "step00000001" for name in ("nc", "bc", "bs"))
+    for copy in (no_config, bad_config, bad_shard):
+        shutil.copytree(step, copy)
     (no_config / "config.json").unlink()
+    (bad_config / "config.json").write_text('{"model_type": ')
+    os.truncate(bad_shard / "mp_rank_00_model_states.pt", 100)
     cases = [
         (unfinished, f"{unfinished}: incomplete checkpoint (no COMPLETE marker): its save did not finish"),
         (run_dir, f"{run_dir}: not a checkpoint (a step folder with COMPLETE, or a folder with latest); "
                   "it holds the checkpoint folder(s) checkpoints"),
         (no_config, f"{no_config}: no config.json, so the model it holds is unknown"),
+        (bad_config, f"{bad_config / 'config.json'}: not a readable model config"),
+        (bad_shard, f"{bad_shard / 'mp_rank_00_model_states.pt'}: not a readable torch file (truncated or damaged"),
         (tmp_path / "missing", f"{tmp_path / 'missing'}: no such checkpoint folder"),
     ]  # fmt: skip
     for path, message in cases:
@@ -185,6 +223,21 @@ def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_fa
         assert f"nothing written at {out}" in err
         assert not out.exists()
         assert not list(tmp_path.glob(".export*"))
+
+    # --overwrite replaces an export, never the checkpoint it comes from or a folder of other files.
+    ckpt = run_dir / "checkpoints"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    cases = [
+        (ckpt, run_dir, f"--out {run_dir} would replace or hold the checkpoint {step}: choose a folder outside it"),
+        (step, step / "export", f"--out {step / 'export'} would replace or hold the checkpoint {step}"),
+        (step, tmp_path / "notes", f"--out {tmp_path / 'notes'} holds files but no SemVLP model"),
+    ]
+    for path, out, message in cases:
+        assert export.main([str(path), "--out", str(out), "--overwrite"]) == 2, out
+        assert message in capsys.readouterr().err
+    assert checkpoint.find_complete(ckpt) == step and (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert not (step / "export").exists()
 
 
 def test_the_gpu_configs_train_bf16_without_the_per_tensor_overflow_check(engine_factory):

@@ -76,7 +76,7 @@ def _model_logits(world: dict, export: str, model_class, mode: str, images: int 
 
 @pytest.mark.parametrize("mode", ["single", "two"])
 def test_a_pretraining_export_scores_the_match_and_answers_with_its_itm_and_qa_heads(world, mode, tmp_path):
-    out = tmp_path / "prediction.json"
+    out = tmp_path / "predictions" / "prediction.json"  # its folder is made
     assert main(_args(world, "pretraining", "--mode", mode, "--top", "2", "--out", str(out))) == 0
     record = json.loads(out.read_text())
     # the ITM head, as zero-shot retrieval scores pairs (SemVLPForRetrieval loads it from the export)

@@ -422,6 +422,30 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
+@pytest.mark.parametrize("fault", ["output_dir", "resume", "no weights", "truncated weights", "ds_config"])
+def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy_data, capsys, load_launcher, fault):
+    """An --output_dir that cannot be written, --resume with nothing to resume, an --init_from whose
+    weights are missing or damaged, a ds_config that is not an object: named before any work."""
+    export = tmp_path / "export"
+    config_from_preset("tiny").save_pretrained(export)
+    (tmp_path / "file").write_text("")
+    if fault == "output_dir":
+        args, message = ["--output_dir", str(tmp_path / "file" / "run")], f"{tmp_path / 'file'} is a file, not a folder"
+    elif fault == "resume":
+        args, message = ["--resume"], f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+    elif fault == "no weights":
+        args, message = ["--init_from", str(export)], f"--init_from {export}: no weights (model.safetensors or "
+    elif fault == "truncated weights":
+        SemVLPModel(config_from_preset("tiny")).save_pretrained(export)
+        os.truncate(export / "model.safetensors", 1000)
+        args = ["--init_from", str(export)]
+        message = f"--init_from {export / 'model.safetensors'}: not a readable safetensors file (truncated or damaged"
+    else:
+        (tmp_path / "ds.json").write_text("[]")
+        args, message = ["--deepspeed_config", str(tmp_path / "ds.json")], "ds.json: expected a JSON object, found a"
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
+
+
 @pytest.mark.parametrize("fault", ["data.json", "annotations", "text length"])
 def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load_launcher, fault):
     """The data are read before the run folder is written: a data.json that does not parse, a
@@ -487,7 +511,7 @@ def test_the_shared_memory_check_counts_the_ranks_every_launcher_starts_on_a_mac
 
 def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, capsys, load_launcher):
     """Its word embeddings could not be loaded: the data's vocab must be the one it was trained with."""
-    config_from_preset("tiny", vocab_size=50).save_pretrained(tmp_path / "export")
+    SemVLPModel(config_from_preset("tiny", vocab_size=50)).save_pretrained(tmp_path / "export")
     message = f"--init_from {tmp_path / 'export'} has vocab_size=50, but the data's vocab holds "
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(tmp_path / "export")],
                                  message)  # fmt: skip
@@ -500,7 +524,8 @@ def test_init_from_a_model_of_another_feature_size_is_named(tmp_path, toy_data, 
     from semvlp.data.tokenizer import load_tokenizer
 
     vocab_size = len(load_tokenizer(DataConfig.load(toy_data).vocab))
-    config_from_preset("tiny", vocab_size=vocab_size, visual_feat_dim=1024).save_pretrained(tmp_path / "export")
+    model = SemVLPModel(config_from_preset("tiny", vocab_size=vocab_size, visual_feat_dim=1024))
+    model.save_pretrained(tmp_path / "export")
     message = (f"--init_from {tmp_path / 'export'} has visual_feat_dim=1024, but the data's feature stores hold "
                "2048-dimensional features")  # fmt: skip
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--init_from", str(tmp_path / "export")],

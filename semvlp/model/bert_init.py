@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from semvlp.checkpoint import weights_file
 from semvlp.config import SemVLPConfig
 
 logger = logging.getLogger(__name__)
@@ -58,19 +59,20 @@ def config_from_bert(bert_dir: str | Path, **overrides) -> SemVLPConfig:
     path = Path(bert_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the BERT folder {bert_dir}")
-    bert = json.loads(path.read_text())
+    try:
+        bert = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
     fields = {k: bert[k] for k in BERT_CONFIG_FIELDS if k in bert}
     return SemVLPConfig(**{**fields, **overrides})
 
 
 def read_bert_state_dict(bert_dir: str | Path) -> dict[str, torch.Tensor]:
-    folder = Path(bert_dir)
-    if (folder / "model.safetensors").is_file():
-        state = load_file(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    path = weights_file(bert_dir)
+    if path.suffix == ".safetensors":
+        state = load_file(path)
     else:
-        raise FileNotFoundError(f"{folder}: expected model.safetensors or pytorch_model.bin")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
     return {k.replace(".gamma", ".weight").replace(".beta", ".bias"): v for k, v in state.items()}
 
