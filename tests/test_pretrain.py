@@ -422,10 +422,11 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
-@pytest.mark.parametrize("fault", ["output_dir", "resume", "no weights", "truncated weights", "ds_config"])
+@pytest.mark.parametrize("fault", ["output_dir", "resume", "no weights", "truncated", "run folder", "ds_config"])
 def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy_data, capsys, load_launcher, fault):
     """An --output_dir that cannot be written, --resume with nothing to resume, an --init_from whose
-    weights are missing or damaged, a ds_config that is not an object: named before any work."""
+    weights are missing or damaged or that is a run folder, a ds_config that is not an object: named
+    before any work."""
     export = tmp_path / "export"
     config_from_preset("tiny").save_pretrained(export)
     (tmp_path / "file").write_text("")
@@ -435,11 +436,13 @@ def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy
         args, message = ["--resume"], f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}"
     elif fault == "no weights":
         args, message = ["--init_from", str(export)], f"--init_from {export}: no weights (model.safetensors or "
-    elif fault == "truncated weights":
+    elif fault == "truncated":
         SemVLPModel(config_from_preset("tiny")).save_pretrained(export)
         os.truncate(export / "model.safetensors", 1000)
         args = ["--init_from", str(export)]
         message = f"--init_from {export / 'model.safetensors'}: not a readable safetensors file (truncated or damaged"
+    elif fault == "run folder":  # --init_from a run folder instead of its export
+        args, message = ["--init_from", str(tmp_path)], f"(a run folder? its model is {export})"
     else:
         (tmp_path / "ds.json").write_text("[]")
         args, message = ["--deepspeed_config", str(tmp_path / "ds.json")], "ds.json: expected a JSON object, found a"

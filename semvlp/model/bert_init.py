@@ -58,7 +58,9 @@ def config_from_bert(bert_dir: str | Path, **overrides) -> SemVLPConfig:
     """A SemVLPConfig with the BERT folder's shape (its config.json) and SemVLP's other defaults."""
     path = Path(bert_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the BERT folder {bert_dir}")
+        export = Path(bert_dir) / "export"
+        hint = f" (a run folder? its model is {export})" if (export / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{path}: no config.json in the BERT folder {bert_dir}{hint}")
     try:
         bert = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
