@@ -435,12 +435,13 @@ def test_prediction_splits_without_files_are_skipped_and_predicting_none_of_them
     test_data_from_lxmert.py trains so); --predict_only on the test split alone has nothing to do."""
     from semvlp.config import config_from_preset
     from semvlp.data.config import DataConfig
+    from semvlp.model import SemVLPModel
     from semvlp.runner import run_main
 
     raw = DataConfig.load(toy).to_dict()
     raw["nlvr2"]["test"] = []
     DataConfig.from_dict(raw).save(tmp_path / "data.json")
-    config_from_preset("tiny").save_pretrained(tmp_path / "export")  # stops before its weights are read
+    SemVLPModel(config_from_preset("tiny")).save_pretrained(tmp_path / "export")  # stops before they are loaded
     argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
             "--output_dir", str(tmp_path / "run"), "--predict_only", "--init_from", str(tmp_path / "export"),
             "--predict_splits", "test"]  # fmt: skip
