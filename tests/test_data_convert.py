@@ -1,8 +1,11 @@
 """Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
 
+import errno
+import gc
 import gzip
 import os
 import re
+import resource
 import signal
 from collections.abc import Callable
 
@@ -424,3 +427,55 @@ def test_butd_tsv_round_trip_renamed_by_image_ids(tmp_path, capsys):
     assert conv.main(["butd-tsv", str(lxmert), "--out", str(tmp_path / "t.h5"), "--feature-dim", str(D)]) == 1
     err = capsys.readouterr().err
     assert "line 1 (image 9): field 'columns': 10 tab-separated columns, expected 6 (image_id, image_w" in err
+
+
+@pytest.mark.parametrize("fmt", ["lxmert-tsv", "butd-tsv", "npz-dir"])
+def test_an_existing_out_is_kept_unless_overwrite(tmp_path, capsys, fmt):
+    """Converting val2014 with train2014's --out replaced the first store without a word: it is an
+    option error now (exit status 2, nothing written), and --overwrite replaces the store."""
+    images = [raw_image(np.random.default_rng(17), str(i), 4) for i in range(3)]
+    if fmt == "npz-dir":
+        source = tmp_path / "npz"
+        source.mkdir()
+        for img in images:
+            write_npz(source / f"{img['img_id']}.npz", img)
+    else:
+        source = write_tsv(tmp_path / "f.tsv", [(butd_line if fmt == "butd-tsv" else tsv_line)(img) for img in images])
+    out = tmp_path / "coco.h5"
+    out.write_bytes(b"the first store")
+    args = [fmt, str(source), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+    assert conv.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: output {out} already exists; refusing to replace it (pass --overwrite to replace it, or choose "
+        "another --out; to convert several files into one store, name them all in one command)\n"
+    )
+    assert out.read_bytes() == b"the first store"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["coco.h5", source.name])  # no .partial file
+    assert conv.main([*args, "--overwrite"]) == 0
+    assert FeatureStore(out).image_ids == ["0", "1", "2"]
+
+
+def test_a_failed_write_is_one_error_naming_the_store(tmp_path, capsys):
+    """A write that fails partway (a full disk) is reported as one error naming the store, and leaves
+    no file. HDF5 used to fail again while the partial file was closed (a second traceback, "Can't
+    decrement id ref count") and then crash the process at exit (segfault). The file size limit
+    stands in for the full disk: write(2) fails the same way, with EFBIG instead of ENOSPC."""
+    rng = np.random.default_rng(18)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(50)])  # a 70 KB store
+    out = tmp_path / "s.h5"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the default would end pytest
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, limits[1]))
+    try:
+        code = conv.main(
+            ["lxmert-tsv", str(tsv), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    gc.collect()  # where the crash came from: h5py freeing the ids HDF5 had half freed
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"error: [Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}: '{out}'\nno store written at {out}\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]

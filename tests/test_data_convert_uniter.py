@@ -152,3 +152,16 @@ def test_cli_maps_names_to_annotation_ids_and_names_what_is_wrong(tmp_path, caps
     write_img_db(tmp_path / "empty" / "feat_th0.2_max100_min10", {"a.npz": uniter_value(uniter_image(rng, 10), False)})
     assert conv.main(["uniter-lmdb", str(tmp_path / "empty"), "--out", str(tmp_path / "t.h5")]) == 1
     assert "; the LMDB folders in it: feat_th0.2_max100_min10" in capsys.readouterr().err
+
+
+def test_an_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
+    """As for the other formats (test_data_convert.py): an option error, nothing written."""
+    db = write_img_db(tmp_path / "db", {"a.npz": uniter_value(uniter_image(np.random.default_rng(5), 10), False)})
+    out = tmp_path / "s.h5"
+    out.write_bytes(b"the first store")
+    args = ["uniter-lmdb", str(db), "--out", str(out), "--num-objects", "10", "--feature-dim", str(D), "--quiet"]
+    assert conv.main(args) == 2
+    assert f"error: output {out} already exists; refusing to replace it (pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"the first store" and sorted(p.name for p in tmp_path.iterdir()) == ["db", "s.h5"]
+    assert conv.main([*args, "--overwrite"]) == 0
+    assert FeatureStore(out).image_ids == ["a"]

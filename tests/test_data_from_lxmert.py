@@ -15,6 +15,7 @@ from _lxmert_tsv import D, raw_image, tsv_line
 from semvlp.data.config import DataConfig
 from semvlp.data.from_lxmert import main
 from semvlp.data.store import FeatureStore
+from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import ToySpec, ensure_toy_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +160,46 @@ def test_a_folder_it_cannot_use_is_named_before_any_conversion(lxmert_folder, tm
     assert exited.value.code == 2
     assert message.format(root=lxmert_folder) in capsys.readouterr().err
     assert not (tmp_path / "semvlp").exists()
+
+
+def test_stores_of_another_k_stop_the_command_before_any_conversion(lxmert_folder, tmp_path, capsys):
+    """Stores converted with K = 36, then a run asking for 20: the kept stores used to pass the check
+    ("no problems found") and train with 36 objects."""
+    out = tmp_path / "semvlp"
+    assert run(lxmert_folder, out) == 0
+    kept, removed = out / "features/mscoco_imgfeat/train2014_obj36.h5", out / "features/nlvr2_imgfeat/train_obj36.h5"
+    removed.unlink()
+    written = kept.stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run(lxmert_folder, out, "--num-objects", "20")
+    assert exited.value.code == 2
+    assert (
+        f"error: the existing store {kept} holds K=36 objects per image, not --num-objects 20: choose a new --out, "
+        f"or delete the store to convert {lxmert_folder / 'mscoco_imgfeat/train2014_obj36.tsv'} again\n"
+    ) in capsys.readouterr().err
+    assert kept.stat().st_mtime_ns == written and not removed.exists()  # nothing converted
+
+
+def test_a_vocab_with_a_repeated_token_is_named_and_a_byte_order_mark_is_not_a_token(lxmert_folder, tmp_path, capsys):
+    """A repeated token passed the check and failed training at its first step (IndexError in the
+    embedding: ids are line numbers, so the last one is past the tokenizer's size); a vocab saved with
+    a byte-order mark was said to lack [PAD]."""
+    vocab = lxmert_folder / "vocab.txt"
+    tokens = vocab.read_text().splitlines()  # [PAD] first
+    n = len(tokens)
+    vocab.write_text("\ufeff" + "\n".join([*tokens, tokens[-1], tokens[7]]) + "\n")
+    with pytest.raises(SystemExit) as exited:
+        run(lxmert_folder, tmp_path / "semvlp")
+    assert exited.value.code == 2
+    assert (
+        f"--vocab {vocab}: vocab {vocab} repeats tokens (each must be on one line only): {tokens[7]!r} on lines 8, "
+        f"{n + 2}; {tokens[-1]!r} on lines {n}, {n + 1}\n"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "semvlp").exists()
+    vocab.write_text("\ufeff" + "\n".join(tokens) + "\n")
+    tokenizer = load_tokenizer(vocab)
+    assert len(tokenizer) == n and tokenizer.convert_tokens_to_ids(tokens[:2]) == [0, 1]
 
 
 def test_a_launcher_trains_on_what_it_writes(lxmert_folder, tmp_path):

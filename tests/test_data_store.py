@@ -173,6 +173,20 @@ def test_incomplete_store_names_what_it_lacks(tmp_path):
             FeatureStore(path)
 
 
+def test_image_ids_must_be_strings(tmp_path):
+    """Numeric ids (a store written by hand with np.arange) failed in data.check, the launchers and
+    predict with "AttributeError: 'numpy.int64' object has no attribute 'decode'"."""
+    path = tmp_path / "s.h5"
+    write_store(path, n=3)
+    with h5py.File(path, "a") as f:
+        del f["image_ids"]
+        f["image_ids"] = np.arange(3)
+    with pytest.raises(
+        StoreFormatError, match=f"^{re.escape(str(path))}: image_ids must be strings, got int64 values$"
+    ):
+        FeatureStore(path)
+
+
 def _child_read(store, q):
     q.put(store.read("img2").features.tolist())
 

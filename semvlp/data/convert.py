@@ -7,6 +7,7 @@
     python -m semvlp.data.convert uniter-lmdb img_db/coco_train2014/feat_th0.2_max100_min10 --out coco.h5 \
         --num-objects 100 --pad
     options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet  --image-ids FILE
+             --overwrite
 
 lxmert-tsv: LXMERT's feature TSV (`airsplay/lxmert src/utils.py`): tab-separated, no header,
 columns img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes,
@@ -47,10 +48,11 @@ Bad input (wrong column count, bad base64, wrong array length, non-finite values
 the image, too few boxes, a duplicate or empty id, a label id that is not a whole number from 0
 to 2**31 - 1) stops the conversion with an error naming the file, the line (TSV) and image, and
 the field; with --skip-bad such records are skipped, counted and listed at the end. Paths and
-sizes are checked before any work (an --out that is one of the inputs is refused; K and D must
-keep every HDF5 chunk of the store under 4 GiB). The store is written to a temporary file and
-renamed into place only when complete, so a failed or interrupted conversion (Ctrl-C or SIGTERM)
-leaves no store behind, nor the folders it created for --out.
+sizes are checked before any work (an --out that is one of the inputs is refused, and an existing
+one is kept unless --overwrite: exit status 2; K and D must keep every HDF5 chunk of the store
+under 4 GiB). The store is written to a temporary file and renamed into place only when complete,
+so a failed (a full disk: one error naming the store) or interrupted conversion (Ctrl-C or
+SIGTERM) leaves no store behind, nor the folders it created for --out.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ _BOX_TOLERANCE_NORMALIZED = 1e-3  # normalized boxes stored in float16 (UNITER) 
 
 class ConversionError(ValueError):
     """A bad input record, with where it is (file, line or image, and field), or an unusable path."""
+
+
+class OutputExistsError(ConversionError):
+    """--out names an existing file and --overwrite was not given (an option error: exit status 2)."""
 
 
 @dataclass
@@ -552,60 +558,74 @@ def convert(
     return report
 
 
-def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLike) -> None:
-    """Raise ConversionError, before any work, if the store cannot be written at `out` or would
-    replace one of the inputs (a symlink to one included): the finished store is renamed over `out`."""
+def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ConversionError, before any work, if the store cannot be written at `out`, would replace
+    one of the inputs (a symlink to one included), or would replace an existing file unless
+    `overwrite` (OutputExistsError): the finished store is renamed over `out`."""
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"output {out} is an existing folder, not a store file")
     existing_parent = next(parent for parent in out.absolute().parents if parent.exists())
     if not existing_parent.is_dir():
         raise ConversionError(f"cannot create {out}: {existing_parent} is not a folder")
-    if not out.exists():
+    if not os.path.lexists(out):
         return
     for path in inputs:
-        if os.path.exists(path) and os.path.samefile(out, path):
+        if os.path.exists(path) and out.exists() and os.path.samefile(out, path):
             raise ConversionError(f"output {out} is the input {path}; refusing to overwrite it (choose another --out)")
+    if not overwrite:  # e.g. a second TSV converted with the first one's --out: keep the first store
+        raise OutputExistsError(
+            f"output {out} already exists; refusing to replace it (pass --overwrite to replace it, or choose another "
+            "--out; to convert several files into one store, name them all in one command)"
+        )
 
 
-def convert_lxmert_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
-    """LXMERT TSV file(s) -> store; kwargs as `convert`."""
-    return _convert_tsv(inputs, out, parse_tsv_row, **kwargs)
+def convert_lxmert_tsv(
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False, **kwargs
+) -> ConversionReport:
+    """LXMERT TSV file(s) -> store; an existing `out` is replaced only if `overwrite`; kwargs as `convert`."""
+    return _convert_tsv(inputs, out, parse_tsv_row, overwrite, **kwargs)
 
 
-def convert_butd_tsv(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs) -> ConversionReport:
-    """bottom-up-attention TSV file(s) -> store; kwargs as `convert`."""
-    return _convert_tsv(inputs, out, parse_butd_row, **kwargs)
+def convert_butd_tsv(
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False, **kwargs
+) -> ConversionReport:
+    """bottom-up-attention TSV file(s) -> store; `overwrite` and kwargs as `convert_lxmert_tsv`."""
+    return _convert_tsv(inputs, out, parse_butd_row, overwrite, **kwargs)
 
 
 def _convert_tsv(
-    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, parse_row: ParseRow, **kwargs
+    inputs: Sequence[str | os.PathLike], out: str | os.PathLike, parse_row: ParseRow, overwrite: bool, **kwargs
 ) -> ConversionReport:
     for path in inputs:  # all of them now, not after converting the first 17 GB
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such TSV file: {path}")
         if os.path.isdir(path):
             raise ConversionError(f"{path}: a folder, not a TSV file")
-    check_output_path(inputs, out)
+    check_output_path(inputs, out, overwrite)
     return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM), parse_row), out, **kwargs)
 
 
-def convert_npz_dir(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
-    """A folder of per-image .npz files -> store; kwargs as `convert`."""
+def convert_npz_dir(
+    folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, **kwargs
+) -> ConversionReport:
+    """A folder of per-image .npz files -> store; `overwrite` and kwargs as `convert_lxmert_tsv`."""
     files = list(Path(folder).glob("*.npz"))
-    check_output_path(files, out)
+    check_output_path(files, out, overwrite)
     total = len(files)
     return convert(npz_records(folder), out, total=total, **kwargs)
 
 
-def convert_uniter_lmdb(folder: str | os.PathLike, out: str | os.PathLike, **kwargs) -> ConversionReport:
+def convert_uniter_lmdb(
+    folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, **kwargs
+) -> ConversionReport:
     """A UNITER img_db LMDB folder (feat_th0.2_max100_min10, ..._compressed, all, ...) -> store;
-    kwargs as `convert`."""
+    `overwrite` and kwargs as `convert_lxmert_tsv`."""
     env = _open_lmdb(folder)  # the folder is checked now, before the output path is touched
     with env.begin() as txn:
         total = env.stat()["entries"] - (txn.get(_UNITER_NAMES) is not None)
     env.close()
-    check_output_path([Path(folder) / "data.mdb"], out)
+    check_output_path([Path(folder) / "data.mdb"], out, overwrite)
     return convert(uniter_records(folder), out, total=total, **kwargs)
 
 
@@ -654,7 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     uniter.add_argument("folder")
     format_parsers = {"lxmert-tsv": tsv, "butd-tsv": butd, "npz-dir": npz, "uniter-lmdb": uniter}
     for p in format_parsers.values():
-        p.add_argument("--out", required=True, help="the store to write (.h5)")
+        p.add_argument(
+            "--out", required=True, help="the store to write (.h5); an existing file is kept unless --overwrite"
+        )
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace an existing --out once the new store is complete"
+        )
         p.add_argument("--num-objects", type=positive_int, default=100, help="K, objects per image (default 100)")
         p.add_argument("--feature-dim", type=positive_int, default=FEATURE_DIM)
         p.add_argument("--pad", action="store_true", help="pad images with fewer than K boxes")
@@ -680,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--num-objects {args.num_objects} with --feature-dim {args.feature_dim}: {problem}"
         )
     kwargs = dict(
+        overwrite=args.overwrite,
         num_objects=args.num_objects,
         feature_dim=args.feature_dim,
         pad=args.pad,
@@ -703,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
             report = convert_npz_dir(args.folder, args.out, **kwargs)
         else:
             report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2  # an option error, as argparse's
     except (ConversionError, OSError) as e:  # OSError: a missing input, no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"no store written at {args.out}", file=sys.stderr)

@@ -17,7 +17,8 @@ field already have:
    OUT/features/<its path>.h5, through `python -m semvlp.data.convert lxmert-tsv` (K = 36, LXMERT's
    boxes per image). A store that is already there is kept: the converter renames a store into
    place only once it is complete, so a run that was stopped (a 17 GB TSV takes a while) goes on
-   where it stopped when run again.
+   where it stopped when run again. One that holds another K or D (or is no store) stops the
+   command before any conversion (exit status 2).
 2. OUT/data.json names those stores, the vocab and, for each task whose files are there, the
    annotation files where they are, in LXMERT's splits (SECTIONS: its fine-tuning scripts' `--train`
    / `--valid` / `--test`). The files a task lacks are listed. An existing data.json that says
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from semvlp.data import check, convert
 from semvlp.data.config import DataConfig
+from semvlp.data.store import FeatureStore, StoreFormatError
 from semvlp.data.tokenizer import load_tokenizer
 
 NUM_OBJECTS = 36  # LXMERT's *_obj36.tsv
@@ -101,6 +103,22 @@ def sections(root: Path) -> tuple[dict, list[str]]:
     return found, missing
 
 
+def _kept_store_problem(store: Path, num_objects: int, feature_dim: int) -> str | None:
+    """Why a store already at `store` cannot be kept for a run asking for K objects of dimension D
+    (it was converted with other options, or is no store), or None when it can."""
+    try:
+        kept = FeatureStore(store)
+    except (OSError, StoreFormatError) as e:
+        return f"the existing store {store} cannot be read ({e})"
+    if kept.num_objects != num_objects:
+        return (
+            f"the existing store {store} holds K={kept.num_objects} objects per image, not --num-objects {num_objects}"
+        )
+    if kept.feature_dim != feature_dim:
+        return f"the existing store {store} holds {kept.feature_dim}-d features, not --feature-dim {feature_dim}"
+    return None
+
+
 def _same_config(path: Path, config: DataConfig) -> bool:
     try:
         return DataConfig.load(path) == config
@@ -122,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--feature-dim", type=convert.positive_int, default=convert.FEATURE_DIM)
     parser.add_argument("--skip-bad", action="store_true", help="skip and count malformed feature records")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing data.json that differs")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing data.json that differs (stores already converted are kept either way)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     root, out = args.folder.resolve(), args.out.resolve()
@@ -139,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(f"--vocab {args.vocab}: {e}")
 
-    stores = []
-    for tsv in tsvs:
-        store = store_path(root, tsv, out)
-        stores.append(str(store))
+    stores = [store_path(root, tsv, out) for tsv in tsvs]
+    for tsv, store in zip(tsvs, stores, strict=True):  # all of them now, before converting any
+        problem = _kept_store_problem(store, args.num_objects, args.feature_dim) if store.is_file() else None
+        if problem is not None:
+            parser.error(f"{problem}: choose a new --out, or delete the store to convert {tsv} again")
+    for tsv, store in zip(tsvs, stores, strict=True):
         if store.is_file():
             print(f"{store}: there already (delete it to convert {tsv} again)")
             continue
@@ -152,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if status != 0:
             return status
 
-    config = DataConfig.from_dict({"stores": stores, "vocab": str(Path(args.vocab).resolve()), **found})
+    config = DataConfig.from_dict({"stores": list(map(str, stores)), "vocab": str(Path(args.vocab).resolve()), **found})
     data_json = out / "data.json"
     if data_json.is_file() and not args.overwrite and not _same_config(data_json, config):
         print(f"error: {data_json} exists and names other files; --overwrite replaces it", file=sys.stderr)

@@ -23,6 +23,8 @@ fork, so `FeatureStore` opens its file lazily, once per process.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import tempfile
@@ -194,6 +196,52 @@ def check_image(
         raise BadRecordError("boxes", "a box has x2 < x1 or y2 < y1")
 
 
+class _PartialFile(io.FileIO):
+    """The writer's temporary file, which HDF5 writes through (h5py's fileobj driver).
+
+    Why not let HDF5 open the path: after a failed write (a full disk), HDF5 fails to close the file
+    and then crashes the process at exit (a segfault; h5py 3.16, HDF5 2.0). Here a failed write is
+    kept in `error`, naming the store, and it and every later write are dropped, so HDF5 never sees a
+    failure; the writer raises `error` after each image and before renaming the file into place. A
+    discarded file drops its writes too, so closing it writes nothing.
+    """
+
+    def __init__(self, fd: int, store: Path):
+        super().__init__(fd, "r+")
+        self.store = store
+        self.error: OSError | None = None
+        self.discarding = False
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = len(view) if self.discarding or self.error is not None else 0
+        while done < len(view):  # h5py ignores a short write (a nearly full disk): finish it
+            try:
+                done += super().write(view[done:])
+            except OSError as e:
+                self.error = OSError(e.errno, e.strerror, str(self.store))
+                break
+        return len(view)
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = super().readinto(view)
+        view[n:] = bytes(len(view) - n)  # past the end of the file: zeros, as HDF5's own driver reads
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if not self.discarding and self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as e:
+                self.error = OSError(e.errno, e.strerror, str(self.store))
+        return self.tell() if size is None else size
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class FeatureStoreWriter:
     """Writes a store to a temporary file and renames it into place only when complete.
 
@@ -237,6 +285,7 @@ class FeatureStoreWriter:
         self._compression = compression
         self._compression_level = compression_level if compression == "gzip" else None
         self._file: h5py.File | None = None
+        self._raw: _PartialFile | None = None  # what HDF5 writes the file through
         self._tmp_path: Path | None = None
         self._created_folders: list[Path] = []  # for `path`, removed again if the write fails
         self._ids: set[str] = set()
@@ -248,8 +297,9 @@ class FeatureStoreWriter:
             _make_folders(self.path.parent, self._created_folders)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
             self._tmp_path = Path(tmp)
-            os.close(fd)
+            self._raw = _PartialFile(fd, self.path)
             self._create_datasets()
+            self._raw.raise_error()
         except BaseException:  # __exit__ does not run when __enter__ fails: clean up here
             self._discard()
             raise
@@ -257,7 +307,7 @@ class FeatureStoreWriter:
 
     def _create_datasets(self) -> None:
         assert self._tmp_path is not None
-        f = h5py.File(self._tmp_path, "w")
+        f = h5py.File(self._raw, "w")
         self._file = f
         k, d = self.num_objects, self.feature_dim
         f.attrs["format_version"] = FORMAT_VERSION
@@ -339,6 +389,7 @@ class FeatureStoreWriter:
         self._n += 1
         if len(self._pending["image_ids"]) == _SMALL_CHUNK_ROWS:
             self._flush()
+        self._raw.raise_error()  # a full disk stops the conversion now, not at the end
 
     def _flush(self) -> None:
         """Write the buffered small fields: one h5py call per field per 64 images, not per image."""
@@ -362,6 +413,8 @@ class FeatureStoreWriter:
             self._file.attrs["num_images"] = self._n
             self._file.close()
             self._file = None
+            self._raw.close()
+            self._raw.raise_error()
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it private
@@ -371,12 +424,17 @@ class FeatureStoreWriter:
             raise
 
     def _discard(self) -> None:
-        """Delete what this writer made: the partial file, then the folders it created for `path`."""
+        """Delete what this writer made: the partial file, then the folders it created for `path`.
+        Never raises from closing the file, so the error that stopped the write is the one reported."""
         try:
             if self._file is not None:
-                self._file.close()
+                self._raw.discarding = True  # nothing more to write, so nothing left to fail on
+                with contextlib.suppress(Exception):  # already failing: report the first error
+                    self._file.close()
         finally:
             self._file = None
+            if self._raw is not None:
+                self._raw.close()
             if self._tmp_path is not None:
                 self._tmp_path.unlink(missing_ok=True)
             _remove_folders(self._created_folders)
@@ -481,7 +539,7 @@ class FeatureStore:
                 self.num_objects = int(f.attrs["num_objects"])
                 self.feature_dim = int(f.attrs["feature_dim"])
                 self.padded = bool(f.attrs["padded"])
-                self.image_ids: list[str] = [s.decode("utf-8") for s in f["image_ids"][:]]
+                self.image_ids: list[str] = self._read_image_ids(f["image_ids"])
         except OSError as e:
             raise StoreFormatError(f"{self.path}: cannot open as HDF5 ({e})") from e
         self._rows = {image_id: row for row, image_id in enumerate(self.image_ids)}
@@ -517,6 +575,16 @@ class FeatureStore:
         ]
         if wrong:
             raise StoreFormatError(f"{self.path}: not a complete feature store ({'; '.join(wrong)})")
+
+    def _read_image_ids(self, ds: h5py.Dataset) -> list[str]:
+        """The image ids, which the annotations look up as strings: a store written by hand with
+        numbers (np.arange) is refused here, not with an AttributeError at the first lookup."""
+        if h5py.check_string_dtype(ds.dtype) is None:
+            raise StoreFormatError(f"{self.path}: image_ids must be strings, got {ds.dtype} values")
+        try:
+            return [s.decode("utf-8") for s in ds[:]]
+        except UnicodeDecodeError as e:
+            raise StoreFormatError(f"{self.path}: image_ids must be UTF-8 strings ({e})") from None
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -25,6 +25,20 @@ def vocab_file(vocab_path: str | os.PathLike) -> Path:
     return path / "vocab.txt" if path.is_dir() else path
 
 
+def _check_unique(path: Path, tokens: Sequence[str], shown: int = 5) -> None:
+    """ValueError naming the tokens that are on more than one line: a token's id is its line number,
+    so a repeat leaves the largest id past the tokenizer's size (an IndexError in the embedding)."""
+    lines: dict[str, list[int]] = {}
+    for number, token in enumerate(tokens, 1):
+        lines.setdefault(token, []).append(number)
+    repeated = [f"{t!r} on lines {', '.join(map(str, numbers))}" for t, numbers in lines.items() if len(numbers) > 1]
+    if repeated:
+        more = f" (and {len(repeated) - shown} more)" if len(repeated) > shown else ""
+        raise ValueError(
+            f"vocab {path} repeats tokens (each must be on one line only): {'; '.join(repeated[:shown])}{more}"
+        )
+
+
 def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
     """An uncased BERT WordPiece tokenizer from a vocab.txt (one token per line).
 
@@ -35,16 +49,19 @@ def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
     if not path.is_file():
         raise FileNotFoundError(f"vocab file not found: {path}")
     # The file's own lines: transformers adds absent special tokens to the tokenizer itself, which
-    # then fails at the first unknown word ("WordPiece error: Missing [UNK] token").
+    # then fails at the first unknown word ("WordPiece error: Missing [UNK] token"). utf-8-sig: a
+    # byte-order mark (Windows editors write one) is not part of the first token.
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = {line.rstrip("\n") for line in f}
+        with open(path, encoding="utf-8-sig") as f:
+            tokens = [line.rstrip("\n") for line in f]
     except UnicodeDecodeError as e:
         raise ValueError(f"vocab {path} is not UTF-8 text ({e})") from e
-    missing = [t for t in _REQUIRED_TOKENS if t not in lines]
+    missing = [t for t in _REQUIRED_TOKENS if t not in tokens]
     if missing:
         raise ValueError(f"vocab {path} lacks the special tokens {missing}")
-    tok = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    _check_unique(path, tokens)
+    # The tokens as read here (the tokenizer would read the file again, byte-order mark included).
+    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=True)
     if len(tok) <= 5:
         raise ValueError(
             f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
