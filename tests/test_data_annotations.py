@@ -1,6 +1,7 @@
 """Annotation readers, answer tables, missing images, tokenizer and the data configuration."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from semvlp.data.annotations import (
     load_pretrain_annotations,
     load_vqa,
     normalize_answer,
+    require_labels,
 )
 from semvlp.data.config import DataConfig, PretrainData
 from semvlp.data.tokenizer import load_tokenizer, replacement_token_ids, tokenize_texts
@@ -148,13 +150,12 @@ def test_finetune_label_scores_must_be_soft_scores(tmp_path, load, score):
 def test_finetune_readers(tmp_path):
     vqa = dump(
         tmp_path / "vqa.json",
-        [
-            {"question_id": 458752000, "img_id": "COCO_1", "sent": "What is this?", "label": {"net": 1, "pipe": 0.3}},
-            {"question_id": 458752001, "img_id": "COCO_1", "sent": "Why?"},
-        ],
+        [{"question_id": 458752000, "img_id": "COCO_1", "sent": "What is this?", "label": {"net": 1, "pipe": 0.3}}],
     )
-    q = load_vqa(vqa)
+    test = dump(tmp_path / "test.json", [{"question_id": 458752001, "img_id": "COCO_1", "sent": "Why?"}])
+    q = load_vqa([vqa, test])
     assert q[0].label == {"net": 1.0, "pipe": 0.3} and q[1].label is None and q[0].question_id == 458752000
+    assert (q[0].file, q[1].file) == (str(vqa), str(test))
     gqa = load_gqa(
         [
             dump(
@@ -202,6 +203,65 @@ def test_finetune_readers(tmp_path):
     assert sub.image_ids == ["1001"] and sub.captions == ["D."] and sub.caption_image.tolist() == [0]
     with pytest.raises(AnnotationError, match="no images in split"):
         load_flickr30k(karpathy, "val")
+
+
+def test_labels_are_all_or_none_per_file_and_needed_in_train_and_dev_splits(tmp_path):
+    """A split without labels trained until the first step (KeyError 'answer_targets') or dev
+    evaluation (KeyError, TypeError in the metric); the launchers now stop before the run folder."""
+    labeled = {"identifier": "a", "img0": "x", "img1": "y", "sent": "s", "label": 1}
+    unlabeled = {**labeled, "identifier": "b", "label": None}  # null reads as no label, as LXMERT's test files
+    with pytest.raises(AnnotationError, match=r"mix.json: record 0 \(identifier a\) has a label but record 1 "
+                                              r"\(identifier b\) has none; a file's statements must all have "
+                                              r"one \(train and dev files\) or none \(test files\)$"):  # fmt: skip
+        load_nlvr2(dump(tmp_path / "mix.json", [labeled, unlabeled]))
+    question = {"question_id": 1, "img_id": "x", "sent": "s"}
+    with pytest.raises(AnnotationError, match=r"record 0 \(question_id 1\) has a label but record 1 \(question_id 2\)"):
+        load_gqa(dump(tmp_path / "mixq.json", [{**question, "label": {}}, {**question, "question_id": 2}]))
+
+    dev, test = dump(tmp_path / "dev.json", [labeled]), dump(tmp_path / "test.json", [unlabeled])
+    require_labels(load_nlvr2([dev]), "nlvr2 valid", "statement")
+    with pytest.raises(AnnotationError) as e:
+        require_labels(load_nlvr2([dev, test]), "nlvr2 valid", "statement")
+    assert str(e.value) == (f"nlvr2 valid ({test}): no statement has a label; train and dev files need them "
+                            "(only test files may have none)")  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["vqa", "nlvr2", "flickr30k"])
+@pytest.mark.parametrize("text", ["", " \t"])
+def test_blank_questions_statements_and_captions_are_named(tmp_path, where, text):
+    """They were read silently, and trained on as [CLS] [SEP] alone."""
+    if where == "vqa":
+        data, load = [{"question_id": 7, "img_id": "x", "sent": text}], load_vqa
+        field = r"record 0 \(question_id 7\) field 'sent'"
+    elif where == "nlvr2":
+        data, load = [{"identifier": "n", "img0": "x", "img1": "y", "sent": text}], load_nlvr2
+        field = r"record 0 \(identifier n\) field 'sent'"
+    else:
+        data = {"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": text}]}]}
+        load, field = load_flickr30k, r"images\[0\] \(1.jpg\) sentences\[0\] field 'raw'"
+    with pytest.raises(AnnotationError, match=rf"f.json: {field} holds no text \({re.escape(repr(text))}\)$"):
+        load(dump(tmp_path / "f.json", data))
+
+
+def test_blank_pretraining_sentences_are_left_out_with_a_warning(tmp_path, caplog):
+    """Noisy sources (Visual Genome's region descriptions) may hold a few: one must not stop a run."""
+    path = dump(tmp_path / "f.json", [{"img_id": "x", "sentf": {"mscoco": ["", "a dog .", " \t"]}}])
+    corpus = load_pretrain_annotations([path], ("mscoco",))
+    assert corpus.texts == ["a dog ."] and corpus.uid(0) == "x_mscoco_001" and corpus.source_counts == {"mscoco": 1}
+    assert f"2 blank pre-training sentence(s) left out, e.g. {path} record 0 (img_id x) sentf.mscoco[0]" in caplog.text
+
+
+def test_files_that_are_not_utf8_are_named(tmp_path):
+    """Python's UnicodeDecodeError named neither the file nor the line ('vqa valid: 'utf-8' codec ...')."""
+    text = json.dumps([{"question_id": 1, "img_id": "x", "sent": "caf\u00e9 ?"}], ensure_ascii=False, indent=1)
+    (tmp_path / "vqa.json").write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe9")
+    with pytest.raises(AnnotationError, match=rf"vqa.json: not UTF-8 text: byte 0xe9 at offset {offset} \(line 5\): "
+                                              "invalid continuation byte; save the file as UTF-8"):  # fmt: skip
+        load_vqa(tmp_path / "vqa.json")
+    (tmp_path / "data.json").write_bytes('{"stores": ["caf\u00e9.h5"], "vocab": "v"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/data.json: not UTF-8 text: byte 0xe9 at offset 16 \(line 1\)"):
+        DataConfig.load(tmp_path / "data.json")
 
 
 def test_missing_images():

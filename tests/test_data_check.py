@@ -64,3 +64,45 @@ def test_a_data_json_that_does_not_parse_is_the_one_problem(tmp_path, capsys):
         "1 problem(s):",
         f"  data.json: {broken}: invalid JSON at line 2: Expecting value",
     ]
+
+
+def test_what_a_training_run_stops_on_is_a_problem(toy, capsys):
+    """A train or dev split with no files, without labels, without a question or statement, and a
+    retrieval train split of one image: "no problems found", then the launchers refused the data or
+    (no labels) failed mid-run. A test split without labels (the toy VQA test file) is no problem."""
+    data = json.loads(toy.read_text())
+    folder = toy.parent
+    data["pretrain"]["train"] = []
+    data["vqa"]["valid"] = []
+    questions = json.loads((folder / "gqa_valid.json").read_text())
+    (folder / "gqa_dev.json").write_text(json.dumps([{k: v for k, v in q.items() if k != "label"} for q in questions]))
+    data["gqa"]["valid"] = ["gqa_dev.json"]
+    (folder / "nlvr2_none.json").write_text("[]")
+    data["nlvr2"]["train"] = ["nlvr2_none.json"]
+    karpathy = json.loads((folder / data["flickr30k"]["annotations"]).read_text())
+    train = [image for image in karpathy["images"] if image["split"] == "train"]
+    for image in train[1:]:
+        image["split"] = "restval"
+    (folder / "karpathy.json").write_text(json.dumps(karpathy))
+    data["flickr30k"]["annotations"] = "karpathy.json"
+    broken = folder / "broken.json"
+    broken.write_text(json.dumps(data))
+
+    assert main([str(broken)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "5 problem(s):",
+        "  pretrain train: the data configuration lists no pre-training train files",
+        "  vqa valid: the data configuration lists no vqa valid files",
+        f"  gqa valid ({folder / 'gqa_dev.json'}): no question has a label; train and dev files need them (only test "
+        "files may have none)",
+        f"  nlvr2 train ({folder / 'nlvr2_none.json'}): no statements",
+        f"  flickr30k train ({folder / 'karpathy.json'}): 1 image(s); retrieval training needs at least two (a "
+        "caption's negatives are the other images)",
+    ]
+
+    # A section with test files only is for --predict_only, which needs no train or dev split.
+    predict_only = json.loads(toy.read_text())
+    predict_only["vqa"].update(train=[], valid=[])
+    (folder / "predict_only.json").write_text(json.dumps(predict_only))
+    assert main([str(folder / "predict_only.json")]) == 0
+    assert "vqa: test files only (predictions with --predict_only)" in capsys.readouterr().out

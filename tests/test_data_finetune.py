@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from semvlp.data import ensure_toy_world
-from semvlp.data.annotations import MissingImagesError, load_flickr30k, load_nlvr2, load_vqa
+from semvlp.data.annotations import AnnotationError, MissingImagesError, load_flickr30k, load_nlvr2, load_vqa
 from semvlp.data.config import DataConfig
 from semvlp.data.store import FeatureStore, open_stores
 from semvlp.data.tokenizer import load_tokenizer
@@ -317,3 +317,47 @@ def test_a_dev_file_with_an_image_in_no_store_is_named_by_the_launcher(toy, tmp_
     assert "['not_in_any_store'] (pass --skip_missing (skip_missing=True in code) to drop them)" in err
     assert all(train not in err for train in raw["vqa"]["train"])
     assert not (tmp_path / "run").exists()
+
+
+def without_labels(annotations: str, out: Path) -> Path:
+    """A copy of a VQA, GQA or NLVR2 file without its labels, as a test file comes."""
+    records = json.loads(Path(annotations).read_text())
+    out.write_text(json.dumps([{k: v for k, v in r.items() if k != "label"} for r in records]))
+    return out
+
+
+def test_a_train_or_dev_split_without_labels_stops_before_the_run_folder(toy, tmp_path, capsys, load_launcher):
+    """A GQA dev file without labels trained, then failed at the first dev evaluation (KeyError 'valid');
+    a VQA train file without them at the first step (KeyError 'answer_targets'), an NLVR2 dev file at
+    its accuracy (TypeError). The task now refuses them where the launcher builds it (exit 2, no run
+    folder). A test split needs no labels, nor does a --predict_only run's dev split; a test split
+    mixing files with and without labels is predicted only."""
+    from semvlp.runner import run_main
+
+    raw = DataConfig.load(toy).to_dict()
+    dev = without_labels(raw["gqa"]["valid"][0], tmp_path / "gqa_dev.json")
+    DataConfig.from_dict({**raw, "gqa": {**raw["gqa"], "valid": [str(dev)]}}).save(tmp_path / "data.json")
+    argv = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(tmp_path / "data.json"),
+            "--output_dir", str(tmp_path / "run"), "--epochs", "0", "--max_steps", "2"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_launcher("finetune_gqa.py").main, argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"error: gqa valid ({dev}): no question has a label; train and dev files "
+                                       "need them (only test files may have none)\n")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+    vqa = raw["vqa"]  # the toy VQA test file has no labels
+    cfg = DataConfig.from_dict({**raw, "vqa": {**vqa, "train": vqa["test"], "test": vqa["valid"] + vqa["test"]}})
+    tok, stores = load_tokenizer(cfg.vocab), open_stores(cfg.stores)
+    with pytest.raises(AnnotationError, match=rf"^vqa train \({vqa['test'][0]}\): no question has a label"):
+        QATask(run_config(toy), VQA, cfg, tok, stores, ("train", "valid"))
+    task = QATask(run_config(toy), VQA, cfg, tok, stores, ("valid", "test"))
+    assert not task.labeled("test") and "answer_targets" not in task.datasets["test"].make_batch(np.arange(2), None)
+    assert "vqa test: 240 questions, 120 of them without labels (predictions only)" in task.notes
+
+    dev = without_labels(raw["nlvr2"]["valid"][0], tmp_path / "nlvr2_dev.json")
+    cfg = DataConfig.from_dict({**raw, "nlvr2": {**raw["nlvr2"], "valid": [str(dev)]}})
+    with pytest.raises(AnnotationError, match=rf"^nlvr2 valid \({dev}\): no statement has a label"):
+        NLVR2Task(run_config(toy), cfg, tok, stores, ("train", "valid"))
+    task = NLVR2Task(run_config(toy, predict_only=True, init_from=str(tmp_path)), cfg, tok, stores, ("valid",))
+    assert not task.labeled("valid") and task.notes == ["nlvr2 valid: 20 statements without labels"]

@@ -13,7 +13,8 @@
   `{"images": [{"filename", "imgid", "split", "sentences": [{"raw", "tokens"}, ...]}, ...]}`;
   the image id is the filename stem.
 
-Malformed input raises AnnotationError naming the file, the record and the field. Annotations
+Malformed input raises AnnotationError naming the file, the record and the field: a file that is
+not UTF-8, a blank question or statement, a file whose questions (statements) have labels only in part. Annotations
 that reference images absent from the feature stores raise MissingImagesError (the files holding
 them, how many, the first few ids) unless the caller passes skip_missing=True, which drops and
 reports them.
@@ -83,13 +84,27 @@ def normalize_answer(ans: str) -> str:
     return ANSWER_CONVERT.get(ans, ans)
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of `path`; AnnotationError naming the file, the byte offset and line when it is not UTF-8
+    (Python's UnicodeDecodeError names neither the file nor the line)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise AnnotationError(
+            f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}): {e.reason}; "
+            "save the file as UTF-8"
+        ) from e
+
+
 def _load_json(path: str | os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    text = read_utf8(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
@@ -103,6 +118,29 @@ def _field(record: object, key: str, path: Path, where: str, types: type | tuple
     if not isinstance(value, types):
         raise AnnotationError(f"{path}: {where} field {key!r} is a {type(value).__name__}")
     return value
+
+
+def _blank(text: str) -> bool:
+    """Empty or white space only: the text would tokenize to [CLS] [SEP] alone."""
+    return not text or text.isspace()
+
+
+def _text(record: object, key: str, path: Path, where: str) -> str:
+    """A string field holding text to train on, not blank."""
+    value = _field(record, key, path, where, str)
+    if _blank(value):
+        raise AnnotationError(f"{path}: {where} field {key!r} holds no text ({value!r})")
+    return value
+
+
+def _one_labeling(path: Path, first: dict[bool, str], noun: str) -> None:
+    """`first[True]` / `first[False]`: the first record of the file with / without a label. A file holding
+    both is neither a train or dev file (every label needed) nor a test file (none)."""
+    if len(first) == 2:
+        raise AnnotationError(
+            f"{path}: {first[True]} has a label but {first[False]} has none; a file's {noun}s must all have one "
+            "(train and dev files) or none (test files)"
+        )
 
 
 def _answer_scores(label: object, path: Path, where: str, key: str) -> dict[str, float]:
@@ -289,7 +327,8 @@ def load_pretrain_annotations(
     QA labels are normalized (normalize_answer) and kept only if in `answer_table`, as LXMERT
     does; without a table there are no QA targets (and the labels are not read). Scores must be
     numbers in [0, 1] (AnnotationError naming the file, record and sentence); answers scored 0 are
-    dropped, so a label scored all 0 gives its sentence no QA target.
+    dropped, so a label scored all 0 gives its sentence no QA target. Blank sentences are left out,
+    with a warning.
     """
     sources = tuple(sources)
     if not sources:
@@ -301,6 +340,7 @@ def load_pretrain_annotations(
     qa_counts, qa_answers, qa_scores = [], [], []
     counts = dict.fromkeys(sources, 0)
     found: dict[str, None] = {}
+    blank: list[str] = []  # where the blank sentences were
     for file_number, p in enumerate(paths):
         path = Path(p)
         data = _load_json(path)
@@ -331,6 +371,9 @@ def load_pretrain_annotations(
                 if img == len(image_file):  # first seen
                     image_file.append(file_number)
                 for k, sent in enumerate(sents):
+                    if _blank(sent):  # nothing to train on; noisy sources (region descriptions) have a few
+                        blank.append(f"{path} {where} (img_id {img_id}) sentf.{src}[{k}]")
+                        continue
                     sent_image.append(img)
                     sent_source.append(src_index[src])
                     sent_index.append(k)
@@ -345,7 +388,9 @@ def load_pretrain_annotations(
                     qa_counts.append(len(ids))
                     qa_answers.extend(ids.keys())
                     qa_scores.extend(ids.values())
-                counts[src] += len(sents)
+                    counts[src] += 1
+    if blank:
+        logger.warning("%d blank pre-training sentence(s) left out, e.g. %s", len(blank), ", ".join(blank[:3]))
     offsets = np.zeros(len(qa_counts) + 1, np.int64)
     np.cumsum(qa_counts, out=offsets[1:])
     logger.info("pre-training sentences per source: %s", counts)
@@ -426,20 +471,23 @@ def _load_qa(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[QAE
         data = _load_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a list of question records")
+        first: dict[bool, str] = {}
         for r, rec in enumerate(data):
             where = f"record {r}"
             qid = _field(rec, "question_id", path, where, (int, str))
             where = f"record {r} (question_id {qid})"
             label = rec.get("label")
+            first.setdefault(label is not None, where)
             out.append(
                 QAExample(
                     question_id=qid,
                     img_id=_field(rec, "img_id", path, where, str),
-                    sent=_field(rec, "sent", path, where, str),
+                    sent=_text(rec, "sent", path, where),
                     label=None if label is None else _answer_scores(label, path, where, "label"),
                     file=file,
                 )
             )
+        _one_labeling(path, first, "question")
     return out
 
 
@@ -462,23 +510,38 @@ def load_nlvr2(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[N
         data = _load_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a list of NLVR2 records")
+        first: dict[bool, str] = {}
         for r, rec in enumerate(data):
             ident = _field(rec, "identifier", path, f"record {r}", str)
             where = f"record {r} (identifier {ident})"
             label = rec.get("label")
             if label is not None and label not in (0, 1):
                 raise AnnotationError(f"{path}: {where} field 'label' must be 0 or 1, got {label!r}")
+            first.setdefault(label is not None, where)
             out.append(
                 NLVR2Example(
                     identifier=ident,
                     img0=_field(rec, "img0", path, where, str),
                     img1=_field(rec, "img1", path, where, str),
-                    sent=_field(rec, "sent", path, where, str),
+                    sent=_text(rec, "sent", path, where),
                     label=None if label is None else int(label),
                     file=file,
                 )
             )
+        _one_labeling(path, first, "statement")
     return out
+
+
+def require_labels(examples: Sequence[QAExample] | Sequence[NLVR2Example], what: str, noun: str) -> None:
+    """A train or dev split (`what`) must have labels: AnnotationError naming its files without them
+    (each file has labels for all its `noun`s or for none: the readers check that). Without, training
+    fails at its first step and a dev split at its first evaluation."""
+    unlabeled = list(dict.fromkeys(e.file for e in examples if e.label is None))
+    if unlabeled:
+        raise AnnotationError(
+            f"{what} ({', '.join(unlabeled)}): no {noun} has a label; train and dev files need them (only test "
+            "files may have none)"
+        )
 
 
 @dataclass
@@ -501,6 +564,15 @@ class RetrievalSplit:
             file=self.file,
         )
 
+    def require_two_images(self, what: str) -> None:
+        """Training pairs each caption with other images (negatives): AnnotationError naming the
+        split `what` and its file unless it holds two images or more."""
+        if len(self.image_ids) < 2:
+            raise AnnotationError(
+                f"{what} ({self.file}): {len(self.image_ids)} image(s); retrieval training needs at least two "
+                "(a caption's negatives are the other images)"
+            )
+
 
 def load_flickr30k(path: str | os.PathLike, splits: Sequence[str] | str = "test") -> RetrievalSplit:
     """Karpathy-split `dataset_flickr30k.json`, images whose "split" is in `splits`
@@ -519,8 +591,7 @@ def load_flickr30k(path: str | os.PathLike, splits: Sequence[str] | str = "test"
         img = len(image_ids)
         image_ids.append(Path(filename).stem)
         for s, sent in enumerate(sents):
-            raw = _field(sent, "raw", path, f"images[{r}] ({filename}) sentences[{s}]", str)
-            captions.append(raw)
+            captions.append(_text(sent, "raw", path, f"images[{r}] ({filename}) sentences[{s}]"))
             caption_image.append(img)
     if not image_ids:
         raise AnnotationError(f"{path}: no images in split(s) {sorted(wanted)}")

@@ -5,9 +5,11 @@
 Reads the feature stores (images, K, feature size, padding; detector label ids against
 num_object_labels / num_attribute_labels), the vocab, and every section the file has: the
 pre-training splits (sentences, sources, QA targets), VQA and GQA (questions, labels outside the
-answer table), NLVR2 and Flickr30K, each with the images no store holds. It prints a line per store
-and split, then every problem found, where a launcher stops at the first one; the exit status is 1
-when there is any. No GPU and no process group: a login node will do.
+answer table), NLVR2 and Flickr30K, each with the images no store holds. The train and valid splits
+of a section it has are checked as a training run reads them: files listed, labels (VQA, GQA, NLVR2),
+two images or more (Flickr30K train). It prints a line per store and split, then every problem found,
+where a launcher stops at the first one; the exit status is 1 when there is any. No GPU and no
+process group: a login node will do.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from semvlp.data.annotations import load_flickr30k, load_gqa, load_nlvr2, load_pretrain_annotations, load_vqa
-from semvlp.data.config import DataConfig
+from semvlp.data.annotations import (
+    load_flickr30k,
+    load_gqa,
+    load_nlvr2,
+    load_pretrain_annotations,
+    load_vqa,
+    require_labels,
+)
+from semvlp.data.config import TRAINING_SPLITS, DataConfig, require_files
 from semvlp.data.pretrain_dataset import check_label_counts, check_train_corpus, load_pretrain_answer_table
 from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
@@ -36,12 +45,13 @@ class DataReport:
         self.lines: list[str] = []
         self.problems: list[str] = []
 
-    def attempt(self, what: str, read: Callable[[], T]) -> T | None:
-        """`read()`, or None with its error recorded as a problem of `what`."""
+    def attempt(self, what: str | None, read: Callable[[], T]) -> T | None:
+        """`read()`, or None with its error recorded as a problem of `what` (None: an error that names
+        its section and split itself)."""
         try:
             return read()
         except (ValueError, OSError, KeyError) as e:  # the data errors the readers raise, naming the file
-            self.problems.append(f"{what}: {e}")
+            self.problems.append(f"{what}: {e}" if what is not None else str(e))
             return None
 
     def check_images(self, what: str, image_ids: Iterable[str], stores: FeatureStoreSet | None, files) -> None:
@@ -88,9 +98,9 @@ def check_data(path: str | os.PathLike) -> DataReport:
 def _check_pretrain(report: DataReport, cfg: DataConfig, stores: FeatureStoreSet | None) -> None:
     section = cfg.pretrain
     table = report.attempt("pretrain.answer_table", lambda: load_pretrain_answer_table(cfg))
-    for split in ("train", "valid"):
-        files = getattr(section, split)
-        if not files:
+    for split in TRAINING_SPLITS:
+        files, listed = getattr(section, split), f"pre-training {split}"  # the launcher's words
+        if not report.attempt(f"pretrain {split}", lambda files=files, listed=listed: require_files(files, listed)):
             continue
         corpus = report.attempt(
             f"pretrain {split}", lambda files=files: load_pretrain_annotations(files, section.sources, table)
@@ -116,9 +126,10 @@ def _check_qa(
 ) -> None:
     section = getattr(cfg, name)
     table = report.attempt(f"{name} answer table", lambda: section.load_answer_table(name))
+    training = _trains(report, name, section)
     for split in SPLITS:
         files = getattr(section, split)
-        examples = report.attempt(f"{name} {split}", lambda files=files: load(files)) if files else None
+        examples = _read_examples(report, f"{name} {split}", files, split, load, "question", training)
         if examples is None:
             continue
         labels = [e.label for e in examples if e.label is not None]
@@ -131,10 +142,43 @@ def _check_qa(
         report.check_images(f"{name} {split}", [e.img_id for e in examples], stores, files)
 
 
+def _trains(report: DataReport, name: str, section) -> bool:
+    """Whether a fine-tuning section is for training (it lists train or dev files); one with test
+    files only is for --predict_only, which needs neither."""
+    if any(getattr(section, split) for split in TRAINING_SPLITS):
+        return True
+    report.lines.append(f"{name}: test files only (predictions with --predict_only)")
+    return False
+
+
+def _read_examples(
+    report: DataReport,
+    what: str,
+    files: tuple[str, ...],
+    split: str,
+    load: Callable[[Sequence[str]], list],
+    noun: str,
+    training: bool,
+) -> list | None:
+    """The questions or statements of one split (None when there are none to summarize), with what the
+    fine-tuning launchers stop on: a split without a `noun`; in a section for `training`, a train or
+    dev split without files or without labels."""
+    needs_labels = training and split in TRAINING_SPLITS
+    if needs_labels:
+        report.attempt(what, lambda: require_files(files, what))
+    examples = report.attempt(what, lambda: load(files)) if files else None
+    if examples is not None and not examples:
+        report.problems.append(f"{what} ({', '.join(files)}): no {noun}s")
+    elif examples is not None and needs_labels:
+        report.attempt(None, lambda: require_labels(examples, what, noun))
+    return examples
+
+
 def _check_nlvr2(report: DataReport, cfg: DataConfig, stores: FeatureStoreSet | None) -> None:
+    training = _trains(report, "nlvr2", cfg.nlvr2)
     for split in SPLITS:
         files = getattr(cfg.nlvr2, split)
-        examples = report.attempt(f"nlvr2 {split}", lambda files=files: load_nlvr2(files)) if files else None
+        examples = _read_examples(report, f"nlvr2 {split}", files, split, load_nlvr2, "statement", training)
         if examples is not None:
             report.lines.append(f"nlvr2 {split}: {len(examples)} statements")
             images = [i for e in examples for i in (e.img0, e.img1)]
@@ -151,6 +195,8 @@ def _check_flickr30k(report: DataReport, cfg: DataConfig, stores: FeatureStoreSe
             report.lines.append(
                 f"flickr30k {split} {list(karpathy)}: {len(data.image_ids)} images, {len(data.captions)} captions"
             )
+            if split == "train":
+                report.attempt(None, lambda data=data: data.require_two_images("flickr30k train"))
             report.check_images(f"flickr30k {split}", data.image_ids, stores, [section.annotations])
 
 

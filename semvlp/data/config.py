@@ -33,7 +33,18 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semvlp.data.annotations import LXMERT_SOURCES, AnswerTable
+from semvlp.data.annotations import LXMERT_SOURCES, AnswerTable, read_utf8
+
+# The splits a training run cannot do without: it trains on train and keeps the weights that do best
+# on valid (the dev split), so both need files, and (fine-tuning) labels. A test split may have neither.
+TRAINING_SPLITS = ("train", "valid")
+
+
+def require_files(files: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`files`, the data configuration's list for `what` (e.g. "vqa train"); ValueError when it is empty."""
+    if not files:
+        raise ValueError(f"the data configuration lists no {what} files")
+    return files
 
 
 def _path(default: object = dataclasses.MISSING) -> typing.Any:
@@ -136,11 +147,10 @@ class DataConfig:
         """Read a JSON file; relative paths resolve against its folder."""
         path = Path(path)
         cls.check_path(path)
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        try:
+            data = json.loads(read_utf8(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         try:
             return cls.from_dict(data, path.resolve().parent)
         except (TypeError, ValueError) as e:

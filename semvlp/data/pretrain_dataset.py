@@ -69,7 +69,7 @@ from semvlp.data.annotations import (
     load_pretrain_annotations,
 )
 from semvlp.data.batching import IGNORE_INDEX, gather_tokens, text_batch, visual_batch
-from semvlp.data.config import DataConfig
+from semvlp.data.config import DataConfig, require_files
 from semvlp.data.loader import KeyedBatchDataset, ResumableLoader
 from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer, replacement_token_ids, tokenize_texts
@@ -316,9 +316,7 @@ def build_pretrain_dataset(
         raise ValueError("the data configuration has no 'pretrain' section")
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-    files = cfg.pretrain.train if split == "train" else cfg.pretrain.valid
-    if not files:
-        raise ValueError(f"the data configuration lists no pre-training {split} files")
+    files = require_files(cfg.pretrain.train if split == "train" else cfg.pretrain.valid, f"pre-training {split}")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab)
     answer_table = load_pretrain_answer_table(cfg)
     corpus = load_pretrain_annotations(files, cfg.pretrain.sources, answer_table)

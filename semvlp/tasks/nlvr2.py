@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semvlp.data.annotations import NLVR2Example, load_nlvr2
+from semvlp.data.annotations import NLVR2Example, load_nlvr2, require_labels
 from semvlp.data.batching import gather_tokens, text_batch, visual_batch
-from semvlp.data.config import DataConfig
+from semvlp.data.config import TRAINING_SPLITS, DataConfig, require_files
 from semvlp.data.loader import KeyedBatchDataset
 from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
@@ -40,10 +40,8 @@ class NLVR2Dataset(KeyedBatchDataset):
             raise ValueError(f"{what}: no statements")
         self.rows = rows[keep]
         self.stores = stores
-        unlabeled = sum(e.label is None for e in self.examples)
-        if unlabeled not in (0, len(self.examples)):
-            raise ValueError(f"{what}: {unlabeled} of {len(self.examples)} statements have no label")
-        self.labeled = unlabeled == 0
+        self.num_unlabeled = sum(e.label is None for e in self.examples)
+        self.labeled = self.num_unlabeled == 0  # a test split may mix files with and without labels: no metrics
         self.token_ids, self.token_offsets = tokenize_texts(tokenizer, [e.sent for e in self.examples], max_text_len)
 
     def __len__(self) -> int:
@@ -70,17 +68,23 @@ class NLVR2Task(FinetuneTask):
             raise ConfigError(f"--data {run.data}: no 'nlvr2' section (docs/data_format.md)")
         datasets, notes = {}, []
         for split in splits:
+            what = f"nlvr2 {split}"
             files = getattr(data.nlvr2, split)
+            trained_on = split in TRAINING_SPLITS and not run.predict_only
+            if trained_on:
+                require_files(files, what)
             if not files:
-                if split in ("train", "valid") and not run.predict_only:
-                    raise ConfigError(f"the data configuration lists no nlvr2 {split} files")
-                notes.append(f"nlvr2 {split}: no files listed, skipped")
+                notes.append(f"{what}: no files listed, skipped")
                 continue
-            ds = NLVR2Dataset(load_nlvr2(files), stores, tokenizer, data.max_text_len, run.skip_missing,
-                              f"nlvr2 {split}")  # fmt: skip
+            examples = load_nlvr2(files)
+            if trained_on:  # else the first step (train) or evaluation (valid) fails, mid-run
+                require_labels(examples, what, "statement")
+            ds = NLVR2Dataset(examples, stores, tokenizer, data.max_text_len, run.skip_missing, what)
             datasets[split] = ds
+            some = "" if ds.num_unlabeled == len(ds) else f", {ds.num_unlabeled} of them"
+            unlabeled = f"{some} without labels" if ds.num_unlabeled else ""
             skipped = f", {ds.num_skipped} skipped (an image in no store)" if ds.num_skipped else ""
-            notes.append(f"nlvr2 {split}: {len(ds)} statements{'' if ds.labeled else ' without labels'}{skipped}")
+            notes.append(f"{what}: {len(ds)} statements{unlabeled}{skipped}")
         super().__init__(run, datasets)
         self.notes = notes
 

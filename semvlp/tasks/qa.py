@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semvlp.data.annotations import AnswerTable, QAExample, load_gqa, load_vqa
+from semvlp.data.annotations import AnswerTable, QAExample, load_gqa, load_vqa, require_labels
 from semvlp.data.batching import gather_tokens, text_batch, visual_batch
-from semvlp.data.config import DataConfig, QAData
+from semvlp.data.config import TRAINING_SPLITS, DataConfig, QAData, require_files
 from semvlp.data.loader import KeyedBatchDataset
 from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
@@ -76,10 +76,8 @@ class QADataset(KeyedBatchDataset):
         self.rows = rows[rows >= 0]
         self.stores = stores
         self.num_answers = len(table)
-        unlabeled = sum(e.label is None for e in self.examples)
-        if unlabeled not in (0, len(self.examples)):
-            raise ValueError(f"{what}: {unlabeled} of {len(self.examples)} questions have no label")
-        self.labeled = unlabeled == 0
+        self.num_unlabeled = sum(e.label is None for e in self.examples)
+        self.labeled = self.num_unlabeled == 0  # a test split may mix files with and without labels: no metrics
         self.token_ids, self.token_offsets = tokenize_texts(tokenizer, [e.sent for e in self.examples], max_text_len)
         # Targets as (example, answer id, score) triples: a dense [n, A] table would be 630K x 3129 for VQA.
         triples = [(i, a, s) for i, e in enumerate(self.examples) if e.label
@@ -119,15 +117,18 @@ class QATask(FinetuneTask):
         self.coverage = {}
         notes = []
         for split in splits:
-            files = getattr(section, split)
-            if not files:
-                if split in ("train", "valid") and not run.predict_only:
-                    raise ConfigError(f"the data configuration lists no {variant.name} {split} files")
-                notes.append(f"{variant.name} {split}: no files listed, skipped")
-                continue
             what = f"{variant.name} {split}"
-            ds = QADataset(variant.loader(files), stores, tokenizer, self.table, data.max_text_len,
-                           run.skip_missing, what)  # fmt: skip
+            files = getattr(section, split)
+            trained_on = split in TRAINING_SPLITS and not run.predict_only
+            if trained_on:
+                require_files(files, what)
+            if not files:
+                notes.append(f"{what}: no files listed, skipped")
+                continue
+            examples = variant.loader(files)
+            if trained_on:  # else the first step (train) or evaluation (valid) fails, mid-run
+                require_labels(examples, what, "question")
+            ds = QADataset(examples, stores, tokenizer, self.table, data.max_text_len, run.skip_missing, what)
             datasets[split] = ds
             if ds.num_skipped:
                 notes.append(f"{what}: {ds.num_skipped} questions skipped (image in no store)")
@@ -140,7 +141,8 @@ class QATask(FinetuneTask):
                     f"unanswerable: the {variant.metric} is capped at {cov.score_cap:.4f}"
                 )
             else:
-                notes.append(f"{what}: {len(ds)} questions without labels (predictions only)")
+                some = "" if ds.num_unlabeled == len(ds) else f", {ds.num_unlabeled} of them"
+                notes.append(f"{what}: {len(ds)} questions{some} without labels (predictions only)")
         super().__init__(run, datasets)
         self.notes = notes
 

@@ -82,9 +82,8 @@ class RetrievalTrainDataset(KeyedBatchDataset):
     images), plus `index` [B]."""
 
     def __init__(self, split: RetrievalSplit, rows: np.ndarray, stores: FeatureStoreSet, tokenizer,
-                 max_text_len: int, negatives: int):  # fmt: skip
-        if len(split.image_ids) < 2:
-            raise ValueError("retrieval training needs at least two images")
+                 max_text_len: int, negatives: int, what: str):  # fmt: skip
+        split.require_two_images(what)  # with one, drawing a negative image would never end
         self.split, self.rows, self.stores, self.negatives = split, rows, stores, negatives
         self.token_ids, self.token_offsets = tokenize_texts(tokenizer, split.captions, max_text_len)
 
@@ -136,7 +135,8 @@ class RetrievalTask(FinetuneTask):
             part, rows, skipped = _split_rows(load_flickr30k(data.flickr30k.annotations, names), stores,
                                               run.skip_missing, what)  # fmt: skip
             if split == "train":
-                datasets[split] = RetrievalTrainDataset(part, rows, stores, tokenizer, data.max_text_len, run.negatives)
+                datasets[split] = RetrievalTrainDataset(part, rows, stores, tokenizer, data.max_text_len, run.negatives,
+                                                        what)  # fmt: skip
             else:
                 if run.eval_images:
                     keep = np.arange(len(part.image_ids)) < run.eval_images
