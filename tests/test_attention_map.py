@@ -182,4 +182,4 @@ def test_a_folder_that_is_not_an_export_is_named(world, tmp_path, capsys):
     assert f"{tmp_path}: not a SemVLP export" in capsys.readouterr().err
     (tmp_path / "config.json").write_text((world["export"] / "config.json").read_text())
     assert main([str(tmp_path), *_args(world)[1:]]) == 2
-    assert f"{tmp_path}: not a loadable SemVLP export" in capsys.readouterr().err
+    assert f"{tmp_path}: no weights (model.safetensors or pytorch_model.bin)" in capsys.readouterr().err
