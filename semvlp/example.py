@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from semvlp.checkpoint import weights_file
 from semvlp.config import is_semvlp_export
-from semvlp.data.store import FeatureStore, ImageFeatures
+from semvlp.data.store import BadRecordError, FeatureStore, ImageFeatures, check_image
 from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
 from semvlp.model import SemVLPModel
 
@@ -78,11 +78,20 @@ def encode_text(tokenizer: BertTokenizerFast, text: str, option: str) -> list[in
 
 
 def read_images(store_path: str | Path, image_ids: list[str]) -> list[ImageFeatures]:
+    """The images, each checked as the converters check what they write (a store made by other means
+    may hold NaN features or unnormalized boxes: a prediction of NaN otherwise)."""
     store = FeatureStore(store_path)
     try:
-        return [store.read(image_id) for image_id in image_ids]
+        images = [store.read(image_id) for image_id in image_ids]
     finally:
         store.close()
+    for image in images:
+        fields = {k: v for k, v in vars(image).items() if k != "image_id"}
+        try:
+            check_image(**fields, num_objects=store.num_objects, feature_dim=store.feature_dim)
+        except BadRecordError as e:
+            raise ValueError(f"{store_path}: image {image.image_id!r}: {e}") from e
+    return images
 
 
 def visual_inputs(images: list[ImageFeatures]) -> dict[str, torch.Tensor | None]:

@@ -306,7 +306,8 @@ def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int)
     bad = [name for name, value in terms.items() if not torch.isfinite(value)]
     raise NonFiniteLossError(
         f"non-finite loss at step {step + 1} (term(s): {', '.join(bad) or 'total'}; "
-        f"values: { {k: float(v) for k, v in terms.items()} }). Stopping; the last complete checkpoint is untouched."
+        f"values: { {k: float(v) for k, v in terms.items()} }). Stopping; the last complete checkpoint is untouched. "
+        "(Bad input? `python -m semvlp.data.check` lists the images of feature stores with non-finite values.)"
     )
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from semvlp.data.check import main
@@ -63,6 +66,33 @@ def test_a_data_json_that_does_not_parse_is_the_one_problem(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "1 problem(s):",
         f"  data.json: {broken}: invalid JSON at line 2: Expecting value",
+    ]
+
+
+def test_values_the_converters_refuse_are_named_with_their_images(toy, capsys):
+    """A store made by other means (edited, or written without FeatureStoreWriter): NaN features failed
+    the first step with a non-finite loss naming no image, pixel boxes with a model error naming no
+    store, and inverted boxes trained silently."""
+    data = json.loads(toy.read_text())
+    store = toy.parent / data["stores"][0]
+    bad = toy.parent / "bad.h5"
+    shutil.copyfile(store, bad)
+    with h5py.File(bad, "r+") as f:
+        ids = [i.decode() for i in f["image_ids"][:]]
+        f["features"][3, 7, 11] = np.nan
+        f["features"][150, 0, 0] = np.inf
+        f["boxes"][5, 2] = [0.6, 0.1, 0.2, 0.9]  # x2 < x1
+        f["boxes"][7, 0, 2] = 640.0  # pixels, not normalized
+        f["obj_confs"][9, 4] = np.nan
+    data["stores"] = [str(bad)]
+    (toy.parent / "bad.json").write_text(json.dumps(data))
+    assert main([str(toy.parent / "bad.json")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "4 problem(s):",
+        f"  {bad}: features hold non-finite values, image {ids[3]!r} (row 3) and 1 more",
+        f"  {bad}: boxes are not normalized to [0, 1], image {ids[7]!r} (row 7)",
+        f"  {bad}: a box has x2 < x1 or y2 < y1, image {ids[5]!r} (row 5)",
+        f"  {bad}: obj_confs hold non-finite values, image {ids[9]!r} (row 9)",
     ]
 
 

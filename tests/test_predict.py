@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +134,18 @@ def test_an_nlvr2_export_takes_two_images(world, capsys):
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_option(world, export, extra, message, capsys):
     assert main(_args(world, export, *extra)) == 2  # a repeated option: argparse takes the last
+    assert message in capsys.readouterr().err
+
+
+def test_an_image_with_values_the_converters_refuse_is_named(world, tmp_path, capsys):
+    """A store made by other means, with a NaN feature: the prediction was NaN, exit status 0."""
+    store = tmp_path / "features.h5"
+    shutil.copyfile(world["store"], store)
+    with h5py.File(store, "r+") as f:
+        row = [i.decode() for i in f["image_ids"][:]].index(world["image_ids"][0])
+        f["features"][row, 3, 5] = np.nan
+    assert main([*_args(world, "vqa"), "--store", str(store)]) == 2
+    message = f"error: {store}: image {world['image_ids'][0]!r}: field 'features': contains NaN or infinite values"
     assert message in capsys.readouterr().err
 
 

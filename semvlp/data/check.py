@@ -3,13 +3,14 @@
     python -m semvlp.data.check /data/semvlp/data.json
 
 Reads the feature stores (images, K, feature size, padding; detector label ids against
-num_object_labels / num_attribute_labels), the vocab, and every section the file has: the
-pre-training splits (sentences, sources, QA targets), VQA and GQA (questions, labels outside the
-answer table), NLVR2 and Flickr30K, each with the images no store holds. The train and valid splits
-of a section it has are checked as a training run reads them: files listed, labels (VQA, GQA, NLVR2),
-two images or more (Flickr30K train). It prints a line per store and split, then every problem found,
-where a launcher stops at the first one; the exit status is 1 when there is any. No GPU and no
-process group: a login node will do.
+num_object_labels / num_attribute_labels; every value: non-finite features or confidences, boxes not
+normalized or inverted, which the converters refuse but a store made by other means may hold), the
+vocab, and every section the file has: the pre-training splits (sentences, sources, QA targets), VQA
+and GQA (questions, labels outside the answer table), NLVR2 and Flickr30K, each with the images no
+store holds. The train and valid splits of a section it has are checked as a training run reads
+them: files listed, labels (VQA, GQA, NLVR2), two images or more (Flickr30K train). It prints a line
+per store and split, then every problem found, where a launcher stops at the first one; the exit
+status is 1 when there is any. No GPU and no process group: a login node will do.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def check_data(path: str | os.PathLike) -> DataReport:
             f"{', '.join(cfg.stores)}"
         )
         report.attempt("stores", lambda: check_label_counts(cfg, stores))
+        for store in stores.stores:  # values the converters refuse, in a store made by other means
+            report.problems += report.attempt("stores", store.value_problems) or []
     tokenizer = report.attempt("vocab", lambda: load_tokenizer(cfg.vocab))
     if tokenizer is not None:
         report.lines.append(f"vocab: {len(tokenizer)} tokens: {cfg.vocab}")
