@@ -252,6 +252,16 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
+def rank_process(launcher: psutil.Process, rank: str) -> psutil.Process:
+    """The launcher's rank `rank`: the descendant with that RANK whose parent has another (its loader
+    workers inherit RANK from it)."""
+    for process in launcher.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # e.g. a short-lived helper process that has exited
+            if process.environ().get("RANK") == rank and process.parent().environ().get("RANK") != rank:
+                return process
+    raise AssertionError(f"no rank {rank} among the launcher's processes")
+
+
 def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(tmp_path, toy_data):
     """A scheduler's time limit (SLURM: SIGTERM to every task, SIGKILL after KillWait) or a spot
     instance's notice: the ranks agree on a step at most two after the signal, with no log step near
@@ -272,9 +282,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
         while steps_done(log) < 3:  # rank 0's progress bar
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
-        processes = psutil.Process(launcher.pid).children(recursive=True)
-        (rank1,) = [p for p in processes if p.environ().get("RANK") == "1" and p.parent().environ().get("RANK") != "1"]
-        rank1.send_signal(signal.SIGTERM)
+        rank_process(psutil.Process(launcher.pid), "1").send_signal(signal.SIGTERM)
         at_least = steps_done(log)
         assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
