@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from semvlp.data import ensure_toy_world
 from semvlp.data.annotations import AnnotationError, MissingImagesError, load_flickr30k, load_nlvr2, load_vqa
 from semvlp.data.config import DataConfig
 from semvlp.data.store import FeatureStore, open_stores
 from semvlp.data.tokenizer import load_tokenizer
-from semvlp.data.toy import ToySpec
+from semvlp.data.toy import ToySpec, ensure_toy_world
 from semvlp.tasks.finetune import FinetuneConfig
 from semvlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task
 from semvlp.tasks.qa import GQA, VQA, QADataset, QATask

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from semvlp.data import build_pretrain_loader, ensure_toy_world
+from semvlp.data import build_pretrain_loader
 from semvlp.data import loader as loader_module
 from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable, MissingImagesError, PretrainCorpus
 from semvlp.data.batching import gather_tokens
@@ -27,7 +27,7 @@ from semvlp.data.pretrain_dataset import (
 )
 from semvlp.data.store import FeatureStore, FeatureStoreWriter, open_stores
 from semvlp.data.tokenizer import load_tokenizer
-from semvlp.data.toy import ToySpec
+from semvlp.data.toy import ToySpec, ensure_toy_world
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from semvlp.config import config_from_preset
-from semvlp.data import build_pretrain_loader, ensure_toy_world
+from semvlp.data import build_pretrain_loader
 from semvlp.data.config import DataConfig
 from semvlp.data.pretrain_dataset import pretraining_model_fields
-from semvlp.data.toy import ToySpec
+from semvlp.data.toy import ToySpec, ensure_toy_world
 from semvlp.model import PackedText, SemVLPForPreTraining, SemVLPModel
 from semvlp_kernels import dispatch
 

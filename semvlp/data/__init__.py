@@ -2,7 +2,7 @@
 
 Formats are documented in docs/data_format.md. The entry points:
 
-    ensure_toy_world(folder) -> path of data.json            (semvlp/data/toy.py)
+    semvlp.data.toy.ensure_toy_world(folder) -> path of data.json
     DataConfig.load(path)                                     (semvlp/data/config.py)
     python -m semvlp.data.check data.json                     (semvlp/data/check.py)
     build_pretrain_loader(data_config, tokenizer, batch_size, rank, world_size, seed,
@@ -31,7 +31,8 @@ from semvlp.data.pretrain_dataset import (
 )
 from semvlp.data.store import FeatureStore, FeatureStoreSet, FeatureStoreWriter, ImageFeatures, open_stores
 from semvlp.data.tokenizer import load_tokenizer
-from semvlp.data.toy import ensure_toy_world
+
+# Not the toy world: imported here, `python -m semvlp.data.toy` would find it imported already (a runpy warning).
 
 __all__ = [
     "AnswerTable",
@@ -47,7 +48,6 @@ __all__ = [
     "ResumableLoader",
     "build_pretrain_dataset",
     "build_pretrain_loader",
-    "ensure_toy_world",
     "load_flickr30k",
     "load_gqa",
     "load_nlvr2",
