@@ -127,6 +127,12 @@ def latest_tag(directory: str | Path) -> str | None:
     return tag
 
 
+def check_shards(folder: Path) -> None:
+    """Every torch file of checkpoint `folder` is whole (check_torch_file), before DeepSpeed reads them."""
+    for shard in sorted(folder.glob("*.pt")):
+        check_torch_file(shard)
+
+
 def check_torch_file(path: Path) -> None:
     """ValueError naming `path` unless it is a whole torch.save archive: a zip, whose directory at
     its end a truncated file lacks. torch.load's own errors name no file."""
@@ -191,8 +197,7 @@ def load_latest(engine, directory: str | Path) -> dict | None:
         )
     if (folder / CONFIG).is_file():
         check_same_model(engine.module, folder)
-    for shard in sorted(folder.glob("*.pt")):
-        check_torch_file(shard)
+    check_shards(folder)
     path, client_state = engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )

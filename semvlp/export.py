@@ -57,8 +57,7 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     for name in (checkpoint.CONFIG, checkpoint.VOCAB):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: no {name}, so the model it holds is unknown (saved by an older semvlp?)")
-    for shard in sorted(folder.glob("*.pt")):
-        checkpoint.check_torch_file(shard)
+    checkpoint.check_shards(folder)
     try:
         config = SemVLPConfig.from_json_file(folder / checkpoint.CONFIG)
     except (ValueError, OSError) as e:  # json's errors name no file
