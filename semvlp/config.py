@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -126,8 +127,14 @@ def is_semvlp_export(folder: str | Path) -> bool:
     config = Path(folder) / "config.json"
     if not config.is_file():
         return False
-    try:
-        fields = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from e
+    fields = read_config_json(config)
     return isinstance(fields, dict) and fields.get("model_type") == SemVLPConfig.model_type
+
+
+def read_config_json(path: str | Path) -> Any:
+    """A model folder's config.json (SemVLP's or BERT's), parsed; ValueError naming the file when it
+    does not parse (json's own errors name no file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

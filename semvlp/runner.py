@@ -19,7 +19,7 @@ import deepspeed
 import torch
 
 from semvlp import checkpoint, dist
-from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export
+from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export, read_config_json
 from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
 from semvlp.export import export_checkpoint
@@ -179,7 +179,7 @@ _DATA_SAYS = {
 def _check_init_fits_data(init_from: Path, fields: dict) -> None:
     """An --init_from whose word embeddings or visual projection the data cannot use is named, not
     silently replaced by new weights (a BERT folder has no visual_feat_dim: its projection is new)."""
-    theirs = json.loads((init_from / "config.json").read_text())
+    theirs = read_config_json(init_from / "config.json")
     for name, says in _DATA_SAYS.items():
         if name in fields and theirs.get(name) not in (None, fields[name]):
             raise ConfigError(

@@ -7,7 +7,6 @@ visual embedding, cross-attention sub-layers and the other heads start fresh.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from semvlp.checkpoint import weights_file
-from semvlp.config import SemVLPConfig
+from semvlp.config import SemVLPConfig, read_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +60,7 @@ def config_from_bert(bert_dir: str | Path, **overrides) -> SemVLPConfig:
         export = Path(bert_dir) / "export"
         hint = f" (a run folder? its model is {export})" if (export / "config.json").is_file() else ""
         raise FileNotFoundError(f"{path}: no config.json in the BERT folder {bert_dir}{hint}")
-    try:
-        bert = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    bert = read_config_json(path)
     fields = {k: bert[k] for k in BERT_CONFIG_FIELDS if k in bert}
     return SemVLPConfig(**{**fields, **overrides})
 
