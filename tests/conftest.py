@@ -18,6 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 # DeepSpeed's CPU all-reduce maps one 66 MB shared-memory buffer per rank, named after the master
 # port, and leaves it in /dev/shm when the processes exit. Our launchers remove theirs at exit
 # (semvlp/runner.py), but a run a test kills or times out cannot; the launcher tests pick ports from
@@ -32,6 +33,14 @@ def _remove_deepspeed_shm_buffers():
     yield
     for path in set(shm.glob(SHM_BUFFERS)) - before:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """The data.json of a toy world of the default size, what `make demo` trains on (made once)."""
+    from semvlp.data.toy import ensure_toy_world
+
+    return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
 
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"

@@ -13,7 +13,7 @@ fine-tune GQA, the same QA task, and NLVR2 two-stream); GQA (prior worth
 shorter schedule and are checked for complete, well-formed predictions and metrics only. Grounding
 comes from pre-training: fine-tuned from the export of a demo-length pre-training run, NLVR2 reaches
 ~0.84 and GQA ~0.49 (its color questions 0.43 against chance 1/8), and the export ranks retrieval
-pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_pretrain.py, test_demo_export_*).
+pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_demo.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
+from _launch import CPU_CONFIG, DEEPSPEED, LAUNCH_PORT, REPO, records
 
 
 def launch(
@@ -43,17 +40,11 @@ def launch(
     if processes == 1:
         cmd = [sys.executable, str(path)]
     else:
-        port = str(29300 + os.getpid() % 300)
-        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(path)]
+        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(path)]
     cmd += ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--num_workers", "1", *args]
     if wrap is not None:
         cmd = wrap(cmd)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="session")

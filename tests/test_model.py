@@ -353,7 +353,7 @@ def test_pooled_vector_learns_a_label_of_the_image_text_pair(mode):
     so neither the image nor the caption alone tells the label: fitting all 12 pairs needs a pooled
     vector that reads both (single-stream: h_CLS attending to the objects; two-stream: o_IMG through
     the cross-attention). The pre-training demo's single-stream ITM takes off too late, and too
-    chaotically, for its test to assert on (tests/test_pretrain.py); this checks the path itself."""
+    chaotically, for its test to assert on (tests/test_demo.py); this checks the path itself."""
     torch.manual_seed(0)
     model = SemVLPModel(tiny_config(visual_feat_dim=32))
     head = torch.nn.Linear(model.config.hidden_size, 2)

@@ -8,65 +8,23 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from _launch import CPU_CONFIG, LAUNCH_PORT, REPO, one_process_ds_config, pretrain_command, records, run_pretrain
 
 from semvlp import runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
-
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-LAUNCH_PORT = str(29600 + os.getpid() % 300)  # per pytest process, so concurrent sessions do not collide
-
-
-def one_process_ds_config() -> Path:
-    """ds_configs/cpu.json with a global batch of 16, what one process runs (a fresh temporary file)."""
-    single = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    single["train_batch_size"] = single["train_micro_batch_size_per_gpu"]
-    config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
-    config.write_text(json.dumps(single))
-    return config
-
-
-def pretrain_command(args: list[str], processes: int = 2, script: str = "pretrain.py") -> tuple[list[str], dict]:
-    """launch/<script> on ds_configs/cpu.json (2 ranks x 16); one process runs with a global batch of 16."""
-    launcher = REPO / "launch" / script
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    config = REPO / "ds_configs" / "cpu.json"
-    if processes == 1:
-        cmd = [sys.executable, str(launcher)]
-        config = one_process_ds_config()
-    else:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
-    return [*cmd, "--deepspeed_config", str(config), "--preset", "tiny", *args], env
-
-
-def run_pretrain(
-    args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
-) -> subprocess.CompletedProcess:
-    cmd, env = pretrain_command(args, processes, script)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def steps_done(log: Path) -> int:
     """The last step count of rank 0's progress bar in a launcher's `log`, 0 before the first."""
     counts = re.findall(r"(\d+)/\d+ \[", log.read_text(errors="replace"))
     return int(counts[-1]) if counts else 0
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def fp32_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -100,13 +58,6 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    from semvlp.data.toy import ensure_toy_world
-
-    return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
-
-
 def eager_args(toy_data: Path) -> list[str]:
     """4 steps of the tiny preset in one process, the QA loss from step 2, logging every step: `eager_run`'s."""
     return ["--data", str(toy_data), "--max_steps", "4", "--qa_from_step", "2", "--log_every", "1",
@@ -136,7 +87,7 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
         buffer.write_bytes(b"stale state flags")
     run_dir = tmp_path / "run"
     # DeepSpeed's other monitors get the same records as TensorBoard; csv_monitor stands for them here.
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config = json.loads(CPU_CONFIG.read_text())
     config["csv_monitor"] = {"enabled": True, "output_path": "auto", "job_name": "semvlp"}
     config.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     (tmp_path / "csv.json").write_text(json.dumps(config))
@@ -554,7 +505,7 @@ def test_init_from_a_training_checkpoint_names_the_export_command(tmp_path, toy_
 def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data, capsys, load_launcher, monkeypatch):
     """With the world size DeepSpeed's launcher gives 2 ranks (WORLD_SIZE), a global batch that is not
     micro-batch x accumulation x ranks stops the run before the data is read."""
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config = json.loads(CPU_CONFIG.read_text())
     config["train_batch_size"] = 48  # 16 x 1 x 2 ranks = 32
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(config))
@@ -607,137 +558,6 @@ def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path, toy_data):
     assert result.returncode == 1
     assert "non-finite loss at step 1 (term(s): itm" in result.stderr
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, toy_data) -> Path:
-    """What `make demo` runs: 2 processes, 2,000 steps (~8 CPU minutes); its output folder."""
-    run_dir = tmp_path_factory.mktemp("demo")
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "2000", "--eval_every", "500",
-         "--eval_batches", "10", "--log_every", "100", "--num_workers", "0"],
-        timeout=1800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-@pytest.mark.slow
-def test_demo_length_run_learns_image_text_matching(demo_run):
-    """Held-out two-stream image-text matching sits at chance at first, leaves it after ~1,000-1,500
-    steps and ends above 0.9; masked-LM and object-label accuracy are learned in both modes.
-
-    Not asserted: single-stream ITM (printed). It takes off only after two-stream, by a lag that
-    moves with floating-point rounding, so where it stands at step 2,000 depends on the CPU as much
-    as on the code: seed 42 ends at 0.925 on an Intel Xeon and at 0.778 on an AMD EPYC (0.669 on
-    its AVX2 code paths), and it has ended at 0.67-0.93 over seeds and rounding-only changes
-    (docs/data_format.md section 6). That the single-stream pooled vector can learn a label of the
-    pair is checked in tests/test_model.py. Also not reached at this length: QA well above its
-    language prior (~0.38 on the toy world; the run ends at 0.39-0.45).
-    """
-    evaluations = records(demo_run, "eval")
-    first, final = evaluations[0], evaluations[-1]
-    assert (first["step"], final["step"]) == (500, 2000)
-    print(f"single-stream ITM accuracy at step 2000: {final['single/itm_acc']:.3f}")
-    for mode in ("single", "two"):
-        assert first[f"{mode}/itm_acc"] < 0.6, first  # chance at first: what follows is learned
-        assert final[f"{mode}/mlm_acc"] >= 0.75, final  # 0.82-0.85 measured; 1/vocab at init
-        assert final[f"{mode}/obj_label_acc"] >= 0.85, final  # 0.94 measured
-    assert final["two/itm_acc"] >= 0.8, (first, final)  # 0.90-0.94 in every run measured
-
-
-def fine_tune_demo_export(demo_run: Path, toy_data: Path, out: Path, script: str, args: list[str]) -> dict:
-    """launch/<script> (two-stream, batch 16) from the demo run's export; its results.json."""
-    result = run_pretrain(
-        ["--data", str(toy_data), "--init_from", str(demo_run / "export"), "--mode", "two", "--epochs", "0",
-         "--batch_size", "16", "--output_dir", str(out), *args],
-        script=script,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
-
-
-@pytest.mark.slow
-def test_demo_export_fine_tunes_nlvr2_well_above_chance(demo_run, toy_data, tmp_path):
-    """The pre-trained export carries grounding: NLVR2 (balanced labels, the text alone gives nothing
-    away) fine-tuned from it for 120 steps (measured 0.81 dev / 0.84 test; 0.84 / 0.84 on an earlier
-    export). From random init it stays at chance (test_finetune.py)."""
-    args = ["--max_steps", "120", "--eval_every", "120", "--lr", "1e-4"]
-    results = fine_tune_demo_export(demo_run, toy_data, tmp_path / "nlvr2", "finetune_nlvr2.py", args)
-    # the export names its classifier's outputs, not the pre-training export's QA answers
-    assert json.loads((tmp_path / "nlvr2" / "export" / "config.json").read_text())["id2label"] == {
-        "0": "false",
-        "1": "true",
-    }
-    assert results["best"]["value"] >= 0.7, results["best"]  # dev accuracy; chance is 0.5
-    assert results["splits"]["test"]["accuracy"] >= 0.7, results["splits"]["test"]
-
-
-@pytest.mark.slow
-def test_demo_export_fine_tunes_gqa_beyond_the_question_prior(demo_run, toy_data, tmp_path):
-    """GQA fine-tuned from the export for 300 steps (1.2 epochs), scored on dev + test together (800
-    questions: one split's 400 leave a standard error of ~0.025, as large as the margins). A toy
-    question's words give away only its kind (semvlp/data/toy.py): text alone is worth ~0.38 here
-    (majority answer 0.36), and "what color is the X ?" stays at chance (1/8) unless the model reads
-    the image. Measured with seeds 42 / 1 / 2: accuracy 0.46 / 0.47 / 0.44, color questions 0.33 /
-    0.36 / 0.36; the same 300 steps from random init: 0.40 and 0.11. (One seed is not enough to set
-    a bar: at lr 3e-4 seeds 42 and 1 gave 0.44 / 0.48 and color 0.24 / 0.39.)
-    """
-    from semvlp.metrics import exact_match
-
-    out = tmp_path / "gqa"
-    args = ["--max_steps", "300", "--eval_every", "300", "--lr", "5e-4"]
-    fine_tune_demo_export(demo_run, toy_data, out, "finetune_gqa.py", args)
-    train = json.loads((toy_data.parent / "gqa_train.json").read_text())
-    majority = Counter(max(q["label"], key=q["label"].get) for q in train).most_common(1)[0][0]
-    questions, predictions = [], {}
-    for split, predicted in (("valid", "gqa_valid.json"), ("testdev", "gqa_test.json")):
-        questions += json.loads((toy_data.parent / f"gqa_{split}.json").read_text())
-        rows = json.loads((out / "predictions" / predicted).read_text())
-        predictions.update({str(p["questionId"]): p["prediction"] for p in rows})
-    labels = [q["label"] for q in questions]
-    accuracy = exact_match([predictions[str(q["question_id"])] for q in questions], labels)
-    assert accuracy >= exact_match([majority] * len(questions), labels) + 0.05, accuracy  # 0.41
-    color = [q for q in questions if " what color is the " in q["sent"]]
-    assert len(color) > 200
-    color_accuracy = exact_match([predictions[str(q["question_id"])] for q in color], [q["label"] for q in color])
-    assert color_accuracy >= 0.22, color_accuracy
-
-
-@pytest.mark.slow
-def test_demo_export_retrieves_zero_shot(demo_run, toy_data, tmp_path):
-    """--predict_only takes the pre-training export for retrieval: its ITM head ranks the pairs with no
-    fine-tuning (measured on this export's 50 test images: image R@1/5/10 0.17 / 0.74 / 0.98, as
-    high as 60 fine-tuning steps reach, 0.16 / 0.72 / 0.98; chance 0.02 / 0.10 / 0.20). Fine-tuning
-    retrieval itself is tested from random init in tests/test_finetune.py."""
-    out = tmp_path / "zero_shot"
-    result = run_pretrain(
-        ["--data", str(toy_data), "--init_from", str(demo_run / "export"), "--mode", "two", "--predict_only",
-         "--predict_splits", "test", "--eval_images", "50", "--output_dir", str(out)],
-        script="finetune_retrieval.py",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    test = json.loads((out / "results.json").read_text())["splits"]["test"]
-    assert (test["images"], test["captions"]) == (50, 250)
-    assert test["image_r5"] >= 0.4 and test["image_r10"] >= 0.6, test
-    assert test["r_mean"] >= 0.35, test  # chance ~0.1
-
-
-@pytest.mark.slow
-def test_eval_only_reproduces_the_runs_final_evaluation_from_its_export(demo_run, toy_data, tmp_path):
-    """--eval_only evaluates an export as the run evaluated itself: the demo export gives its run's
-    final held-out metrics, to the last digit (same batches, same masks, fp32 weights)."""
-    out = tmp_path / "eval"
-    result = run_pretrain(
-        ["--data", str(toy_data), "--init_from", str(demo_run / "export"), "--eval_only", "--eval_batches", "10",
-         "--num_workers", "0", "--output_dir", str(out)]
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
-    final = records(demo_run, "eval")[-1]
-    assert set(metrics) == {k for k in final if "/" in k}
-    assert metrics == pytest.approx({k: final[k] for k in metrics}, abs=1e-6)
-    assert not (out / "checkpoints").exists() and not (out / "export").exists()
 
 
 def test_eval_only_refuses_an_export_without_the_pretraining_heads(tmp_path, toy_data):
