@@ -17,7 +17,7 @@ from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable
 from semvlp.data.batching import gather_tokens
 from semvlp.data.config import DataConfig
 from semvlp.data.convert import RawImage, convert
-from semvlp.data.loader import BatchKey, ShardedBatchSampler, _WorkerBuffers
+from semvlp.data.loader import BatchKey, KeyedBatchDataset, ResumableLoader, ShardedBatchSampler, _WorkerBuffers
 from semvlp.data.pretrain_dataset import (
     MaskingConfig,
     PretrainDataset,
@@ -269,9 +269,44 @@ def test_resume_mid_epoch(light, num_workers):
     assert len(got) == 5
     for x, y in zip(got, reference[k : k + 5], strict=True):
         batches_equal(x, y)
-    other = build_pretrain_loader(light, batch_size=64, seed=1)
-    with pytest.raises(ValueError, match="batch_size=128 but this loader has batch_size=64"):
+    other = build_pretrain_loader(light, batch_size=128, seed=2)
+    with pytest.raises(ValueError, match="seed=1 but this loader has seed=2"):
         other.load_state_dict(state)
+
+
+class ExampleIndices(KeyedBatchDataset):
+    """Batches that are their examples' indices: which examples a loader hands out, and when."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
+        return {"indices": torch.from_numpy(indices)}
+
+
+@pytest.mark.parametrize("saved, resumed", [((2, 8), (1, 16)), ((2, 8), (4, 2)), ((4, 3), (3, 2)), ((1, 12), (2, 3))])
+def test_a_position_saved_by_other_ranks_continues_with_the_examples_not_yet_seen(saved, resumed):
+    """An elastic --resume: the state of (ranks, batch) = `saved` after 5 batches, loaded into loaders
+    of `resumed`; together they hand out each example of the epoch once, then begin the next epoch."""
+    (world, batch), (new_world, new_batch) = saved, resumed
+    dataset = ExampleIndices()
+    ranks = [ResumableLoader(dataset, batch, rank, world, seed=3) for rank in range(world)]
+    seen = [i for loader in ranks for b in collect(loader, 5) for i in b["indices"].tolist()]
+    state = ranks[0].state_dict()
+    rest = []
+    for rank in range(new_world):
+        loader = ResumableLoader(dataset, new_batch, rank, new_world, seed=3)
+        loader.load_state_dict(state)
+        rest += [i for b in loader for i in b["indices"].tolist()]  # the rest of epoch 0
+        assert loader.epoch == 1 and next(iter(loader))["indices"].numel() == new_batch
+    assert len(seen + rest) == len(set(seen + rest)) and len(seen) == 5 * world * batch
+    assert len(dataset) - len(seen + rest) < new_world * new_batch  # only the last partial step is dropped
+
+
+def test_a_position_that_other_ranks_cannot_reach_is_refused():
+    state = ResumableLoader(ExampleIndices(), 8, 0, 2, seed=3).state_dict() | {"position": 3}  # 48 examples
+    with pytest.raises(ValueError, match="after 48 examples of epoch 0, not a whole number of this loader's 5 ranks"):
+        ResumableLoader(ExampleIndices(), 2, 0, 5, seed=3).load_state_dict(state)
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])

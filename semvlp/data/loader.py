@@ -371,16 +371,36 @@ class ResumableLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position. The rank may differ (each rank restores its own
-        position), the other settings must match, or the batches would not be the same."""
+        """Continue from a saved position: the same batches follow when the state was saved by as many
+        ranks with the same batch size (the rank may differ: each rank restores its own position).
+
+        Saved by another number of ranks or batch size (an elastic resume), the epoch continues with
+        the examples it has not handed out yet: micro-batch i of the W ranks together holds the
+        epoch order's examples [i*W*b, (i+1)*W*b), so a position covers a prefix of the order, and
+        the position here that covers the same prefix is taken. Which rank gets which example, and
+        so the batches, differ from those of an uninterrupted run.
+        """
         s = self.sampler
-        for key in ("seed", "world_size", "batch_size", "num_examples"):
+        for key in ("seed", "num_examples"):
             if state[key] != getattr(s, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]} but this loader has "
                     f"{key}={getattr(s, key)}; the resumed batches would differ"
                 )
-        if not 0 <= state["position"] <= len(s):
-            raise ValueError(f"loader state position {state['position']} outside 0..{len(s)}")
-        self._cursor.epoch = int(state["epoch"])
-        self._cursor.position = int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        saved_step, step = state["world_size"] * state["batch_size"], s.world_size * s.batch_size
+        if saved_step != step:
+            handed_out = position * saved_step
+            if handed_out % step:
+                raise ValueError(
+                    f"loader state was saved by {state['world_size']} ranks x batch {state['batch_size']} after "
+                    f"{handed_out} examples of epoch {epoch}, not a whole number of this loader's "
+                    f"{s.world_size} ranks x batch {s.batch_size}"
+                )
+            position = handed_out // step
+            if position >= len(s):  # this sharding drops a longer tail: the epoch is over
+                epoch, position = epoch + 1, 0
+        if not 0 <= position <= len(s):
+            raise ValueError(f"loader state position {position} outside 0..{len(s)}")
+        self._cursor.epoch = epoch
+        self._cursor.position = position
