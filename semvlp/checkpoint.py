@@ -5,6 +5,8 @@ Layout of a checkpoint folder:
     step00001000/           DeepSpeed's files (model, ZeRO optimizer shards, scheduler, loss scaler,
                             client_state) + rng_rank{r}.pt per rank + config.json (the model's config
                             and class) + vocab.txt + COMPLETE
+      universal/            while a --resume on another number of processes loads it: the same
+                            checkpoint in DeepSpeed's universal format (load_latest)
 A crash while writing step N leaves `latest` naming step N-k, which is intact: resume uses it.
 DeepSpeed's own `latest` is disabled (save_latest=False) because it is written without a rename.
 config.json and vocab.txt make each complete checkpoint exportable on its own (semvlp.export).
@@ -18,6 +20,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -33,6 +37,7 @@ COMPLETE = "COMPLETE"
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in its order
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -181,30 +186,73 @@ def check_same_model(model: torch.nn.Module, folder: Path) -> None:
         )
 
 
+def saved_world_size(folder: Path) -> int:
+    """How many processes saved the checkpoint in `folder` (one RNG state each)."""
+    return len(list(folder.glob("rng_rank*.pt")))
+
+
 def load_latest(engine, directory: str | Path) -> dict | None:
-    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; return client_state."""
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; return client_state.
+
+    A checkpoint saved by another number of processes, whose ZeRO optimizer shards split the state
+    otherwise, is loaded through DeepSpeed's universal format (the engine built with
+    `checkpoint.load_universal`: runner.check_options): rank 0 converts it into a subfolder,
+    removed once loaded. The RNG states then start afresh (they are per rank).
+    """
     tag = latest_tag(directory)
     if tag is None:
         return None
     folder = Path(directory) / tag
-    saved, world = len(list(folder.glob("rng_rank*.pt"))), dist.world_size()
-    if saved != world:  # before DeepSpeed, whose error comes as a traceback after a partial load
-        raise ValueError(
-            f"--resume: {folder} was saved by {saved} processes and this run has {world}; ZeRO's optimizer "
-            f"shards cannot be split anew. Resume with {saved} processes, or export the weights "
-            f"(`python -m semvlp.export {folder} --out DIR`) and start a new run with --init_from DIR "
-            f"(optimizer state, lr schedule and data position then start afresh)"
-        )
     if (folder / CONFIG).is_file():
         check_same_model(engine.module, folder)
     check_shards(folder)
+    saved = saved_world_size(folder)
+    if saved == dist.world_size():
+        load_dir, load_tag = directory, tag
+    else:
+        if not engine.load_universal_checkpoint():
+            raise RuntimeError(
+                f"{folder} was saved by {saved} processes: build the engine with checkpoint.load_universal"
+            )
+        load_dir, load_tag = folder, _to_universal(folder).name
     path, client_state = engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
-    set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
+    if saved == dist.world_size():
+        set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
+    else:
+        dist.barrier()  # every rank has read it
+        if dist.is_main():
+            shutil.rmtree(folder / UNIVERSAL)
     return client_state
+
+
+def _to_universal(folder: Path) -> Path:
+    """`folder`'s checkpoint in DeepSpeed's universal format, in `folder/universal` (made by rank 0
+    with DeepSpeed's converter; the checkpoint itself is left as it is)."""
+    out = folder / UNIVERSAL
+    if dist.is_main():
+        tmp = folder / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # a previous resume's, not removed: converted again
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
+                   "--num_merge_workers", "1"]  # fmt: skip
+        print(f"{folder} was saved by {saved_world_size(folder)} processes and this run has "
+              f"{dist.world_size()}: converting it to DeepSpeed's universal checkpoint format", flush=True)  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"{folder}: DeepSpeed's universal checkpoint converter failed, so it cannot be resumed on "
+                f"{dist.world_size()} processes (resume it on {saved_world_size(folder)}, or export it and "
+                f"start a new run with --init_from):\n{done.stderr[-2000:]}"
+            )
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
 
 
 def is_checkpoint(path: str | Path) -> bool:

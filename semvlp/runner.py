@@ -274,9 +274,14 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
     build_model_config(run)
     run_dir = Path(run.output_dir)
     _check_writable(run_dir, "--output_dir")
-    if run.resume and checkpoint.latest_tag(run_dir / "checkpoints") is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    return resolve_ds_config(run, world_size_from_env(), run_dir, lr, train_batch_size)
+    ds_config = resolve_ds_config(run, world_size_from_env(), run_dir, lr, train_batch_size)
+    if run.resume:
+        tag = checkpoint.latest_tag(run_dir / "checkpoints")
+        if tag is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        if checkpoint.saved_world_size(run_dir / "checkpoints" / tag) != world_size_from_env():
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True  # checkpoint.load_latest
+    return ds_config
 
 
 def _check_writable(folder: Path, option: str) -> None:

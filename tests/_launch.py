@@ -27,23 +27,25 @@ def one_process_ds_config() -> Path:
     return config
 
 
-def pretrain_command(args: list[str], processes: int = 2, script: str = "pretrain.py") -> tuple[list[str], dict]:
-    """launch/<script> on ds_configs/cpu.json (2 ranks x 16); one process runs with a global batch of 16."""
+def pretrain_command(
+    args: list[str], processes: int = 2, script: str = "pretrain.py", ds_config: Path | None = None
+) -> tuple[list[str], dict]:
+    """launch/<script> on `ds_config`, by default ds_configs/cpu.json (2 ranks x 16) or, in one process,
+    the same with a global batch of 16."""
     launcher = REPO / "launch" / script
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    config = CPU_CONFIG
     if processes == 1:
         cmd = [sys.executable, str(launcher)]
-        config = one_process_ds_config()
+        ds_config = ds_config or one_process_ds_config()
     else:
         cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
-    return [*cmd, "--deepspeed_config", str(config), "--preset", "tiny", *args], env
+    return [*cmd, "--deepspeed_config", str(ds_config or CPU_CONFIG), "--preset", "tiny", *args], env
 
 
 def run_pretrain(
-    args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py"
+    args: list[str], processes: int = 2, timeout: int = 600, script: str = "pretrain.py", ds_config: Path | None = None
 ) -> subprocess.CompletedProcess:
-    cmd, env = pretrain_command(args, processes, script)
+    cmd, env = pretrain_command(args, processes, script, ds_config)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
