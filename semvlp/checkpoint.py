@@ -234,23 +234,26 @@ def _to_universal(folder: Path) -> Path:
     with DeepSpeed's converter; the checkpoint itself is left as it is)."""
     out = folder / UNIVERSAL
     if dist.is_main():
-        tmp = folder / f".{UNIVERSAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # The converter also writes a `latest_universal` beside its output: both go to a scratch folder.
+        scratch = folder / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)  # a previous resume's, not removed: converted again
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
-                   "--num_merge_workers", "1"]  # fmt: skip
-        print(f"{folder} was saved by {saved_world_size(folder)} processes and this run has "
-              f"{dist.world_size()}: converting it to DeepSpeed's universal checkpoint format", flush=True)  # fmt: skip
+                   "--output_folder", str(scratch / UNIVERSAL), "--inject_missing_state",
+                   "--num_extract_workers", "2", "--num_merge_workers", "1"]  # fmt: skip
+        saved = saved_world_size(folder)
+        print(f"{folder} was saved by {saved} process{'es' * (saved > 1)} and this run has {dist.world_size()}: "
+              "converting it to DeepSpeed's universal checkpoint format", flush=True)  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
             raise CheckpointError(
                 f"{folder}: DeepSpeed's universal checkpoint converter failed, so it cannot be resumed on "
-                f"{dist.world_size()} processes (resume it on {saved_world_size(folder)}, or export it and "
-                f"start a new run with --init_from):\n{done.stderr[-2000:]}"
+                f"{dist.world_size()} processes (resume it on {saved}, or export it and start a new run with "
+                f"--init_from):\n{done.stderr[-2000:]}"
             )
-        os.replace(tmp, out)
+        os.replace(scratch / UNIVERSAL, out)
+        shutil.rmtree(scratch)
     dist.barrier()
     return out
 

@@ -262,6 +262,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     # second moments are those saved times beta2 plus the new squared gradients (>= beta2 x saved;
     # a fresh state would hold only (1 - beta2) x those gradients).
     saved = adam_state(run_dir)
+    files = sorted(p.name for p in (run_dir / "checkpoints" / tag).iterdir())
     config = json.loads(CPU_CONFIG.read_text()) | {"gradient_accumulation_steps": 2}
     (tmp_path / "one.json").write_text(json.dumps(config))
     alone = run_pretrain(
@@ -278,7 +279,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     for name, state in resumed.items():
         assert state["step"] == saved[name]["step"] + 1 == step + 1, name
         assert torch.all(state["exp_avg_sq"] >= beta2 * saved[name]["exp_avg_sq"] * (1 - 1e-6)), name
-    assert not (run_dir / "checkpoints" / tag / "universal").exists()  # the conversion, once loaded
+    assert sorted(p.name for p in (run_dir / "checkpoints" / tag).iterdir()) == files  # the conversion is gone
 
 
 def adam_state(run_dir: Path) -> dict[str, dict]:
