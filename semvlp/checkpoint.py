@@ -206,26 +206,23 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     if (folder / CONFIG).is_file():
         check_same_model(engine.module, folder)
     check_shards(folder)
-    saved = saved_world_size(folder)
-    if saved == dist.world_size():
-        load_dir, load_tag = directory, tag
-    else:
+    elastic = saved_world_size(folder) != dist.world_size()
+    load_dir, load_tag = directory, tag
+    if elastic:
         if not engine.load_universal_checkpoint():
-            raise RuntimeError(
-                f"{folder} was saved by {saved} processes: build the engine with checkpoint.load_universal"
-            )
+            raise RuntimeError(f"{folder} was saved by another number of processes: the engine needs load_universal")
         load_dir, load_tag = folder, _to_universal(folder).name
     path, client_state = engine.load_checkpoint(
         str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
-    if saved == dist.world_size():
-        set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
-    else:
+    if elastic:
         dist.barrier()  # every rank has read it
         if dist.is_main():
             shutil.rmtree(folder / UNIVERSAL)
+    else:
+        set_rng_state(torch.load(folder / f"rng_rank{dist.rank()}.pt", weights_only=False))
     return client_state
 
 
