@@ -18,7 +18,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
 # DeepSpeed's CPU all-reduce maps one 66 MB shared-memory buffer per rank, named after the master
 # port, and leaves it in /dev/shm when the processes exit. Our launchers remove theirs at exit
 # (semvlp/runner.py), but a run a test kills or times out cannot; the launcher tests pick ports from

@@ -20,28 +20,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from _launch import CPU_CONFIG, DEEPSPEED, LAUNCH_PORT, REPO, records
+from _launch import CPU_CONFIG, REPO, pretrain_command, records
 
 
 def launch(
     script: str, args: list[str], processes: int = 2, timeout: int = 600, wrap=None
 ) -> subprocess.CompletedProcess:
-    """launch/<script> on ds_configs/cpu.json; `wrap` may wrap its command line (small_dev_shm)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    path = REPO / "launch" / script
-    if processes == 1:
-        cmd = [sys.executable, str(path)]
-    else:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(path)]
-    cmd += ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--num_workers", "1", *args]
+    """launch/<script> on ds_configs/cpu.json (the launchers set the batch from --batch_size), one
+    loader worker; `wrap` may wrap its command line (small_dev_shm)."""
+    cmd, env = pretrain_command(["--num_workers", "1", *args], processes, script, ds_config=CPU_CONFIG)
     if wrap is not None:
         cmd = wrap(cmd)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
