@@ -191,6 +191,17 @@ def saved_world_size(folder: Path) -> int:
     return len(list(folder.glob("rng_rank*.pt")))
 
 
+def saved_train_batch_size(folder: Path) -> int:
+    """The global batch (train_batch_size) of the run that saved checkpoint `folder`: DeepSpeed keeps
+    the run's ds_config in its model states (memory-mapped here: the weights are not read)."""
+    states = sorted(folder.glob("*model_states.pt"))
+    if not states:
+        raise ValueError(f"{folder}: no DeepSpeed model states (*model_states.pt): the checkpoint is damaged")
+    check_torch_file(states[0])
+    state = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+    return int(state["ds_config"]["train_batch_size"])
+
+
 def load_latest(engine, directory: str | Path) -> dict | None:
     """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; return client_state.
 

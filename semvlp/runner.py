@@ -267,7 +267,9 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
     the resolved ds_config: launchers call it before reading data that can take minutes, and `start`
     calls it again, since a fine-tuning run's length comes from its data.
 
-    `lr` / `train_batch_size` replace the ds_config's (train.override_batch_and_lr).
+    `lr` / `train_batch_size` replace the ds_config's (train.override_batch_and_lr). With --resume the
+    newest checkpoint must have been trained with this global batch; one saved by another number of
+    processes is loaded through DeepSpeed's universal format (checkpoint.load_latest).
     """
     # What SemVLPConfig.validate checks comes from the run's options alone (the data adds only the
     # vocabulary and label counts), so the config they make can be checked first.
@@ -279,7 +281,18 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
         tag = checkpoint.latest_tag(run_dir / "checkpoints")
         if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        if checkpoint.saved_world_size(run_dir / "checkpoints" / tag) != world_size_from_env():
+        folder = run_dir / "checkpoints" / tag
+        # A step is as many examples as before, whatever the number of processes: the schedule's steps
+        # keep their size, and the data position maps onto the new sharding (ResumableLoader).
+        saved_batch, batch = checkpoint.saved_train_batch_size(folder), ds_config["train_batch_size"]
+        if saved_batch != batch:
+            option = "--batch_size" if train_batch_size is not None else f"--deepspeed_config {run.deepspeed_config}"
+            raise ConfigError(
+                f"--resume: {folder} was trained with a global batch (train_batch_size) of {saved_batch}, this run "
+                f"has {batch} ({option}). Resume with {saved_batch}, or export the checkpoint (python -m semvlp.export "
+                f"{folder} --out DIR) and start a new run with --init_from DIR"
+            )
+        if checkpoint.saved_world_size(folder) != world_size_from_env():
             ds_config.setdefault("checkpoint", {})["load_universal"] = True  # checkpoint.load_latest
     return ds_config
 

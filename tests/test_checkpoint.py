@@ -18,8 +18,11 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
+from semvlp.run_config import RunConfig
+from semvlp.train import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
 GPU_PRECISION = {"bf16": json.loads((REPO / "ds_configs" / "h100.json").read_text())["bf16"]}  # a100.json's too
 
 
@@ -36,7 +39,7 @@ def engine_factory():
     # that later tests' launcher subprocesses do not inherit this process group's rendezvous port.
     saved_env = dict(os.environ)
     runner.init_distributed()  # one gloo process
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config = json.loads(CPU_CONFIG.read_text())
     config.update(train_batch_size=2, train_micro_batch_size_per_gpu=2)
     config["scheduler"]["params"].update(warmup_num_steps=1, total_num_steps=10)
     del config["tensorboard"]
@@ -133,6 +136,37 @@ def test_resume_names_a_damaged_or_different_checkpoint_before_deepspeed_loads_i
         with pytest.raises(ValueError) as error:
             checkpoint.load_latest(engine_factory(seed=1), directory)
         assert message in str(error.value), directory
+
+
+def test_resume_with_another_global_batch_is_refused_before_anything_is_written(tmp_path, engine_factory, vocab):
+    """A resumed step must hold as many examples as the checkpoint's: the schedule counts steps, and
+    the data position maps onto another sharding only then. Another train_batch_size is named before
+    the run folder is written; the same one split otherwise (micro-batch x accumulation) resumes."""
+    engine = engine_factory(seed=0)  # train_batch_size 2
+    train_step(engine)
+    run_dir = tmp_path / "run"
+    step = checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    files = sorted(run_dir.rglob("*"))
+
+    def resume(**batch: int) -> RunConfig:
+        path = tmp_path / f"ds_{'_'.join(map(str, batch.values()))}.json"
+        path.write_text(json.dumps(json.loads(CPU_CONFIG.read_text()) | batch))
+        return RunConfig(deepspeed_config=str(path), output_dir=str(run_dir), preset="tiny", resume=True)
+
+    with pytest.raises(ConfigError) as refused:
+        runner.check_options(resume(train_batch_size=4, train_micro_batch_size_per_gpu=4))
+    assert str(refused.value) == (
+        f"--resume: {step} was trained with a global batch (train_batch_size) of 2, this run has 4 "
+        f"(--deepspeed_config {tmp_path / 'ds_4_4.json'}). Resume with 2, or export the checkpoint "
+        f"(python -m semvlp.export {step} --out DIR) and start a new run with --init_from DIR"
+    )
+    with pytest.raises(ConfigError, match=r"this run has 8 \(--batch_size\)"):  # a fine-tuning launcher's
+        runner.check_options(resume(train_batch_size=2, train_micro_batch_size_per_gpu=2), train_batch_size=8)
+    assert sorted(run_dir.rglob("*")) == files
+    split = runner.check_options(
+        resume(train_batch_size=2, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2)
+    )
+    assert (split["train_batch_size"], "checkpoint" in split) == (2, False)  # the same world size: no conversion
 
 
 def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path, engine_factory, vocab):
