@@ -68,7 +68,8 @@ def format_tables(doc: dict) -> str:
     for r in doc["runs"]:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"[:100]
         nvml = r.get("nvml") or {}
-        cells = [r["section"], r["model"], r["mode"], r["backend"], r["precision"]]
+        backend = r["backend"] + (" checkpointed" if r.get("gradient_checkpointing") else "")
+        cells = [r["section"], r["model"], r["mode"], backend, r["precision"]]
         compiled = (r.get("compile_mode") or "yes") if r["compile"] else "no"
         cells += [compiled, str(r["batch_size"]), str(r.get("text", ""))]
         cells += [_fmt(r.get(k), f) for k, f in (("ms_per_step", ".2f"), ("spread_pct", ".1f"))]
@@ -177,6 +178,7 @@ def format_summary(docs: list[dict]) -> str:
         for row in rows:
             best = row["best"]
             backend = best["backend"] + (" compiled" if best["compile"] else "")
+            backend += " checkpointed" if best.get("gradient_checkpointing") else ""
             ratio = f"{row['ratio']:.2f}x {row['peer']}" if row["ratio"] else "-"
             cells = [group["device"]["name"], group["date"][:10], group["git"]["commit"][:8], group["preset"]]
             cells += [row["precision"], str(row["batch_size"]), row["mode"], backend]

@@ -40,6 +40,11 @@ Compiled runs also record the graph breaks met while compiling (graph_breaks, gr
 each splits the compiled step, and CUDA graphs cover only the pieces. The pre-training losses
 find their masked rows with nonzero (a data-dependent shape): two breaks per step.
 
+`--gradient-checkpointing` times our model under activation checkpointing (what the launchers'
+--gradient_checkpointing turns on): each block runs again in the backward. Its model FLOPs and MFU
+stay those of the step without the recompute (the MFU convention: work the model needs, not work
+done), so the recompute shows as lower MFU; `--find-max-batch` with it shows the larger batch.
+
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
 lengths, real tokens only), the MFU convention of nanoGPT / llm-foundry made exact per matmul.
@@ -528,6 +533,7 @@ class Runner:
                 "repeats": args.repeats,
                 "text": args.text,
                 "max_text_len": args.max_text_len,
+                "gradient_checkpointing": args.gradient_checkpointing,
                 "optimizer": "torch.optim.AdamW (fused when available), fp32 master weights under --amp cast",
                 "timing": "CUDA events per repeat" if device.type == "cuda" else "time.perf_counter per repeat",
                 "step": "plain PyTorch forward + backward + optimizer step on a fixed on-device batch",
@@ -625,13 +631,15 @@ class Runner:
     # -- our model
 
     def build_ours(self, backend: str, precision: str, compile_: bool):
-        from semvlp.model import SemVLPForPreTraining
+        from semvlp.model import SemVLPForPreTraining, enable_activation_checkpointing
 
         cfg = config_from_preset(self.args.preset, kernel_backend=backend)
         torch.manual_seed(0)
         with self.device:
             model = SemVLPForPreTraining(cfg)
         model.train()
+        if self.args.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         train = TrainStep(model, precision, self.args.amp, self.device)
         mode = None if self.args.compile_mode == "default" else self.args.compile_mode
         call = torch.compile(model, mode=mode) if compile_ else model
@@ -651,6 +659,7 @@ class Runner:
         """Every (text layout, mode) on one model; returns the runs."""
         timing = timing or (self.args.warmup, self.args.steps, self.args.repeats)
         base = dict(section=section, model="semvlp", backend=backend, precision=precision, compile=compile_)
+        base["gradient_checkpointing"] = self.args.gradient_checkpointing
         base["compile_mode"] = self.args.compile_mode if compile_ else None
         base["batch_size"] = batch_size
         grid = [{**base, "mode": mode, "text": layout} for layout in layouts for mode in modes]
@@ -931,6 +940,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode; reduce-overhead replays CUDA graphs (no launch per kernel)")  # fmt: skip
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="our model under activation checkpointing (blocks recomputed in the backward)")  # fmt: skip
     p.add_argument("--peers", type=_csv(tuple(PEER_MODE)), nargs="?", const=list(PEER_MODE), default=[])
     p.add_argument("--padding-study", action="store_true", help="all text layouts (LAYOUTS), packed included")
     p.add_argument("--padding-modes", type=_csv(("single", "two")), default=["single", "two"])

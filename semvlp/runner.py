@@ -23,6 +23,7 @@ from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export, re
 from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
 from semvlp.export import export_checkpoint
+from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
 from semvlp.train import ConfigError, NonFiniteLossError, prepare_run_dir, resolve_ds_config, versions
@@ -320,7 +321,10 @@ def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None 
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
-    """The DeepSpeed engine; with --compile its module is compiled in place (state-dict names unchanged)."""
+    """The DeepSpeed engine; with --gradient_checkpointing the model recomputes its blocks in the
+    backward, and with --compile its module is compiled in place (state-dict names unchanged)."""
+    if run.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     except (TypeError, AssertionError, KeyError) as e:  # e.g. an optimizer or scheduler parameter it lacks

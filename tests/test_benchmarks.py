@@ -195,6 +195,17 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path):
     assert throughput.parse_args(["--device", "cpu"]).compile_mode == "default"
 
 
+def test_gradient_checkpointing_reaches_our_model_and_the_json(tmp_path):
+    args = ["--device", "cpu", "--preset", "tiny", "--gradient-checkpointing", "--out", str(tmp_path)]
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    _, model = runner.build_ours("eager", "fp32", compile_=False)
+    assert model.semvlp.encoder.gradient_checkpointing
+    (run,) = runner.run_ours("main", "eager", "fp32", False, ["two"], ["full"], 2, timing=(0, 1, 1))
+    assert run["status"] == "ok" and run["gradient_checkpointing"] is True
+    assert runner.doc["settings"]["gradient_checkpointing"] is True
+    assert "| main | semvlp | two | eager checkpointed | fp32 |" in report.format_tables(runner.doc)
+
+
 def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
     """A compiled run counts the graph breaks of its own compilation, as dynamo's explain() counts
     them for the same forward. Dynamo only (backend="eager"): inductor would add minutes."""

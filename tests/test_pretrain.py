@@ -545,8 +545,9 @@ def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data, ca
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data, eager_run):
-    """--compile (DeepSpeed's engine.compile): the same losses step by step and the same evaluation
+def test_compiled_and_activation_checkpointed_model_trains_as_the_eager_one(tmp_path, toy_data, eager_run):
+    """--compile (DeepSpeed's engine.compile) with --gradient_checkpointing (each block recomputed in
+    the backward, inside the compiled graphs): the same losses step by step and the same evaluation
     as eager, in both stream modes and through the masked rows' graph breaks; checkpoints and export
     keep the module's parameter names. The run exits although the compiled model's caches keep its
     loaders (and their workers) alive to exit. Backend aot_eager: dynamo's capture and AOTAutograd's
@@ -554,9 +555,10 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, toy_data, eager_run):
     about 80 s more and says nothing of the Triton code a GPU gets (with inductor the same run gave
     the eager losses to 1e-5 by hand)."""
     eager, compiled = eager_run, tmp_path / "compiled"
-    compile_args = ["--compile", "--compile_backend", "aot_eager"]
+    compile_args = ["--compile", "--compile_backend", "aot_eager", "--gradient_checkpointing"]
     result = run_pretrain([*eager_args(toy_data), "--output_dir", str(compiled), *compile_args], processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((compiled / "hparams.json").read_text())["gradient_checkpointing"] is True
     steps = [records(run, "train") for run in (eager, compiled)]
     assert {m for r in steps[1] for m in r["modes"]} == {"single", "two"}
     for a, b in zip(*steps, strict=True):

@@ -81,6 +81,9 @@ class StreamStates:
 class SemVLPPreTrainedModel(PreTrainedModel):
     config_class = SemVLPConfig
     base_model_prefix = "semvlp"
+    # HF's activation checkpointing (gradient_checkpointing_enable; activation_checkpointing_enable
+    # in transformers 5) recomputes each encoder block in the backward: Encoder.block
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -104,6 +107,16 @@ class SemVLPPreTrainedModel(PreTrainedModel):
         return select_ops(self.config.kernel_backend, reference.device, reference.dtype)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """HF's activation checkpointing, non-reentrant, under this transformers' name for it (5.x renamed
+    gradient_checkpointing_enable, which now warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class Pooler(nn.Module):
     """BERT's pooler: tanh(W x + b) on the first token of a sequence."""
 
@@ -123,6 +136,12 @@ class SemVLPModel(SemVLPPreTrainedModel):
         self.encoder = Encoder(config)
         self.pooler = Pooler(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
 
     def forward(
         self,
