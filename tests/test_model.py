@@ -394,6 +394,30 @@ def test_save_and_load_pretrained_round_trip(tmp_path, model_class):
         torch.testing.assert_close(loaded(**inputs, mode="two").pooled, model(**inputs, mode="two").pooled)
 
 
+def test_resized_vocabulary_trains_and_round_trips(tmp_path):
+    """HF's resize_token_embeddings (e.g. after adding tokens to the tokenizer) resizes the word
+    embeddings, which are the masked-LM decoder, and the masked-LM bias with them."""
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config())
+    old_embeddings = model.get_input_embeddings().weight.detach().clone()
+    old_bias = model.mlm_bias.detach().clone()
+    model.resize_token_embeddings(VOCAB + 3)
+    assert model.config.vocab_size == VOCAB + 3
+    assert torch.equal(model.get_input_embeddings().weight[:VOCAB], old_embeddings)
+    assert torch.equal(model.mlm_bias[:VOCAB], old_bias) and not model.mlm_bias[VOCAB:].any()
+    inputs = make_inputs()
+    inputs["input_ids"][0, 1] = VOCAB + 2  # a new token, also as a masked-LM target
+    targets = pretraining_targets(inputs)
+    targets["mlm_labels"][1, 1] = VOCAB + 1
+    loss = model(**inputs, **targets, mode="single").loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.mlm_bias.grad[VOCAB + 1] != 0
+    model.save_pretrained(tmp_path)
+    loaded = SemVLPForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(loaded.mlm_bias, model.mlm_bias)
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
 def test_auto_classes_load_exports(tmp_path):
     """Once semvlp is imported, HuggingFace's Auto classes know its model type, as users of
     transformers expect: AutoModel gives any export's encoder, the task Auto classes its whole model."""

@@ -61,6 +61,16 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
         self.qa_head = AnswerHead(hidden, config.num_qa_labels, eps)
         self.post_init()
 
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """HF's (new tokens for the word embeddings, which are also the masked-LM decoder), and the
+        masked-LM bias with them: kept for the tokens that stay, 0 for new ones."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        kept = min(embeddings.num_embeddings, self.mlm_bias.shape[0])
+        bias = self.mlm_bias.new_zeros(embeddings.num_embeddings)
+        bias[:kept] = self.mlm_bias.detach()[:kept]
+        self.mlm_bias = nn.Parameter(bias)
+        return embeddings
+
     def forward(
         self,
         input_ids: torch.Tensor | PackedText,
