@@ -224,23 +224,15 @@ class Encoder(nn.Module):
         # model's supports_gradient_checkpointing): see `block`.
         self.gradient_checkpointing = False
 
-    def block(
-        self,
-        layer: Block,
-        x: torch.Tensor,
-        mask: torch.Tensor | Packed | None,
-        ops: KernelOps,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-        maps: AttentionMaps | None = None,
-    ) -> torch.Tensor:
-        """One block. Under activation checkpointing, in training, autograd keeps only the block's
-        inputs and runs it again in the backward (torch.utils.checkpoint restores the RNG, so
-        dropout draws the same masks): ~1/3 more compute for a fraction of the activation memory.
-        Not while recording attention maps, which a second run would record twice."""
+    def block(self, layer: Block, *inputs, maps: AttentionMaps | None = None) -> torch.Tensor:
+        """`layer(*inputs)` (Block.forward's inputs, in order). Under activation checkpointing, in
+        training, autograd keeps only the inputs and runs the block again in the backward
+        (torch.utils.checkpoint restores the RNG, so dropout draws the same masks): ~1/3 more compute
+        for a fraction of the activation memory. Not while recording attention maps, which a second
+        run would record twice."""
         if self.gradient_checkpointing and self.training and maps is None:
-            return self._gradient_checkpointing_func(layer.__call__, x, mask, ops, context, context_mask)
-        return layer(x, mask, ops, context, context_mask, maps)
+            return self._gradient_checkpointing_func(layer.__call__, *inputs)
+        return layer(*inputs, maps=maps)
 
     def single_stream(
         self,
@@ -343,7 +335,7 @@ class Encoder(nn.Module):
             elif context is None:
                 raise ValueError("blocks from cross_attention_start_layer on need the text states as context")
             else:
-                visual = self.block(layer, visual, visual_mask, ops, context, context_mask, maps)
+                visual = self.block(layer, visual, visual_mask, ops, context, context_mask, maps=maps)
             if hidden is not None:
                 hidden.append(visual)
         return visual
