@@ -33,8 +33,8 @@ SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torc
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss
-    or a failed checkpoint save)."""
+    """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss,
+    a failed checkpoint save or a GPU out of memory, with the options that lower its use)."""
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -43,6 +43,16 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         sys.exit(2)
     except (NonFiniteLossError, checkpoint.CheckpointError) as e:
         print(f"error (rank {dist.rank()}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except torch.cuda.OutOfMemoryError as e:
+        print(
+            f"error (rank {dist.rank()}): out of GPU memory ({str(e).splitlines()[0]}). Lower the ds_config's "
+            "train_micro_batch_size_per_gpu (with gradient_accumulation_steps raised to keep the global batch) or "
+            "add --gradient_checkpointing; when fine-tuning runs out while evaluating, lower --eval_batch_size. "
+            "The checkpoints written so far are complete: continue with --resume.",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
 
 

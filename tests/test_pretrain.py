@@ -296,6 +296,23 @@ def adam_state(run_dir: Path) -> dict[str, dict]:
     return {name: {**part, "exp_avg_sq": torch.cat(part["exp_avg_sq"])} for name, part in joined.items()}
 
 
+def test_out_of_gpu_memory_names_the_options_that_lower_it(capsys):
+    from semvlp.runner import run_main
+
+    def main(argv: list[str] | None) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated ...")
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, [])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        "error (rank 0): out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.). Lower the ds_config's "
+        "train_micro_batch_size_per_gpu (with gradient_accumulation_steps raised to keep the global batch) or add "
+        "--gradient_checkpointing; when fine-tuning runs out while evaluating, lower --eval_batch_size. The "
+        "checkpoints written so far are complete: continue with --resume.\n"
+    )
+
+
 def test_stop_signal_takes_sigterm_and_sigusr1_and_restores_the_handlers():
     """SIGUSR1 (SLURM's --signal=USR1@120 notice) stops the run as SIGTERM does, instead of killing it."""
     from semvlp.train import StopSignal
