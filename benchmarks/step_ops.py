@@ -49,6 +49,7 @@ from throughput import device_info, git_commit, make_batch, versions  # noqa: E4
 import semvlp  # noqa: E402
 from semvlp.config import PRESETS, config_from_preset  # noqa: E402
 from semvlp.model import SemVLPForPreTraining  # noqa: E402
+from semvlp.runner import init_distributed  # noqa: E402
 
 # Operators that make a view or ask about metadata: no kernel on any device.
 VIEWS = frozenset((
@@ -168,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # One process of its own unless a launcher started several (`deepspeed --num_gpus N benchmarks/step_ops.py`:
     # with N ranks ZeRO-1 partitions the optimizer and reduces gradients, and each rank's step is counted).
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", "29531")
+    init_distributed()  # the launchers' process group
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = []
     for path in args.configs:

@@ -7,7 +7,6 @@ Errors in options surface here, before any expensive work, as `ConfigError`s tha
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
@@ -67,29 +66,14 @@ def init_distributed() -> None:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     if not torch.cuda.is_available():
-        _start_with_fresh_shm_buffers()
+        # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce (a C++ compiler, ~30 s
+        # the first time) that only its inference path calls, and map a 66 MB /dev/shm buffer per
+        # rank that it never removes (a later run on the same port maps the stale flags: a hang).
+        # Training reduces through gloo; marked incompatible, the op is neither built nor loaded.
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-
-
-def shm_allreduce_buffer() -> Path:
-    """This rank's DeepSpeed CPU all-reduce buffer (named so by deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
-    env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
-    return SHARED_MEMORY / name
-
-
-def _start_with_fresh_shm_buffers() -> None:
-    """DeepSpeed's CPU all-reduce keeps each rank's data and state flags in a /dev/shm buffer named
-    after the master address and port, and never removes it. A later run on the same port maps the
-    stale buffers, and a rank can read a peer's old flags before that peer resets them: a hang, or a
-    wrong gradient sum. So the ranks form their process group first, each removes its own stale
-    buffer, and only after a barrier does DeepSpeed create and map them; each removes its own again
-    at exit (the mappings stay valid until the processes end)."""
-    torch.distributed.init_process_group("gloo")
-    buffer = shm_allreduce_buffer()
-    buffer.unlink(missing_ok=True)
-    torch.distributed.barrier()
-    atexit.register(buffer.unlink, missing_ok=True)
 
 
 def world_size_from_env() -> int:

@@ -18,21 +18,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# DeepSpeed's CPU all-reduce maps one 66 MB shared-memory buffer per rank, named after the master
-# port, and leaves it in /dev/shm when the processes exit. Our launchers remove theirs at exit
-# (semvlp/runner.py), but a run a test kills or times out cannot; the launcher tests pick ports from
-# the pytest process id, so those would pile up across sessions, held in RAM until a reboot.
-SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_deepspeed_shm_buffers():
-    shm = Path("/dev/shm")
-    before = set(shm.glob(SHM_BUFFERS))
-    yield
-    for path in set(shm.glob(SHM_BUFFERS)) - before:
-        path.unlink(missing_ok=True)
-
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> Path:
