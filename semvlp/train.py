@@ -266,6 +266,12 @@ class StopSignal:
         self._group = dist.host_group()
         return self
 
+    def settle(self) -> None:
+        """Wait for the exchange in flight, whose sum the next `agreed` still returns (StepProfiler
+        starts and stops torch.profiler only with no collective running)."""
+        if self._in_flight is not None and self._in_flight[1] is not None:
+            self._in_flight[1].wait()
+
     def agreed(self) -> list[str]:
         """The names of the signals any rank had received by its previous call; every rank calls this
         once a step, and all get the same answer."""
@@ -280,8 +286,8 @@ class StopSignal:
         return [s.name for s, n in zip(self.SIGNALS, counts.tolist(), strict=True) if n]
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None and self._in_flight is not None and self._in_flight[1] is not None:
-            self._in_flight[1].wait()  # every rank started it; none leaves a collective behind
+        if exc_type is None:
+            self.settle()  # every rank started it; none leaves a collective behind
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -393,8 +399,11 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     batches = _batches(task.train_loader)
     stop_at = min(run.max_steps, step + run.exit_after_steps) if run.exit_after_steps else run.max_steps
     accumulation = engine.gradient_accumulation_steps()
-    profiler = StepProfiler(run.profile_steps, run.profile_warmup, run_dir / "profile", engine.device, dist.rank())
-    with StopSignal() as stop, profiler:
+    stop = StopSignal()
+    profiler = StepProfiler(
+        run.profile_steps, run.profile_warmup, run_dir / "profile", engine.device, dist.rank(), stop.settle
+    )
+    with stop, profiler:
         while step < stop_at:
             profiler.step_begins(step - resumed_at, step)
             mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank

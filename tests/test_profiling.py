@@ -76,6 +76,22 @@ def test_off_by_default_and_an_exception_stops_an_open_window(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written for an aborted window
 
 
+def test_the_collectives_left_running_settle_before_the_profiler_starts_and_before_it_stops(tmp_path):
+    """The loop's StopSignal.settle runs just before the window opens and just before it closes:
+    torch.profiler toggled while a gloo thread runs a collective corrupts the heap (StepProfiler)."""
+    profiler_on_at_settle = []
+    profiler = StepProfiler(
+        steps=2,
+        warmup=1,
+        out_dir=tmp_path,
+        device=CPU,
+        rank=0,
+        settle=lambda: profiler_on_at_settle.append(torch.autograd.profiler._is_profiler_enabled),
+    )
+    assert len(_run(profiler, steps=5)) == 1
+    assert profiler_on_at_settle == [False, True]
+
+
 def test_a_failure_to_write_is_a_record_not_an_exception(tmp_path):
     blocked = tmp_path / "profile"
     blocked.write_text("a file where the folder should go")
