@@ -79,7 +79,9 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     - a step is an optimizer step for the schedule, the checkpoints and the profiler (--profile_steps),
       whose window holds every micro-batch of its steps, on every rank;
     - DeepSpeed's shared-memory all-reduce (its inference path's, JIT-compiled) is neither built nor
-      mapped: no /dev/shm buffer appears (runner.init_distributed).
+      mapped: no /dev/shm buffer appears (runner.init_distributed);
+    - stderr that is not a terminal (a batch job's log file) gets the progress bar every 30 s, not
+      at every step.
     """
     shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run_dir = tmp_path / "run"
@@ -94,6 +96,7 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
          str(tmp_path / "csv.json"), "--profile_warmup", "1", "--profile_steps", "2"]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("/24 [") <= 3, result.stderr[-3000:]  # the first draw, the last, its close
     train = records(run_dir, "train")
     assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
     assert all(r["world_size"] == 2 and r["modes_agree_across_ranks"] for r in train)
@@ -222,6 +225,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
         ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "500", "--log_every", "1000",
          "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]
     )  # fmt: skip
+    env["TQDM_MININTERVAL"] = "0.1"  # the progress bar counts the steps: redrawn as on a terminal
     with open(log, "w") as out:  # its own process group: the launcher, both ranks and their workers
         launcher = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
