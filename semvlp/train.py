@@ -8,6 +8,7 @@ task name. Only rank 0 logs; every rank saves its checkpoint shards.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -113,7 +114,71 @@ def resolve_ds_config(
     for monitor in ("tensorboard", "csv_monitor"):
         if cfg.get(monitor, {}).get("output_path") == "auto":
             cfg[monitor]["output_path"] = str(run_dir / monitor)
+    check_deepspeed_reads(cfg, path, world_size)
     return cfg
+
+
+# The ZeRO stages the loop cannot run, and why (ds_configs/*.json run stage 1, the paper's setup: stage 2 works too).
+UNSUPPORTED_ZERO_STAGES = {
+    0: "without ZeRO a checkpoint holds no optimizer shards, which the export (zero_to_fp32) and a resume on "
+    "another number of processes read",
+    3: "stage 3 partitions the weights themselves, which the loop reads whole (check_finite_weights before each "
+    "checkpoint)",
+}
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys are looked up (get, [], in, in .keys())."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return KeysView(self)  # `key in d.keys()` goes through __contains__
+
+
+def check_deepspeed_reads(cfg: dict, path: Path, world_size: int) -> None:
+    """DeepSpeed parses the ds_config as it will at the engine's start, here before any work: its own
+    errors, a top-level key it never looks up (a misspelled "scheduler" silently trains at a constant
+    lr) and a ZeRO stage the loop does not support are named. ConfigError otherwise."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # Before the process group exists DeepSpeed takes the world size as 1: the global batch it checks is
+    # this process's share (resolve_ds_config checked the whole).
+    probe = _ReadKeys(cfg, train_batch_size=cfg["train_batch_size"] // world_size)
+    try:
+        parsed = DeepSpeedConfig(probe)
+    except (ValueError, AssertionError, TypeError, KeyError) as e:
+        raise ConfigError(f"--deepspeed_config {path}: DeepSpeed rejects it: {type(e).__name__}: {e}") from e
+    unknown = sorted(cfg.keys() - probe.read)
+    if unknown:
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, probe.read, n=1)
+            named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"--deepspeed_config {path}: DeepSpeed {deepspeed.__version__} does not know the key(s) "
+            f"{', '.join(named)}; they would be ignored"
+        )
+    stage = parsed.zero_optimization_stage
+    if stage in UNSUPPORTED_ZERO_STAGES:
+        raise ConfigError(
+            f"--deepspeed_config {path}: zero_optimization stage {stage}: {UNSUPPORTED_ZERO_STAGES[stage]}. Use "
+            '"zero_optimization": {"stage": 1} (ZeRO-1, as ds_configs/*.json) or 2'
+        )
 
 
 def override_batch_and_lr(cfg: dict, world_size: int, lr: float | None, train_batch_size: int | None) -> None:

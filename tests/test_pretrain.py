@@ -430,11 +430,13 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
-@pytest.mark.parametrize("fault", ["output_dir", "resume", "no weights", "truncated", "run folder", "ds_config"])
+@pytest.mark.parametrize(
+    "fault", ["output_dir", "resume", "no weights", "truncated", "run folder", "ds_config", "ds_config key", "ZeRO"]
+)
 def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy_data, capsys, load_launcher, fault):
     """An --output_dir that cannot be written, --resume with nothing to resume, an --init_from whose
-    weights are missing or damaged or that is a run folder, a ds_config that is not an object: named
-    before any work."""
+    weights are missing or damaged or that is a run folder, a ds_config that is not an object, holds a
+    key DeepSpeed does not know (it would ignore it) or asks for no ZeRO: named before any work."""
     export = tmp_path / "export"
     config_from_preset("tiny").save_pretrained(export)
     (tmp_path / "file").write_text("")
@@ -451,9 +453,19 @@ def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy
         message = f"--init_from {export / 'model.safetensors'}: not a readable safetensors file (truncated or damaged"
     elif fault == "run folder":  # --init_from a run folder instead of its export
         args, message = ["--init_from", str(tmp_path)], f"(a run folder? its model is {export})"
-    else:
+    elif fault == "ds_config":
         (tmp_path / "ds.json").write_text("[]")
         args, message = ["--deepspeed_config", str(tmp_path / "ds.json")], "ds.json: expected a JSON object, found a"
+    else:
+        ds_config = json.loads(one_process_ds_config().read_text())
+        if fault == "ds_config key":  # DeepSpeed would train at the optimizer's constant lr
+            ds_config["schedular"] = ds_config.pop("scheduler")
+            message = "does not know the key(s) 'schedular' (did you mean 'scheduler'?); they would be ignored"
+        else:  # its checkpoints would not export
+            del ds_config["zero_optimization"]
+            message = "zero_optimization stage 0: without ZeRO a checkpoint holds no optimizer shards"
+        (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+        args = ["--deepspeed_config", str(tmp_path / "ds.json")]
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
 
 
