@@ -73,8 +73,8 @@ class PretrainConfig(RunConfig):
 
 def main(argv: list[str] | None = None) -> None:
     run = PretrainConfig.from_args(argv)
-    # Options first, then the data (minutes for the paper's 9M sentences), then the run folder: a bad
-    # option or data file stops the run before anything is written.
+    # Options first, then the data (minutes for the paper's 9M sentences), then the engine, then the run
+    # folder's record: a bad option, data file or ds_config stops the run before anything is written.
     micro_batch = runner.check_options(run)["train_micro_batch_size_per_gpu"]
     data = DataConfig.load(runner.resolve_data(run))
     tokenizer = load_tokenizer(data.vocab)
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             "text cannot mask; use padded text (no --packed_text) or --stream_schedule two"
         )
     runner.check_shared_memory(run, datasets.get("train"), micro_batch, [datasets["valid"]], micro_batch)
+    if run.eval_only:
+        runner.check_complete_export(SemVLPForPreTraining, config, run.init_from, "--eval_only")
 
-    run_dir, ds_config = runner.start(run)
+    run_dir, ds_config = runner.start(run, config)
     loaders = {  # the training loop holds one batch at a time: its workers may reuse their buffers
         split: pretrain_loader(
             dataset,
@@ -105,10 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         for split, dataset in datasets.items()
     }
     model = SemVLPForPreTraining(config)
-    if run.eval_only:
-        runner.check_complete_export(model, run.init_from, "--eval_only")
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config, run)
+    runner.record_run(run, run_dir, ds_config)
     task = PretrainTask(
         config,
         loaders.get("train"),

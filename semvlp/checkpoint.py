@@ -24,6 +24,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from safetensors import SafetensorError, safe_open
 
 from semvlp import dist
 from semvlp.data.tokenizer import vocab_file
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 POINTER = "latest"
 COMPLETE = "COMPLETE"
@@ -170,13 +174,21 @@ def weights_file(folder: str | Path) -> Path:
     return path
 
 
-def check_same_model(model: torch.nn.Module, folder: Path) -> None:
-    """ValueError naming the fields where `model`'s config differs from the one saved in checkpoint
-    `folder`, before DeepSpeed fails on the weights they shape: the fields its config class defines
-    and the labels; not the kernel backend, which may change."""
+def check_loadable(folder: Path, config: PretrainedConfig) -> None:
+    """ValueError unless checkpoint `folder` holds the model of `config` (check_same_config) in whole
+    shards (check_shards): what DeepSpeed would fail on, or read wrongly, named first."""
+    if (folder / CONFIG).is_file():
+        check_same_config(folder, config)
+    check_shards(folder)
+
+
+def check_same_config(folder: Path, config: PretrainedConfig) -> None:
+    """ValueError naming the fields where `config` differs from the one saved in checkpoint `folder`,
+    before DeepSpeed fails on the weights they shape: the fields its config class defines and the
+    labels; not the kernel backend, which may change."""
     saved = json.loads((folder / CONFIG).read_text())
-    ours = json.loads(model.config.to_json_string())
-    fields = [*inspect.signature(type(model.config).__init__).parameters, "id2label"]
+    ours = json.loads(config.to_json_string())
+    fields = [*inspect.signature(type(config).__init__).parameters, "id2label"]
     differ = [k for k in fields if k not in ("self", "kwargs", "kernel_backend") and saved.get(k) != ours.get(k)]
     if differ:
         values = ", ".join(f"{k}={saved.get(k)!r} (this run: {ours.get(k)!r})" for k in differ[:5])
@@ -214,9 +226,7 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     if tag is None:
         return None
     folder = Path(directory) / tag
-    if (folder / CONFIG).is_file():
-        check_same_model(engine.module, folder)
-    check_shards(folder)
+    check_loadable(folder, engine.module.config)
     elastic = saved_world_size(folder) != dist.world_size()
     load_dir, load_tag = directory, tag
     if elastic:

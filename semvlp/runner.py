@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
-from semvlp.train import ConfigError, NonFiniteLossError, prepare_run_dir, resolve_ds_config, versions
+from semvlp.train import ConfigError, NonFiniteLossError, resolve_ds_config, versions
 
 TOY_WORLD_DIR = Path("data/toy")
 SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torch's shared-memory files)
@@ -143,10 +145,13 @@ def resolve_data(run: RunConfig) -> Path:
     return Path(path)
 
 
-def check_complete_export(model: torch.nn.Module, folder: str, option: str) -> None:
+def check_complete_export(model_class: type[torch.nn.Module], config: SemVLPConfig, folder: str, option: str) -> None:
     """Runs without training (`option`) must not start from freshly initialized heads: every tensor
-    of `model` must come from the SemVLP export `folder`."""
+    of the `model_class` model must come from the SemVLP export `folder`."""
     from safetensors import safe_open
+
+    with torch.device("meta"):  # shapes only: no memory, no draw from the random generator
+        model = model_class(config)
 
     if not is_semvlp_export(folder):
         raise ConfigError(f"{option}: --init_from {folder} is not a SemVLP export")
@@ -271,6 +276,11 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
     build_model_config(run)
     run_dir = Path(run.output_dir)
     _check_writable(run_dir, "--output_dir")
+    if not run.resume and (run_dir / "checkpoints" / checkpoint.POINTER).exists():
+        raise ConfigError(
+            f"--output_dir {run_dir} already holds a run with checkpoints: pass --resume to continue it "
+            "or choose another --output_dir"
+        )
     ds_config = resolve_ds_config(run, world_size_from_env(), run_dir, lr, train_batch_size)
     if run.resume:
         tag = checkpoint.latest_tag(run_dir / "checkpoints")
@@ -301,17 +311,44 @@ def _check_writable(folder: Path, option: str) -> None:
         raise ConfigError(f"{option} {folder}: {existing} is not writable (permissions, or a read-only file system)")
 
 
-def start(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> tuple[Path, dict]:
-    """Check the options (`check_options`), then start the process group and write the run folder.
-    Launchers read and check their data before this, so a bad option or data file leaves no run folder."""
+def start(
+    run: RunConfig, config: SemVLPConfig, lr: float | None = None, train_batch_size: int | None = None
+) -> tuple[Path, dict]:
+    """Check the options (`check_options`) and, with --resume, that the newest checkpoint holds the
+    model of `config` and is whole; then start the process group.
+
+    Launchers read and check their data before this, and record the run in its folder
+    (`record_run`) once the engine is built: a bad option, data file or ds_config, or a refused
+    resume, leaves --output_dir as it was.
+    """
     ds_config = check_options(run, lr, train_batch_size)
+    run_dir = Path(run.output_dir)
+    if run.resume:
+        ckpt_dir = run_dir / "checkpoints"
+        try:
+            checkpoint.check_loadable(ckpt_dir / checkpoint.latest_tag(ckpt_dir), config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     init_distributed()
-    run_dir = prepare_run_dir(run)
-    if dist.is_main():
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
     torch.manual_seed(run.seed + dist.rank())  # nanoGPT's seed offset: dropout differs per rank
     return run_dir, ds_config
+
+
+def record_run(run: RunConfig, run_dir: Path, ds_config: dict) -> None:
+    """Write how the run was made into its folder (rank 0): its options, ds_config, versions, git state."""
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.save(run_dir / "hparams.json")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
+        repo = Path(__file__).resolve().parents[1]
+        for name, cmd in (("githash.log", ["git", "rev-parse", "HEAD"]), ("gitdiff.log", ["git", "diff", "HEAD"])):
+            try:
+                out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                out = "unavailable\n"
+            (run_dir / name).write_text(out)
+    dist.barrier()
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
@@ -319,9 +356,16 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
     backward, and with --compile its module is compiled in place (state-dict names unchanged)."""
     if run.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    # DeepSpeed's monitors make their folders (by default in the run folder) before it builds the
+    # optimizer: those a rejected ds_config made are removed
+    outputs = [Path(m["output_path"]) for m in ds_config.values() if isinstance(m, dict) and "output_path" in m]
+    made = [path for path in (Path(run.output_dir), *outputs) if not path.exists()]
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     except (TypeError, AssertionError, KeyError) as e:  # e.g. an optimizer or scheduler parameter it lacks
+        if dist.is_main():
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
         message = f"{type(e).__name__}: {e}"
         raise ConfigError(f"--deepspeed_config {run.deepspeed_config}: DeepSpeed rejects it: {message}") from e
     if run.compile:

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -218,28 +217,6 @@ def precision(ds_config: dict) -> str:
 
 
 # --------------------------------------------------------------------------- run directory
-
-
-def prepare_run_dir(run: RunConfig) -> Path:
-    """Create the run directory on rank 0 and record how the run was made."""
-    run_dir = Path(run.output_dir)
-    if not run.resume and (run_dir / "checkpoints" / checkpoint.POINTER).exists():
-        raise ConfigError(
-            f"--output_dir {run_dir} already holds a run with checkpoints: pass --resume to continue it "
-            "or choose another --output_dir"
-        )
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run.save(run_dir / "hparams.json")
-        repo = Path(__file__).resolve().parents[1]
-        for name, cmd in (("githash.log", ["git", "rev-parse", "HEAD"]), ("gitdiff.log", ["git", "diff", "HEAD"])):
-            try:
-                out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=30).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                out = "unavailable\n"
-            (run_dir / name).write_text(out)
-    dist.barrier()
-    return run_dir
 
 
 def versions() -> dict[str, str]:

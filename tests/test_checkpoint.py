@@ -169,6 +169,54 @@ def test_resume_with_another_global_batch_is_refused_before_anything_is_written(
     assert (split["train_batch_size"], "checkpoint" in split) == (2, False)  # the same world size: no conversion
 
 
+def test_resume_of_another_model_is_refused_before_the_run_folder_is_touched(tmp_path, engine_factory, vocab):
+    """--resume with options that build another model is named before anything is written: the run's
+    record (hparams.json, ds_config.json, ...) still describes its checkpoints."""
+    engine = engine_factory(seed=0)
+    train_step(engine)
+    run_dir = tmp_path / "run"
+    step = checkpoint.save(engine, run_dir / "checkpoints", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    (run_dir / "hparams.json").write_text('{"preset": "tiny"}\n')
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    ds_config = tmp_path / "ds.json"
+    batch = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2}  # the checkpoint's
+    ds_config.write_text(json.dumps(json.loads(CPU_CONFIG.read_text()) | batch))
+    run = RunConfig(deepspeed_config=str(ds_config), output_dir=str(run_dir), preset="tiny", resume=True)
+    other = config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=2)
+
+    with pytest.raises(ConfigError) as refused:
+        runner.start(run, other)
+    assert str(refused.value).startswith(
+        f"--resume: {step} holds a model with cross_attention_start_layer=1 (this run: 2). Resume with the options"
+    )
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
+    assert runner.start(run, engine.module.config)[0] == run_dir  # the model it holds resumes
+
+
+def test_a_ds_config_deepspeed_rejects_at_the_engine_leaves_no_folder_behind(tmp_path, engine_factory):
+    """An optimizer parameter DeepSpeed's optimizer lacks fails only as the engine is built, after its
+    TensorBoard monitor made its folder: a new run's folder is removed, an existing one keeps what it held."""
+    engine_factory(seed=0)  # the process group
+    ds_config = json.loads(CPU_CONFIG.read_text()) | {"train_batch_size": 16}
+    ds_config["optimizer"]["params"]["weight_decy"] = 0.01
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    run_dir = tmp_path / "run"
+    run = RunConfig(deepspeed_config=str(tmp_path / "ds.json"), output_dir=str(run_dir), preset="tiny")
+    resolved = runner.check_options(run)
+    assert resolved["tensorboard"]["output_path"] == str(run_dir / "tensorboard")
+    model = SemVLPModel(config_from_preset("tiny", vocab_size=50, num_hidden_layers=2))
+
+    message = f"--deepspeed_config {tmp_path / 'ds.json'}: DeepSpeed rejects it: TypeError: .*'weight_decy'"
+    with pytest.raises(ConfigError, match=message):
+        runner.build_engine(model, resolved, run)
+    assert not run_dir.exists()
+    run_dir.mkdir()
+    (run_dir / "hparams.json").write_text("{}\n")
+    with pytest.raises(ConfigError, match=message):
+        runner.build_engine(model, resolved, run)
+    assert [path.name for path in run_dir.iterdir()] == ["hparams.json"]
+
+
 def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path, engine_factory, vocab):
     engine = engine_factory(seed=0)
     for step in (1, 2, 3):

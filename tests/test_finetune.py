@@ -165,7 +165,7 @@ def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy
     assert result.returncode == 2, result.stderr[-3000:]
     assert (f"was fine-tuned with class 0 = {answers[0]!r}, but the data's answer table has {answers[1]!r} there"
             in result.stderr)  # fmt: skip
-    assert not (tmp_path / "run" / "predictions").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_gqa_predictions_and_exact_match(toy, finetuned):

@@ -633,3 +633,4 @@ def test_eval_only_refuses_an_export_without_the_pretraining_heads(tmp_path, toy
     assert result.returncode == 2
     assert f"--eval_only: {encoder} lacks (or has other shapes for) " in result.stderr
     assert "is it an export of this task?" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -261,18 +261,19 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     runner.check_model_fits_data(config, data, tokenizer, fields)
     eval_datasets = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
     runner.check_shared_memory(run, task.datasets.get("train"), micro, eval_datasets, eval_batch_size)
-    run_dir, ds_config = runner.start(run, lr=run.lr, train_batch_size=run.batch_size)
+    if run.predict_only:
+        runner.check_complete_export(task.model_class, config, run.init_from, "--predict_only")
+        if "num_qa_labels" in fields:  # an answer table from the data
+            _check_same_labels(run.init_from, fields["id2label"])
+    run_dir, ds_config = runner.start(run, config, lr=run.lr, train_batch_size=run.batch_size)
     if dist.is_main():
         for note in task.notes:
             print(note, flush=True)
     task.attach(config, micro, eval_batch_size)
     model = task.model_class(config)
-    if run.predict_only:
-        runner.check_complete_export(model, run.init_from, "--predict_only")
-        if "num_qa_labels" in fields:  # an answer table from the data
-            _check_same_labels(run.init_from, fields["id2label"])
     runner.initialize_model(model, run)
     engine = runner.build_engine(model, ds_config, run)
+    runner.record_run(run, run_dir, ds_config)
 
     results: dict = {"mode": run.mode, "notes": task.notes}
     if not run.predict_only:
