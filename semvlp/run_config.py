@@ -117,6 +117,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise FileNotFoundError(f"--{name} {value}: no such file or folder")
+        if self.init_from is not None and not Path(self.init_from).is_dir():
+            raise ValueError(
+                f"--init_from {self.init_from} is a file; expected a model folder: a SemVLP export (semvlp.export) "
+                "or a BERT checkpoint folder (config.json, weights, vocab.txt)"
+            )
         if self.data is not None:
             DataConfig.check_path(self.data)
 

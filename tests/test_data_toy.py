@@ -200,3 +200,10 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"toy world in .*w \(\d+\.\d MB, \d+\.\ds\)", out)
     assert json.loads((tmp_path / "w" / "toy_world.json").read_text())["seed"] == 3
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(SystemExit) as refused:
+        toy_mod.main(["--out", str(tmp_path / "file"), "--small"])
+    assert refused.value.code == 2
+    assert f"--out {tmp_path / 'file'} is a file; expected a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"

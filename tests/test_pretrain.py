@@ -395,6 +395,7 @@ def assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args
         (["--max_steps", "0"], "--max_steps must be >= 1"),
         (["--max_steps", "10", "--qa_from_step", "10"], "--qa_from_step 10 must be in 0..max_steps-1=9"),
         (["--eval_only"], "--eval_only needs --init_from, a pre-training export"),
+        (["--init_from", str(REPO / "setup.py")], f"--init_from {REPO / 'setup.py'} is a file; expected a model"),
         (["--compile", "--compile_mode", "fast"], "--compile_mode 'fast': expected one of ('default', "),
         (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
         (["--compile", "--compile_backend", "tvm"], "--compile_backend 'tvm': expected one of ('inductor', "),

@@ -623,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; expected a folder to write the world into")
     if args.force and (out / "toy_world.json").exists():
         shutil.rmtree(out)
     path = ensure_toy_world(out, args.seed, ToySpec.small() if args.small else None)
