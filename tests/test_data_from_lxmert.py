@@ -47,7 +47,8 @@ LEFT_OUT = (
 @pytest.fixture
 def lxmert_folder(tmp_path_factory, tmp_path) -> Path:
     """LXMERT's layout, from a few records of each toy-world file, with a 36-box TSV line per image:
-    COCO's for the pre-training, VQA and GQA images, NLVR2's train split plain and its valid split gzipped."""
+    COCO's for the pre-training, VQA and GQA images, NLVR2's (ids of their own, as LXMERT's) train
+    split plain and its valid split gzipped."""
     toy = Path(ensure_toy_world(tmp_path_factory.getbasetemp() / "toy_small", spec=ToySpec.small())).parent
     root = tmp_path / "lxmert_data"
     images: dict[str, list[str]] = {"mscoco_imgfeat/train2014_obj36.tsv": [], "nlvr2_imgfeat/train_obj36.tsv": [],
@@ -55,6 +56,8 @@ def lxmert_folder(tmp_path_factory, tmp_path) -> Path:
     for name, (target, keep) in LAYOUT.items():
         records = json.loads((toy / name).read_text())
         records = records[:keep] if keep is not None else records
+        if name.startswith("nlvr2_"):  # NLVR2's images have ids of their own (LXMERT's "train-10171-0-img0")
+            records = [{**r, "img0": f"nlvr2-{r['img0']}", "img1": f"nlvr2-{r['img1']}"} for r in records]
         (root / target).parent.mkdir(parents=True, exist_ok=True)
         (root / target).write_text(json.dumps(records))
         if name.startswith("nlvr2_"):

@@ -93,6 +93,19 @@ def test_padded_store_and_store_set(tmp_path):
         FeatureStoreSet([tmp_path / "a.h5", tmp_path / "c.h5"])
 
 
+def test_an_image_id_in_two_stores_is_refused(tmp_path):
+    """COCO's and Visual Genome's numeric ids overlap: with "9" in two stores, some questions would
+    read the other image's features."""
+    write_store(tmp_path / "coco.h5", n=3, prefix="")  # ids "0", "1", "2"
+    write_store(tmp_path / "vg.h5", n=5, seed=1, prefix="")
+    with pytest.raises(StoreFormatError) as refused:
+        FeatureStoreSet([tmp_path / "coco.h5", tmp_path / "vg.h5"])
+    assert str(refused.value).startswith(
+        f"image id '0' is in both {tmp_path / 'coco.h5'} and {tmp_path / 'vg.h5'} (and 2 more ids): an id must name "
+        "one image across the stores. Convert one of them again with --image-ids"
+    )
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
     rng = np.random.default_rng(0)
     with pytest.raises(KeyboardInterrupt), FeatureStoreWriter(tmp_path / "s.h5", K, D) as w:

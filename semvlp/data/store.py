@@ -733,7 +733,8 @@ class FeatureStore:
 class FeatureStoreSet:
     """Several stores seen as one: global rows, lookup by image id, the same K everywhere.
 
-    An image id present in more than one store resolves to the first store that has it.
+    An image id may be in one store only: two stores that both hold "9" (COCO's and Visual Genome's
+    numeric ids) would give some questions the other image's features, silently.
     """
 
     def __init__(self, stores: Sequence[FeatureStore | str | os.PathLike]):
@@ -748,6 +749,16 @@ class FeatureStoreSet:
         self.num_objects = ks.pop()
         self.feature_dim = ds.pop()
         self.padded = any(s.padded for s in self.stores)
+        for i, earlier in enumerate(self.stores):
+            for later in self.stores[i + 1 :]:
+                shared = [image_id for image_id in later.image_ids if image_id in earlier]
+                if shared:
+                    raise StoreFormatError(
+                        f"image id {shared[0]!r} is in both {earlier.path} and {later.path}"
+                        + (f" (and {len(shared) - 1} more ids)" if len(shared) > 1 else "")
+                        + ": an id must name one image across the stores. Convert one of them again with "
+                        "--image-ids, a map to ids of its own (e.g. COCO's '9' -> 'COCO_train2014_000000000009')"
+                    )
         self._offsets = np.cumsum([0] + [len(s) for s in self.stores])
 
     def __len__(self) -> int:
