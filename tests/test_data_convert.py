@@ -320,6 +320,8 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
         [
             ({"num_boxes": np.array([4, 4])}, "field 'num_boxes': expected one whole number, got an int64 array"),
             ({"img_h": 480.5}, "field 'img_h': expected one whole number, got 480.5"),
+            ({"img_h": 0, "img_w": 0}, "field 'img_h/img_w': image size must be positive, got 0x0"),  # not UNITER's
+            ({"boxes": np.array([{"x": 1}], dtype=object)}, "field 'boxes': not readable as an array of numbers"),
             ({"features": img["features"].astype(str)}, "field 'features': expected numbers, got <U"),
             ({"objects_conf": np.array(["high"] * 4)}, "field 'obj_confs': expected numbers, got <U4"),
         ]
@@ -331,6 +333,14 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
             convert_npz_dir(folder, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
         assert f"x.npz (image x): {fragment}" in str(e.value)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_npz_keys_the_converter_does_not_read_may_hold_anything(tmp_path):
+    """bottom-up-attention.pytorch (MILVLG) writes a pickled "info" dict beside the arrays."""
+    img = raw_image(np.random.default_rng(15), "a", 4)
+    write_npz(tmp_path / "a.npz", img, info=np.array([{"objects": 4}], dtype=object))
+    convert_npz_dir(tmp_path, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "s.h5").read("a").obj_ids, img["objects_id"])
 
 
 def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):

@@ -108,18 +108,19 @@ class OutputExistsError(ConversionError):
 @dataclass
 class RawImage:
     """One image as a detector wrote it: N boxes in pixels, full-precision features. A source
-    without the image size (UNITER) gives img_h = img_w = 0 and boxes already divided by it."""
+    without the image size (UNITER) gives boxes already divided by it, and img_h = img_w = 0."""
 
     image_id: str
     img_h: int
     img_w: int
-    boxes: np.ndarray  # [N, 4] pixels, or [0, 1] when img_h = img_w = 0
+    boxes: np.ndarray  # [N, 4] pixels, or [0, 1] when boxes_normalized
     features: np.ndarray  # [N, D]
     obj_ids: np.ndarray  # [N]
     obj_confs: np.ndarray
     attr_ids: np.ndarray
     attr_confs: np.ndarray
     box_scores: np.ndarray | None = None  # ranks the boxes when N > K; obj_confs when None
+    boxes_normalized: bool = False  # the source gives no image size (UNITER)
 
 
 @dataclass
@@ -139,8 +140,8 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     for name, arr in {**per_box, "box_scores": scores}.items():
         if arr.shape != (n,):
             raise BadRecordError(name, f"shape {arr.shape}, expected ({n},)")
-    normalized = raw.img_h == raw.img_w == 0
-    if not normalized and (raw.img_h <= 0 or raw.img_w <= 0):
+    normalized = raw.boxes_normalized
+    if not normalized and (raw.img_h <= 0 or raw.img_w <= 0):  # 0 x 0 too: only UNITER has no size
         raise BadRecordError("img_h/img_w", f"image size must be positive, got {raw.img_h}x{raw.img_w}")
     for name, arr in dict(features=raw.features, boxes=raw.boxes, obj_confs=raw.obj_confs,
                           attr_confs=raw.attr_confs, box_scores=scores).items():  # fmt: skip
@@ -335,18 +336,28 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
     """One per-image .npz file; raises BadRecordError naming the key."""
     if not zipfile.is_zipfile(path):  # else numpy blames "pickled data", or returns a .npy's array
         raise BadRecordError("file", "not an .npz file (not a zip archive)")
+    used = {key for keys in _NPZ_KEYS.values() for key in keys}  # other keys (MILVLG's pickled "info") unread
+    unreadable = None
     try:
         with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+            files, data = z.files, {}
+            for key in sorted(used.intersection(z.files)):
+                try:
+                    data[key] = z[key]
+                except ValueError as e:  # e.g. an object array, which only unpickling would read
+                    unreadable = BadRecordError(key, f"not readable as an array of numbers ({e})")
+                    break
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise BadRecordError("file", f"not a readable .npz ({e})") from None
+    if unreadable is not None:
+        raise unreadable
 
     def get(name: str, required: bool = True) -> np.ndarray | None:
         for key in _NPZ_KEYS[name]:
             if key in data:
                 return data[key]
         if required:
-            raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; file has {sorted(data)})")
+            raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; file has {sorted(files)})")
         return None
 
     features, boxes = _npz_numbers("features", get("features")), _npz_numbers("boxes", get("boxes"))
@@ -472,6 +483,7 @@ def parse_uniter(name: str, value: bytes, image_id: str) -> RawImage:
         attr_ids=np.zeros(n, np.int64),
         attr_confs=np.zeros(n, np.float32),
         box_scores=None if conf is None else conf.astype(np.float32),
+        boxes_normalized=True,
     )
 
 
