@@ -336,11 +336,18 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
 
 
 def test_npz_keys_the_converter_does_not_read_may_hold_anything(tmp_path):
-    """bottom-up-attention.pytorch (MILVLG) writes a pickled "info" dict beside the arrays."""
+    """bottom-up-attention.pytorch (MILVLG) writes x, bbox, num_bbox, image_h, image_w and its labels
+    in a pickled "info" dict, which is left unread."""
     img = raw_image(np.random.default_rng(15), "a", 4)
-    write_npz(tmp_path / "a.npz", img, info=np.array([{"objects": 4}], dtype=object))
+    info = np.array([{"objects_id": img["objects_id"]}], dtype=object)
+    np.savez(tmp_path / "a.npz", x=img["features"], bbox=img["boxes"], num_bbox=4, image_h=img["img_h"],
+             image_w=img["img_w"], info=info)  # fmt: skip
     convert_npz_dir(tmp_path, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
-    np.testing.assert_array_equal(FeatureStore(tmp_path / "s.h5").read("a").obj_ids, img["objects_id"])
+    stored = FeatureStore(tmp_path / "s.h5").read("a")
+    np.testing.assert_array_equal(stored.features, img["features"].astype(np.float16))
+    size = np.array([img["img_w"], img["img_h"]] * 2, np.float32)
+    np.testing.assert_allclose(stored.boxes * size, img["boxes"], rtol=1e-5)
+    assert not stored.obj_ids.any() and not stored.obj_confs.any()  # no labels
 
 
 def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):

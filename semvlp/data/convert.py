@@ -305,7 +305,7 @@ _NPZ_KEYS = {
     "img_h": ("img_h", "image_h"),
     "img_w": ("img_w", "image_w"),
     "num_boxes": ("num_boxes", "num_bbox"),
-    "features": ("features",),
+    "features": ("features", "x"),  # x, bbox, num_bbox, image_h, image_w: bottom-up-attention.pytorch's
     "boxes": ("boxes", "bbox"),
     "obj_ids": ("objects_id", "obj_ids"),
     "obj_confs": ("objects_conf", "obj_confs"),
