@@ -366,7 +366,8 @@ def test_questions_on_missing_images_fail_or_are_skipped_and_reported(toy, tmp_p
         NLVR2Task(FinetuneConfig(**common), data, tokenizer, stores, ("valid",))
     task = NLVR2Task(FinetuneConfig(**common, skip_missing=True), data, tokenizer, stores, ("valid",))
     assert len(task.datasets["valid"]) == 19
-    assert "nlvr2 valid: 19 statements, 1 skipped (an image in no store)" in task.notes
+    assert ("nlvr2 valid: 19 statements, 1 skipped (an image in no store): absent from its metrics and its "
+            "predictions file (an evaluation server rejects a submission without them)") in task.notes  # fmt: skip
 
 
 def test_a_task_model_from_a_pretraining_export_loads_the_encoder_and_names_the_new_head(tmp_path, capsys):

@@ -101,6 +101,10 @@ def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneC
 # --------------------------------------------------------------------------- data helpers
 
 
+# What --skip_missing costs, said wherever it drops examples
+SKIPPED = "absent from its metrics and its predictions file (an evaluation server rejects a submission without them)"
+
+
 def image_rows(
     image_ids: list[str], stores: FeatureStoreSet, what: str, skip_missing: bool, files: list[str]
 ) -> np.ndarray:

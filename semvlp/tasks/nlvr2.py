@@ -21,7 +21,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import nlvr2_metrics
 from semvlp.model import SemVLPForNLVR2
-from semvlp.tasks.finetune import FinetuneConfig, FinetuneTask, image_rows, model_inputs
+from semvlp.tasks.finetune import SKIPPED, FinetuneConfig, FinetuneTask, image_rows, model_inputs
 from semvlp.train import ConfigError
 
 
@@ -83,7 +83,7 @@ class NLVR2Task(FinetuneTask):
             datasets[split] = ds
             some = "" if ds.num_unlabeled == len(ds) else f", {ds.num_unlabeled} of them"
             unlabeled = f"{some} without labels" if ds.num_unlabeled else ""
-            skipped = f", {ds.num_skipped} skipped (an image in no store)" if ds.num_skipped else ""
+            skipped = f", {ds.num_skipped} skipped (an image in no store): {SKIPPED}" if ds.num_skipped else ""
             notes.append(f"{what}: {len(ds)} statements{unlabeled}{skipped}")
         super().__init__(run, datasets)
         self.notes = notes

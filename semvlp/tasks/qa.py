@@ -31,7 +31,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import answer_coverage, exact_match, predicted_answers, vqa_score
 from semvlp.model import SemVLPForQuestionAnswering
-from semvlp.tasks.finetune import FinetuneConfig, FinetuneTask, image_rows, model_inputs
+from semvlp.tasks.finetune import SKIPPED, FinetuneConfig, FinetuneTask, image_rows, model_inputs
 from semvlp.train import ConfigError
 
 
@@ -131,7 +131,7 @@ class QATask(FinetuneTask):
             ds = QADataset(examples, stores, tokenizer, self.table, data.max_text_len, run.skip_missing, what)
             datasets[split] = ds
             if ds.num_skipped:
-                notes.append(f"{what}: {ds.num_skipped} questions skipped (image in no store)")
+                notes.append(f"{what}: {ds.num_skipped} questions skipped (image in no store): {SKIPPED}")
             if ds.labeled:
                 cov = answer_coverage([e.label for e in ds.examples], self.table, variant.soft_score)
                 self.coverage[split] = cov
