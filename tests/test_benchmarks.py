@@ -307,6 +307,12 @@ def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
         ("Tesla V100-SXM2-32GB", "bf16", None),  # no bf16 tensor cores on Volta
         ("NVIDIA H100 80GB HBM3", "fp32", None),
         ("NVIDIA GeForce RTX 4090", "bf16", None),  # not listed: MFU stays empty
+        ("NVIDIA RTX A1000", "bf16", None),  # "A100" only as a whole word
+        ("NVIDIA H200 NVL", "bf16", None),  # a lower-power part: not the SXM figure
+        ("NVIDIA GH200 480GB", "bf16", None),
+        ("Tesla V100S-PCIE-32GB", "fp16", 130.0),
+        ("Tesla V100-PCIE-16GB", "fp16", 112.0),
+        ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
     ],
 )
 def test_peak_table(name, precision, expected):
