@@ -26,7 +26,7 @@
 #   throughput-compile  110   45  the same main grid under torch.compile with CUDA graphs
 #                                 (mode reduce-overhead; sdpa, then triton): how much of eager's
 #                                 step is launch overhead (compare the kernel busy % columns)
-#   throughput-fp16      60   25  the main grid in fp16 (triton, sdpa)
+#   throughput-fp16      60   25  the main grid in fp16 (sdpa, then triton: its fp16 autotuning last)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, and the loader test of workers
 #                                 reusing their buffers (here with pinned memory), only with time left
 #   pretrain            180    0  the main job, only with time left: launch/pretrain.py, one process,
@@ -268,7 +268,7 @@ else
 fi
 
 run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISIONS[1]}" \
-    --backends triton,sdpa --modes single,two,alternate
+    --backends sdpa,triton --modes single,two,alternate
 
 if [ -f tests/test_model_kernels.py ] && [ "$CPU_MODE" != 1 ]; then
     run_stage model-kernels "$PY" -m pytest tests/test_model_kernels.py -q -p no:cacheprovider \
