@@ -523,23 +523,28 @@ def _format_row(row: dict) -> str:
     return f"{row['op']:>22} {row['case']:<25} {row['provider']:<15} {row['mode']:<8} {times}{extra}"
 
 
-def speedups(results: list[dict]) -> list[dict]:
+def speedups(results: list[dict], copy_GBps: float | None = None) -> list[dict]:
     """triton vs eager and vs the fastest non-triton provider, per (op, case, mode), once by wall-clock
-    p50 and (CUDA) once by device time: `timing` names which."""
+    p50 and (CUDA) once by device time: `timing` names which. `pct_of_copy`: triton's bytes moved per
+    second as a percentage of the device-to-device copy bandwidth (issue #6's target for the
+    memory-bound ops: at least 70), where both are known."""
     out = []
-    for key in ("p50_ms", "device_ms"):
-        groups: dict[tuple, dict[str, float]] = {}
+    for key, rate in (("p50_ms", "GBps"), ("device_ms", "device_GBps")):
+        groups: dict[tuple, dict[str, dict]] = {}
         for r in results:
             if r.get(key):
-                groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r[key]
-        for (op, case, mode), times in groups.items():
-            if "triton" not in times:
+                groups.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r
+        for (op, case, mode), rows in groups.items():
+            if "triton" not in rows:
                 continue
+            times = {p: r[key] for p, r in rows.items()}
             others = {p: t for p, t in times.items() if p != "triton"}
             best = min(others, key=others.get) if others else None
             row = {"op": op, "case": case, "mode": mode, "timing": key, "triton_ms": times["triton"]}
             row["speedup_vs_eager"] = times["eager"] / times["triton"] if "eager" in times else None
             row.update(best_other=best, speedup_vs_best_other=others[best] / times["triton"] if best else None)
+            moved = rows["triton"].get(rate)
+            row["pct_of_copy"] = 100 * moved / copy_GBps if moved and copy_GBps else None
             out.append(row)
     return out
 
@@ -603,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     reported: set = set()
 
     def save() -> None:
-        report.update(meta=meta, copy_GBps=bandwidth, results=results, speedups=speedups(results))
+        report.update(meta=meta, copy_GBps=bandwidth, results=results, speedups=speedups(results, bandwidth))
         if on_gpu:
             try:  # reads Triton's caches: a Triton that changes them must not cost the timings
                 autotuned.extend(autotune_choices(reported))
@@ -623,8 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in report["speedups"]:
         eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""
         best = f"{s['speedup_vs_best_other']:.2f}x {s['best_other']}" if s["best_other"] else ""
+        copy = f"{s['pct_of_copy']:.0f}% of copy" if s["pct_of_copy"] else ""
         where = f"{s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['timing']:<9}"
-        print(f"  {where} {s['triton_ms']:.3f} ms  {eager}  {best}")
+        print(f"  {where} {s['triton_ms']:.3f} ms  {eager}  {best}  {copy}")
     errors = [r for r in results if "error" in r]
     print(f"wrote {path} ({len(results)} rows, {len(errors)} errors)")
     return 0

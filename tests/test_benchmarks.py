@@ -227,17 +227,19 @@ def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
 def test_kernel_speedups_by_wall_clock_and_device_time():
     fused_ops = _load("fused_ops")
     rows = [
-        {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "triton", "p50_ms": 0.4, "device_ms": 0.1},
+        {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "triton", "p50_ms": 0.4, "device_ms": 0.1,
+         "GBps": 500.0, "device_GBps": 2000.0},
         {"op": "bias_gelu", "case": "c", "mode": "full", "provider": "eager", "p50_ms": 0.2, "device_ms": 0.2},
         {"op": "bias_gelu", "case": "c", "mode": "check", "provider": "sdpa", "error": "no kernel"},
-    ]
-    by_timing = {s["timing"]: s for s in fused_ops.speedups(rows)}
+    ]  # fmt: skip
+    by_timing = {s["timing"]: s for s in fused_ops.speedups(rows, copy_GBps=2500.0)}
     assert by_timing["p50_ms"]["speedup_vs_eager"] == pytest.approx(0.5)
     assert by_timing["device_ms"]["speedup_vs_eager"] == pytest.approx(2.0)
     assert by_timing["device_ms"]["best_other"] == "eager" and by_timing["device_ms"]["triton_ms"] == 0.1
-    # CPU rows have no device_ms: only the wall-clock comparison
+    assert (by_timing["p50_ms"]["pct_of_copy"], by_timing["device_ms"]["pct_of_copy"]) == (20.0, 80.0)
+    # CPU rows have no device_ms: only the wall-clock comparison; no copy bandwidth measured: no percentage
     cpu = [{k: v for k, v in r.items() if k != "device_ms"} for r in rows]
-    assert [s["timing"] for s in fused_ops.speedups(cpu)] == ["p50_ms"]
+    assert [(s["timing"], s["pct_of_copy"]) for s in fused_ops.speedups(cpu)] == [("p50_ms", None)]
 
 
 def test_device_time_is_cuda_only():
