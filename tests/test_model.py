@@ -230,6 +230,22 @@ def test_two_stream_image_ignores_text_up_to_cross_attention_start(model):
     assert not torch.allclose(a.pooled, b.pooled)
 
 
+def test_retrieval_logits_are_computed_in_fp32_under_bf16():
+    """The ITM head of a bf16 model runs in fp32: its logits keep more than bf16's 8 significant bits,
+    so a retrieval ranking over thousands of pairs has fewer ties (which count against the true item)."""
+    torch.manual_seed(0)
+    model = SemVLPForRetrieval(tiny_config()).eval().to(torch.bfloat16)
+    inputs = make_inputs(batch=16, seed=3)
+    inputs.update(visual_feats=inputs["visual_feats"].bfloat16(), visual_pos=inputs["visual_pos"].bfloat16())
+    with torch.no_grad():
+        logits = model(**inputs, mode="single").logits
+        pooled = model.semvlp(**inputs, mode="single").pooled
+    head = model.itm_head
+    assert pooled.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, pooled.float() @ head.weight.float().T + head.bias.float())
+    assert not torch.equal(logits, logits.bfloat16().float())  # not rounded to bf16
+
+
 def test_two_stream_pieces_score_pairs_as_the_full_forward():
     """Retrieval's two-stream scoring: 4 captions and 2 images encoded once each (text stream; image
     blocks below L_s), then only the blocks from L_s on per pair, gives forward(mode="two")'s scores."""

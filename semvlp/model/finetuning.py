@@ -126,14 +126,19 @@ class SemVLPForRetrieval(SemVLPPreTrainedModel):
         pooled = self.semvlp(
             input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask, mode
         ).pooled
-        logits = self.itm_head(pooled).float()
+        logits = self.itm_logits(pooled)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return ClassificationOutput(loss, logits)
+
+    def itm_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head in fp32 whatever the model's precision: rounded to bf16 (8 significant bits) the
+        logits of a 1K x 5K score matrix tie often, and ties count against the true item (R@K)."""
+        return F.linear(pooled.float(), self.itm_head.weight.float(), self.itm_head.bias.float())
 
     def score_pairs(self, image: StreamStates, text: StreamStates) -> torch.Tensor:
         """`score` of the two-stream pairs (image row i, text row i) from states computed apart
         (SemVLPModel.two_stream_image / two_stream_text): equal to scoring forward(mode="two")."""
-        return self.score(self.itm_head(self.semvlp.two_stream_pairs(image, text).pooled).float())
+        return self.score(self.itm_logits(self.semvlp.two_stream_pairs(image, text).pooled))
 
     @staticmethod
     def score(logits: torch.Tensor) -> torch.Tensor:
