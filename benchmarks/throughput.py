@@ -774,6 +774,7 @@ class Runner:
                 batch = forward_for = None
                 train.model.zero_grad(set_to_none=True)
                 self.free()
+            self.save()  # a run killed mid-search (gpu_check's stage limit) keeps the sizes tried so far
             size *= 2
         del train, call
         self.free()

@@ -206,6 +206,17 @@ def test_gradient_checkpointing_reaches_our_model_and_the_json(tmp_path):
     assert "| main | semvlp | two | eager checkpointed | fp32 |" in report.format_tables(runner.doc)
 
 
+def test_the_max_batch_search_saves_each_size_it_tries(monkeypatch, tmp_path):
+    """gpu_check.sh kills a stage at its time limit: the search's JSON holds every size tried so far."""
+    args = ["--device", "cpu", "--preset", "tiny", "--batch-size", "1", "--max-batch-cap", "4", "--out",
+            str(tmp_path / "r.json")]  # fmt: skip
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    saved = []
+    monkeypatch.setattr(runner, "save", lambda: saved.append(len(runner.doc["max_batch"]["tried"])))
+    assert runner.find_max_batch("eager", "fp32") == 4
+    assert saved[:3] == [1, 2, 3]  # after sizes 1, 2 and 4, before the next doubling passes the cap
+
+
 def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
     """A compiled run counts the graph breaks of its own compilation, as dynamo's explain() counts
     them for the same forward. Dynamo only (backend="eager"): inductor would add minutes."""
