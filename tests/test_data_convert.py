@@ -335,19 +335,52 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-def test_npz_keys_the_converter_does_not_read_may_hold_anything(tmp_path):
-    """bottom-up-attention.pytorch (MILVLG) writes x, bbox, num_bbox, image_h, image_w and its labels
-    in a pickled "info" dict, which is left unread."""
-    img = raw_image(np.random.default_rng(15), "a", 4)
-    info = np.array([{"objects_id": img["objects_id"]}], dtype=object)
-    np.savez(tmp_path / "a.npz", x=img["features"], bbox=img["boxes"], num_bbox=4, image_h=img["img_h"],
-             image_w=img["img_w"], info=info)  # fmt: skip
-    convert_npz_dir(tmp_path, tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
-    stored = FeatureStore(tmp_path / "s.h5").read("a")
-    np.testing.assert_array_equal(stored.features, img["features"].astype(np.float16))
-    size = np.array([img["img_w"], img["img_h"]] * 2, np.float32)
-    np.testing.assert_allclose(stored.boxes * size, img["boxes"], rtol=1e-5)
-    assert not stored.obj_ids.any() and not stored.obj_confs.any()  # no labels
+def write_milvlg_npz(path, img, info):
+    """One image as bottom-up-attention.pytorch (MILVLG) writes it: x, bbox, num_bbox, image_h, image_w,
+    and its labels in `info`, a dict numpy pickles."""
+    np.savez(path, x=img["features"], bbox=img["boxes"], num_bbox=len(img["boxes"]), image_h=img["img_h"],
+             image_w=img["img_w"], info=np.array(info, dtype=object))  # fmt: skip
+    return path
+
+
+def test_npz_labels_in_a_pickled_info_dict_are_read_with_allow_pickle_only(tmp_path, capsys):
+    img = raw_image(np.random.default_rng(15), "a", 6)
+    labels = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    write_milvlg_npz(folder / "a.npz", img, {"image_id": "a", **{key: img[key] for key in labels}})
+    args = ["npz-dir", str(folder), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+
+    assert conv.main([*args, "--out", str(tmp_path / "unread.h5")]) == 0  # not unpickled: no labels, and a note
+    assert "keep their labels in a pickled 'info' entry, which is not read" in capsys.readouterr().err
+    stored = FeatureStore(tmp_path / "unread.h5").read("a")
+    np.testing.assert_array_equal(stored.features, img["features"][:4].astype(np.float16))  # no ranking: first K
+    assert not stored.obj_ids.any() and not stored.obj_confs.any() and not stored.attr_ids.any()
+
+    assert conv.main([*args, "--out", str(tmp_path / "read.h5"), "--allow-pickle"]) == 0
+    assert "note" not in capsys.readouterr().err
+    stored = FeatureStore(tmp_path / "read.h5").read("a")
+    keep = np.sort(np.argsort(-img["objects_conf"])[:4])  # the K most confident, as from LXMERT's TSV
+    np.testing.assert_array_equal(stored.features, img["features"][keep].astype(np.float16))
+    for name, key in zip(("obj_ids", "obj_confs", "attr_ids", "attr_confs"), labels, strict=True):
+        np.testing.assert_array_equal(getattr(stored, name), img[key][keep])
+
+
+def test_a_bad_pickled_info_is_named(tmp_path):
+    img = raw_image(np.random.default_rng(16), "a", 4)
+    for info, fragment in [
+        ("not a dict", "field 'info': expected a pickled dict, got str"),
+        (["a", "list"], "field 'info': expected a pickled dict, got an object array of shape (2,)"),
+        ({"objects_id": ["cat"] * 4}, "field 'obj_ids': class ids must be numbers, got <U3 values"),
+        ({"objects_conf": np.ones(3, np.float32)}, "field 'obj_confs': shape (3,), expected (4,)"),
+    ]:
+        folder = tmp_path / "npz"
+        folder.mkdir(exist_ok=True)
+        write_milvlg_npz(folder / "a.npz", img, info)
+        with pytest.raises(ConversionError) as e:
+            convert_npz_dir(folder, tmp_path / "s.h5", allow_pickle=True, num_objects=4, feature_dim=D, progress=False)
+        assert f"a.npz (image a): {fragment}" in str(e.value)
+        assert not (tmp_path / "s.h5").exists()
 
 
 def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):

@@ -3,7 +3,7 @@
     python -m semvlp.data.convert lxmert-tsv train2014_obj36.tsv [more.tsv ...] --out coco.h5 --num-objects 36
     python -m semvlp.data.convert butd-tsv trainval_resnet101_faster_rcnn_genome_36.tsv --out coco.h5 \
         --num-objects 36 [--image-ids ids.json]
-    python -m semvlp.data.convert npz-dir features_folder/ --out coco.h5 [--num-objects 100]
+    python -m semvlp.data.convert npz-dir features_folder/ --out coco.h5 [--num-objects 100] [--allow-pickle]
     python -m semvlp.data.convert uniter-lmdb img_db/coco_train2014/feat_th0.2_max100_min10 --out coco.h5 \
         --num-objects 100 --pad
     options: --pad  --skip-bad  --compression {none,gzip,lzf}  --feature-dim 2048  --quiet  --image-ids FILE
@@ -25,7 +25,8 @@ npz-dir: one `<image id>.npz` per image (StructVBERT's layout), keys img_h (or i
 (or image_w), features (N, D), boxes (or bbox) (N, 4) in pixels, optionally num_boxes (or
 num_bbox) and objects_id / objects_conf / attrs_id / attrs_conf (LXMERT names; obj_ids,
 obj_confs, attr_ids, attr_confs also accepted). Absent labels are stored as id 0 with
-confidence 0, so confidence-weighted object losses ignore them.
+confidence 0, so confidence-weighted object losses ignore them. bottom-up-attention.pytorch's files
+(x, bbox, num_bbox, image_h, image_w) keep theirs in a pickled `info` dict, read with --allow-pickle.
 
 uniter-lmdb: a UNITER img_db LMDB folder (`scripts/convert_imgdir.py` in UNITER), one record per
 image keyed by its .npz name, the value a msgpack-numpy map (or, in `*_compressed` databases, an
@@ -332,12 +333,42 @@ def _npz_numbers(name: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def parse_npz(path: str | os.PathLike) -> RawImage:
-    """One per-image .npz file; raises BadRecordError naming the key."""
+_PICKLED_INFO = "info"  # bottom-up-attention.pytorch: a pickled dict holding objects_id, ..., attrs_conf
+_LABEL_NAMES = ("obj_ids", "obj_confs", "attr_ids", "attr_confs")
+_LABEL_KEYS = [key for name in _LABEL_NAMES for key in _NPZ_KEYS[name]]
+
+
+def _pickled_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The label entries of an .npz file's pickled `info` dict, under the keys _NPZ_KEYS names."""
+    try:
+        with np.load(path, allow_pickle=True) as z:
+            info = z[_PICKLED_INFO]
+    except Exception as e:  # unpickling can fail any way the pickled classes do
+        raise BadRecordError(_PICKLED_INFO, f"not readable ({type(e).__name__}: {e})") from None
+    value = info.item() if info.dtype == object and info.size == 1 else None
+    if not isinstance(value, dict):
+        got = type(value).__name__ if value is not None else f"an {info.dtype} array of shape {info.shape}"
+        raise BadRecordError(_PICKLED_INFO, f"expected a pickled dict, got {got}")
+    return {key: np.asarray(value[key]) for key in _LABEL_KEYS if key in value}
+
+
+def has_unread_pickled_labels(folder: str | os.PathLike) -> bool:
+    """Whether the first .npz file of a folder keeps no labels of its own but a pickled `info` entry
+    (bottom-up-attention.pytorch's layout), which only `allow_pickle` reads."""
+    first = min(Path(folder).glob("*.npz"), default=None)
+    try:
+        with np.load(first, allow_pickle=False) as z:
+            return _PICKLED_INFO in z.files and not set(_LABEL_KEYS).intersection(z.files)
+    except Exception:  # no file, or not an .npz: the conversion names the problem
+        return False
+
+
+def parse_npz(path: str | os.PathLike, allow_pickle: bool = False) -> RawImage:
+    """One per-image .npz file; raises BadRecordError naming the key. `allow_pickle` reads the labels
+    bottom-up-attention.pytorch keeps in a pickled `info` dict (unpickling can run code from the file)."""
     if not zipfile.is_zipfile(path):  # else numpy blames "pickled data", or returns a .npy's array
         raise BadRecordError("file", "not an .npz file (not a zip archive)")
-    used = {key for keys in _NPZ_KEYS.values() for key in keys}  # other keys (MILVLG's pickled "info") unread
-    unreadable = None
+    used = {key for keys in _NPZ_KEYS.values() for key in keys}  # other keys unread (MILVLG's "info": below)
     try:
         with np.load(path, allow_pickle=False) as z:
             files, data = z.files, {}
@@ -345,12 +376,13 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
                 try:
                     data[key] = z[key]
                 except ValueError as e:  # e.g. an object array, which only unpickling would read
-                    unreadable = BadRecordError(key, f"not readable as an array of numbers ({e})")
-                    break
+                    raise BadRecordError(key, f"not readable as an array of numbers ({e})") from None
+    except BadRecordError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise BadRecordError("file", f"not a readable .npz ({e})") from None
-    if unreadable is not None:
-        raise unreadable
+    if allow_pickle and _PICKLED_INFO in files:
+        data = {**_pickled_labels(path), **data}  # labels stored as keys of their own win
 
     def get(name: str, required: bool = True) -> np.ndarray | None:
         for key in _NPZ_KEYS[name]:
@@ -370,12 +402,8 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
     if num_boxes is not None and (count := _npz_number("num_boxes", num_boxes)) != n:
         raise BadRecordError("num_boxes", f"says {count} but features has {n} rows")
     labels = {}
-    for name, dtype in (
-        ("obj_ids", np.int64),
-        ("obj_confs", np.float32),
-        ("attr_ids", np.int64),
-        ("attr_confs", np.float32),
-    ):
+    for name in _LABEL_NAMES:
+        dtype = np.int64 if name.endswith("_ids") else np.float32
         arr = get(name, required=False)
         if arr is None:
             labels[name] = np.zeros(n, dtype)
@@ -394,14 +422,14 @@ def parse_npz(path: str | os.PathLike) -> RawImage:
     )
 
 
-def npz_records(folder: str | os.PathLike) -> Iterator[Record]:
+def npz_records(folder: str | os.PathLike, allow_pickle: bool = False) -> Iterator[Record]:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(Path(folder).glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"no .npz files in {folder}")
     for p in files:
-        yield str(p), p.stem, lambda p=p: parse_npz(p)
+        yield str(p), p.stem, lambda p=p: parse_npz(p, allow_pickle)
 
 
 _UNITER_NAMES = b"__keys__"  # UNITER's list of the image names: an entry that is not an image
@@ -619,13 +647,18 @@ def _convert_tsv(
 
 
 def convert_npz_dir(
-    folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, **kwargs
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    **kwargs,
 ) -> ConversionReport:
-    """A folder of per-image .npz files -> store; `overwrite` and kwargs as `convert_lxmert_tsv`."""
+    """A folder of per-image .npz files -> store; `allow_pickle` as `parse_npz`, `overwrite` and
+    kwargs as `convert_lxmert_tsv`."""
     files = list(Path(folder).glob("*.npz"))
     check_output_path(files, out, overwrite)
     total = len(files)
-    return convert(npz_records(folder), out, total=total, **kwargs)
+    return convert(npz_records(folder, allow_pickle), out, total=total, **kwargs)
 
 
 def convert_uniter_lmdb(
@@ -682,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     butd.add_argument("inputs", nargs="+")
     npz = sub.add_parser("npz-dir", help="a folder of per-image .npz files")
     npz.add_argument("folder")
+    npz.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read the labels bottom-up-attention.pytorch keeps in a pickled 'info' entry; unpickling can run "
+        "code from the files, so only for files you trust",
+    )
     uniter = sub.add_parser("uniter-lmdb", help="a UNITER img_db LMDB folder (e.g. feat_th0.2_max100_min10)")
     uniter.add_argument("folder")
     format_parsers = {"lxmert-tsv": tsv, "butd-tsv": butd, "npz-dir": npz, "uniter-lmdb": uniter}
@@ -738,7 +777,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.format == "butd-tsv":
             report = convert_butd_tsv(args.inputs, args.out, **kwargs)
         elif args.format == "npz-dir":
-            report = convert_npz_dir(args.folder, args.out, **kwargs)
+            if not args.allow_pickle and has_unread_pickled_labels(args.folder):
+                print(
+                    f"note: the .npz files in {args.folder} keep their labels in a pickled 'info' entry, which is "
+                    "not read: the store will hold none (--allow-pickle reads them)",
+                    file=sys.stderr,
+                )
+            report = convert_npz_dir(args.folder, args.out, allow_pickle=args.allow_pickle, **kwargs)
         else:
             report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
     except OutputExistsError as e:
