@@ -20,7 +20,12 @@ import torch
 
 from semvlp import dist, runner
 from semvlp.data.config import DataConfig
-from semvlp.data.pretrain_dataset import build_pretrain_dataset, pretrain_loader, pretraining_model_fields
+from semvlp.data.pretrain_dataset import (
+    build_pretrain_dataset,
+    pretrain_loader,
+    pretraining_model_fields,
+    unlabeled_store_notes,
+)
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPForPreTraining
 from semvlp.run_config import RunConfig, option
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         runner.check_complete_export(SemVLPForPreTraining, config, run.init_from, "--eval_only")
 
     run_dir, ds_config = runner.start(run, config)
+    if dist.is_main() and not run.eval_only:
+        for note in unlabeled_store_notes(datasets["valid"].stores):
+            print(note, flush=True)
     loaders = {  # the training loop holds one batch at a time: its workers may reuse their buffers
         split: pretrain_loader(
             dataset,

@@ -96,6 +96,32 @@ def test_values_the_converters_refuse_are_named_with_their_images(toy, capsys):
     ]
 
 
+def test_a_store_without_detector_labels_is_noted_for_pre_training(toy, capsys):
+    """bottom-up-attention's TSVs hold no labels: their stores carry id 0 with confidence 0, which
+    pre-training reads as weight 0 for the masked-object label and attribute losses. Said, not refused
+    (a run may mean it); a fine-tuning-only data.json reads no labels and gets no note."""
+    data = json.loads(toy.read_text())
+    unlabeled = toy.parent / "unlabeled.h5"
+    shutil.copyfile(toy.parent / data["stores"][0], unlabeled)
+    with h5py.File(unlabeled, "r+") as f:
+        for name in ("obj_ids", "obj_confs", "attr_ids", "attr_confs"):
+            f[name][...] = 0
+    data["stores"] = [data["stores"][0], str(unlabeled)]  # the same images twice would be refused: split them
+    with h5py.File(unlabeled, "r+") as f:
+        f["image_ids"][...] = [b"unlabeled-" + i for i in f["image_ids"][:]]
+    (toy.parent / "two.json").write_text(json.dumps(data))
+    assert main([str(toy.parent / "two.json")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: {unlabeled} holds no detector labels (every object and attribute id is 0): its images train the "
+        "masked-object label and attribute losses with weight 0 (docs/data_format.md section 2)"
+    ]
+    del data["pretrain"]
+    (toy.parent / "finetune_only.json").write_text(json.dumps(data))
+    assert main([str(toy.parent / "finetune_only.json")]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_what_a_training_run_stops_on_is_a_problem(toy, capsys):
     """A train or dev split with no files, without labels, without a question or statement, and a
     retrieval train split of one image: "no problems found", then the launchers refused the data or

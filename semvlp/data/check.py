@@ -30,7 +30,12 @@ from semvlp.data.annotations import (
     require_labels,
 )
 from semvlp.data.config import TRAINING_SPLITS, DataConfig, require_files
-from semvlp.data.pretrain_dataset import check_label_counts, check_train_corpus, load_pretrain_answer_table
+from semvlp.data.pretrain_dataset import (
+    check_label_counts,
+    check_train_corpus,
+    load_pretrain_answer_table,
+    unlabeled_store_notes,
+)
 from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.metrics import answer_coverage
@@ -81,6 +86,8 @@ def check_data(path: str | os.PathLike) -> DataReport:
             f"{', '.join(cfg.stores)}"
         )
         report.attempt("stores", lambda: check_label_counts(cfg, stores))
+        if cfg.pretrain is not None:  # the labels only pre-training reads
+            report.lines += report.attempt("stores", lambda: unlabeled_store_notes(stores)) or []
         for store in stores.stores:  # values the converters refuse, in a store made by other means
             report.problems += report.attempt("stores", store.value_problems) or []
     tokenizer = report.attempt("vocab", lambda: load_tokenizer(cfg.vocab))

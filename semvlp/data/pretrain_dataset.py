@@ -280,6 +280,19 @@ def check_label_counts(cfg: DataConfig, stores: FeatureStoreSet) -> None:
                 )
 
 
+def unlabeled_store_notes(stores: FeatureStoreSet) -> list[str]:
+    """A note for each store whose detector labels are all id 0, as the converters store a source
+    without labels (bottom-up-attention's TSVs; .npz files without them). Their confidences are 0,
+    so their images teach the masked-object label and attribute losses nothing: a user who meant to
+    pre-train with those losses should know before the run, not from its flat object-label accuracy."""
+    return [
+        f"note: {store.path} holds no detector labels (every object and attribute id is 0): its images train "
+        "the masked-object label and attribute losses with weight 0 (docs/data_format.md section 2)"
+        for store in stores.stores
+        if all(store.label_id_range(name)[1][0] == 0 for name, _, _ in _DETECTOR_LABELS)
+    ]
+
+
 def pretraining_model_fields(cfg: DataConfig, tokenizer=None) -> dict:
     """The model config fields the data fixes: vocabulary size, the stores' feature size, label counts,
     QA answers (>= 1) and, with an answer table, their names (`id2label`, HuggingFace's name: the export
