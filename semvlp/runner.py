@@ -248,11 +248,13 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
         return
     if is_semvlp_export(run.init_from):
         source, loading = type(model).from_pretrained(run.init_from, config=model.config, output_loading_info=True)
-        ours = model.state_dict()
-        matching = {k: v for k, v in source.state_dict().items() if k in ours and v.shape == ours[k].shape}
+        ours, lacking = model.state_dict(), set(loading["missing_keys"])
+        # what the export lacks (a task head) keeps the model's own (seeded) initialization
+        matching = {
+            k: v for k, v in source.state_dict().items() if k in ours and k not in lacking and v.shape == ours[k].shape
+        }
         model.load_state_dict(matching, strict=False)
-        # from_pretrained initializes what the export lacks (a task head), so `source` holds every key
-        new = sorted(set(ours) - set(matching) | set(loading["missing_keys"]))
+        new = sorted(set(ours) - set(matching))
         if dist.is_main():
             print(f"initialized from SemVLP export {run.init_from}; new tensors: {new}", flush=True)
     else:

@@ -383,10 +383,13 @@ def test_a_task_model_from_a_pretraining_export_loads_the_encoder_and_names_the_
     pretrained = SemVLPForPreTraining(config)
     pretrained.save_pretrained(tmp_path / "export")
     model = SemVLPForQuestionAnswering(config)
+    initialized = {k: v.clone() for k, v in model.state_dict().items()}
     runner.initialize_model(model, RunConfig(deepspeed_config=str(CPU_CONFIG), init_from=str(tmp_path / "export")))
 
     head = sorted(k for k in model.state_dict() if k.startswith("answer_head."))
     assert f"new tensors: {head}" in capsys.readouterr().out
+    for name in head:  # the model's own (seeded) initialization, not one from_pretrained drew
+        assert torch.equal(model.state_dict()[name], initialized[name]), name
     exported = pretrained.state_dict()
     for name, tensor in model.state_dict().items():
         if not name.startswith("answer_head."):

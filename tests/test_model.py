@@ -434,6 +434,16 @@ def test_resized_vocabulary_trains_and_round_trips(tmp_path):
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
+def test_pretraining_heads_from_an_encoder_export_are_initialized(tmp_path):
+    """from_pretrained builds what an export lacks empty and leaves it to _init_weights: the bare
+    masked-LM bias held whatever memory it got (a masked-LM loss of 1e18 in one run, NaN in another)."""
+    SemVLPModel(tiny_config()).save_pretrained(tmp_path)
+    model, loading = SemVLPForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert "mlm_bias" in loading["missing_keys"]
+    assert not model.mlm_bias.any()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_auto_classes_load_exports(tmp_path):
     """Once semvlp is imported, HuggingFace's Auto classes know its model type, as users of
     transformers expect: AutoModel gives any export's encoder, the task Auto classes its whole model."""

@@ -61,6 +61,11 @@ class SemVLPForPreTraining(SemVLPPreTrainedModel):
         self.qa_head = AnswerHead(hidden, config.num_qa_labels, eps)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:  # from_pretrained of an export without it (an encoder's) builds it empty
+            nn.init.zeros_(self.mlm_bias)
+
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
         """HF's (new tokens for the word embeddings, which are also the masked-LM decoder), and the
         masked-LM bias with them: kept for the tokens that stay, 0 for new ones."""
