@@ -10,8 +10,10 @@ keeps them plus their gradient. The fused path (after Liger's fused_linear_cross
 - the chunk's gradients for hidden, weight and bias are then two GEMMs and a column sum, so the
   backward only scales the stored gradients by grad_output / n_valid. No fp32 [N, V] tensor
   exists at any point and at most one [CHUNK_ROWS, V] logits buffer is alive.
-Gradients are computed in the forward only when some input requires them (not in eval).
-Labels must lie in [0, V) or equal ignore_index; this is not checked (no host sync in the op).
+Gradients are computed in the forward only when some input requires them and grad mode is on (not in
+eval). Under autocast the op runs in autocast's dtype, as F.linear would (the hidden states arrive in
+fp32 from autocast's LayerNorm). Labels must lie in [0, V) or equal ignore_index; this is not checked
+(no host sync in the op).
 """
 
 from __future__ import annotations
@@ -59,14 +61,16 @@ def _linear_cross_entropy_forward_kernel(
             tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=offs < V)
 
 
-def linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad: bool, chunk_rows: int = CHUNK_ROWS):
+def linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad: bool, chunk_rows: int | None = None):
     """Returns (loss [] fp32, dhidden, dweight, dbias), gradients unscaled by grad_output (None if not
-    compute_grad; dbias None without bias)."""
+    compute_grad; dbias None without bias). `chunk_rows`: CHUNK_ROWS when None."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H], weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [N] for hidden {tuple(hidden.shape)}")
     n, v = hidden.shape[0], weight.shape[0]
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    labels = labels.contiguous()  # the kernel reads one label per row at stride 1
     w = weight.to(hidden.dtype)  # a copy only under mixed precision (fp32 master weight, bf16 hidden)
     b = bias.to(hidden.dtype) if bias is not None else None
     row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -94,7 +98,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         compute_grad = any(ctx.needs_input_grad[:3])
-        loss, *grads = linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad)
+        loss, *grads = linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad=compute_grad)
         dhidden, dweight, dbias, n_valid = grads
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -118,6 +122,13 @@ def linear_cross_entropy(
     """Mean cross-entropy of linear(hidden, weight, bias) over rows with labels != -100; 0 if none."""
     if hidden.shape[0] == 0:
         return linear_cross_entropy_reference(hidden, weight, bias, labels)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the op's GEMMs write into buffers of one dtype
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(hidden, weight, bias, labels)
+    if not torch.is_grad_enabled():  # needs_input_grad would still ask for gradients of parameters
+        return linear_cross_entropy_forward(hidden, weight, bias, labels, compute_grad=False)[0]
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels)
 
 
