@@ -185,8 +185,8 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # axis 0: B*H can pass axis 1's limit of 65,535
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,8 +369,8 @@ def _attention_backward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    pid = tl.program_id(0)  # which key block or query tile of this (batch, head); see _backward_programs
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)  # which key block or query tile of this (batch, head); see _backward_programs
     b = pid_bh // H
     h = pid_bh % H
     q_bh = q_ptr + b * stride_qb + h * stride_qh
@@ -397,8 +397,8 @@ def _attention_dropout_mask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # axis 0: B*H can pass axis 1's limit of 65,535
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     keep = _keep_mask(seed, pid_bh, offs_m, offs_n, TQ, TK, dropout_p)
@@ -413,7 +413,9 @@ def _new_like_heads(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
+) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         raise ValueError(f"expected q [B,H,Tq,D], k/v [B,H,Tk,D]; got {shapes}")
@@ -427,8 +429,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: 
         raise ValueError("q, k and v must have a contiguous last (head) dimension")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 2**31:
-        raise ValueError("B*H*Tq*Tk must stay below 2**31 (int32 Philox offsets)")
+    if dropout_p > 0 and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 2**31:
+        raise ValueError("with dropout, B*H*Tq*Tk must stay below 2**31 (int32 Philox offsets)")
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
     ):
@@ -447,13 +449,13 @@ def _launch_args(q, k, key_padding_mask):
 def attention_forward(q, k, v, key_padding_mask, dropout_p, seed):
     """Launch the forward (`seed`: philox.philox_seed's tensor). Returns (out [B,H,Tq,D] in
     [B,Tq,H,D] memory, lse [B,H,Tq] fp32)."""
-    _check(q, k, v, key_padding_mask)
+    _check(q, k, v, key_padding_mask, dropout_p)
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
     mask, mask_strides, dot_precision, block_n = _launch_args(q, k, key_padding_mask)
     out = _new_like_heads(q)
     lse = torch.empty(batch, heads, tq, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), batch * heads)
+    grid = lambda meta: (batch * heads, triton.cdiv(tq, meta["BLOCK_M"]))
     _attention_forward_kernel[grid](
         q, k, v, mask, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
@@ -473,7 +475,7 @@ def attention_backward(dout, q, k, v, key_padding_mask, out, lse, dropout_p, see
     mask, mask_strides, dot_precision, block_n = _launch_args(q, k, key_padding_mask)
     dq, dk, dv = _new_like_heads(q), _new_like_heads(k), _new_like_heads(v)
     assert dk.stride() == dv.stride()
-    grid = lambda meta: (_backward_programs(tq, tk, meta), batch * heads)
+    grid = lambda meta: (batch * heads, _backward_programs(tq, tk, meta))
     _attention_backward_kernel[grid](
         q, k, v, mask, out, dout, lse, dq, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3], *dout.stride()[:3],
@@ -520,7 +522,7 @@ def attention_dropout_mask(
     """The bool keep-mask [B, H, Tq, Tk] that `attention(..., dropout_p, seed)` applies."""
     keep = torch.empty(batch, heads, tq, tk, dtype=torch.uint8, device=device)
     block_n = max(16, triton.next_power_of_2(tk))
-    _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), batch * heads)](
+    _attention_dropout_mask_kernel[(batch * heads, triton.cdiv(tq, 32))](
         keep,
         tq,
         tk,

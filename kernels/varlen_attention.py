@@ -81,8 +81,8 @@ def _varlen_attention_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # axis 0: B*H can pass axis 1's limit of 65,535
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     start = tl.load(cu_seqlens_ptr + b).to(tl.int64)  # int64: start * stride can pass 2**31
@@ -144,8 +144,8 @@ def _varlen_attention_backward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):  # fmt: skip
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     start = tl.load(cu_seqlens_ptr + b).to(tl.int64)
@@ -187,7 +187,9 @@ def sequence_positions(cu_seqlens: torch.Tensor, total_tokens: int) -> tuple[tor
     return sequence, (tokens - cu_seqlens[sequence]).long()
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float
+) -> None:
     """Checks that need no device sync: shapes, dtypes, devices, layout and the kernel's limits."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -207,8 +209,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError(f"cu_seqlens must be 1-D [batch + 1]; got shape {tuple(cu_seqlens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= MAX_KEYS:
         raise ValueError(f"max_seqlen must be a Python int in [0, MAX_KEYS={MAX_KEYS}]; got {max_seqlen!r}")
-    if (cu_seqlens.numel() - 1) * q.shape[1] * max_seqlen * max_seqlen >= 2**31:
-        raise ValueError("batch * num_heads * max_seqlen**2 must stay below 2**31 (int32 Philox offsets)")
+    if dropout_p > 0 and (cu_seqlens.numel() - 1) * q.shape[1] * max_seqlen * max_seqlen >= 2**31:
+        raise ValueError("with dropout, batch * num_heads * max_seqlen**2 must stay below 2**31 (int32 Philox offsets)")
 
 
 def _dot_precision(q: torch.Tensor) -> str:
@@ -234,7 +236,7 @@ def varlen_attention_forward(
     lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
     if total == 0:  # only empty sequences: nothing to compute, and no zero-size launch
         return out, lse
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
+    grid = lambda meta: (batch * heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
     _varlen_attention_forward_kernel[grid](
         q, k, v, cu_seqlens, out, lse,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
@@ -257,7 +259,7 @@ def varlen_attention_backward(
     dq, dk, dv = (torch.empty(total, heads, dim, dtype=q.dtype, device=q.device) for _ in range(3))
     if total == 0:
         return dq, dk, dv
-    grid = lambda meta: (_backward_programs(max_seqlen, max_seqlen, meta), batch * heads)
+    grid = lambda meta: (batch * heads, _backward_programs(max_seqlen, max_seqlen, meta))
     _varlen_attention_backward_kernel[grid](
         q, k, v, cu_seqlens, out, dout, lse, dq, dk, dv,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *dout.stride()[:2],
@@ -312,7 +314,7 @@ def varlen_attention(
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    _check(q, k, v, cu_seqlens, max_seqlen)
+    _check(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     if check_offsets:
         check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     seed_tensor = philox_seed(dropout_p, seed, q.device)

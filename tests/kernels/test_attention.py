@@ -153,3 +153,33 @@ def test_attention_rejects_unsupported_shapes(device):
         attention(q, k, k)
     with pytest.raises(ValueError, match="head dim 48"):
         attention(torch.randn(1, 1, 4, 48, device=device), *[torch.randn(1, 1, 4, 48, device=device)] * 2)
+
+
+def test_the_int32_offset_limit_applies_with_dropout_only():
+    """Philox offsets are int32, so B*H*Tq*Tk must stay below 2**31 with dropout; without it (every
+    evaluation) a batch that large is fine: it raised, e.g. single-stream scoring of 13,000 pairs."""
+    q = torch.empty(13_000, 12, 121, 64, device="meta")
+    module._check(q, q, q, None, dropout_p=0.0)
+    with pytest.raises(ValueError, match="with dropout, B\\*H\\*Tq\\*Tk must stay below 2\\*\\*31"):
+        module._check(q, q, q, None, dropout_p=0.1)
+
+
+@pytest.mark.gpu
+def test_more_batch_heads_than_a_grid_axis_1_launch():
+    """(batch, head) is grid axis 0: on axis 1 (CUDA's limit 65,535) 5,462 pairs x 12 heads, e.g. an
+    --eval_batch_size of retrieval scoring, failed to launch. Compiled only: the interpreter runs the
+    programs one by one. The varlen kernel too, on sequences of 3 tokens (the padded layout, packed)."""
+    from semvlp_kernels.varlen_attention import varlen_attention
+
+    batch, heads, length, dim = 5_462, 12, 3, 16
+    q, k, v = (torch.randn(batch, heads, length, dim, device="cuda", requires_grad=True) for _ in range(3))
+    dout = torch.randn(batch, heads, length, dim, device="cuda")
+    cu_seqlens = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device="cuda")
+
+    def packed_attention(q, k, v):
+        pack = lambda t: t.transpose(1, 2).reshape(batch * length, heads, dim)
+        out = varlen_attention(pack(q), pack(k), pack(v), cu_seqlens, length)
+        return out.view(batch, length, heads, dim).transpose(1, 2)
+
+    for fn in (attention, packed_attention):
+        assert_matches_reference(NAMES, value_and_grads(fn, (q, k, v), dout), attention_reference, (q, k, v), dout)
