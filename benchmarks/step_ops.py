@@ -50,6 +50,7 @@ import semvlp  # noqa: E402
 from semvlp.config import PRESETS, config_from_preset  # noqa: E402
 from semvlp.model import SemVLPForPreTraining  # noqa: E402
 from semvlp.runner import init_distributed  # noqa: E402
+from semvlp.train import optimizer_groups  # noqa: E402
 
 # Operators that make a view or ask about metadata: no kernel on any device.
 VIEWS = frozenset((
@@ -117,7 +118,7 @@ def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: 
     torch.manual_seed(0)
     config = config_from_preset(preset, vocab_size=1000, num_qa_labels=10)
     model = SemVLPForPreTraining(config).to(dtype)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
     batch = make_batch(config, [TEXT_LEN] * batch_size, TEXT_LEN, False, engine.device).inputs  # the model casts
     counter = OperatorCount()
 

@@ -27,7 +27,7 @@ from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
-from semvlp.train import ConfigError, NonFiniteLossError, resolve_ds_config, versions
+from semvlp.train import ConfigError, NonFiniteLossError, optimizer_groups, resolve_ds_config, versions
 
 TOY_WORLD_DIR = Path("data/toy")
 SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torch's shared-memory files)
@@ -363,7 +363,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
     outputs = [Path(m["output_path"]) for m in ds_config.values() if isinstance(m, dict) and "output_path" in m]
     made = [path for path in (Path(run.output_dir), *outputs) if not path.exists()]
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
     except (TypeError, AssertionError, KeyError) as e:  # e.g. an optimizer or scheduler parameter it lacks
         if dist.is_main():
             for path in made:

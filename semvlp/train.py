@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, KeysView
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -338,6 +339,39 @@ class StopSignal:
         self.received = self.received or signal.Signals(signum).name
 
 
+# The cross-attention sub-layers run in two-stream steps only. A single-stream step leaves their
+# gradients None, but DeepSpeed's ZeRO optimizer steps flat partitions: it read them as zeros, and
+# Adam moved them anyway (by its momentum, and by the decoupled weight decay), as a torch optimizer
+# does not move a parameter without a gradient. So they have an optimizer group of their own, whose
+# learning rate is 0 for the steps of a mode that does not run them.
+CROSS_ATTENTION_GROUP = 1
+
+
+def optimizer_groups(model: torch.nn.Module) -> list[dict]:
+    """DeepSpeed's parameter groups: every parameter but the cross-attention sub-layers', then theirs
+    (CROSS_ATTENTION_GROUP; absent from a model without them)."""
+    named = list(model.named_parameters())
+    cross = [p for name, p in named if ".cross_attention." in name]
+    rest = [p for name, p in named if ".cross_attention." not in name]
+    return [{"params": rest}, {"params": cross}] if cross else [{"params": rest}]
+
+
+@contextmanager
+def cross_attention_held(engine, mode: str) -> Iterator[None]:
+    """An optimizer step in `mode`: one that does not run the cross-attention sub-layers ("single")
+    leaves them unchanged (learning rate 0 for their group; set back to the other group's, which the
+    scheduler set, afterwards)."""
+    groups = engine.optimizer.param_groups
+    if mode != "single" or len(groups) <= CROSS_ATTENTION_GROUP:
+        yield
+        return
+    groups[CROSS_ATTENTION_GROUP]["lr"] = 0.0
+    try:
+        yield
+    finally:
+        groups[CROSS_ATTENTION_GROUP]["lr"] = groups[0]["lr"]
+
+
 def _batches(loader) -> Iterator[dict]:
     while True:
         yield from loader
@@ -454,18 +488,19 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
         while step < stop_at:
             profiler.step_begins(step - resumed_at, step)
             mode = task.mode(step)  # one mode for the whole mini-batch: every micro-batch, every rank
-            for _ in range(accumulation):
-                waited_from = time.perf_counter()
-                host_batch = next(batches)
-                window.data_wait += time.perf_counter() - waited_from
-                samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
-                batch = to_device(host_batch, engine.device)
-                loss, terms = task.loss(engine, batch, mode, step)
-                if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
-                    _check_finite(loss, terms, step)
-                engine.backward(loss)
-                engine.step()  # the optimizer steps at the accumulation boundary only
-                window.add({"loss": loss, **terms}, samples, flops)
+            with cross_attention_held(engine, mode):
+                for _ in range(accumulation):
+                    waited_from = time.perf_counter()
+                    host_batch = next(batches)
+                    window.data_wait += time.perf_counter() - waited_from
+                    samples, flops = task.batch_samples(host_batch), task.batch_flops(host_batch, mode)
+                    batch = to_device(host_batch, engine.device)
+                    loss, terms = task.loss(engine, batch, mode, step)
+                    if mixed != "fp16":  # fp16 overflow is the loss scaler's business: it skips the step
+                        _check_finite(loss, terms, step)
+                    engine.backward(loss)
+                    engine.step()  # the optimizer steps at the accumulation boundary only
+                    window.add({"loss": loss, **terms}, samples, flops)
             step += 1
             window.modes.append(mode)
 

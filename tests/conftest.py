@@ -27,6 +27,23 @@ def toy_data(tmp_path_factory) -> Path:
     return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
 
 
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A gloo process group of this one process, for the module's in-process DeepSpeed engines.
+    init_distributed fills RANK, WORLD_SIZE, MASTER_PORT...: the environment is restored afterwards
+    so that later tests' launcher subprocesses do not inherit this group's rendezvous port."""
+    import deepspeed.comm
+
+    from semvlp import runner
+
+    saved_env = dict(os.environ)
+    runner.init_distributed()
+    yield
+    deepspeed.comm.destroy_process_group()  # and DeepSpeed's references to it, for the next module's group
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 

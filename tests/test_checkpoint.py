@@ -19,7 +19,7 @@ from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
 from semvlp.run_config import RunConfig
-from semvlp.train import ConfigError
+from semvlp.train import ConfigError, optimizer_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
@@ -34,11 +34,7 @@ def vocab(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine_factory():
-    # init_distributed fills RANK, WORLD_SIZE, MASTER_PORT...; restore the environment afterwards so
-    # that later tests' launcher subprocesses do not inherit this process group's rendezvous port.
-    saved_env = dict(os.environ)
-    runner.init_distributed()  # one gloo process
+def engine_factory(one_process_group):
     config = json.loads(CPU_CONFIG.read_text())
     config.update(train_batch_size=2, train_micro_batch_size_per_gpu=2)
     config["scheduler"]["params"].update(warmup_num_steps=1, total_num_steps=10)
@@ -51,14 +47,11 @@ def engine_factory():
         )
         precision = GPU_PRECISION if bf16 else {}
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config={**config, **precision}
+            model=model, model_parameters=optimizer_groups(model), config={**config, **precision}
         )
         return engine
 
-    yield make
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
+    return make
 
 
 def train_step(engine) -> None:

@@ -1,0 +1,73 @@
+"""The training loop's optimizer steps (semvlp/train.py), on a real DeepSpeed engine in this process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from semvlp.config import config_from_preset
+from semvlp.model import SemVLPModel
+from semvlp.train import CROSS_ATTENTION_GROUP, cross_attention_held, optimizer_groups
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
+
+
+def step(engine, mode: str) -> None:
+    """One optimizer step of two micro-batches (gradient accumulation) in `mode`."""
+    for micro in range(2):
+        g = torch.Generator().manual_seed(10 * engine.global_steps + micro)
+        out = engine(
+            input_ids=torch.randint(50, (2, 6), generator=g),
+            visual_feats=torch.randn(2, 100, 2048, generator=g),
+            visual_pos=torch.rand(2, 100, 4, generator=g),
+            mode=mode,
+        )
+        engine.backward(out.pooled.square().mean())
+        engine.step()
+
+
+def test_single_stream_steps_leave_the_cross_attention_unchanged(one_process_group):
+    """Only two-stream steps run the cross-attention sub-layers. DeepSpeed's ZeRO optimizer steps flat
+    partitions, so a single-stream step handed them zero gradients and Adam still moved them, by its
+    momentum from the last two-stream step and by weight decay: held, they stay as they are, and the
+    other parameters train as before."""
+    config = json.loads(CPU_CONFIG.read_text())
+    config.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    config["scheduler"]["params"].update(warmup_num_steps=1, total_num_steps=20)
+    del config["tensorboard"]
+    assert config["optimizer"]["params"]["weight_decay"] > 0  # the decay alone would move them
+    torch.manual_seed(0)
+    model = SemVLPModel(config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=1))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=config)
+    groups = engine.optimizer.param_groups
+    cross = {name: p for name, p in engine.module.named_parameters() if ".cross_attention." in name}
+    assert cross and len(groups) == 2
+    snapshot = lambda params: {name: p.detach().clone() for name, p in params}
+    changed = lambda before, params: {name for name, p in params if not torch.equal(p, before[name])}
+
+    learning_rates = []
+    for mode in ("two", "two", "two", "single", "single", "two"):
+        learning_rates.append(groups[0]["lr"])  # what this step applies (warm-up's first ones are 0)
+        cross_before, all_before = snapshot(cross.items()), snapshot(engine.module.named_parameters())
+        with cross_attention_held(engine, mode):
+            step(engine, mode)
+        assert groups[CROSS_ATTENTION_GROUP]["lr"] == groups[0]["lr"]  # set back for the next step
+        if mode == "single":
+            assert not changed(cross_before, cross.items()), mode
+            assert changed(all_before, engine.module.named_parameters()) - set(cross), mode  # the rest trained
+        elif learning_rates[-1] > 0:
+            assert changed(cross_before, cross.items()) == set(cross), mode
+    assert learning_rates[2] > 0  # a two-stream step that moved them came before the single-stream ones
+
+    cross_before = snapshot(cross.items())
+    step(engine, "single")  # what a single-stream step did without holding them
+    assert changed(cross_before, cross.items()) == set(cross)
+
+
+def test_a_model_without_cross_attention_has_one_group():
+    model = SemVLPModel(config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=2))
+    [group] = optimizer_groups(model)
+    assert len(group["params"]) == len(list(model.parameters()))
