@@ -154,6 +154,25 @@ def test_log_record_gives_mfu_against_the_peak_of_every_process():
     assert "mfu" not in _log_record(window, 2, engine, "fp32", 0, None)
 
 
+def test_step_flops_count_the_masked_objects_the_model_runs():
+    """The object heads run on masked objects of matched pairs only (a mismatched pair's objects are
+    masked too, so as not to give its label away): counting every masked object inflated MFU."""
+    from semvlp.flops import training_step_flops
+    from semvlp.tasks.pretraining import PretrainTask
+
+    config = config_from_preset("tiny", vocab_size=50)
+    task = PretrainTask(config, None, None, "alternate", 0, 1, False, 0)
+    obj_mask = torch.zeros(4, 100, dtype=torch.bool)
+    obj_mask[:, :10] = True  # 10 per pair; pairs 1 and 3 mismatched
+    mlm_labels = torch.full((4, 8), -100)
+    mlm_labels[[0, 2], 1] = 7
+    batch = dict(attention_mask=torch.ones(4, 8, dtype=torch.long), mlm_labels=mlm_labels, obj_mask=obj_mask,
+                 itm_labels=torch.tensor([1, 0, 1, 0]), visual_feats=torch.zeros(4, 100, 8))  # fmt: skip
+    expected = training_step_flops(config, [8] * 4, "two", num_masked_tokens=2, num_masked_objects=20, num_objects=100)
+    assert task.batch_flops(batch, "two") == expected
+    assert expected < training_step_flops(config, [8] * 4, "two", 2, num_masked_objects=40, num_objects=100)
+
+
 def test_qa_loss_joins_the_training_loss_at_qa_from_step(eager_run):
     train = records(eager_run, "train")  # --qa_from_step 2
     assert [r["step"] for r in train] == [1, 2, 3, 4]

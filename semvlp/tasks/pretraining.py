@@ -90,7 +90,7 @@ class PretrainTask:
             batch["attention_mask"].sum(dim=1).tolist(),
             mode,
             num_masked_tokens=int((batch["mlm_labels"] != -100).sum()),
-            num_masked_objects=int(batch["obj_mask"].sum()),
+            num_masked_objects=int((batch["obj_mask"] & batch["itm_labels"].bool()[:, None]).sum()),  # matched pairs
             num_objects=batch["visual_feats"].shape[1],
         )
 
