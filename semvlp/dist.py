@@ -50,15 +50,6 @@ def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None) 
     return dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (e.g. a run directory chosen once)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_gather_object(obj) -> list:
     if not is_initialized():
         return [obj]

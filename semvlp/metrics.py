@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Container, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -66,9 +66,6 @@ class AnswerCoverage:
     unanswerable: int  # no answer the metric rewards is in the table: the question scores 0
     outside_answers: int  # distinct answers outside the table
     score_cap: float  # the best mean score reachable by predicting only table answers
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def answer_coverage(labels: Sequence[dict[str, float]], table: Container[str], soft: bool) -> AnswerCoverage:

@@ -579,7 +579,6 @@ def _log_record(
         "step": step,
         **{k: float(v) / window.micro_batches for k, v in window.terms.items()},
         "modes": window.modes,
-        "modes_agree_across_ranks": True,
         "lr": engine.get_lr()[0],
         "samples_per_s": window.samples * world / elapsed,
         "tflops_per_s": window.flops * world / elapsed / 1e12,
@@ -599,7 +598,3 @@ def _log_record(
     if torch.cuda.is_available():
         record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return record
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

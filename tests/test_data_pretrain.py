@@ -108,7 +108,6 @@ def test_batch_layout(toy):
     assert batch["cu_seqlens"].tolist() == [0] + lengths.cumsum(0).tolist() and batch["max_seqlen"] == t
     assert torch.equal(batch["packed_input_ids"], batch["input_ids"][mask])
     assert torch.equal(batch["packed_mlm_labels"], batch["mlm_labels"][mask])
-    assert torch.equal(batch["packed_position_ids"], torch.cat([torch.arange(n) for n in lengths.tolist()]))
     assert batch["packed_token_type_ids"].shape == batch["packed_input_ids"].shape
     # Visual tensors are the example's own image, unmodified (never zeroed).
     store = FeatureStore(DataConfig.load(toy).stores[0])

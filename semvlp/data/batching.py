@@ -38,14 +38,12 @@ def text_batch(input_ids: np.ndarray, lengths: np.ndarray, mlm_labels: np.ndarra
     mask = np.arange(t)[None, :] < lengths[:, None]
     cu = np.zeros(b + 1, np.int32)
     np.cumsum(lengths, out=cu[1:])
-    positions = np.broadcast_to(np.arange(t), (b, t))
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(mask.astype(np.int64)),
         "token_type_ids": torch.zeros((b, t), dtype=torch.int64),
         "packed_input_ids": torch.from_numpy(input_ids[mask]),
         "packed_token_type_ids": torch.zeros(int(cu[-1]), dtype=torch.int64),
-        "packed_position_ids": torch.from_numpy(positions[mask].astype(np.int64)),
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(t),
     }

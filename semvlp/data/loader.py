@@ -30,7 +30,6 @@ import multiprocessing.util
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,14 +50,6 @@ class BatchKey:
     def rng(self) -> np.random.Generator:
         # Tag 1 separates batch streams from the permutation stream (tag 0).
         return np.random.default_rng([self.seed, self.epoch, 1, self.batch])
-
-
-class BatchBuilder(Protocol):
-    """What a dataset provides to be loaded by ResumableLoader."""
-
-    def __len__(self) -> int: ...
-
-    def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict: ...
 
 
 class KeyedBatchDataset(Dataset):

@@ -38,7 +38,7 @@ A batch (B examples, T = longest text <= max_text_len, K objects, D = 2048):
     obj_labels / attr_labels [B,K] int64, obj_confs / attr_confs [B,K] f32   detector outputs
     itm_labels [B] int64        1 matched, 0 caption taken from another image (50%)
     qa_labels [B] int64         answer-table index, -100 if not a question with a known answer
-    packed_input_ids, packed_token_type_ids, packed_position_ids, packed_mlm_labels [sum_len] int64,
+    packed_input_ids, packed_token_type_ids, packed_mlm_labels [sum_len] int64,
     cu_seqlens [B+1] int32, max_seqlen (python int): the same text without padding.
 For mismatched pairs mlm_labels is all -100 and qa_labels -100, so those losses skip them; the
 object losses must skip them through itm_labels. The corruption itself (masked tokens in
@@ -53,7 +53,6 @@ with several answers is drawn in proportion to their scores.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -148,15 +147,9 @@ class PretrainDataset(KeyedBatchDataset):
         self.replacement_ids = replacement_token_ids(tokenizer)
         if self.masking.mismatch_prob > 0 and len(np.unique(self.sent_image_row)) < 2:
             raise ValueError("image-text matching needs sentences of at least two images")
-        # Kept for uid(); the texts are dropped: after tokenization they would only hold memory.
-        self._corpus = dataclasses.replace(corpus, texts=[])
 
     def __len__(self) -> int:
         return len(self.sent_image_row)
-
-    def uid(self, i: int) -> str:
-        """LXMERT's uid of example i ('{img_id}_{source}_{index:03d}')."""
-        return self._corpus.uid(i)
 
     def _negatives(self, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each example, a random sentence of another image (LXMERT's retry loop)."""
