@@ -19,6 +19,8 @@ class SemVLPConfig(PretrainedConfig):
     `kernel_backend` picks attention and fused-op implementations (see kernels/dispatch.py):
     "auto" chooses per device and dtype, "eager" is plain PyTorch math, "sdpa" uses
     torch's scaled_dot_product_attention, "triton" uses the project's fused kernels.
+    `num_objects` is K, the objects per image of the feature stores a run trained on (the launchers
+    set it; the model takes any K): it records the data, and the benchmarks make K objects from it.
     """
 
     model_type = "semvlp"

@@ -212,7 +212,8 @@ def test_a_launcher_trains_on_what_it_writes(lxmert_folder, tmp_path):
 
     out = tmp_path / "semvlp"
     assert run(lxmert_folder, out) == 0
-    assert pretraining_model_fields(DataConfig.load(out / "data.json"))["visual_feat_dim"] == D
+    fields = pretraining_model_fields(DataConfig.load(out / "data.json"))
+    assert (fields["visual_feat_dim"], fields["num_objects"]) == (D, 36)
     cmd = [sys.executable, str(REPO / "launch/finetune_nlvr2.py"), "--deepspeed_config",
            str(REPO / "ds_configs/cpu.json"), "--preset", "tiny", "--data", str(out / "data.json"), "--output_dir",
            str(tmp_path / "nlvr2"), "--epochs", "0", "--max_steps", "2", "--eval_every", "2", "--batch_size", "4",
@@ -220,7 +221,8 @@ def test_a_launcher_trains_on_what_it_writes(lxmert_folder, tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "nlvr2/export/config.json").read_text())["visual_feat_dim"] == D
+    exported = json.loads((tmp_path / "nlvr2/export/config.json").read_text())
+    assert (exported["visual_feat_dim"], exported["num_objects"]) == (D, 36)  # the export records its data
     results = json.loads((tmp_path / "nlvr2/results.json").read_text())
     assert list(results["splits"]) == ["valid"]  # LXMERT's folder here has no nlvr2/test.json
     assert 0 <= results["splits"]["valid"]["accuracy"] <= 1

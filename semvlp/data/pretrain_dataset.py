@@ -287,7 +287,7 @@ def unlabeled_store_notes(stores: FeatureStoreSet) -> list[str]:
 
 
 def pretraining_model_fields(cfg: DataConfig, tokenizer=None) -> dict:
-    """The model config fields the data fixes: vocabulary size, the stores' feature size, label counts,
+    """The model config fields the data fixes: vocabulary size, the stores' feature size and K, label counts,
     QA answers (>= 1) and, with an answer table, their names (`id2label`, HuggingFace's name: the export
     names the image-QA head's answers on its own, as a VQA export does; `python -m semvlp.predict` lists them).
 
@@ -300,6 +300,7 @@ def pretraining_model_fields(cfg: DataConfig, tokenizer=None) -> dict:
     fields = dict(
         vocab_size=len(tokenizer),
         visual_feat_dim=stores.feature_dim,
+        num_objects=stores.num_objects,
         num_object_labels=cfg.num_object_labels,
         num_attribute_labels=cfg.num_attribute_labels,
         num_qa_labels=max(len(answers) if answers is not None else 0, 1),

@@ -260,7 +260,12 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
     if not run.predict_only:
         run = resolve_length(run, task.num_train_examples(), runner.world_size_from_env())
         task.run = run
-    fields = dict(vocab_size=len(tokenizer), visual_feat_dim=stores.feature_dim, **task.model_fields())
+    fields = dict(
+        vocab_size=len(tokenizer),
+        visual_feat_dim=stores.feature_dim,
+        num_objects=stores.num_objects,
+        **task.model_fields(),
+    )
     config = runner.build_model_config(run, **fields)
     runner.check_model_fits_data(config, data, tokenizer, fields)
     eval_datasets = [d for split, d in task.datasets.items() if split != "train" and isinstance(d, KeyedBatchDataset)]
