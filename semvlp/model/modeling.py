@@ -2,8 +2,9 @@
 
 Text comes padded (input_ids [B, m] + attention_mask) or packed (a `PackedText` in input_ids'
 place: the captions end to end, no padding tokens). Packed text runs the encoder without padding
-(encoder.py); the outputs are the same either way: text_states [B, m, H] with m = max_seqlen and
-zeros at the padding positions, so heads and losses do not care which form came in.
+(encoder.py); the outputs have one shape either way, text_states [B, m, H] with m = max_seqlen, and
+equal states at the real tokens. At the padding positions packed text gives zeros and padded text
+the states computed there (which nothing reads), so heads and losses do not care which form came in.
 """
 
 from __future__ import annotations
