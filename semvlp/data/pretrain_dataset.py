@@ -1,6 +1,7 @@
 """Pre-training batches: masked LM, masked objects, image-text matching and image QA targets.
 
-Entry point for launchers:
+Entry point (launch/pretrain.py takes its two steps apart, build_pretrain_dataset then pretrain_loader,
+to read the data before the process group starts):
 
     from semvlp.data import build_pretrain_loader
     loader = build_pretrain_loader(
@@ -9,7 +10,7 @@ Entry point for launchers:
         batch_size=32,          # per rank
         rank=0, world_size=1,   # shards: rank r sees every world_size-th example
         seed=0,                 # with the epoch, fixes order, masks, negatives
-        num_workers=2,          # DataLoader worker processes (0: build batches in-process)
+        num_workers=0,          # DataLoader worker processes (0: build batches in-process)
         split="train",          # "train" (shuffled, full batches) or "valid" (fixed, everything)
         pin_memory=None,        # None: when CUDA is available
         masking=MaskingConfig(),

@@ -39,7 +39,7 @@ from semvlp.data.tokenizer import load_tokenizer
 from semvlp.flops import training_step_flops
 from semvlp.model.modeling import MODES
 from semvlp.run_config import RunConfig, option
-from semvlp.train import ConfigError, resolve_ds_config, train
+from semvlp.train import ConfigError, resolve_ds_config, to_device, train
 
 SPLITS = ("train", "valid", "test")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask")
@@ -225,7 +225,7 @@ class FinetuneTask:
         for i, batch in enumerate(self.eval_loader(split)):
             if limit and i == limit:
                 break
-            batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(batch, engine.device)
             indices += batch["index"].tolist()
             values += predict(batch)
         merged: dict[int, object] = {}
