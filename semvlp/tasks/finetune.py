@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from semvlp import checkpoint, dist, runner
-from semvlp.data.annotations import check_images
-from semvlp.data.config import DataConfig
+from semvlp.data.annotations import check_images, require_labels
+from semvlp.data.config import TRAINING_SPLITS, DataConfig, require_files
 from semvlp.data.loader import KeyedBatchDataset, ResumableLoader
 from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
@@ -119,6 +119,28 @@ def model_inputs(batch: dict, prefix: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------- the Task base
+
+
+def labelled_splits(
+    run: FinetuneConfig, section: object, name: str, splits: tuple[str, ...], load: Callable, noun: str, notes: list
+) -> Iterator[tuple[str, str, list]]:
+    """(split, "<name> <split>", examples) for each split whose files `section` lists, read by `load`.
+    The splits a run trains on (train and valid, unless --predict_only) must list files and label
+    every example (else the first step or evaluation fails, mid-run); another split without files
+    is skipped, with a note appended to `notes`."""
+    for split in splits:
+        what = f"{name} {split}"
+        files = getattr(section, split)
+        trained_on = split in TRAINING_SPLITS and not run.predict_only
+        if trained_on:
+            require_files(files, what)
+        if not files:
+            notes.append(f"{what}: no files listed, skipped")
+            continue
+        examples = load(files)
+        if trained_on:
+            require_labels(examples, what, noun)
+        yield split, what, examples
 
 
 class FinetuneTask:

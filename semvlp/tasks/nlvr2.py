@@ -13,15 +13,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semvlp.data.annotations import NLVR2Example, load_nlvr2, require_labels
+from semvlp.data.annotations import NLVR2Example, load_nlvr2
 from semvlp.data.batching import gather_tokens, text_batch, visual_batch
-from semvlp.data.config import TRAINING_SPLITS, DataConfig, require_files
+from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset
 from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import nlvr2_metrics
 from semvlp.model import SemVLPForNLVR2
-from semvlp.tasks.finetune import SKIPPED, FinetuneConfig, FinetuneTask, image_rows, model_inputs
+from semvlp.tasks.finetune import (
+    SKIPPED,
+    FinetuneConfig,
+    FinetuneTask,
+    image_rows,
+    labelled_splits,
+    model_inputs,
+)
 from semvlp.train import ConfigError
 
 
@@ -67,18 +74,7 @@ class NLVR2Task(FinetuneTask):
         if data.nlvr2 is None:
             raise ConfigError(f"--data {run.data}: no 'nlvr2' section (docs/data_format.md)")
         datasets, notes = {}, []
-        for split in splits:
-            what = f"nlvr2 {split}"
-            files = getattr(data.nlvr2, split)
-            trained_on = split in TRAINING_SPLITS and not run.predict_only
-            if trained_on:
-                require_files(files, what)
-            if not files:
-                notes.append(f"{what}: no files listed, skipped")
-                continue
-            examples = load_nlvr2(files)
-            if trained_on:  # else the first step (train) or evaluation (valid) fails, mid-run
-                require_labels(examples, what, "statement")
+        for split, what, examples in labelled_splits(run, data.nlvr2, "nlvr2", splits, load_nlvr2, "statement", notes):
             ds = NLVR2Dataset(examples, stores, tokenizer, data.max_text_len, run.skip_missing, what)
             datasets[split] = ds
             some = "" if ds.num_unlabeled == len(ds) else f", {ds.num_unlabeled} of them"

@@ -23,15 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semvlp.data.annotations import AnswerTable, QAExample, load_gqa, load_vqa, require_labels
+from semvlp.data.annotations import AnswerTable, QAExample, load_gqa, load_vqa
 from semvlp.data.batching import gather_tokens, text_batch, visual_batch
-from semvlp.data.config import TRAINING_SPLITS, DataConfig, QAData, require_files
+from semvlp.data.config import DataConfig, QAData
 from semvlp.data.loader import KeyedBatchDataset
 from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import answer_coverage, exact_match, predicted_answers, vqa_score
 from semvlp.model import SemVLPForQuestionAnswering
-from semvlp.tasks.finetune import SKIPPED, FinetuneConfig, FinetuneTask, image_rows, model_inputs
+from semvlp.tasks.finetune import (
+    SKIPPED,
+    FinetuneConfig,
+    FinetuneTask,
+    image_rows,
+    labelled_splits,
+    model_inputs,
+)
 from semvlp.train import ConfigError
 
 
@@ -116,18 +123,8 @@ class QATask(FinetuneTask):
         datasets = {}
         self.coverage = {}
         notes = []
-        for split in splits:
-            what = f"{variant.name} {split}"
-            files = getattr(section, split)
-            trained_on = split in TRAINING_SPLITS and not run.predict_only
-            if trained_on:
-                require_files(files, what)
-            if not files:
-                notes.append(f"{what}: no files listed, skipped")
-                continue
-            examples = variant.loader(files)
-            if trained_on:  # else the first step (train) or evaluation (valid) fails, mid-run
-                require_labels(examples, what, "question")
+        read = labelled_splits(run, section, variant.name, splits, variant.loader, "question", notes)
+        for split, what, examples in read:
             ds = QADataset(examples, stores, tokenizer, self.table, data.max_text_len, run.skip_missing, what)
             datasets[split] = ds
             if ds.num_skipped:
