@@ -23,9 +23,9 @@ from semvlp_kernels.attention import MAX_KEYS, attention, attention_dropout_mask
 # (name, B, H, Tq, Tk, D, key lengths per batch row or None for no mask)
 CASES = [
     ("single_121", 2, 2, 121, 121, 64, [121, 110]),
-    ("image_101", 1, 2, 101, 101, 32, None),
+    ("image_101", 1, 2, 101, 101, 64, None),
     ("text_20_mixed", 2, 2, 20, 20, 64, [20, 7]),
-    ("cross_101x20", 2, 2, 101, 20, 32, [13, 20]),
+    ("cross_101x20", 2, 2, 101, 20, 64, [13, 20]),
     ("one_token", 2, 1, 1, 1, 32, [1, 1]),
     ("all_masked_rows", 2, 2, 37, 20, 32, [0, 9]),
 ]
