@@ -174,22 +174,34 @@ def weights_file(folder: str | Path) -> Path:
     return path
 
 
-def check_loadable(folder: Path, config: PretrainedConfig) -> None:
+def check_loadable(folder: Path, config: PretrainedConfig, optimizer_groups: int) -> None:
     """ValueError unless checkpoint `folder` holds the model of `config` (check_same_config) in whole
-    shards (check_shards): what DeepSpeed would fail on, or read wrongly, named first."""
+    shards (check_shards), saved with `optimizer_groups` parameter groups: what DeepSpeed would fail
+    on, or read wrongly, named first."""
     if (folder / CONFIG).is_file():
         check_same_config(folder, config)
     check_shards(folder)
+    saved = len(_model_states(folder)["param_shapes"])  # one entry per optimizer group
+    if saved != optimizer_groups:
+        # Same world size: DeepSpeed fails on the shards' layout. Another: its universal loader pairs the
+        # groups in order and leaves the others at their initialization, without a word.
+        raise ValueError(
+            f"--resume: {folder} was saved with {saved} optimizer parameter group(s) and this version of semvlp "
+            f"trains {optimizer_groups} (the cross-attention sub-layers have a group of their own). Resume it with "
+            "the version that saved it (the run folder's versions.json names its git commit), or export it "
+            f"(python -m semvlp.export {folder} --out DIR) and start a new run with --init_from DIR"
+        )
 
 
 def check_same_config(folder: Path, config: PretrainedConfig) -> None:
     """ValueError naming the fields where `config` differs from the one saved in checkpoint `folder`,
     before DeepSpeed fails on the weights they shape: the fields its config class defines and the
-    labels; not the kernel backend, which may change."""
+    labels; not the kernel backend, which may change, nor K (num_objects), which shapes no weight."""
     saved = json.loads((folder / CONFIG).read_text())
     ours = json.loads(config.to_json_string())
     fields = [*inspect.signature(type(config).__init__).parameters, "id2label"]
-    differ = [k for k in fields if k not in ("self", "kwargs", "kernel_backend") and saved.get(k) != ours.get(k)]
+    free = ("self", "kwargs", "kernel_backend", "num_objects")
+    differ = [k for k in fields if k not in free and saved.get(k) != ours.get(k)]
     if differ:
         values = ", ".join(f"{k}={saved.get(k)!r} (this run: {ours.get(k)!r})" for k in differ[:5])
         raise ValueError(
@@ -203,15 +215,19 @@ def saved_world_size(folder: Path) -> int:
     return len(list(folder.glob("rng_rank*.pt")))
 
 
-def saved_train_batch_size(folder: Path) -> int:
-    """The global batch (train_batch_size) of the run that saved checkpoint `folder`: DeepSpeed keeps
-    the run's ds_config in its model states (memory-mapped here: the weights are not read)."""
+def _model_states(folder: Path) -> dict:
+    """DeepSpeed's model states of checkpoint `folder` (memory-mapped: the weights are not read)."""
     states = sorted(folder.glob("*model_states.pt"))
     if not states:
         raise ValueError(f"{folder}: no DeepSpeed model states (*model_states.pt): the checkpoint is damaged")
     check_torch_file(states[0])
-    state = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
-    return int(state["ds_config"]["train_batch_size"])
+    return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+
+
+def saved_train_batch_size(folder: Path) -> int:
+    """The global batch (train_batch_size) of the run that saved checkpoint `folder`: DeepSpeed keeps
+    the run's ds_config in its model states."""
+    return int(_model_states(folder)["ds_config"]["train_batch_size"])
 
 
 def load_latest(engine, directory: str | Path) -> dict | None:
@@ -226,7 +242,7 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     if tag is None:
         return None
     folder = Path(directory) / tag
-    check_loadable(folder, engine.module.config)
+    check_loadable(folder, engine.module.config, len(engine.optimizer.param_groups))
     elastic = saved_world_size(folder) != dist.world_size()
     load_dir, load_tag = directory, tag
     if elastic:

@@ -27,7 +27,14 @@ from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
 from semvlp.run_config import RunConfig
-from semvlp.train import ConfigError, NonFiniteLossError, optimizer_groups, resolve_ds_config, versions
+from semvlp.train import (
+    ConfigError,
+    NonFiniteLossError,
+    optimizer_group_count,
+    optimizer_groups,
+    resolve_ds_config,
+    versions,
+)
 
 TOY_WORLD_DIR = Path("data/toy")
 SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torch's shared-memory files)
@@ -328,7 +335,7 @@ def start(
     if run.resume:
         ckpt_dir = run_dir / "checkpoints"
         try:
-            checkpoint.check_loadable(ckpt_dir / checkpoint.latest_tag(ckpt_dir), config)
+            checkpoint.check_loadable(ckpt_dir / checkpoint.latest_tag(ckpt_dir), config, optimizer_group_count(config))
         except ValueError as e:
             raise ConfigError(str(e)) from e
     init_distributed()

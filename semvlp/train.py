@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from semvlp import checkpoint, dist
+from semvlp.config import SemVLPConfig
 from semvlp.peaks import peak_tflops
 from semvlp.profiling import StepProfiler
 from semvlp.run_config import RunConfig
@@ -341,9 +342,11 @@ class StopSignal:
 
 # The cross-attention sub-layers run in two-stream steps only. A single-stream step leaves their
 # gradients None, but DeepSpeed's ZeRO optimizer steps flat partitions: it read them as zeros, and
-# Adam moved them anyway (by its momentum, and by the decoupled weight decay), as a torch optimizer
-# does not move a parameter without a gradient. So they have an optimizer group of their own, whose
-# learning rate is 0 for the steps of a mode that does not run them.
+# Adam moved them anyway (by its momentum, and by the decoupled weight decay), where a torch optimizer
+# leaves a parameter without a gradient alone. So they have an optimizer group of their own, whose
+# learning rate is 0 for the steps of a mode that does not run them: their weights stay; Adam's
+# moments of them decay as for a zero gradient (restoring them would cost a copy of the group's
+# state per step, and DeepSpeed's one step count for all groups advances regardless).
 CROSS_ATTENTION_GROUP = 1
 
 
@@ -354,6 +357,12 @@ def optimizer_groups(model: torch.nn.Module) -> list[dict]:
     cross = [p for name, p in named if ".cross_attention." in name]
     rest = [p for name, p in named if ".cross_attention." not in name]
     return [{"params": rest}, {"params": cross}] if cross else [{"params": rest}]
+
+
+def optimizer_group_count(config: SemVLPConfig) -> int:
+    """len(optimizer_groups(model)) for a model of `config`, without building it: the cross-attention
+    sub-layers exist above L_s only."""
+    return 2 if config.cross_attention_start_layer < config.num_hidden_layers else 1
 
 
 @contextmanager

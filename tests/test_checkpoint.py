@@ -131,6 +131,35 @@ def test_resume_names_a_damaged_or_different_checkpoint_before_deepspeed_loads_i
         assert message in str(error.value), directory
 
 
+def test_a_checkpoint_of_another_optimizer_grouping_is_refused_and_k_may_differ(tmp_path, engine_factory, vocab):
+    """A checkpoint saved before the cross-attention sub-layers had an optimizer group of their own:
+    on as many processes DeepSpeed failed on its shards' layout (blaming parameter alignment), and
+    through the universal format (another number of processes) it loaded the first group only, leaving
+    the cross-attention's master weights at their initialization. It is named instead. K (num_objects,
+    recorded from the data) shapes no weight: a checkpoint saved with another K resumes."""
+    torch.manual_seed(0)
+    model = SemVLPModel(config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=1))
+    config = json.loads(CPU_CONFIG.read_text())
+    config.update(train_batch_size=2, train_micro_batch_size_per_gpu=2)
+    config["scheduler"]["params"].update(warmup_num_steps=1, total_num_steps=10)
+    del config["tensorboard"]
+    one_group, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    train_step(one_group)
+    step = checkpoint.save(one_group, tmp_path / "old", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load_latest(engine_factory(seed=1), tmp_path / "old")
+    assert str(refused.value).startswith(
+        f"--resume: {step} was saved with 1 optimizer parameter group(s) and this version of semvlp trains 2 "
+    )
+
+    engine = engine_factory(seed=0)
+    train_step(engine)
+    step = checkpoint.save(engine, tmp_path / "new", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    saved = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**saved, "num_objects": 36}))
+    assert checkpoint.load_latest(engine_factory(seed=1), tmp_path / "new")["step"] == 1
+
+
 def test_resume_with_another_global_batch_is_refused_before_anything_is_written(tmp_path, engine_factory, vocab):
     """A resumed step must hold as many examples as the checkpoint's: the schedule counts steps, and
     the data position maps onto another sharding only then. Another train_batch_size is named before

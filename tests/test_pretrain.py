@@ -283,6 +283,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     # second moments are those saved times beta2 plus the new squared gradients (>= beta2 x saved;
     # a fresh state would hold only (1 - beta2) x those gradients).
     saved = adam_state(run_dir)
+    assert any(".cross_attention." in name for name in saved)  # both optimizer groups are compared
     files = sorted(p.name for p in (run_dir / "checkpoints" / tag).iterdir())
     config = json.loads(CPU_CONFIG.read_text()) | {"gradient_accumulation_steps": 2}
     (tmp_path / "one.json").write_text(json.dumps(config))
@@ -309,11 +310,12 @@ def adam_state(run_dir: Path) -> dict[str, dict]:
     paths = sorted((run_dir / "checkpoints" / tag).glob("*optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
     shards = [torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"] for p in paths]
     joined = {}
-    for shard in shards:  # rank order: each holds a contiguous part of the flattened parameters
-        flat = shard["base_optimizer_state"]["state"][0]
-        for name, fragment in shard["param_slice_mappings"][0].items():
-            part = joined.setdefault(name, {"step": int(flat["step"]), "exp_avg_sq": []})
-            part["exp_avg_sq"].append(flat["exp_avg_sq"].narrow(0, fragment.start, fragment.numel))
+    for shard in shards:  # rank order: each holds a contiguous part of each group's flattened parameters
+        for group, mapping in enumerate(shard["param_slice_mappings"]):  # the cross-attention's group too
+            flat = shard["base_optimizer_state"]["state"][group]
+            for name, fragment in mapping.items():
+                part = joined.setdefault(name, {"step": int(flat["step"]), "exp_avg_sq": []})
+                part["exp_avg_sq"].append(flat["exp_avg_sq"].narrow(0, fragment.start, fragment.numel))
     return {name: {**part, "exp_avg_sq": torch.cat(part["exp_avg_sq"])} for name, part in joined.items()}
 
 

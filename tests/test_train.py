@@ -10,7 +10,7 @@ import torch
 
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
-from semvlp.train import CROSS_ATTENTION_GROUP, cross_attention_held, optimizer_groups
+from semvlp.train import CROSS_ATTENTION_GROUP, cross_attention_held, optimizer_group_count, optimizer_groups
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
 
@@ -68,6 +68,8 @@ def test_single_stream_steps_leave_the_cross_attention_unchanged(one_process_gro
 
 
 def test_a_model_without_cross_attention_has_one_group():
-    model = SemVLPModel(config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=2))
-    [group] = optimizer_groups(model)
-    assert len(group["params"]) == len(list(model.parameters()))
+    for start, groups in ((1, 2), (2, 1)):  # L_s < L: the cross-attention's group; L_s = L: none
+        config = config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=start)
+        model = SemVLPModel(config)
+        assert len(optimizer_groups(model)) == optimizer_group_count(config) == groups
+        assert sum(len(group["params"]) for group in optimizer_groups(model)) == len(list(model.parameters()))
