@@ -365,6 +365,13 @@ def test_npz_labels_in_a_pickled_info_dict_are_read_with_allow_pickle_only(tmp_p
     for name, key in zip(("obj_ids", "obj_confs", "attr_ids", "attr_confs"), labels, strict=True):
         np.testing.assert_array_equal(getattr(stored, name), img[key][keep])
 
+    plain = tmp_path / "plain"  # an `info` of numbers is no pickle: no note
+    plain.mkdir()
+    np.savez(plain / "a.npz", x=img["features"], bbox=img["boxes"], image_h=img["img_h"], image_w=img["img_w"],
+             info=np.array([1, 2]))  # fmt: skip
+    assert conv.main(["npz-dir", str(plain), *args[2:], "--out", str(tmp_path / "plain.h5")]) == 0
+    assert "note" not in capsys.readouterr().err
+
 
 def test_a_bad_pickled_info_is_named(tmp_path):
     img = raw_image(np.random.default_rng(16), "a", 4)

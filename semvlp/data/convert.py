@@ -358,7 +358,13 @@ def has_unread_pickled_labels(folder: str | os.PathLike) -> bool:
     first = min(Path(folder).glob("*.npz"), default=None)
     try:
         with np.load(first, allow_pickle=False) as z:
-            return _PICKLED_INFO in z.files and not set(_LABEL_KEYS).intersection(z.files)
+            if _PICKLED_INFO not in z.files or set(_LABEL_KEYS).intersection(z.files):
+                return False
+            try:
+                z[_PICKLED_INFO]
+            except ValueError:  # an object array: only unpickling reads it
+                return True
+            return False
     except Exception:  # no file, or not an .npz: the conversion names the problem
         return False
 
