@@ -28,10 +28,10 @@ from semvlp.data.pretrain_dataset import (
 )
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPForPreTraining
-from semvlp.run_config import RunConfig, option
+from semvlp.run_config import ConfigError, RunConfig, option
 from semvlp.schedule import STREAM_SCHEDULES
 from semvlp.tasks.pretraining import PretrainTask
-from semvlp.train import ConfigError, train
+from semvlp.train import train
 
 
 @dataclass(frozen=True)

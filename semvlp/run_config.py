@@ -29,6 +29,10 @@ def option(default, doc: str):
     return dataclasses.field(default=default, metadata={"help": doc})
 
 
+class ConfigError(ValueError):
+    """A bad option, found before any expensive work."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     deepspeed_config: str = dataclasses.field(
@@ -86,39 +90,39 @@ class RunConfig:
 
     def __post_init__(self):
         if self.model_config is None and self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r} is unknown; known presets: {sorted(PRESETS)}")
+            raise ConfigError(f"--preset {self.preset!r} is unknown; known presets: {sorted(PRESETS)}")
         for name in ("max_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_batches", "checkpoint_every", "num_workers", "exit_after_steps",
                      "profile_steps", "profile_warmup"):  # fmt: skip
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}")
+            raise ConfigError(f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}")
         if self.compile_backend not in COMPILE_BACKENDS:
-            raise ValueError(f"--compile_backend {self.compile_backend!r}: expected one of {COMPILE_BACKENDS}")
+            raise ConfigError(f"--compile_backend {self.compile_backend!r}: expected one of {COMPILE_BACKENDS}")
         for name, default in (("compile_mode", "default"), ("compile_backend", "inductor")):
             if getattr(self, name) != default and not self.compile:
-                raise ValueError(f"--{name} {getattr(self, name)} needs --compile")
+                raise ConfigError(f"--{name} {getattr(self, name)} needs --compile")
         if self.compile_mode != "default" and self.compile_backend != "inductor":
-            raise ValueError(
+            raise ConfigError(
                 f"--compile_mode {self.compile_mode} is inductor's; --compile_backend is {self.compile_backend}"
             )
         steps_here = min(self.max_steps, self.exit_after_steps or self.max_steps)
         if self.profile_steps and self.profile_warmup >= steps_here:
-            raise ValueError(
+            raise ConfigError(
                 f"--profile_warmup {self.profile_warmup} leaves no step to profile in the {steps_here} steps this "
                 "run does (--max_steps, --exit_after_steps)"
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("deepspeed_config", "model_config", "init_from", "data"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise FileNotFoundError(f"--{name} {value}: no such file or folder")
         if self.init_from is not None and not Path(self.init_from).is_dir():
-            raise ValueError(
+            raise ConfigError(
                 f"--init_from {self.init_from} is a file; expected a model folder: a SemVLP export (semvlp.export) "
                 "or a BERT checkpoint folder (config.json, weights, vocab.txt)"
             )

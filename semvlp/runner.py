@@ -26,9 +26,8 @@ from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
 from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
-from semvlp.run_config import RunConfig
+from semvlp.run_config import ConfigError, RunConfig
 from semvlp.train import (
-    ConfigError,
     NonFiniteLossError,
     optimizer_group_count,
     optimizer_groups,

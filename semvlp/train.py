@@ -31,7 +31,7 @@ from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig
 from semvlp.peaks import peak_tflops
 from semvlp.profiling import StepProfiler
-from semvlp.run_config import RunConfig
+from semvlp.run_config import ConfigError, RunConfig
 
 
 class Task(Protocol):
@@ -61,10 +61,6 @@ class Task(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class ConfigError(ValueError):
-    """A bad option, found before any expensive work."""
 
 
 # --------------------------------------------------------------------------- ds_config

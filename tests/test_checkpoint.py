@@ -18,8 +18,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
 from semvlp.model import SemVLPModel
-from semvlp.run_config import RunConfig
-from semvlp.train import ConfigError, optimizer_groups
+from semvlp.run_config import ConfigError, RunConfig
+from semvlp.train import optimizer_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"

@@ -316,7 +316,8 @@ def test_answers_outside_the_table_are_counted_with_the_cap_they_imply(toy, tmp_
 
 
 def test_batch_and_lr_overrides_keep_the_batch_arithmetic():
-    from semvlp.train import ConfigError, override_batch_and_lr
+    from semvlp.run_config import ConfigError
+    from semvlp.train import override_batch_and_lr
 
     cfg = json.loads(CPU_CONFIG.read_text())  # micro-batch 16
     override_batch_and_lr(cfg, world_size=2, lr=1e-5, train_batch_size=32)
@@ -332,8 +333,8 @@ def test_batch_and_lr_overrides_keep_the_batch_arithmetic():
 
 
 def test_epochs_set_the_steps_and_a_dev_evaluation_per_epoch(toy):
+    from semvlp.run_config import ConfigError
     from semvlp.tasks.finetune import FinetuneConfig, resolve_length
-    from semvlp.train import ConfigError
 
     run = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), epochs=2.5, batch_size=32)
     resolved = resolve_length(run, num_train=1000, world=2)  # 500 per process / 16 = 31 steps per epoch

@@ -38,8 +38,8 @@ from semvlp.data.store import FeatureStoreSet, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.flops import training_step_flops
 from semvlp.model.modeling import MODES
-from semvlp.run_config import RunConfig, option
-from semvlp.train import ConfigError, resolve_ds_config, to_device, train
+from semvlp.run_config import ConfigError, RunConfig, option
+from semvlp.train import resolve_ds_config, to_device, train
 
 SPLITS = ("train", "valid", "test")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask")

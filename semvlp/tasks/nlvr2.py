@@ -21,6 +21,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import nlvr2_metrics
 from semvlp.model import SemVLPForNLVR2
+from semvlp.run_config import ConfigError
 from semvlp.tasks.finetune import (
     SKIPPED,
     FinetuneConfig,
@@ -29,7 +30,6 @@ from semvlp.tasks.finetune import (
     labelled_splits,
     model_inputs,
 )
-from semvlp.train import ConfigError
 
 
 class NLVR2Dataset(KeyedBatchDataset):

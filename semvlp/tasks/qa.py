@@ -31,6 +31,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import answer_coverage, exact_match, predicted_answers, vqa_score
 from semvlp.model import SemVLPForQuestionAnswering
+from semvlp.run_config import ConfigError
 from semvlp.tasks.finetune import (
     SKIPPED,
     FinetuneConfig,
@@ -39,7 +40,6 @@ from semvlp.tasks.finetune import (
     labelled_splits,
     model_inputs,
 )
-from semvlp.train import ConfigError
 
 
 @dataclass(frozen=True)

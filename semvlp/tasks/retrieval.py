@@ -39,9 +39,8 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import rankings, retrieval_metrics
 from semvlp.model import SemVLPForRetrieval
-from semvlp.run_config import option
+from semvlp.run_config import ConfigError, option
 from semvlp.tasks.finetune import FinetuneConfig, FinetuneTask, image_rows, model_inputs
-from semvlp.train import ConfigError
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 VISUAL_KEYS = ("visual_feats", "visual_pos", "visual_attention_mask")
