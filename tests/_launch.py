@@ -3,19 +3,25 @@ processes (gloo) on ds_configs/cpu.json with the tiny preset."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
 
-# One master port per pytest process, so concurrent sessions do not collide
+# One master port per pytest process, so concurrent sessions do not collide; another for the run in
+# the background (BackgroundRun), which the others overlap
 LAUNCH_PORT = str(29600 + os.getpid() % 300)
+BACKGROUND_PORT = str(29900 + os.getpid() % 300)
 
 
 def one_process_ds_config() -> Path:
@@ -28,7 +34,11 @@ def one_process_ds_config() -> Path:
 
 
 def pretrain_command(
-    args: list[str], processes: int = 2, script: str = "pretrain.py", ds_config: Path | None = None
+    args: list[str],
+    processes: int = 2,
+    script: str = "pretrain.py",
+    ds_config: Path | None = None,
+    port: str = LAUNCH_PORT,
 ) -> tuple[list[str], dict]:
     """launch/<script> on `ds_config`, by default ds_configs/cpu.json (2 ranks x 16) or, in one process,
     the same with a global batch of 16."""
@@ -38,7 +48,7 @@ def pretrain_command(
         cmd = [sys.executable, str(launcher)]
         ds_config = ds_config or one_process_ds_config()
     else:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", LAUNCH_PORT, str(launcher)]
+        cmd = [str(DEEPSPEED), "--num_gpus", str(processes), "--master_port", port, str(launcher)]
     return [*cmd, "--deepspeed_config", str(ds_config or CPU_CONFIG), "--preset", "tiny", *args], env
 
 
@@ -47,6 +57,37 @@ def run_pretrain(
 ) -> subprocess.CompletedProcess:
     cmd, env = pretrain_command(args, processes, script, ds_config)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class BackgroundRun:
+    """run_pretrain started now and waited for later, while other tests run. Its output goes to files
+    in `log_dir` (a pipe nobody reads would fill and stall it); `wait` returns what run_pretrain does."""
+
+    def __init__(self, args: list[str], log_dir: Path, timeout: int, **command):
+        self.cmd, env = pretrain_command(args, port=BACKGROUND_PORT, **command)
+        self.deadline = time.monotonic() + timeout
+        self.logs = log_dir / "stdout.log", log_dir / "stderr.log"
+        with open(self.logs[0], "w") as stdout, open(self.logs[1], "w") as stderr:
+            # in pytest's process group, as run_pretrain's: a signal to the group reaches it too
+            self.process = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+
+    def wait(self) -> subprocess.CompletedProcess:
+        try:
+            returncode = self.process.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        stdout, stderr = (log.read_text() for log in self.logs)
+        return subprocess.CompletedProcess(self.cmd, returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """Kills the run (the launcher and its ranks) if it is still running."""
+        if self.process.poll() is None:
+            launcher = psutil.Process(self.process.pid)
+            for process in [*launcher.children(recursive=True), launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            self.process.wait()
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:

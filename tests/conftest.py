@@ -27,6 +27,43 @@ def toy_data(tmp_path_factory) -> Path:
     return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
 
 
+# The demo run (tests/test_demo.py) is about half of the suite's time on 2 cores. It starts in the
+# background before the first test, and its tests go last: the rest of the suite runs meanwhile.
+
+
+def uses_the_demo_run(item: pytest.Item) -> bool:
+    return "demo_run" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=uses_the_demo_run)  # stable: the order within each part is kept
+
+
+@pytest.fixture(scope="session")
+def demo_run_started(toy_data, tmp_path_factory):
+    """What `make demo` runs: 2 processes, 2,000 steps (~8 CPU minutes), started in the background;
+    (the run, its output folder)."""
+    from _launch import BackgroundRun
+
+    run_dir = tmp_path_factory.mktemp("demo")
+    run = BackgroundRun(
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "2000", "--eval_every", "500",
+         "--eval_batches", "10", "--log_every", "100", "--num_workers", "0"],
+        log_dir=tmp_path_factory.mktemp("demo_logs"), timeout=2400,
+    )  # fmt: skip
+    yield run, run_dir
+    run.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_the_demo_run_first(request) -> None:
+    if any(map(uses_the_demo_run, request.session.items)):
+        request.getfixturevalue("demo_run_started")
+        # One intra-op thread here: with the demo's ranks on the cores, OpenMP threads waiting for
+        # each other at every op's barrier made this process's training tests 40-60x slower.
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_process_group():
     """A gloo process group of this one process, for the module's in-process DeepSpeed engines.

@@ -1,6 +1,7 @@
 """What `make demo` runs (2 processes, 2,000 steps of the tiny preset on the toy world), and what its
 export is worth: learned matching, fine-tuning beyond chance, zero-shot retrieval, --eval_only.
-About half of the suite's time.
+About half of the suite's CPU time: conftest.py starts the run before the first test, and the rest
+of the suite runs meanwhile.
 """
 
 from __future__ import annotations
@@ -14,14 +15,10 @@ from _launch import records, run_pretrain
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, toy_data) -> Path:
-    """What `make demo` runs: 2 processes, 2,000 steps (~8 CPU minutes); its output folder."""
-    run_dir = tmp_path_factory.mktemp("demo")
-    result = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "2000", "--eval_every", "500",
-         "--eval_batches", "10", "--log_every", "100", "--num_workers", "0"],
-        timeout=1800,
-    )  # fmt: skip
+def demo_run(demo_run_started) -> Path:
+    """The output folder of what `make demo` runs, once it is done (conftest.py started it first)."""
+    run, run_dir = demo_run_started
+    result = run.wait()
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
