@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.philox import philox_seed, stream_positions_fit
 from semvlp_kernels.tuning import tuned
 
 MAX_KEYS = 128  # keys of one (batch, head) held in one tile; see module docstring
@@ -429,7 +429,7 @@ def _check(
         raise ValueError("q, k and v must have a contiguous last (head) dimension")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if dropout_p > 0 and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 2**31:
+    if dropout_p > 0 and not stream_positions_fit(q.shape[:-1].numel() * k.shape[2]):
         raise ValueError("with dropout, B*H*Tq*Tk must stay below 2**31 (int32 Philox offsets)")
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])

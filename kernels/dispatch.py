@@ -24,8 +24,9 @@ GEMMs are always cuBLAS (F.linear; the two ops after a GEMM take its inputs, so 
 versions can leave the bias to the GEMM's epilogue). Explicit backends override "auto":
 "eager" (references everywhere), "sdpa" (SDPA attention + references), "triton" (all Triton
 kernels; on sm_7x all but attention, which is SDPA's there, as DESIGN.md 5 plans; on CPU only
-under TRITON_INTERPRET=1, for tests). The Triton attention supports head dims 16/32/64/128 and
-up to MAX_KEYS keys; other shapes go to SDPA (or the reference on CPU) call by call.
+under TRITON_INTERPRET=1, for tests). The Triton attention supports head dims 16/32/64/128,
+up to MAX_KEYS keys and, with dropout, fewer than 2**31 attention probabilities per call (int32
+Philox positions); other calls go to SDPA (or the reference on CPU) one by one.
 
 Every Triton launch passes enable_fp_fusion=True (FMA contraction): Triton's default until 3.9,
 which warns at every compile that 3.10 turns it off; pinned, the kernels keep the numerics and
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from semvlp_kernels.attention import MAX_KEYS, attention, attention_reference, attention_sdpa
 from semvlp_kernels.bias_gelu import bias_gelu
 from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from semvlp_kernels.philox import stream_positions_fit
 from semvlp_kernels.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
 from semvlp_kernels.tuning import INTERPRETED
 from semvlp_kernels.varlen_attention import HEAD_DIMS, sequence_positions, varlen_attention
@@ -107,13 +109,14 @@ def linear_residual_layer_norm_triton(
     return residual_layer_norm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps, dropout_p)
 
 
-def _triton_attention_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return k.shape[-2] <= MAX_KEYS and q.shape[-1] in (16, 32, 64, 128) and q.shape[-2] >= 1 and k.shape[-2] >= 1
+def _triton_attention_supports(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
+    shape_fits = k.shape[-2] <= MAX_KEYS and q.shape[-1] in (16, 32, 64, 128) and q.shape[-2] >= 1 and k.shape[-2] >= 1
+    return shape_fits and (dropout_p == 0 or stream_positions_fit(q.shape[:-1].numel() * k.shape[-2]))
 
 
 def attention_triton_or_fallback(q, k, v, key_padding_mask=None, dropout_p=0.0):
-    """Triton attention where its shape limits allow, else SDPA (CUDA) or the reference (CPU)."""
-    if _triton_attention_supports(q, k):
+    """Triton attention where its limits allow, else SDPA (CUDA) or the reference (CPU)."""
+    if _triton_attention_supports(q, k, dropout_p):
         return attention(q, k, v, key_padding_mask, dropout_p)
     fallback = attention_sdpa if q.is_cuda else attention_reference
     return fallback(q, k, v, key_padding_mask, dropout_p)
@@ -144,7 +147,8 @@ def varlen_attention_triton_or_fallback(q, k, v, cu_seqlens, max_seqlen, dropout
     """Triton varlen attention where its limits allow, else padded SDPA (CUDA) or the reference (CPU).
 
     cu_seqlens is not re-read here (check_offsets=False): the model validates it once per batch."""
-    if max_seqlen <= MAX_KEYS and q.shape[-1] in HEAD_DIMS:
+    draws = (cu_seqlens.numel() - 1) * q.shape[1] * max_seqlen**2
+    if max_seqlen <= MAX_KEYS and q.shape[-1] in HEAD_DIMS and (dropout_p == 0 or stream_positions_fit(draws)):
         return varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, check_offsets=False)
     fallback = attention_sdpa if q.is_cuda else attention_reference
     return varlen_attention_via_padding(fallback)(q, k, v, cu_seqlens, max_seqlen, dropout_p)

@@ -21,3 +21,9 @@ def philox_seed(dropout_p: float, seed: int | None, device: torch.device) -> tor
     if dropout_p == 0.0:
         return torch.empty(0, dtype=torch.int32, device=device)
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=device)
+
+
+def stream_positions_fit(draws: int) -> bool:
+    """Whether a kernel's `draws` dropout draws have Philox stream positions: each is keyed by its
+    element's flat index as an int32."""
+    return draws < 2**31

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.philox import philox_seed, stream_positions_fit
 from semvlp_kernels.tuning import tuned
 
 MAX_COLS = 65536 // 4  # one fp32 row per block, as tutorial 05
@@ -154,7 +154,7 @@ def _check(x, bias, residual, weight, ln_bias) -> None:
         raise ValueError("x and residual must be contiguous")
     if n > MAX_COLS:
         raise ValueError(f"rows of {n} features exceed MAX_COLS={MAX_COLS}")
-    if x.numel() >= 2**31:
+    if not stream_positions_fit(x.numel()):
         raise ValueError("x.numel() must stay below 2**31 (int32 Philox offsets)")
 
 

@@ -51,7 +51,7 @@ from semvlp_kernels.attention import (
     _prune_key_blocks,
     attention_reference,
 )
-from semvlp_kernels.philox import philox_seed
+from semvlp_kernels.philox import philox_seed, stream_positions_fit
 from semvlp_kernels.tuning import tuned
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -209,7 +209,7 @@ def _check(
         raise ValueError(f"cu_seqlens must be 1-D [batch + 1]; got shape {tuple(cu_seqlens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 0 <= max_seqlen <= MAX_KEYS:
         raise ValueError(f"max_seqlen must be a Python int in [0, MAX_KEYS={MAX_KEYS}]; got {max_seqlen!r}")
-    if dropout_p > 0 and (cu_seqlens.numel() - 1) * q.shape[1] * max_seqlen * max_seqlen >= 2**31:
+    if dropout_p > 0 and not stream_positions_fit((cu_seqlens.numel() - 1) * q.shape[1] * max_seqlen**2):
         raise ValueError("with dropout, batch * num_heads * max_seqlen**2 must stay below 2**31 (int32 Philox offsets)")
 
 

@@ -53,6 +53,27 @@ def test_triton_on_a_v100_keeps_the_memory_bound_kernels_and_uses_sdpa_attention
         select_on_gpu((6, 1), "triton")
 
 
+def test_dropout_beyond_the_int32_philox_positions_falls_back_instead_of_raising(monkeypatch):
+    """The Triton attentions key each probability's dropout draw by its flat index, an int32. A call
+    with 2**31 probabilities or more (12 heads x 121 x 121 at a batch of 12,300) and dropout goes to
+    the fallback; without dropout it stays on Triton. Meta tensors: shapes only, nothing allocated."""
+    calls = []
+    for name in ("attention", "attention_reference", "varlen_attention"):
+        monkeypatch.setattr(dispatch, name, lambda *args, name=name, **kwargs: calls.append(name))
+    monkeypatch.setattr(dispatch, "varlen_attention_via_padding", lambda padded: lambda *args: calls.append("padded"))
+    q = torch.empty(12_300, 12, 121, 64, device="meta")
+    dispatch.attention_triton_or_fallback(q, q, q, None, dropout_p=0.1)
+    dispatch.attention_triton_or_fallback(q, q, q, None, dropout_p=0.0)
+    dispatch.attention_triton_or_fallback(q[:12_200], q[:12_200], q[:12_200], None, dropout_p=0.1)
+    assert calls == ["attention_reference", "attention", "attention"]
+    calls.clear()
+    sequences, max_seqlen = 450_000, 20  # x 12 heads x 20 x 20 > 2**31
+    packed, cu_seqlens = torch.empty(sequences * 8, 12, 64, device="meta"), torch.empty(sequences + 1, device="meta")
+    dispatch.varlen_attention_triton_or_fallback(packed, packed, packed, cu_seqlens, max_seqlen, dropout_p=0.1)
+    dispatch.varlen_attention_triton_or_fallback(packed, packed, packed, cu_seqlens, max_seqlen, dropout_p=0.0)
+    assert calls == ["padded", "varlen_attention"]
+
+
 class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
