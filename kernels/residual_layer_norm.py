@@ -1,8 +1,10 @@
 """LayerNorm(residual + dropout(x + bias)): the sub-layer output of every Transformer block.
 
 x, residual [..., N] contiguous (x is the bias-free output projection GEMM); bias, weight,
-ln_bias [N]. One program per row in the forward (the whole row in one block, N <= 65536 / 4
-elements as tutorial 05 caps it), saving only fp32 mean and rstd per row. Dropout uses Philox
+ln_bias [N]. The output has the dtype of x + bias + residual, as the reference's: under autocast a
+half-precision x on an fp32 residual stream gives fp32, as eager autocast's LayerNorm does. One
+program per row in the forward (the whole row in one block, N <= 65536 / 4 elements as tutorial 05
+caps it), saving only fp32 mean and rstd per row. Dropout uses Philox
 (`tl.rand`) keyed by a per-call seed (a device tensor: philox.py) and the element's flat index
 row * N + col, so the backward regenerates the keep mask instead of storing it, and recomputes
 h = residual + dropout(x + bias) from x and residual (no pre-norm tensor is saved).
@@ -167,13 +169,18 @@ def _num_programs(m: int, device: torch.device) -> int:
     return max(1, min(m, 4 * multiprocessor_count(device)))
 
 
+def _sum_dtype(x, bias, residual) -> torch.dtype:
+    """The dtype of x + bias + residual: the output's, and that of the gradient of the sum."""
+    return torch.promote_types(torch.promote_types(x.dtype, bias.dtype), residual.dtype)
+
+
 def residual_layer_norm_forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed):
-    """Returns (y like x, mean [M] fp32, rstd [M] fp32)."""
+    """Returns (y, mean [M] fp32, rstd [M] fp32); y in _sum_dtype."""
     _check(x, bias, residual, weight, ln_bias)
     n = x.shape[-1]
     m = x.numel() // n
     block = triton.next_power_of_2(n)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=_sum_dtype(x, bias, residual))
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     _residual_layer_norm_forward_kernel[(m,)](
@@ -191,7 +198,7 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
     block = triton.next_power_of_2(n)
     programs = _num_programs(m, x.device)
     rows_per_program = triton.cdiv(m, programs)
-    dh = torch.empty_like(x)
+    dh = torch.empty_like(x, dtype=_sum_dtype(x, bias, residual))
     dx = torch.empty_like(x) if dropout_p > 0.0 else dh
     partial = torch.empty(3, programs, n, dtype=torch.float32, device=x.device)
     _residual_layer_norm_backward_kernel[(programs,)](
@@ -200,7 +207,8 @@ def residual_layer_norm_backward(dy, x, bias, residual, weight, mean, rstd, drop
         HAS_DROPOUT=dropout_p > 0.0, BLOCK=block, enable_fp_fusion=True,
     )  # fmt: skip
     dweight, dln_bias, dbias = partial.sum(1)
-    # Without dropout dx == dh: the same tensor goes to both inputs, as autograd's AddBackward does.
+    # Without dropout dx == dh: the same tensor goes to both inputs, as autograd's AddBackward does
+    # (autograd casts it to x's and residual's dtypes where they are others).
     return dx, dbias.to(bias.dtype), dh, dweight.to(weight.dtype), dln_bias.to(weight.dtype)
 
 

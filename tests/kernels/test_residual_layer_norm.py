@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 import torch
-from _checks import assert_matches_reference, autotune_choices, value_and_grads
+from _checks import assert_close, assert_matches_reference, autotune_choices, value_and_grads
 
 from semvlp_kernels import residual_layer_norm as module
 from semvlp_kernels.residual_layer_norm import (
@@ -66,6 +66,38 @@ def test_every_config_the_autotuner_may_pick_matches_reference(kernel, config, n
     keep = residual_dropout_mask(inputs[0].shape, dropout_p, 7, inputs[0].device) if dropout_p else None
     reference = partial(residual_layer_norm_reference, eps=1e-12, dropout_p=dropout_p, keep_mask=keep)
     assert_matches_reference(NAMES, ours, reference, inputs, dy)
+
+
+# (x, bias, residual) dtypes: under autocast the output projection's x is half precision while the
+# parameters and the residual stream stay fp32 (autocast runs LayerNorm in fp32 on CUDA); the others
+# promote the other way or through the bias alone.
+MIXED_DTYPES = [
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float32, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda ds: "-".join(str(d).removeprefix("torch.") for d in ds))
+def test_mixed_dtypes_give_the_references_dtypes_and_values(dtypes, dropout_p, device):
+    """y has the dtype of x + bias + residual, as in the reference, and each gradient its input's;
+    both compute in fp32 from the inputs as given, so they agree to fp32 rounding (then to the
+    rounding of a half-precision result)."""
+    x, bias, residual, weight, ln_bias = _inputs((3, 7), 257, torch.float32, device)
+    mixed = [t.detach().to(dtype).requires_grad_() for t, dtype in zip((x, bias, residual), dtypes, strict=True)]
+    inputs = (*mixed, weight, ln_bias)
+    dy = 0.1 * torch.randn(3, 7, 257, device=device)
+    ours = value_and_grads(partial(residual_layer_norm, eps=1e-12, dropout_p=dropout_p, seed=7), inputs, dy)
+    keep = residual_dropout_mask(x.shape, dropout_p, 7, x.device) if dropout_p else None
+    reference = partial(residual_layer_norm_reference, eps=1e-12, dropout_p=dropout_p, keep_mask=keep)
+    expected = value_and_grads(reference, inputs, dy)
+    assert [t.dtype for t in expected] == [torch.float32, *(t.dtype for t in inputs)]
+    for name, a, e in zip(NAMES, ours, expected, strict=True):
+        assert a.dtype == e.dtype, (name, a.dtype, e.dtype)
+        half = a.dtype != torch.float32  # the same fp32 value may round to neighbouring halves
+        assert_close(name, a, e, atol=1e-3 if half else 2e-5, rtol=1e-2 if half else 1e-4)
 
 
 def test_residual_layer_norm_rejects_wide_rows(device):
