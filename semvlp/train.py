@@ -338,11 +338,10 @@ class StopSignal:
 
 # The cross-attention sub-layers run in two-stream steps only. A single-stream step leaves their
 # gradients None, but DeepSpeed's ZeRO optimizer steps flat partitions: it read them as zeros, and
-# Adam moved them anyway (by its momentum, and by the decoupled weight decay), where a torch optimizer
-# leaves a parameter without a gradient alone. So they have an optimizer group of their own, whose
-# learning rate is 0 for the steps of a mode that does not run them: their weights stay; Adam's
-# moments of them decay as for a zero gradient (restoring them would cost a copy of the group's
-# state per step, and DeepSpeed's one step count for all groups advances regardless).
+# Adam moved them anyway (by its momentum, and by the decoupled weight decay) and decayed its moments
+# of them, where a torch optimizer leaves a parameter without a gradient alone. So they have an
+# optimizer group of their own, which a step of a mode that does not run them holds: learning rate
+# 0, and the group's optimizer state (moments, step count) put back after the step.
 CROSS_ATTENTION_GROUP = 1
 
 
@@ -364,17 +363,39 @@ def optimizer_group_count(config: SemVLPConfig) -> int:
 @contextmanager
 def cross_attention_held(engine, mode: str) -> Iterator[None]:
     """An optimizer step in `mode`: one that does not run the cross-attention sub-layers ("single")
-    leaves them unchanged (learning rate 0 for their group; set back to the other group's, which the
-    scheduler set, afterwards)."""
+    leaves them and their optimizer state as they were (learning rate 0 for their group, set back
+    to the other group's, which the scheduler set, afterwards)."""
     groups = engine.optimizer.param_groups
     if mode != "single" or len(groups) <= CROSS_ATTENTION_GROUP:
         yield
         return
+    # the torch optimizer (AdamW, FusedAdam) over DeepSpeed's flat fp32 partitions, keyed by them
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    held = groups[CROSS_ATTENTION_GROUP]["params"]
+    before = [_copy_state(optimizer.state.get(p, {})) for p in held]
     groups[CROSS_ATTENTION_GROUP]["lr"] = 0.0
     try:
         yield
     finally:
         groups[CROSS_ATTENTION_GROUP]["lr"] = groups[0]["lr"]
+        for p, state in zip(held, before, strict=True):
+            _put_back_state(optimizer.state.get(p, {}), state)
+
+
+def _copy_state(state: dict) -> dict:
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
+def _put_back_state(state: dict, before: dict) -> None:
+    """In place (DeepSpeed links its parameter fragments to these tensors). State the step created
+    goes back to a first step's: its step count 0, its zero-gradient moments zero."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and key in before:
+            value.copy_(before[key])
+        elif isinstance(value, torch.Tensor):
+            value.zero_()
+        else:
+            state[key] = before.get(key, 0)
 
 
 def _batches(loader) -> Iterator[dict]:
