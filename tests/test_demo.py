@@ -61,8 +61,8 @@ def fine_tune_demo_export(demo_run: Path, toy_data: Path, out: Path, script: str
 @pytest.mark.slow
 def test_demo_export_fine_tunes_nlvr2_well_above_chance(demo_run, toy_data, tmp_path):
     """The pre-trained export carries grounding: NLVR2 (balanced labels, the text alone gives nothing
-    away) fine-tuned from it for 120 steps (measured 0.81 dev / 0.84 test; 0.84 / 0.84 on an earlier
-    export). From random init it stays at chance (test_finetune.py)."""
+    away) fine-tuned from it for 120 steps (measured 0.75 dev / 0.80 test; 0.81 / 0.84 and 0.84 / 0.84
+    on earlier exports). From random init it stays at chance (test_finetune.py)."""
     args = ["--max_steps", "120", "--eval_every", "120", "--lr", "1e-4"]
     results = fine_tune_demo_export(demo_run, toy_data, tmp_path / "nlvr2", "finetune_nlvr2.py", args)
     # the export names its classifier's outputs, not the pre-training export's QA answers
@@ -108,7 +108,7 @@ def test_demo_export_fine_tunes_gqa_beyond_the_question_prior(demo_run, toy_data
 @pytest.mark.slow
 def test_demo_export_retrieves_zero_shot(demo_run, toy_data, tmp_path):
     """--predict_only takes the pre-training export for retrieval: its ITM head ranks the pairs with no
-    fine-tuning (measured on this export's 50 test images: image R@1/5/10 0.17 / 0.74 / 0.98, as
+    fine-tuning (measured on this export's 50 test images: image R@1/5/10 0.15 / 0.72 / 0.98, as
     high as 60 fine-tuning steps reach, 0.16 / 0.72 / 0.98; chance 0.02 / 0.10 / 0.20). Fine-tuning
     retrieval itself is tested from random init in tests/test_finetune.py."""
     out = tmp_path / "zero_shot"
