@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -129,7 +130,12 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     assert states["loader"]["position"] == 48  # micro-batches consumed: 24 steps x 2
     [profile] = records(run_dir, "profile")
     assert (profile["first_step"], profile["step"], profile["steps"]) == (2, 3, 2)
-    assert profile["wall_ms_per_step"] == pytest.approx(1e3 * train[1]["step_time_s"], rel=0.5)  # steps 5-8
+    assert profile["wall_ms_per_step"] > 0  # per step: the arithmetic is checked in tests/test_profiling.py
+    # Every micro-batch of the 2 steps ran inside the window: 4 forward passes, each looking up every embedding once.
+    with gzip.open(run_dir / "profile" / "rank0_steps2-3.pt.trace.json.gz") as f:
+        lookups = sum(event.get("name") == "aten::embedding" for event in json.load(f)["traceEvents"])
+    tables = sum(isinstance(m, torch.nn.Embedding) for m in SemVLPModel(config_from_preset("tiny")).modules())
+    assert lookups == 2 * 2 * tables, (lookups, tables)
     assert "profile of steps 2-3:" in result.stdout
     assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
         "rank0_steps2-3.pt.trace.json.gz", "rank1_steps2-3.pt.trace.json.gz", "summary_steps2-3.txt"
