@@ -27,11 +27,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 # Pre-trains the tiny model in 2 CPU processes on the toy world (generated in data/toy on first
-# use) for about 8 minutes, then prints held-out metrics per stream mode.
+# use) for about 7 minutes, then prints held-out metrics per stream mode.
 demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/cpu.json \
-		--preset tiny --output_dir runs/demo --max_steps 2000 --eval_every 500 --eval_batches 10 --num_workers 0
+		--preset tiny --output_dir runs/demo --max_steps 1500 --eval_every 500 --eval_batches 10 --num_workers 0
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -12,7 +12,7 @@ fine-tune GQA, the same QA task, and NLVR2 two-stream); GQA (prior worth
 ~+0.03) by a small one; NLVR2 and retrieval, whose labels the text alone does not give away, run a
 shorter schedule and are checked for complete, well-formed predictions and metrics only. Grounding
 comes from pre-training: fine-tuned from the export of a demo-length pre-training run, NLVR2 reaches
-~0.84 and GQA ~0.49 (its color questions 0.43 against chance 1/8), and the export ranks retrieval
+~0.82-0.86 and GQA ~0.47 (its color questions 0.34 against chance 1/8), and the export ranks retrieval
 pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_demo.py).
 """
 
