@@ -26,7 +26,8 @@ versions can leave the bias to the GEMM's epilogue). Explicit backends override 
 kernels; on sm_7x all but attention, which is SDPA's there, as DESIGN.md 5 plans; on CPU only
 under TRITON_INTERPRET=1, for tests). The Triton attention supports head dims 16/32/64/128,
 up to MAX_KEYS keys and, with dropout, fewer than 2**31 attention probabilities per call (int32
-Philox positions); other calls go to SDPA (or the reference on CPU) one by one.
+Philox positions); other calls go to SDPA (or the reference on CPU) one by one. Likewise a residual
+LayerNorm with dropout over 2**31 elements or more goes to its eager version.
 
 Every Triton launch passes enable_fp_fusion=True (FMA contraction): Triton's default until 3.9,
 which warns at every compile that 3.10 turns it off; pinned, the kernels keep the numerics and
@@ -106,6 +107,8 @@ def linear_residual_layer_norm_triton(
     eps: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
+    if dropout_p > 0 and not stream_positions_fit(residual.numel()):  # int32 Philox positions, as attention
+        return linear_residual_layer_norm_eager(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
     return residual_layer_norm(F.linear(x, weight), bias, residual, ln_weight, ln_bias, eps, dropout_p)
 
 

@@ -74,6 +74,25 @@ def test_dropout_beyond_the_int32_philox_positions_falls_back_instead_of_raising
     assert calls == ["padded", "varlen_attention"]
 
 
+def test_a_residual_layer_norm_beyond_the_int32_philox_positions_falls_back_only_with_dropout(monkeypatch):
+    """The same for the residual LayerNorm's dropout, keyed by each element's flat index; its other
+    offsets are int64, so without dropout there is no limit."""
+    from semvlp_kernels.residual_layer_norm import _check
+
+    calls = []
+    monkeypatch.setattr(dispatch, "residual_layer_norm", lambda *args: calls.append("triton"))
+    monkeypatch.setattr(dispatch, "residual_layer_norm_reference", lambda *args: calls.append("eager"))
+    x = torch.empty(2**31 // 768 + 1, 768, device="meta")  # 2**31 elements or more; x[1:] fewer
+    weight, vector = torch.empty(768, 768, device="meta"), torch.empty(768, device="meta")
+    for dropout_p in (0.1, 0.0):
+        dispatch.linear_residual_layer_norm_triton(x, weight, vector, x, vector, vector, 1e-12, dropout_p)
+        dispatch.linear_residual_layer_norm_triton(x[1:], weight, vector, x[1:], vector, vector, 1e-12, dropout_p)
+    assert calls == ["eager", "triton", "triton", "triton"]
+    _check(x, vector, x, vector, vector, dropout_p=0.0)
+    with pytest.raises(ValueError, match=r"with dropout, x.numel\(\) must stay below 2\*\*31"):
+        _check(x, vector, x, vector, vector, dropout_p=0.1)
+
+
 class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
