@@ -27,8 +27,10 @@ def toy_data(tmp_path_factory) -> Path:
     return Path(ensure_toy_world(tmp_path_factory.mktemp("toy")))
 
 
-# The demo run (tests/test_demo.py) is about half of the suite's time on 2 cores. It starts in the
-# background before the first test, and its tests go last: the rest of the suite runs meanwhile.
+# The demo run (tests/test_demo.py) is the largest part of the suite's time on 2 cores. It starts in
+# the background before the first test, and its tests go last: the rest of the suite runs meanwhile.
+# Before them go the tests marked `ranks`, whose launches run 2 processes: they keep both cores busy
+# after the demo is done, where a test run in this process or in one more would leave one idle.
 
 
 def uses_the_demo_run(item: pytest.Item) -> bool:
@@ -36,7 +38,8 @@ def uses_the_demo_run(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=uses_the_demo_run)  # stable: the order within each part is kept
+    # stable: the order within each part is kept
+    items.sort(key=lambda item: (uses_the_demo_run(item), item.get_closest_marker("ranks") is not None))
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,7 @@ def check_best_checkpoint(out: Path, results: dict, metric: str, steps: tuple[in
     assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "vocab.txt").is_file()
 
 
+@pytest.mark.ranks
 def test_vqa_beats_the_majority_answer(toy, finetuned):
     from semvlp.metrics import vqa_score
 
@@ -115,6 +116,7 @@ def test_vqa_beats_the_majority_answer(toy, finetuned):
     check_best_checkpoint(out, results, f"{mode}/score")
 
 
+@pytest.mark.ranks
 def test_vqa_prediction_files_have_one_answer_per_question(toy, finetuned):
     out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
     answers = set(load(toy.parent / "vqa_label2ans.json"))
@@ -126,6 +128,7 @@ def test_vqa_prediction_files_have_one_answer_per_question(toy, finetuned):
         assert {p["answer"] for p in predictions} <= answers
 
 
+@pytest.mark.ranks
 def test_predict_only_reproduces_the_predictions_from_the_export(toy, finetuned, tmp_path):
     out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
     result = launch(
@@ -140,6 +143,7 @@ def test_predict_only_reproduces_the_predictions_from_the_export(toy, finetuned,
     assert load(tmp_path / "predictions" / "vqa_test.json") == load(out / "predictions" / "vqa_test.json")
 
 
+@pytest.mark.ranks
 def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy, finetuned, tmp_path):
     """The answer table travels in the export (config.id2label), so predicting with a table reordered
     since fine-tuning stops instead of naming other answers."""
@@ -168,6 +172,7 @@ def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.ranks
 def test_gqa_predictions_and_exact_match(toy, finetuned):
     from semvlp.metrics import exact_match
 
@@ -186,6 +191,7 @@ def test_gqa_predictions_and_exact_match(toy, finetuned):
     assert results["splits"]["valid"]["accuracy"] >= majority_baseline(toy, "gqa", exact_match) + 0.02
 
 
+@pytest.mark.ranks
 def test_nlvr2_csv_has_one_line_per_statement(toy, finetuned):
     out, results = finetuned("finetune_nlvr2.py", "--mode", "two", *SHORT)
     check_best_checkpoint(out, results, "two/accuracy", steps=(20, 40))
@@ -202,6 +208,7 @@ def test_nlvr2_csv_has_one_line_per_statement(toy, finetuned):
         assert results["splits"][split]["statements"] == len(statements)
 
 
+@pytest.mark.ranks
 def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetuned):
     out, results = finetuned(
         "finetune_retrieval.py", "--eval_images", "12", "--negatives", "2", "--hard_negatives", "1", *SHORT

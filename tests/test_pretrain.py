@@ -75,6 +75,7 @@ def eager_run(tmp_path_factory, toy_data) -> Path:
     return run_dir
 
 
+@pytest.mark.ranks
 def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     """Alternating pre-training on 2 ranks, each step 2 accumulated micro-batches of 8:
 
@@ -190,6 +191,7 @@ def test_qa_loss_joins_the_training_loss_at_qa_from_step(eager_run):
     assert json.loads((eager_run / "hparams.json").read_text())["qa_from_step"] == 2
 
 
+@pytest.mark.ranks
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
     # With dropout on (the tiny preset has none), so resuming must restore the model's RNG streams too.
     dropout = tmp_path / "dropout.json"
@@ -240,6 +242,7 @@ def rank_process(launcher: psutil.Process, rank: str) -> psutil.Process:
     raise AssertionError(f"no rank {rank} among the launcher's processes")
 
 
+@pytest.mark.ranks
 def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(tmp_path, toy_data):
     """A scheduler's time limit (SLURM: SIGTERM to every task, SIGKILL after KillWait) or a spot
     instance's notice: the ranks agree on a step at most two after the signal, with no log step near
@@ -527,6 +530,7 @@ def test_data_errors_stop_before_the_run_folder(tmp_path, toy_data, capsys, load
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--data", str(data)], message)
 
 
+@pytest.mark.ranks
 def test_loader_workers_that_would_overfill_dev_shm_stop_before_the_run_folder(tmp_path, toy_data, small_dev_shm):
     """In a container's 64 MB /dev/shm (Docker's default), 2 ranks with the default 2 workers each would
     hold 3 training and up to 3 evaluation batches per worker there: the run stops before its run folder
