@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 # Pre-trains the tiny model in 2 CPU processes on the toy world (generated in data/toy on first
-# use) for about 7 minutes, then prints held-out metrics per stream mode.
+# use) for 7-8 minutes, then prints held-out metrics per stream mode.
 demo: $(STAMP)
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/cpu.json \

@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_run_started(toy_data, tmp_path_factory):
-    """What `make demo` runs: 2 processes, 1,500 steps (~7 minutes on 2 cores), started in the background;
+    """What `make demo` runs: 2 processes, 1,500 steps (7-8 minutes on 2 cores), started in the background;
     (the run, its output folder)."""
     from _launch import BackgroundRun
 
