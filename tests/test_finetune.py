@@ -8,9 +8,9 @@ files, the reported metrics against the files, and the best-checkpoint selection
 What the budget can show. From random init, in 150 steps, the tiny model learns the language
 prior of the toy questions but no cross-modal grounding. Hence VQA, where the prior is worth ~+0.10
 over the majority answer, must beat it by a clear margin (single-stream: the demo-export tests below
-fine-tune GQA, the same QA task, and NLVR2 two-stream); GQA (prior worth
-~+0.03) by a small one; NLVR2 and retrieval, whose labels the text alone does not give away, run a
-shorter schedule and are checked for complete, well-formed predictions and metrics only. Grounding
+fine-tune GQA, the same QA task, and NLVR2 two-stream). GQA, whose prior is worth only ~+0.03, and
+NLVR2 and retrieval, whose labels the text alone does not give away, run a shorter schedule and are
+checked for complete, well-formed predictions and metrics only (GQA's learning: tests/test_demo.py). Grounding
 comes from pre-training: fine-tuned from the export of a demo-length pre-training run, NLVR2 reaches
 ~0.82-0.86 and GQA ~0.47 (its color questions 0.34 against chance 1/8), and the export ranks retrieval
 pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_demo.py).
@@ -58,7 +58,7 @@ def load(path: Path) -> list[dict]:
 # 150 steps of 16 (8 per process), dev evaluation at steps 75 and 150 on 3 batches per process.
 TRAIN = ["--epochs", "0", "--max_steps", "150", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "75",
          "--eval_batches", "3", "--log_every", "25"]  # fmt: skip
-# NLVR2 and retrieval cannot beat chance in this budget (module docstring): a shorter run checks the pipeline.
+# GQA, NLVR2 and retrieval show nothing more in this budget (module docstring): a shorter run checks the pipeline.
 SHORT = ["--epochs", "0", "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "20",
          "--eval_batches", "3", "--log_every", "10"]  # fmt: skip
 
@@ -176,8 +176,8 @@ def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy
 def test_gqa_predictions_and_exact_match(toy, finetuned):
     from semvlp.metrics import exact_match
 
-    out, results = finetuned("finetune_gqa.py", *TRAIN)
-    check_best_checkpoint(out, results, "single/accuracy")
+    out, results = finetuned("finetune_gqa.py", *SHORT)
+    check_best_checkpoint(out, results, "single/accuracy", steps=(20, 40))
     for split, file in (("valid", "gqa_valid.json"), ("test", "gqa_testdev.json")):
         questions = load(toy.parent / file)
         predictions = load(out / "predictions" / f"gqa_{split}.json")
@@ -187,8 +187,6 @@ def test_gqa_predictions_and_exact_match(toy, finetuned):
         by_id = {p["questionId"]: p["prediction"] for p in predictions}
         expected = exact_match([by_id[q["question_id"]] for q in questions], [q["label"] for q in questions])
         assert results["splits"][split]["accuracy"] == pytest.approx(expected)
-    # GQA's text prior is worth only ~+0.03 over the majority answer here ("no", 0.35); measured +0.06.
-    assert results["splits"]["valid"]["accuracy"] >= majority_baseline(toy, "gqa", exact_match) + 0.02
 
 
 @pytest.mark.ranks
