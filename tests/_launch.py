@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,28 @@ def one_process_ds_config() -> Path:
     config = Path(tempfile.mkdtemp()) / "cpu_1proc.json"
     config.write_text(json.dumps(single))
     return config
+
+
+def make_demo_command() -> list[str]:
+    """The command line `make demo` runs, from the Makefile's recipe: its one copy."""
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")  # continuation lines joined
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    (line,) = [line for line in recipe.splitlines() if "launch/pretrain.py" in line]
+    return shlex.split(line)
+
+
+def make_demo_arguments(**overrides: str) -> list[str]:
+    """The options `make demo` gives launch/pretrain.py, `overrides` replacing or adding some, less
+    what pretrain_command sets by default (checked to be the same: 2 processes, ds_configs/cpu.json,
+    the tiny preset)."""
+    command = make_demo_command()
+    script = command.index("launch/pretrain.py")
+    pairs = command[script + 1 :]
+    options = dict(zip(pairs[::2], pairs[1::2], strict=True))  # every option takes a value
+    assert command[script - 2 : script] == ["--num_gpus", "2"], command
+    assert (options.pop("--deepspeed_config"), options.pop("--preset")) == ("ds_configs/cpu.json", "tiny"), command
+    options |= {f"--{name}": value for name, value in overrides.items()}
+    return [token for pair in options.items() for token in pair]
 
 
 def pretrain_command(

@@ -44,16 +44,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_run_started(toy_data, tmp_path_factory):
-    """What `make demo` runs: 2 processes, 1,500 steps (7-8 minutes on 2 cores), started in the background;
-    (the run, its output folder)."""
-    from _launch import BackgroundRun
+    """What `make demo` runs (the Makefile's options, on a toy world of the same size): 2 processes,
+    1,500 steps (7-8 minutes on 2 cores), started in the background; (the run, its output folder)."""
+    from _launch import BackgroundRun, make_demo_arguments
 
     run_dir = tmp_path_factory.mktemp("demo")
-    run = BackgroundRun(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "1500", "--eval_every", "500",
-         "--eval_batches", "10", "--log_every", "100", "--num_workers", "0"],
-        log_dir=tmp_path_factory.mktemp("demo_logs"), timeout=2400,
-    )  # fmt: skip
+    args = make_demo_arguments(data=str(toy_data), output_dir=str(run_dir), log_every="100")
+    run = BackgroundRun(args, log_dir=tmp_path_factory.mktemp("demo_logs"), timeout=2400)
     yield run, run_dir
     run.stop()
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from _launch import make_demo_command
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -53,3 +56,10 @@ def test_every_file_and_module_the_commands_name_exists():
     modules = set(re.findall(r"python -m ([\w.]+)", COMMANDS))
     assert "semvlp.data.convert" in modules
     assert [m for m in sorted(modules) if importlib.util.find_spec(m) is None] == []
+
+
+def test_the_demo_command_is_what_make_demo_runs():
+    commands = COMMANDS.replace("\\\n", " ").splitlines()
+    (shown,) = [line for line in commands if "launch/pretrain.py" in line and "--output_dir runs/demo " in line]
+    makefile = [token.replace("$(VENV)/bin/", "") for token in make_demo_command()]
+    assert shlex.split(shown) == makefile
