@@ -7,7 +7,8 @@ A checkpoint holds DeepSpeed's shards: the module in training precision, and the
 weights split over the ranks' ZeRO optimizer shards. The export gathers the fp32 weights
 (DeepSpeed's zero_to_fp32, on the CPU: no GPU and no process group), loads them into the model
 class that the checkpoint's config.json names, and writes what a finished run leaves in
-OUTPUT_DIR/export: config.json and model.safetensors (save_pretrained), and vocab.txt. The folder
+OUTPUT_DIR/export: config.json and model.safetensors (save_pretrained), vocab.txt, and a
+tokenizer_config.json for HuggingFace's AutoTokenizer. The folder
 is written under a temporary name and renamed into place, so a failed export leaves no half-written
 model, and an existing export is replaced only with `--overwrite`.
 """
@@ -15,6 +16,7 @@ model, and an existing export is replaced only with `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -32,6 +34,8 @@ from semvlp.model import (
     SemVLPForRetrieval,
     SemVLPModel,
 )
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 MODEL_CLASSES = {
     cls.__name__: cls
@@ -79,6 +83,11 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     try:
         model.save_pretrained(staging)
         shutil.copyfile(folder / checkpoint.VOCAB, staging / checkpoint.VOCAB)
+        # AutoTokenizer.from_pretrained(export) then gives the tokenizer training used
+        # (semvlp.data.tokenizer.load_tokenizer: uncased WordPiece over vocab.txt).
+        tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+        tokenizer["model_max_length"] = config.max_position_embeddings
+        (staging / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer, indent=2) + "\n")
         if out.is_dir():  # an empty folder, or --overwrite: the old export goes only once the new one is whole
             replaced = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, replaced)
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m semvlp.export",
         description="Export a training checkpoint (DeepSpeed shards) as a SemVLP model folder: config.json, "
-        "model.safetensors (fp32), vocab.txt.",
+        "model.safetensors (fp32), vocab.txt, tokenizer_config.json.",
     )
     parser.add_argument(
         "checkpoint",

@@ -384,7 +384,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
 
 def export(run_dir: Path, ckpt_dir: Path | None = None) -> Path:
     """Export the newest checkpoint in `ckpt_dir` (default run_dir/checkpoints) to run_dir/export, on
-    rank 0 (semvlp.export: fp32 weights via save_pretrained, plus vocab.txt)."""
+    rank 0 (semvlp.export: fp32 weights via save_pretrained, plus the tokenizer's files)."""
     out = run_dir / "export"
     if dist.is_main():
         export_checkpoint(ckpt_dir if ckpt_dir is not None else run_dir / "checkpoints", out, overwrite=True)

@@ -14,9 +14,11 @@ import deepspeed
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from transformers import AutoTokenizer
 
 from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
+from semvlp.data.tokenizer import load_tokenizer
 from semvlp.model import SemVLPModel
 from semvlp.run_config import ConfigError, RunConfig
 from semvlp.train import optimizer_groups
@@ -28,8 +30,12 @@ GPU_PRECISION = {"bf16": json.loads((REPO / "ds_configs" / "h100.json").read_tex
 
 @pytest.fixture
 def vocab(tmp_path) -> Path:
+    """A WordPiece vocab of 50 tokens: the special ones, a few words, a continuation piece."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = ["a", "blue", "cup", "by", "the", "wall", "##s", "cafe", ",", "."]
+    tokens = [*special, *words, *(f"token{i}" for i in range(50 - len(special) - len(words)))]
     path = tmp_path / "vocab.txt"
-    path.write_text("".join(f"token{i}\n" for i in range(50)))
+    path.write_text("".join(f"{token}\n" for token in tokens))
     return path
 
 
@@ -284,6 +290,10 @@ def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_fact
     assert_weights(tmp_path / "step1", saved[1])
     assert (tmp_path / "step1" / "vocab.txt").read_text() == vocab.read_text()
     assert sorted(p.name for p in tmp_path.glob(".step1*")) == []  # the staging folder is gone
+    # Next to the model, what HuggingFace users load with it: the tokenizer that training used.
+    tokenizer, text = AutoTokenizer.from_pretrained(tmp_path / "step1"), "A blue CUP by the walls, café ."
+    assert tokenizer.tokenize(text) == ["a", "blue", "cup", "by", "the", "wall", "##s", ",", "cafe", "."]
+    assert tokenizer(text)["input_ids"] == load_tokenizer(vocab)(text)["input_ids"]
 
     assert export.main([str(ckpt), "--out", str(tmp_path / "newest")]) == 0
     assert_weights(tmp_path / "newest", saved[2])
