@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 
 from semvlp import checkpoint
 from semvlp.config import SemVLPConfig, is_semvlp_export
+from semvlp.data.tokenizer import tokenizer_config
 from semvlp.model import (
     SemVLPForNLVR2,
     SemVLPForPreTraining,
@@ -83,10 +84,7 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     try:
         model.save_pretrained(staging)
         shutil.copyfile(folder / checkpoint.VOCAB, staging / checkpoint.VOCAB)
-        # AutoTokenizer.from_pretrained(export) then gives the tokenizer training used
-        # (semvlp.data.tokenizer.load_tokenizer: uncased WordPiece over vocab.txt).
-        tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
-        tokenizer["model_max_length"] = config.max_position_embeddings
+        tokenizer = tokenizer_config(model_max_length=config.max_position_embeddings)
         (staging / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer, indent=2) + "\n")
         if out.is_dir():  # an empty folder, or --overwrite: the old export goes only once the new one is whole
             replaced = out.with_name(f".{out.name}.old{os.getpid()}")

@@ -16,6 +16,7 @@ import numpy as np
 from transformers import BertTokenizerFast
 
 MAX_TEXT_LEN = 20  # tokens including [CLS] and [SEP] (paper, section 4.1)
+LOWER_CASE = True  # uncased, as bert-base-uncased
 _REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -61,13 +62,23 @@ def load_tokenizer(vocab_path: str | os.PathLike) -> BertTokenizerFast:
         raise ValueError(f"vocab {path} lacks the special tokens {missing}")
     _check_unique(path, tokens)
     # The tokens as read here (the tokenizer would read the file again, byte-order mark included).
-    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=True)
+    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=LOWER_CASE)
     if len(tok) <= 5:
         raise ValueError(
             f"tokenizer from {path} has only {len(tok)} tokens: the vocab was not loaded "
             "(is it a WordPiece vocab.txt with one token per line?)"
         )
     return tok
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    """The tokenizer_config.json of a model folder holding vocab.txt (semvlp.export writes one), so
+    that HuggingFace's AutoTokenizer.from_pretrained(folder) builds the tokenizer load_tokenizer does."""
+    return {
+        "tokenizer_class": BertTokenizerFast.__name__,
+        "do_lower_case": LOWER_CASE,
+        "model_max_length": model_max_length,
+    }
 
 
 def tokenize_texts(
