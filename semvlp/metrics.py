@@ -138,8 +138,9 @@ def retrieval_metrics(scores: torch.Tensor, caption_image: torch.Tensor) -> dict
     Returns:
         image_r{1,5,10} (per caption, is the true image within the top k),
         text_r{1,5,10} (per image with captions, is any true caption within the top k), r_mean.
+    A NaN score (a model whose outputs overflowed) ranks below every number: it is never a hit.
     """
-    scores = scores.float()
+    scores = _nan_last(scores)
     num_images, num_captions = scores.shape
     caption_image = caption_image.to(scores.device).long()
     if caption_image.shape != (num_captions,):
@@ -161,7 +162,16 @@ def retrieval_metrics(scores: torch.Tensor, caption_image: torch.Tensor) -> dict
 
 
 def rankings(scores: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k images of each caption [C, k] and captions of each image [I, k]; ties keep index order."""
-    by_caption = torch.sort(scores.float().t(), dim=1, descending=True, stable=True).indices[:, :k]
-    by_image = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :k]
+    """The top-k images of each caption [C, k] and captions of each image [I, k]; ties keep index order,
+    NaN scores come last."""
+    scores = _nan_last(scores)
+    by_caption = torch.sort(scores.t(), dim=1, descending=True, stable=True).indices[:, :k]
+    by_image = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return by_caption, by_image
+
+
+def _nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 scores with NaN as -inf. Every comparison with NaN is False and sorting puts NaN first, so
+    a NaN true pair would otherwise rank first: a model with NaN outputs would score R@1 = 1."""
+    scores = scores.float()
+    return scores.masked_fill(scores.isnan(), float("-inf"))

@@ -124,6 +124,19 @@ def test_retrieval_images_without_captions_are_not_text_queries():
     assert not math.isnan(out["r_mean"])
 
 
+def test_retrieval_nan_scores_are_never_hits():
+    caption_image = torch.arange(12)
+    broken = retrieval_metrics(torch.full((12, 12), float("nan")), caption_image)
+    assert broken["r_mean"] == 0.0  # comparisons with NaN are False: without care every rank is 0
+    scores = torch.eye(12)
+    scores[3, 3] = float("nan")  # one true pair's score overflowed
+    out = retrieval_metrics(scores, caption_image)
+    assert out["image_r1"] == pytest.approx(11 / 12) and out["text_r1"] == pytest.approx(11 / 12)
+    assert out["image_r10"] == pytest.approx(11 / 12)  # ranks below all 11 others
+    by_caption, by_image = rankings(scores, k=12)
+    assert by_caption[3].tolist()[-1] == 3 and by_image[3].tolist()[-1] == 3
+
+
 def test_rankings_are_stable_on_ties():
     scores = torch.tensor([[1.0, 1.0, 0.0], [1.0, 2.0, 1.0]])  # 2 images x 3 captions
     by_caption, by_image = rankings(scores, k=2)
