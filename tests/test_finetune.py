@@ -19,6 +19,7 @@ pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_demo.py).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -347,6 +348,9 @@ def test_epochs_set_the_steps_and_a_dev_evaluation_per_epoch(toy):
     # one process: batch 32 = micro-batch 16 x 2 accumulated, so 1000 / 16 = 62 micro-batches make 31 steps
     resolved = resolve_length(run, num_train=1000, world=1)
     assert (resolved.max_steps, resolved.eval_every) == (78, 31)
+    # a given --eval_every is kept (evaluations within an epoch, e.g. on a large VQA epoch)
+    often = resolve_length(dataclasses.replace(run, eval_every=10), num_train=1000, world=2)
+    assert (often.max_steps, often.eval_every) == (78, 10)
     with pytest.raises(ConfigError, match="20 training examples give no step of 16 x 2"):
         resolve_length(run, num_train=20, world=1)
     fixed = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), data=str(toy), epochs=0, max_steps=7, eval_every=3)

@@ -51,7 +51,9 @@ class FinetuneConfig(RunConfig):
 
     output_dir: str = "runs/finetune"
     mode: str = option("single", "single | two: the stream mode to fine-tune and predict in (paper Table 5)")
-    epochs: float = option(4.0, "training length; a dev evaluation after each epoch. 0: train --max_steps steps")
+    epochs: float = option(
+        4.0, "training length; a dev evaluation per epoch unless --eval_every is set. 0: train --max_steps steps"
+    )
     lr: float = option(5e-5, "peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr")
     batch_size: int = option(32, "global batch; replaces the ds_config's train_batch_size")
     warmup_ratio: float = 0.1  # LXMERT's BertAdam warmup
@@ -79,9 +81,10 @@ class FinetuneConfig(RunConfig):
 
 
 def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneConfig:
-    """--epochs -> --max_steps and a per-epoch --eval_every, in optimizer steps (a step takes
-    gradient_accumulation_steps micro-batches on every rank)."""
+    """--epochs -> --max_steps and, unless --eval_every is given, a dev evaluation per epoch, in
+    optimizer steps (a step takes gradient_accumulation_steps micro-batches on every rank)."""
     default_steps = RunConfig.__dataclass_fields__["max_steps"].default
+    default_eval_every = RunConfig.__dataclass_fields__["eval_every"].default
     if run.epochs > 0 and run.max_steps != default_steps:
         raise ConfigError(f"--max_steps {run.max_steps} and --epochs {run.epochs:g} both set the training length; "
                           "add --epochs 0 to train a fixed number of steps")  # fmt: skip
@@ -95,7 +98,8 @@ def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneC
         )
     if run.epochs == 0:
         return run
-    return dataclasses.replace(run, max_steps=max(1, round(run.epochs * steps_per_epoch)), eval_every=steps_per_epoch)
+    eval_every = steps_per_epoch if run.eval_every == default_eval_every else run.eval_every
+    return dataclasses.replace(run, max_steps=max(1, round(run.epochs * steps_per_epoch)), eval_every=eval_every)
 
 
 # --------------------------------------------------------------------------- data helpers
