@@ -1,6 +1,6 @@
 """SemVLP pre-training under DeepSpeed (paper section 3.3).
 
-    # one node, 4 GPUs, the paper's setup (fp16 on V100):
+    # one node, 4 GPUs, the paper's setup (fp16 on V100; 40 epochs of LXMERT's 9.18M pairs):
     deepspeed launch/pretrain.py --deepspeed_config ds_configs/v100.json \
         --data /data/lxmert/data.json --init_from /models/bert-base-uncased --max_steps 1434375
     # several nodes: the same command with DeepSpeed's hostfile

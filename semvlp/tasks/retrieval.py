@@ -8,7 +8,8 @@ captions of other images (pairs with its image: text-retrieval negatives), sampl
   are scored without gradients in eval mode, and the H highest-scoring of each kind are trained on;
   N is then the pool (UNITER: 399 candidates, 31 kept, over several GPUs).
 Loss: `itm` (default), binary cross-entropy of the ITM head over positives and negatives, as in
-pre-training; or `rank`, UNITER's triplet loss max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)).
+pre-training; or `rank`, UNITER's triplet loss max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)),
+which UNITER trains with, on sampled and hard negatives alike.
 
 Evaluation scores every (image, caption) pair of the split: rank r takes images r, r + W, ...,
 scores each against all captions in chunks of --eval_batch_size, and the rows are summed over
