@@ -319,6 +319,9 @@ def test_answers_outside_the_table_are_counted_with_the_cap_they_imply(toy, tmp_
               for i, q in enumerate(valid)}  # fmt: skip
     assert task.metrics("valid", oracle)["score"] == pytest.approx(cap)
     assert task.metrics("valid", oracle)["score_cap"] == pytest.approx(cap)
+    # a partial evaluation (--eval_batches) is capped over the questions it scored
+    first_twenty = {i: oracle[i] for i in range(20)}
+    assert task.metrics("valid", first_twenty)["score_cap"] == pytest.approx((5 * 1.0 + 5 * 0.3) / 20)
 
 
 def test_batch_and_lr_overrides_keep_the_batch_arithmetic():

@@ -121,7 +121,6 @@ class QATask(FinetuneTask):
         section = variant.section(data, run.data)
         self.table = section.load_answer_table(variant.name)
         datasets = {}
-        self.coverage = {}
         notes = []
         read = labelled_splits(run, section, variant.name, splits, variant.loader, "question", notes)
         for split, what, examples in read:
@@ -131,7 +130,6 @@ class QATask(FinetuneTask):
                 notes.append(f"{what}: {ds.num_skipped} questions skipped (image in no store): {SKIPPED}")
             if ds.labeled:
                 cov = answer_coverage([e.label for e in ds.examples], self.table, variant.soft_score)
-                self.coverage[split] = cov
                 notes.append(
                     f"{what}: {cov.questions} questions, {cov.questions_with_outside_answers} with answers outside "
                     f"the {len(self.table)}-answer table ({cov.outside_answers} distinct), {cov.unanswerable} "
@@ -163,7 +161,8 @@ class QATask(FinetuneTask):
         examples = self.datasets[split].examples
         labels = [examples[i].label for i in predictions]
         out = {self.variant.metric: self.variant.score(list(predictions.values()), labels)}
-        out[f"{self.variant.metric}_cap"] = self.coverage[split].score_cap
+        # over the questions evaluated: with --eval_batches N that is a part of the split
+        out[f"{self.variant.metric}_cap"] = answer_coverage(labels, self.table, self.variant.soft_score).score_cap
         out["questions"] = len(labels)
         return out
 
