@@ -18,7 +18,6 @@ most, and `--out` receives the whole map (every object, every token) as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,17 @@ import numpy as np
 import torch
 
 from semvlp.data.store import ImageFeatures
-from semvlp.example import encode_text, load_export, load_vocab, read_images, visual_inputs
+from semvlp.example import (
+    check_output,
+    encode_text,
+    load_export,
+    load_vocab,
+    read_images,
+    report_bad_input,
+    text_notes,
+    visual_inputs,
+    write_json,
+)
 from semvlp.model import SemVLPModel
 from semvlp.model.modeling import MODES
 
@@ -82,8 +91,12 @@ def attention_map(
 def read_object_names(path: str | Path, largest_id: int) -> list[str]:
     """One label name per line (Visual Genome's objects_vocab.txt); ValueError naming the file if
     it has no line for `largest_id`."""
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip().split(",")[0] for line in f]  # VG lists synonyms: "person,man"
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip().split(",")[0] for line in f]  # VG lists synonyms: "person,man"
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)
+        raise ValueError(f"--object_names {path}: {reason}") from e
     if largest_id >= len(names):
         raise ValueError(f"--object_names {path}: {len(names)} names, but the image has label id {largest_id}")
     return names
@@ -134,24 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the whole map (every object, every token) here as JSON")
     args = parser.parse_args(argv)
     try:
+        if args.out:
+            check_output(args.out)
         model = load_export(args.export)
         tokenizer = load_vocab(args.vocab, args.export, model)
-        input_ids = encode_text(tokenizer, args.caption, "--caption")
+        input_ids = encode_text(tokenizer, args.caption, "--caption", model)
         if args.objects < 0:
             raise ValueError(f"--objects {args.objects}: expected a count >= 0")
-        [image] = read_images(args.store, [args.image_id])
+        [image] = read_images(args.store, [args.image_id], model)
         names = read_object_names(args.object_names, int(image.obj_ids.max())) if args.object_names else None
         layer = model.config.num_hidden_layers if args.layer is None else args.layer
         tokens = tokenizer.convert_ids_to_tokens(input_ids)
         amap = attention_map(model, input_ids, tokens, image, args.mode, layer, args.head)
     except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+        return report_bad_input(e)
     for line in _report(amap, image, names, args.objects):
         print(line)
-    unknown = amap.tokens.count(tokenizer.unk_token)
-    if unknown:
-        print(f"note: {unknown} word(s) of the caption are not in the vocab and read as {tokenizer.unk_token}")
+    for note in text_notes(tokenizer, input_ids, "--caption"):
+        print(note)
     if args.out:
         record = {
             "export": str(args.export),
@@ -175,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 for row, slot in enumerate(amap.objects)
             ],
         }
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        try:
+            write_json(args.out, record)
+        except ValueError as e:
+            return report_bad_input(e)
         print(f"map written to {args.out}")
     return 0
 

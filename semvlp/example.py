@@ -5,6 +5,8 @@ the option at fault; the command-line tools turn it into exit status 2."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -64,24 +66,72 @@ def load_vocab(vocab: str | Path | None, export: str | Path, model: PreTrainedMo
     return tokenizer
 
 
-def encode_text(tokenizer: BertTokenizerFast, text: str, option: str) -> list[int]:
-    """`[CLS] ... [SEP]` ids of `text`, at most MAX_TEXT_LEN of them as in training."""
+def encode_text(tokenizer: BertTokenizerFast, text: str, option: str, model: PreTrainedModel) -> list[int]:
+    """`[CLS] ... [SEP]` ids of `text`, at most as many as the model has positions."""
     if not text.strip():
         raise ValueError(f"{option} is empty")
     input_ids = tokenizer(text.strip())["input_ids"]
-    if len(input_ids) > MAX_TEXT_LEN:
+    positions = model.config.max_position_embeddings
+    if len(input_ids) > positions:
         raise ValueError(
-            f"{option} is {len(input_ids)} tokens with [CLS] and [SEP]; the model was pre-trained on at most "
-            f"{MAX_TEXT_LEN} (paper section 4.1): shorten it"
+            f"{option} is {len(input_ids)} tokens with [CLS] and [SEP]; the model has {positions} positions: shorten it"
         )
     return input_ids
 
 
-def read_images(store_path: str | Path, image_ids: list[str]) -> list[ImageFeatures]:
+def text_notes(tokenizer: BertTokenizerFast, input_ids: list[int], option: str) -> list[str]:
+    """What the user should know about how the model reads the text: unknown words, and a length
+    training never shows the model (it cuts texts to data.json's max_text_len, by default 20)."""
+    notes = []
+    unknown = tokenizer.convert_ids_to_tokens(input_ids).count(tokenizer.unk_token)
+    if unknown:
+        notes.append(f"note: {unknown} word(s) of {option} are not in the vocab and read as {tokenizer.unk_token}")
+    if len(input_ids) > MAX_TEXT_LEN:
+        notes.append(
+            f"note: {option} is {len(input_ids)} tokens with [CLS] and [SEP]; training cuts texts to data.json's "
+            f"max_text_len ({MAX_TEXT_LEN} by default, the paper's), so unless the export was trained with a larger "
+            "one, its positions past that were never trained"
+        )
+    return notes
+
+
+def check_output(path: str | Path) -> None:
+    """Before any work: --out can be written as a file (not a folder, no file among its parents)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; name a file")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {path}: {blocking} is a file, not a folder")
+
+
+def write_json(path: str | Path, record: dict) -> None:
+    """`record` as JSON at `path` (--out), its folder created."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+    except OSError as e:
+        raise ValueError(f"--out {path}: {e.strerror or e}") from e
+
+
+def report_bad_input(error: Exception) -> int:
+    """Print a bad-input error on one line; exit status 2. (A KeyError's str() is quoted: use its message.)"""
+    print(f"error: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
+    return 2
+
+
+def read_images(store_path: str | Path, image_ids: list[str], model: PreTrainedModel) -> list[ImageFeatures]:
     """The images, each checked as the converters check what they write (a store made by other means
-    may hold NaN features or unnormalized boxes: a prediction of NaN otherwise)."""
+    may hold NaN features or unnormalized boxes: a prediction of NaN otherwise), from a store whose
+    features have the size the model takes."""
     store = FeatureStore(store_path)
     try:
+        if store.feature_dim != model.config.visual_feat_dim:
+            raise ValueError(
+                f"--store {store_path} holds {store.feature_dim}-d features; the export {model.config.name_or_path} "
+                f"takes {model.config.visual_feat_dim}-d (visual_feat_dim): use a store of the detector it learned from"
+            )
         images = [store.read(image_id) for image_id in image_ids]
     finally:
         store.close()

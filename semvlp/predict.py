@@ -30,7 +30,18 @@ from pathlib import Path
 
 import torch
 
-from semvlp.example import check_export, encode_text, load_export, load_vocab, read_images, visual_inputs
+from semvlp.example import (
+    check_export,
+    check_output,
+    encode_text,
+    load_export,
+    load_vocab,
+    read_images,
+    report_bad_input,
+    text_notes,
+    visual_inputs,
+    write_json,
+)
 from semvlp.model import SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPForRetrieval
 from semvlp.model.modeling import MODES
 
@@ -105,30 +116,28 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--image_id: {len(args.image_id)} given; a {task} export takes {num_images}")
         if args.top < 1:
             raise ValueError(f"--top {args.top}: expected a count >= 1")
+        if args.out:
+            check_output(args.out)
         model = load_export(args.export, model_class)
         tokenizer = load_vocab(args.vocab, args.export, model)
-        input_ids = encode_text(tokenizer, args.text, "--text")
-        inputs = visual_inputs(read_images(args.store, args.image_id))
+        input_ids = encode_text(tokenizer, args.text, "--text", model)
+        inputs = visual_inputs(read_images(args.store, args.image_id, model))
         prediction = predict(model, input_ids, inputs, args.mode, args.top)
     except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+        return report_bad_input(e)
     for name, value in prediction.items():
         if name == "answers":
             print("\n".join(f"{a['score']:.3f}  {a['answer']}" for a in value))
         else:
             print(f"P({name}) = {value:.3f}")
-    unknown = tokenizer.convert_ids_to_tokens(input_ids).count(tokenizer.unk_token)
-    if unknown:
-        print(f"note: {unknown} word(s) of the text are not in the vocab and read as {tokenizer.unk_token}")
+    for note in text_notes(tokenizer, input_ids, "--text"):
+        print(note)
     if args.out:
         record = {"export": str(args.export), "image_ids": args.image_id, "text": args.text, "mode": args.mode}
         try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({**record, "task": task, **prediction}, indent=1) + "\n")
-        except OSError as e:
-            print(f"error: --out {args.out}: {e}", file=sys.stderr)
-            return 2
+            write_json(args.out, {**record, "task": task, **prediction})
+        except ValueError as e:
+            return report_bad_input(e)
     return 0
 
 

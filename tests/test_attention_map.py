@@ -114,7 +114,7 @@ def test_two_stream_map_is_the_last_cross_attention_averaged_over_heads(world, t
     args = _args(world, "--mode", "two")
     args[args.index("--caption") + 1] = "a red zebra on the grass ."  # the toy vocab has no zebra
     assert main(args) == 0
-    assert "note: 1 word(s) of the caption are not in the vocab and read as [UNK]" in capsys.readouterr().out
+    assert "note: 1 word(s) of --caption are not in the vocab and read as [UNK]" in capsys.readouterr().out
 
 
 def test_a_padded_store_lists_only_its_real_objects(world, tmp_path):
@@ -123,7 +123,7 @@ def test_a_padded_store_lists_only_its_real_objects(world, tmp_path):
     with FeatureStoreWriter(tmp_path / "padded.h5", 100, image.features.shape[1], padded=True) as writer:
         writer.add(image.image_id, image.features, image.boxes, image.img_h, image.img_w, image.obj_ids,
                    image.obj_confs, image.attr_ids, image.attr_confs, valid_mask=valid)  # fmt: skip
-    out_file = tmp_path / "map.json"
+    out_file = tmp_path / "maps" / "map.json"  # its folder is created
     padded = dict(world, store=tmp_path / "padded.h5")
     assert main(_args(padded, "--out", str(out_file))) == 0
     record = json.loads(out_file.read_text())
@@ -155,15 +155,20 @@ def test_a_finetuned_export_gives_its_encoder(world, tmp_path):
         (("--objects", "-1"), "--objects -1: expected a count >= 0"),
         (("--caption", "  "), "--caption is empty"),
         (("--head", "5"), "--head 5: expected 1..4, or 'mean'"),
-        (("--caption", "a dog " * 20), "--caption is 42 tokens with [CLS] and [SEP]; the model was pre-trained on"),
+        (("--caption", "a dog " * 40), "--caption is 82 tokens with [CLS] and [SEP]; the model has 64 positions"),
         (("--image_id", "no_such_image"), "image 'no_such_image' is not in "),
         (("--object_names", "SHORT_NAMES"), "--object_names SHORT_NAMES: 3 names, but the image has label id"),
+        (("--object_names", "NOT_UTF8"), "--object_names NOT_UTF8: not UTF-8 text"),
+        (("--object_names", "missing.txt"), "--object_names missing.txt: No such file or directory"),
         (("--store", "missing.h5"), "feature store not found: missing.h5"),
+        (("--out", "."), "--out . is a folder; name a file"),
+        (("--out", "SHORT_NAMES/map.json"), "--out SHORT_NAMES/map.json: SHORT_NAMES is a file, not a folder"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_option(world, tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "SHORT_NAMES").write_text("car\ndog\ncat\n")
+    (tmp_path / "NOT_UTF8").write_bytes(b"\x89HDF\r\n")
     args = _args(world)
     for option, value in zip(change[::2], change[1::2], strict=True):
         if option in args:

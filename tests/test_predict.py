@@ -16,7 +16,7 @@ import torch
 
 from semvlp import SemVLPForNLVR2, SemVLPForPreTraining, SemVLPForQuestionAnswering, SemVLPModel
 from semvlp.config import config_from_preset
-from semvlp.data.store import FeatureStore
+from semvlp.data.store import FeatureStore, FeatureStoreWriter
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import ToySpec, ensure_toy_world
 from semvlp.model import SemVLPForRetrieval
@@ -126,7 +126,8 @@ def test_an_nlvr2_export_takes_two_images(world, capsys):
         ("nlvr2", [], "--image_id: 1 given; a nlvr2 export takes 2"),
         ("vqa", ["--top", "0"], "--top 0: expected a count >= 1"),
         ("vqa", ["--text", " "], "--text is empty"),
-        ("vqa", ["--text", "a " * 25], "--text is 27 tokens with [CLS] and [SEP]"),
+        ("vqa", ["--text", "a " * 70], "--text is 72 tokens with [CLS] and [SEP]; the model has 64 positions"),
+        ("vqa", ["--out", "."], "--out . is a folder; name a file"),
         ("vqa", ["--image_id", "no_such_image"], "image 'no_such_image' is not in"),
         ("encoder", [], "names ['SemVLPModel']; semvlp.predict answers for"),
         ("not_an_export", [], "not_an_export: not a SemVLP export (no config.json of model_type 'semvlp')"),
@@ -147,6 +148,35 @@ def test_an_image_with_values_the_converters_refuse_is_named(world, tmp_path, ca
     assert main([*_args(world, "vqa"), "--store", str(store)]) == 2
     message = f"error: {store}: image {world['image_ids'][0]!r}: field 'features': contains NaN or infinite values"
     assert message in capsys.readouterr().err
+
+
+def test_a_text_longer_than_training_texts_is_read_with_a_note(world, capsys):
+    """Training cuts texts to data.json's max_text_len (20 by default); the model has more positions."""
+    assert main(_args(world, "vqa", "--text", "a " * 25)) == 0
+    assert "note: --text is 27 tokens with [CLS] and [SEP]; training cuts texts to data.json's max_text_len (20" in (
+        capsys.readouterr().out
+    )
+
+
+def test_out_is_written_in_a_new_folder_and_a_file_as_its_folder_is_named(world, tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "prediction.json"
+    assert main(_args(world, "vqa", "--out", str(out))) == 0
+    assert json.loads(out.read_text())["task"] == "answers"
+    assert main(_args(world, "vqa", "--out", str(out / "below_a_file.json"))) == 2
+    assert f"--out {out / 'below_a_file.json'}: {out} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_store_of_another_feature_size_than_the_model_is_named(world, tmp_path, capsys):
+    store = tmp_path / "features_16d.h5"
+    source = FeatureStore(world["store"])
+    image = source.read(world["image_ids"][0])
+    source.close()
+    with FeatureStoreWriter(store, num_objects=len(image.boxes), feature_dim=16) as writer:
+        writer.add(image.image_id, image.features[:, :16], image.boxes, image.img_h, image.img_w, image.obj_ids,
+                   image.obj_confs, image.attr_ids, image.attr_confs)  # fmt: skip
+    assert main([*_args(world, "vqa"), "--store", str(store)]) == 2
+    expected = f"--store {store} holds 16-d features; the export {world['exports']['vqa']} takes 2048-d"
+    assert expected in capsys.readouterr().err
 
 
 def test_a_vocab_of_another_size_than_the_model_is_named(world, tmp_path, capsys):
