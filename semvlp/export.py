@@ -54,7 +54,12 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     source, target = folder.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:
         raise ValueError(f"--out {out} would replace or hold the checkpoint {folder}: choose a folder outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite")
         if not is_semvlp_export(out):  # --overwrite replaces a model, never e.g. a run folder
@@ -92,8 +97,6 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
             os.replace(staging, out)
             shutil.rmtree(replaced)
         else:
-            if out.exists():
-                out.unlink()
             os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -346,6 +346,8 @@ def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_fa
         (ckpt, run_dir, f"--out {run_dir} would replace or hold the checkpoint {step}: choose a folder outside it"),
         (step, step / "export", f"--out {step / 'export'} would replace or hold the checkpoint {step}"),
         (step, tmp_path / "notes", f"--out {tmp_path / 'notes'} holds files but no SemVLP model"),
+        (step, tmp_path / "notes" / "todo.txt", f"--out {tmp_path / 'notes' / 'todo.txt'} is a file; name a folder"),
+        (step, tmp_path / "notes" / "todo.txt" / "x", f"{tmp_path / 'notes' / 'todo.txt'} is a file, not a folder"),
     ]
     for path, out, message in cases:
         assert export.main([str(path), "--out", str(out), "--overwrite"]) == 2, out
