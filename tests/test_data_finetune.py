@@ -16,6 +16,7 @@ from semvlp.data.config import DataConfig
 from semvlp.data.store import FeatureStore, open_stores
 from semvlp.data.tokenizer import load_tokenizer
 from semvlp.data.toy import ToySpec, ensure_toy_world
+from semvlp.run_config import ConfigError
 from semvlp.tasks.finetune import FinetuneConfig
 from semvlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task
 from semvlp.tasks.qa import GQA, VQA, QADataset, QATask
@@ -219,16 +220,37 @@ def test_retrieval_training_pairs_each_caption_with_other_images_and_captions(to
         own = split.caption_image[b]
         assert tokens(batch, b * m) == caption_tokens(ds.token_ids, ds.token_offsets, b)  # the positive
         assert images[digest(batch["visual_feats"][b, 0])] == own
+        row_images = [images[digest(batch["visual_feats"][b, k])] for k in range(1, m)]
+        assert own not in row_images and len(set(row_images)) == m - 1  # distinct, as UNITER samples them
+        neg_images.update(row_images)
         for k in range(1, m):
-            image = images[digest(batch["visual_feats"][b, k])]
-            assert image != own
-            neg_images.add(image)
             caption = tokens(batch, b * m + k)
             assert of_image[caption] - {own}  # a caption of another image
             neg_captions.add(caption)
     # sampled uniformly: 600 draws of each kind reach nearly every image and caption
     assert len(neg_images) >= 0.9 * len(split.image_ids)
     assert len(neg_captions) >= 0.6 * len(of_image)
+
+
+def test_negatives_are_distinct_and_never_the_positives_own():
+    from semvlp.tasks.retrieval import _draw_others
+
+    rng = np.random.default_rng(0)
+    excluded = np.array([0, 3, 4, 9])
+    counts = np.zeros(10, dtype=int)
+    for _ in range(2000):
+        drawn = _draw_others(rng, 10, 6, excluded)  # all 6 of the indices left, in random order
+        assert sorted(drawn.tolist()) == [1, 2, 5, 6, 7, 8]
+        counts[_draw_others(rng, 10, 1, excluded)] += 1
+    assert counts[excluded].sum() == 0 and counts[[1, 2, 5, 6, 7, 8]].min() > 2000 / 6 * 0.8  # uniform
+
+
+def test_more_negatives_than_the_split_has_are_refused(toy, cfg, tok, stores):
+    task = RetrievalTask(run_config(toy, RetrievalConfig), cfg, tok, stores, ("train",))
+    split = task.datasets["train"].split
+    most = len(split.image_ids) - 1
+    with pytest.raises(ConfigError, match=f"--negatives {most + 1}: flickr30k train .* so at most {most} distinct"):
+        RetrievalTask(run_config(toy, RetrievalConfig, negatives=most + 1), cfg, tok, stores, ("train",))
 
 
 def test_hard_negatives_are_the_highest_scoring_candidates(toy, cfg, store, tok, stores):

@@ -2,7 +2,8 @@
 
 Training. Every caption of a training image is a positive pair. The batch also carries, per
 positive, `--negatives` N other images (pairs with its caption: image-retrieval negatives) and N
-captions of other images (pairs with its image: text-retrieval negatives), sampled uniformly.
+captions of other images (pairs with its image: text-retrieval negatives), sampled uniformly
+without replacement.
 - Sampled negatives (default): all 2N negatives are trained on.
 - Hard negatives (`--hard_negatives H`, UNITER's `train_itm_hard_negatives.py`): the 2N candidates
   are scored without gradients in eval mode, and the H highest-scoring of each kind are trained on;
@@ -83,7 +84,17 @@ class RetrievalTrainDataset(KeyedBatchDataset):
 
     def __init__(self, split: RetrievalSplit, rows: np.ndarray, stores: FeatureStoreSet, tokenizer,
                  max_text_len: int, negatives: int, what: str):  # fmt: skip
-        split.require_two_images(what)  # with one, drawing a negative image would never end
+        split.require_two_images(what)  # a caption's negatives are the other images
+        # Each image's captions (sorted): a caption's negative captions are the others.
+        order = np.argsort(split.caption_image, kind="stable")
+        counts = np.bincount(split.caption_image, minlength=len(split.image_ids))
+        self.captions_of = np.split(order, np.cumsum(counts)[:-1])
+        most = min(len(split.image_ids) - 1, len(split.captions) - int(counts.max()))
+        if negatives > most:
+            raise ConfigError(
+                f"--negatives {negatives}: {what} has {len(split.image_ids)} images and {len(split.captions)} "
+                f"captions, so at most {most} distinct negatives of each kind per caption"
+            )
         self.split, self.rows, self.stores, self.negatives = split, rows, stores, negatives
         self.token_ids, self.token_offsets = tokenize_texts(tokenizer, split.captions, max_text_len)
 
@@ -91,21 +102,25 @@ class RetrievalTrainDataset(KeyedBatchDataset):
         return len(self.split.captions)
 
     def make_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
-        b, n = len(indices), self.negatives
+        n = self.negatives
         own = self.split.caption_image[indices]  # [B]
-        neg_images = rng.integers(0, len(self.split.image_ids), (b, n))
-        neg_captions = rng.integers(0, len(self), (b, n))
-        for j in range(b):  # resample the rare draws that hit the positive's own image
-            while (bad := neg_images[j] == own[j]).any():
-                neg_images[j, bad] = rng.integers(0, len(self.split.image_ids), int(bad.sum()))
-            while (bad := self.split.caption_image[neg_captions[j]] == own[j]).any():
-                neg_captions[j, bad] = rng.integers(0, len(self), int(bad.sum()))
+        # Without replacement, as UNITER samples them: a pool never holds a negative twice.
+        neg_images = np.stack([_draw_others(rng, len(self.split.image_ids), n, np.array([o])) for o in own])
+        neg_captions = np.stack([_draw_others(rng, len(self), n, self.captions_of[o]) for o in own])
         captions = np.concatenate([indices[:, None], neg_captions], 1).reshape(-1)
         images = np.concatenate([own[:, None], neg_images], 1)
         batch = text_batch(*gather_tokens(self.token_ids, self.token_offsets, captions))
         batch.update(visual_batch(self.stores, self.rows[images]))
         batch["index"] = torch.from_numpy(indices.copy())
         return batch
+
+
+def _draw_others(rng: np.random.Generator, population: int, n: int, excluded: np.ndarray) -> np.ndarray:
+    """n distinct indices of range(population) outside `excluded` (sorted, distinct), uniformly."""
+    drawn = rng.choice(population - len(excluded), n, replace=False)
+    for index in excluded:  # ascending: shift the draws over each excluded index in turn
+        drawn[drawn >= index] += 1
+    return drawn
 
 
 @dataclass
