@@ -3,7 +3,11 @@
 import json
 import multiprocessing as mp
 import re
+import shutil
+import subprocess
+import sys
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,7 @@ from semvlp.data import toy as toy_mod
 from semvlp.data.annotations import AnswerTable, load_flickr30k, load_gqa, load_nlvr2, load_vqa
 from semvlp.data.config import DataConfig
 from semvlp.data.store import FeatureStore
-from semvlp.data.toy import COLORS, OBJECTS, ToySpec, ensure_toy_world, generate_toy_world
+from semvlp.data.toy import COLORS, OBJECTS, NotAToyWorldError, ToySpec, ensure_toy_world, generate_toy_world
 
 SMALL = ToySpec.small()
 
@@ -175,7 +179,9 @@ def test_ensure_is_atomic_and_reuses(tmp_path, monkeypatch):
     for p in procs:
         p.join(timeout=60)
     assert paths == {str(folder / "data.json")}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".world.lock", "world"]  # no temp folders left
+    # No temp folders left. The lock file stays on purpose: deleting it would let a waiter that has
+    # it open and a newcomer lock different files at once (see ensure_toy_world).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".world.lock", "world"]
     stamp = (folder / "features.h5").stat().st_mtime_ns
 
     calls = []
@@ -193,6 +199,12 @@ def test_ensure_is_atomic_and_reuses(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="not a toy world"):
         ensure_toy_world(other, spec=spec)
     assert (other / "mine.txt").read_text() == "keep me"
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(NotAToyWorldError, match="is a file"):  # not moved aside as a stale world
+        ensure_toy_world(tmp_path / "a_file", spec=spec)
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    # Refused before taking the lock: nothing new beside them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".world.lock", "a_file", "not_a_world", "world"]
 
 
 def test_cli(tmp_path, capsys):
@@ -207,3 +219,79 @@ def test_cli(tmp_path, capsys):
     assert refused.value.code == 2
     assert f"--out {tmp_path / 'file'} is a file; expected a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_cli_refuses_a_folder_that_is_not_a_world(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    done = subprocess.run(
+        [sys.executable, "-m", "semvlp.data.toy", "--out", str(other), "--small"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: {other} exists and is not a toy world; choose another folder\n"
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no lock file, no temp folder
+
+
+def test_cli_rejects_a_negative_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        toy_mod.main(["--out", str(tmp_path / "w"), "--small", "--seed", "-5"])
+    assert refused.value.code == 2
+    assert "error: --seed must be >= 0, got -5" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # checked before anything is written
+
+
+def _same_size_edit(path):
+    data = path.read_bytes()
+    edited = data.replace(b'"yes"', b'"yep"', 1)
+    assert edited != data and len(edited) == len(data)
+    path.write_bytes(edited)
+
+
+def _edit_manifest(path, **changes):
+    """Drop the file list and apply `changes`: version=2 makes the previous generator's manifest."""
+    manifest = json.loads(path.read_text())
+    del manifest["files"]
+    path.write_text(json.dumps(manifest | changes))
+
+
+@pytest.mark.parametrize(
+    "name, damage, reason",
+    [
+        ("vqa_train.json", Path.unlink, "vqa_train.json is missing"),
+        ("data.json", Path.unlink, "data.json is missing"),
+        ("features.h5", lambda p: p.write_text("garbage"), "features.h5 has changed"),
+        ("vqa_train.json", _same_size_edit, "vqa_train.json has changed"),
+        ("toy_world.json", lambda p: _edit_manifest(p, version=2), "made by another version of the generator"),
+        ("toy_world.json", _edit_manifest, "toy_world.json lists no files"),
+        ("toy_world.json", lambda p: p.write_text("{"), "toy_world.json is unreadable"),
+    ],
+)
+def test_cli_regenerates_a_broken_world(toy, tmp_path, capsys, name, damage, reason):
+    pristine = Path(toy).parent  # what --small --seed 0 makes
+    world = tmp_path / "w"
+    shutil.copytree(pristine, world)
+    damage(world / name)
+
+    toy_mod.main(["--out", str(world), "--small"])
+    captured = capsys.readouterr()
+    assert captured.err == f"note: the toy world in {world} cannot be reused ({reason}); regenerating it\n"
+    assert "toy world in" in captured.out
+    assert sorted(p.name for p in world.iterdir()) == sorted(p.name for p in pristine.iterdir())
+    for p in pristine.iterdir():  # deterministic: the same bytes as before the damage
+        assert (world / p.name).read_bytes() == p.read_bytes(), p.name
+
+    toy_mod.main(["--out", str(world), "--small"])  # intact now: reused, silently
+    assert capsys.readouterr().err == ""
+
+
+def test_manifest_records_every_file(toy):
+    folder = Path(toy).parent
+    manifest = json.loads((folder / "toy_world.json").read_text())
+    assert manifest["seed"] == 0 and manifest["spec"] == asdict(SMALL)
+    assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {"toy_world.json"}
+    assert manifest["files"]["features.h5"]["size"] == (folder / "features.h5").stat().st_size

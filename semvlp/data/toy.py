@@ -15,7 +15,8 @@ writes, deterministically from the seed, in well under a minute on 2 cores (~50 
     nlvr2_{train,valid,test}.json
     dataset_flickr30k.json    Karpathy-split layout: train / val / test
     data.json                 the DataConfig naming all of the above
-    toy_world.json            generator version, seed and sizes (to detect stale folders)
+    toy_world.json            generator version, seed, sizes, and each file's size and SHA-256
+                              (a stale, incomplete or changed world is regenerated, not reused)
 
 The world. Every image shows one of 8 scenes (wall, floor, sky, grass, road, water, sand, table),
 and 2-5 salient objects of 2-3 of the scene's 4 classes (32 classes in all), each object in one of
@@ -43,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -56,7 +59,7 @@ import numpy as np
 from semvlp.data.config import DataConfig, NLVR2Data, PretrainData, QAData, RetrievalData
 from semvlp.data.store import FeatureStoreWriter
 
-TOY_VERSION = 2
+TOY_VERSION = 3  # 3: the manifest lists every file with its size and SHA-256
 
 OBJECTS = (
     "car",
@@ -398,9 +401,22 @@ def _nlvr2(rng: np.random.Generator, images: list[_Image], n: int, split: str, s
 # ----------------------------------------------------------------------------- files
 
 
+class NotAToyWorldError(FileExistsError, ValueError):
+    """The folder asked for holds something else, which is never overwritten. A ValueError too, so
+    that the launchers' run_main reports it as an option error (one line, exit status 2)."""
+
+
 def _write_json(path: Path, data: object) -> None:
     with open(path, "w") as f:
         f.write(json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder, dump does not
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def generate_toy_world(
@@ -561,22 +577,58 @@ def generate_toy_world(
         flickr30k=RetrievalData(annotations=str(base / "dataset_flickr30k.json")),
     )
     config.save(out / "data.json")
-    _write_json(out / "toy_world.json", {"version": TOY_VERSION, "seed": seed, "spec": asdict(spec)})
+    # Written last: a world without its manifest is incomplete. It lists every file in the folder,
+    # which ensure_toy_world makes fresh, so exactly the files written above.
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name != "toy_world.json"
+    }
+    _write_json(out / "toy_world.json", {"version": TOY_VERSION, "seed": seed, "spec": asdict(spec), "files": files})
     return out / "data.json"
 
 
-def _manifest_matches(folder: Path, seed: int, spec: ToySpec) -> bool:
+def _reuse_problem(folder: Path, seed: int, spec: ToySpec) -> str | None:
+    """Why the world in `folder` cannot be reused, or None if it can. Every file the manifest lists
+    must have its recorded size and SHA-256: hashing the 47 MB default world takes ~50 ms, little next
+    to regenerating it (~10 s), and unlike sizes alone it catches a file changed in place."""
     try:
         with open(folder / "toy_world.json") as f:
-            m = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (
-        m.get("version") == TOY_VERSION
-        and m.get("seed") == seed
-        and m.get("spec") == asdict(spec)
-        and (folder / "data.json").is_file()
-    )
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no toy_world.json"
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return "toy_world.json is unreadable"
+    if not isinstance(manifest, dict) or manifest.get("version") != TOY_VERSION:
+        return "made by another version of the generator"
+    if manifest.get("seed") != seed:
+        return f"seed {manifest.get('seed')}, not {seed}"
+    if manifest.get("spec") != asdict(spec):
+        return "other sizes"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "data.json" not in files:
+        return "toy_world.json lists no files"
+    for name, recorded in files.items():
+        if not isinstance(recorded, dict) or Path(name).name != name:
+            return "toy_world.json is malformed"
+        path = folder / name
+        try:
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != recorded.get("size") or _sha256(path) != recorded.get("sha256"):
+                return f"{name} has changed"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror})"
+    return None
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """Raise NotAToyWorldError if `folder` holds something other than a toy world, which a
+    regeneration would replace."""
+    if folder.exists() and not folder.is_dir():
+        raise NotAToyWorldError(f"{folder} is a file, not a toy world folder; choose another folder")
+    if folder.is_dir() and not (folder / "toy_world.json").exists() and any(folder.iterdir()):
+        raise NotAToyWorldError(f"{folder} exists and is not a toy world; choose another folder")
 
 
 def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None) -> Path:
@@ -584,19 +636,29 @@ def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | N
 
     Safe to call from several processes at once (e.g. every rank): one generates under a lock,
     into a temporary folder renamed into place when complete; the others wait and reuse it.
-    A folder that exists but holds something other than a toy world is an error.
+    A world that is stale, incomplete or changed is regenerated (with a note on stderr).
+    A folder that exists but holds something other than a toy world is an error (NotAToyWorldError).
+
+    The lock file, `.NAME.lock` beside the folder, stays: deleting a flock'd file lets a waiter that
+    has already opened it lock the deleted file while a newcomer locks a new one at the same path,
+    and both would generate at once.
     """
     spec = spec or ToySpec()
     folder = Path(folder)
-    if _manifest_matches(folder, seed, spec):
+    if seed < 0:
+        raise ValueError(f"the toy world's seed must be >= 0, got {seed}")
+    if _reuse_problem(folder, seed, spec) is None:
         return folder / "data.json"
+    _refuse_foreign(folder)  # before the lock: a refused call leaves nothing behind
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _manifest_matches(folder, seed, spec):
+        problem = _reuse_problem(folder, seed, spec)  # again: another process may have generated it
+        if problem is None:
             return folder / "data.json"
-        if folder.exists() and any(folder.iterdir()) and not (folder / "toy_world.json").exists():
-            raise FileExistsError(f"{folder} exists and is not a toy world; choose another folder")
+        _refuse_foreign(folder)
+        if (folder / "toy_world.json").exists():
+            print(f"note: the toy world in {folder} cannot be reused ({problem}); regenerating it", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -625,9 +687,18 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; expected a folder to write the world into")
-    if args.force and (out / "toy_world.json").exists():
-        shutil.rmtree(out)
-    path = ensure_toy_world(out, args.seed, ToySpec.small() if args.small else None)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        if args.force and (out / "toy_world.json").exists():
+            shutil.rmtree(out)
+        path = ensure_toy_world(out, args.seed, ToySpec.small() if args.small else None)
+    except NotAToyWorldError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # an option error (--out), as argparse's
+    except OSError as e:  # no permission, a full disk...
+        print(f"error: cannot write the toy world in --out {out}: {e}", file=sys.stderr)
+        sys.exit(1)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"toy world in {out} ({size:.1f} MB, {time.time() - t0:.1f}s); data configuration: {path}")
 
