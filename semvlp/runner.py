@@ -41,14 +41,15 @@ SHARED_MEMORY = Path("/dev/shm")  # where DataLoader workers' tensors live (torc
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss,
-    a failed checkpoint save or a GPU out of memory, with the options that lower its use)."""
+    a failed checkpoint save, another OS error such as a folder it may not write, or a GPU out of
+    memory, with the options that lower its use)."""
     try:
         main(argv)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except (NonFiniteLossError, checkpoint.CheckpointError) as e:
+    except (NonFiniteLossError, checkpoint.CheckpointError, OSError) as e:  # OSError names its file
         print(f"error (rank {dist.rank()}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except torch.cuda.OutOfMemoryError as e:

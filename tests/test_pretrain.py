@@ -333,6 +333,18 @@ def adam_state(run_dir: Path) -> dict[str, dict]:
     return {name: {**part, "exp_avg_sq": torch.cat(part["exp_avg_sq"])} for name, part in joined.items()}
 
 
+def test_an_os_error_is_one_line_naming_its_file(capsys):
+    from semvlp.runner import run_main
+
+    def main(argv: list[str] | None) -> None:
+        raise PermissionError(13, "Permission denied", "/data/runs/pretrain")
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, [])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "error (rank 0): [Errno 13] Permission denied: '/data/runs/pretrain'\n"
+
+
 def test_out_of_gpu_memory_names_the_options_that_lower_it(capsys):
     from semvlp.runner import run_main
 
