@@ -1,5 +1,6 @@
 """Converters: LXMERT TSV and per-image .npz into the store; bad input is named; atomic output."""
 
+import base64
 import errno
 import gc
 import gzip
@@ -232,10 +233,10 @@ def test_npz_label_ids_must_be_whole_int32(tmp_path):
     assert conv.parse_npz(whole_floats).obj_ids.tolist() == img["objects_id"].tolist()
     for k, (key, ids, fragment) in enumerate(
         [
-            ("objects_id", [0, 1.5, 2, 3], "field 'obj_ids': object 1 has id 1.5"),
-            ("objects_id", [0, 1, np.nan, 3], "field 'obj_ids': object 2 has id nan"),
-            ("objects_id", [0, 1, 2, -3], "field 'obj_ids': object 3 has id -3"),
-            ("attrs_id", [1e12, 1, 2, 3], "field 'attr_ids': object 0 has id 1000000000000.0"),
+            ("objects_id", [0, 1.5, 2, 3], "field 'objects_id': object 1 has id 1.5"),  # the file's name
+            ("objects_id", [0, 1, np.nan, 3], "field 'objects_id': object 2 has id nan"),
+            ("objects_id", [0, 1, 2, -3], "field 'objects_id': object 3 has id -3"),
+            ("attrs_id", [1e12, 1, 2, 3], "field 'attrs_id': object 0 has id 1000000000000.0"),
         ]
     ):
         folder = tmp_path / f"bad{k}"
@@ -323,7 +324,9 @@ def test_npz_values_of_the_wrong_kind_are_named(tmp_path):
             ({"img_h": 0, "img_w": 0}, "field 'img_h/img_w': image size must be positive, got 0x0"),  # not UNITER's
             ({"boxes": np.array([{"x": 1}], dtype=object)}, "field 'boxes': not readable as an array of numbers"),
             ({"features": img["features"].astype(str)}, "field 'features': expected numbers, got <U"),
-            ({"objects_conf": np.array(["high"] * 4)}, "field 'obj_confs': expected numbers, got <U4"),
+            ({"objects_conf": np.array(["high"] * 4)}, "field 'objects_conf': expected numbers, got <U4"),
+            ({"objects_conf": np.full(4, np.inf)}, "field 'objects_conf': contains NaN or infinite values"),
+            ({"objects_conf": np.ones(3)}, "field 'objects_conf': shape (3,), expected (4,)"),
         ]
     ):
         folder = tmp_path / f"bad{k}"
@@ -378,8 +381,8 @@ def test_a_bad_pickled_info_is_named(tmp_path):
     for info, fragment in [
         ("not a dict", "field 'info': expected a pickled dict, got str"),
         (["a", "list"], "field 'info': expected a pickled dict, got an object array of shape (2,)"),
-        ({"objects_id": ["cat"] * 4}, "field 'obj_ids': class ids must be numbers, got <U3 values"),
-        ({"objects_conf": np.ones(3, np.float32)}, "field 'obj_confs': shape (3,), expected (4,)"),
+        ({"objects_id": ["cat"] * 4}, "field 'info.objects_id': class ids must be numbers, got <U3 values"),
+        ({"objects_conf": np.ones(3, np.float32)}, "field 'info.objects_conf': shape (3,), expected (4,)"),
     ]:
         folder = tmp_path / "npz"
         folder.mkdir(exist_ok=True)
@@ -388,6 +391,41 @@ def test_a_bad_pickled_info_is_named(tmp_path):
             convert_npz_dir(folder, tmp_path / "s.h5", allow_pickle=True, num_objects=4, feature_dim=D, progress=False)
         assert f"a.npz (image a): {fragment}" in str(e.value)
         assert not (tmp_path / "s.h5").exists()
+
+
+def test_npz_errors_name_the_key_the_file_uses(tmp_path, capsys):
+    """A bad objects_id was named 'obj_ids' (the converter's own name): the user's file has no such key.
+    Each key is named as the file spells it, aliases (bottom-up-attention.pytorch's x, bbox, ...) too."""
+    img = raw_image(np.random.default_rng(19), "a", 4)
+    nan_x = img["features"].copy()
+    nan_x[0, 0] = np.nan
+    folders = {name: tmp_path / name for name in ("objects_id", "x", "image_h", "bbox", "obj_ids")}
+    for folder in folders.values():
+        folder.mkdir()
+    write_npz(folders["objects_id"] / "x.npz", img, objects_id=np.array([0, 1, 2.5, 3]))
+    write_milvlg_npz(folders["x"] / "x.npz", {**img, "features": nan_x}, {})
+    write_milvlg_npz(folders["image_h"] / "x.npz", {**img, "img_h": 0}, {})
+    write_milvlg_npz(folders["bbox"] / "x.npz", {**img, "boxes": img["boxes"][:3]}, {})
+    np.savez(folders["obj_ids"] / "x.npz", img_h=480, img_w=640, features=img["features"], boxes=img["boxes"],
+             obj_ids=np.array([-1, 0, 1, 2]))  # fmt: skip
+    out = tmp_path / "s.h5"
+    for name, fragment in [
+        ("objects_id", "field 'objects_id': object 2 has id 2.5"),
+        ("x", "field 'x': contains NaN or infinite values"),
+        ("image_h", "field 'image_h/image_w': image size must be positive, got 0x640"),
+        ("bbox", "field 'bbox': shape (3, 4), expected (4, 4)"),
+        ("obj_ids", "field 'obj_ids': object 0 has id -1"),
+    ]:
+        args = ["npz-dir", str(folders[name]), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D)]
+        assert conv.main([*args, "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {folders[name] / 'x.npz'} (image x): {fragment}" in err, err
+        assert err.endswith(f"no store written at {out}\n") and not out.exists()
+    folder = tmp_path / "num_bbox"  # num_bbox is compared with x, as the file names them
+    folder.mkdir()
+    np.savez(folder / "x.npz", x=img["features"], bbox=img["boxes"], num_bbox=5, image_h=480, image_w=640)
+    with pytest.raises(ConversionError, match=r"x.npz \(image x\): field 'num_bbox': says 5 but x has 4 rows"):
+        convert_npz_dir(folder, out, num_objects=4, feature_dim=D, progress=False)
 
 
 def test_empty_tsv_id_and_non_zip_npz_are_named(tmp_path):
@@ -489,7 +527,9 @@ def test_butd_tsv_round_trip_renamed_by_image_ids(tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["lxmert-tsv", "butd-tsv", "npz-dir"])
 def test_an_existing_out_is_kept_unless_overwrite(tmp_path, capsys, fmt):
     """Converting val2014 with train2014's --out replaced the first store without a word: it is an
-    option error now (exit status 2, nothing written), and --overwrite replaces the store."""
+    option error now (exit status 2, nothing written), and --overwrite replaces the store. The hint
+    suggests naming several inputs only where the subcommand takes several (npz-dir takes one folder);
+    a failed --overwrite says the existing store is kept, not just that none was written."""
     images = [raw_image(np.random.default_rng(17), str(i), 4) for i in range(3)]
     if fmt == "npz-dir":
         source = tmp_path / "npz"
@@ -502,14 +542,107 @@ def test_an_existing_out_is_kept_unless_overwrite(tmp_path, capsys, fmt):
     out.write_bytes(b"the first store")
     args = [fmt, str(source), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
     assert conv.main(args) == 2
+    if fmt == "npz-dir":
+        combine = 'to use several stores together, list them all in data.json\'s "stores"'
+    else:
+        combine = "to convert several files into one store, name them all in one command"
     assert capsys.readouterr().err == (
         f"error: output {out} already exists; refusing to replace it (pass --overwrite to replace it, or choose "
-        "another --out; to convert several files into one store, name them all in one command)\n"
+        f"another --out; {combine})\n"
     )
     assert out.read_bytes() == b"the first store"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["coco.h5", source.name])  # no .partial file
+    too_many = [*args, "--overwrite"]
+    too_many[too_many.index("--num-objects") + 1] = "5"  # the images have 4 boxes: the conversion fails
+    assert conv.main(too_many) == 1
+    err = capsys.readouterr().err
+    assert "field 'num_boxes': 4 boxes, fewer than --num-objects 5" in err
+    assert err.endswith(f"\nno store written; the existing {out} is kept\n")
+    assert out.read_bytes() == b"the first store"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["coco.h5", source.name])
     assert conv.main([*args, "--overwrite"]) == 0
     assert FeatureStore(out).image_ids == ["0", "1", "2"]
+
+
+def write_empty_lmdb(folder):
+    """A UNITER img_db with no image: only the `__keys__` entry (an empty list)."""
+    lmdb = pytest.importorskip("lmdb")
+    env = lmdb.open(str(folder), map_size=2**20)
+    with env.begin(write=True) as txn:
+        txn.put(b"__keys__", b"[]")
+    env.close()
+    return folder
+
+
+def test_an_input_without_records_is_named(tmp_path, capsys):
+    """An empty input was reported as "no images converted into X.h5 (0 bad records skipped)",
+    naming only the store; among several inputs its images went missing without a word. Nothing is
+    left behind either way."""
+    rng = np.random.default_rng(20)
+    good = write_tsv(tmp_path / "good.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(2)])
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    gz_empty = tmp_path / "empty.tsv.gz"
+    gz_empty.write_bytes(gzip.compress(b""))  # a gzipped TSV that holds no line: known only once read
+    db = write_empty_lmdb(tmp_path / "db")
+    (tmp_path / "npz").mkdir()
+    out = tmp_path / "new" / "s.h5"
+    options = ["--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+    for inputs, message in [
+        (["lxmert-tsv", str(empty)], f"{empty} holds no records (empty file)"),
+        (["butd-tsv", str(empty)], f"{empty} holds no records (empty file)"),
+        (["lxmert-tsv", str(good), str(empty), str(empty)], f"{empty} holds no records (empty file)"),
+        (["lxmert-tsv", str(good), str(gz_empty)], f"{gz_empty} holds no records"),
+        (["uniter-lmdb", str(db)], f"{db} holds no records"),
+        (["npz-dir", str(tmp_path / "npz")], f"no .npz files in {tmp_path / 'npz'}"),
+    ]:
+        assert conv.main([*inputs, *options]) == 1, inputs
+        assert capsys.readouterr().err == f"error: {message}\nno store written at {out}\n"
+        assert not (tmp_path / "new").exists()
+    # Records, but every one bad and skipped: the inputs are named and the first error quoted.
+    bad = write_tsv(tmp_path / "bad.tsv", [tsv_line(raw_image(rng, "b", 3))])
+    assert conv.main(["lxmert-tsv", str(bad), *options, "--skip-bad"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no images converted into {out}: all 1 records of {bad} were bad and skipped (--skip-bad); the "
+        f"first: {bad}, line 1 (image b): field 'num_boxes': 3 boxes, fewer than --num-objects 4 (use --pad to pad "
+        f"and record a validity mask)\nno store written at {out}\n"
+    )
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_uniter_out_that_exists_is_kept_with_a_hint_that_fits(tmp_path, capsys):
+    """uniter-lmdb reads one database: its hint suggested naming several in one command, which argparse
+    refuses ("unrecognized arguments")."""
+    db = write_empty_lmdb(tmp_path / "db")
+    out = tmp_path / "coco.h5"
+    out.write_bytes(b"the first store")
+    args = ["uniter-lmdb", str(db), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+    assert conv.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: output {out} already exists; refusing to replace it (pass --overwrite to replace it, or choose "
+        'another --out; to use several stores together, list them all in data.json\'s "stores")\n'
+    )
+    assert conv.main([*args, "--overwrite"]) == 1  # an empty database: nothing replaces the store
+    assert capsys.readouterr().err == f"error: {db} holds no records\nno store written; the existing {out} is kept\n"
+    assert out.read_bytes() == b"the first store" and sorted(p.name for p in tmp_path.iterdir()) == ["coco.h5", "db"]
+
+
+def test_a_gzipped_tsv_that_ends_mid_line_names_the_cut_field(tmp_path, capsys):
+    """A complete gzip stream whose text stops inside a features column was reported as "decodes to
+    10.5 float32 values": the byte count is what tells the column was cut."""
+    img = raw_image(np.random.default_rng(21), "a", 4)
+    cut = base64.b64encode(img["features"].tobytes()[:42]).decode()  # valid base64 of 42 bytes: 10.5 floats
+    tsv = tmp_path / "f.tsv.gz"
+    tsv.write_bytes(gzip.compress((tsv_line(img).rsplit("\t", 1)[0] + "\t" + cut).encode()))  # no final newline
+    out = tmp_path / "s.h5"
+    args = ["lxmert-tsv", str(tsv), "--out", str(out), "--num-objects", "4", "--feature-dim", str(D), "--quiet"]
+    assert conv.main(args) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"error: {tsv}, line 1 (image a): field 'features': decodes to 42 bytes, not a whole number of 4-byte float32 "
+        f"values (a truncated field?); expected {4 * D * 4} bytes, {4 * D} values of shape (4, {D})"
+    ) in err
+    assert not out.exists()
 
 
 def test_a_failed_write_is_one_error_naming_the_store(tmp_path, capsys):

@@ -48,12 +48,14 @@ height (coordinates up to one pixel outside the image are clipped; further out i
 Bad input (wrong column count, bad base64, wrong array length, non-finite values, boxes outside
 the image, too few boxes, a duplicate or empty id, a label id that is not a whole number from 0
 to 2**31 - 1) stops the conversion with an error naming the file, the line (TSV) and image, and
-the field; with --skip-bad such records are skipped, counted and listed at the end. Paths and
-sizes are checked before any work (an --out that is one of the inputs is refused, and an existing
-one is kept unless --overwrite: exit status 2; K and D must keep every HDF5 chunk of the store
-under 4 GiB). The store is written to a temporary file and renamed into place only when complete,
-so a failed (a full disk: one error naming the store) or interrupted conversion (Ctrl-C or
-SIGTERM) leaves no store behind, nor the folders it created for --out.
+the field (as the file calls it); with --skip-bad such records are skipped, counted and listed at
+the end. An input that holds no records (an empty TSV, LMDB or folder) is an error naming it. Paths
+and sizes are checked before any work (an --out that is one of the inputs is refused, and an
+existing one is kept unless --overwrite: exit status 2; K and D must keep every HDF5 chunk of the
+store under 4 GiB). The store is written to a temporary file and renamed into place only when
+complete, so a failed (a full disk: one error naming the store) or interrupted conversion (Ctrl-C
+or SIGTERM) leaves no store behind, nor the folders it created for --out; a store --overwrite
+would have replaced is kept, and the error says so.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class RawImage:
     attr_confs: np.ndarray
     box_scores: np.ndarray | None = None  # ranks the boxes when N > K; obj_confs when None
     boxes_normalized: bool = False  # the source gives no image size (UNITER)
+    # What the source calls a field where it differs from the names above (objects_id for obj_ids):
+    # an error names the field as the user's file does.
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,23 +138,28 @@ class ConversionReport:
 
 def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     """Check one image and bring it to exactly K objects with normalized boxes."""
+
+    def named(name: str) -> str:  # the field as the source calls it
+        return raw.names.get(name, name)
+
     n = len(raw.boxes)
     if raw.features.shape != (n, feature_dim):
-        raise BadRecordError("features", f"shape {raw.features.shape}, expected ({n}, {feature_dim})")
+        raise BadRecordError(named("features"), f"shape {raw.features.shape}, expected ({n}, {feature_dim})")
     scores = raw.obj_confs if raw.box_scores is None else raw.box_scores
+    scores_name = "obj_confs" if raw.box_scores is None else "box_scores"
     per_box = dict(obj_ids=raw.obj_ids, obj_confs=raw.obj_confs, attr_ids=raw.attr_ids, attr_confs=raw.attr_confs)
-    for name, arr in {**per_box, "box_scores": scores}.items():
+    for name, arr in {**per_box, scores_name: scores}.items():
         if arr.shape != (n,):
-            raise BadRecordError(name, f"shape {arr.shape}, expected ({n},)")
+            raise BadRecordError(named(name), f"shape {arr.shape}, expected ({n},)")
     normalized = raw.boxes_normalized
     if not normalized and (raw.img_h <= 0 or raw.img_w <= 0):  # 0 x 0 too: only UNITER has no size
-        raise BadRecordError("img_h/img_w", f"image size must be positive, got {raw.img_h}x{raw.img_w}")
-    for name, arr in dict(features=raw.features, boxes=raw.boxes, obj_confs=raw.obj_confs,
-                          attr_confs=raw.attr_confs, box_scores=scores).items():  # fmt: skip
+        raise BadRecordError(named("img_h/img_w"), f"image size must be positive, got {raw.img_h}x{raw.img_w}")
+    for name, arr in {"features": raw.features, "boxes": raw.boxes, "obj_confs": raw.obj_confs,
+                      "attr_confs": raw.attr_confs, scores_name: scores}.items():  # fmt: skip
         if not np.isfinite(arr).all():
-            raise BadRecordError(name, "contains NaN or infinite values")
+            raise BadRecordError(named(name), "contains NaN or infinite values")
     if np.abs(raw.features).max(initial=0.0) > np.finfo(np.float16).max:
-        raise BadRecordError("features", "values overflow float16")
+        raise BadRecordError(named("features"), "values overflow float16")
     if normalized:
         b, w, h, tol = raw.boxes, 1, 1, _BOX_TOLERANCE_NORMALIZED
     else:
@@ -165,12 +175,12 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         frame = "[0, 1] (normalized)" if normalized else f"the {w}x{h} image"
-        raise BadRecordError("boxes", f"box {i} {b[i].tolist()} lies outside {frame} (or has x2 < x1 / y2 < y1)")
+        raise BadRecordError(named("boxes"), f"box {i} {b[i].tolist()} lies outside {frame} (or has x2 < x1 / y2 < y1)")
     if n > num_objects:
         keep = np.sort(np.argsort(-scores, kind="stable")[:num_objects])
     elif n < num_objects and not pad:
         raise BadRecordError(
-            "num_boxes",
+            named("num_boxes"),
             f"{n} boxes, fewer than --num-objects {num_objects} (use --pad to pad and record a validity mask)",
         )
     else:
@@ -199,12 +209,17 @@ def _b64_array(text: str, dtype: type, shape: tuple[int, ...], name: str) -> np.
         buf = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise BadRecordError(name, f"invalid base64 ({e})") from None
-    itemsize = np.dtype(dtype).itemsize
+    itemsize, type_name = np.dtype(dtype).itemsize, np.dtype(dtype).name
     expected = int(np.prod(shape))
-    if len(buf) != expected * itemsize:
+    if len(buf) % itemsize:  # not whole values: the column was cut (a file that ends mid-line)
         raise BadRecordError(
             name,
-            f"decodes to {len(buf) / itemsize:g} {np.dtype(dtype).name} values, expected {expected} (shape {shape})",
+            f"decodes to {len(buf)} bytes, not a whole number of {itemsize}-byte {type_name} values (a truncated "
+            f"field?); expected {expected * itemsize} bytes, {expected} values of shape {shape}",
+        )
+    if len(buf) != expected * itemsize:
+        raise BadRecordError(
+            name, f"decodes to {len(buf) // itemsize} {type_name} values, expected {expected} (shape {shape})"
         )
     return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
 
@@ -247,6 +262,7 @@ def parse_tsv_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawImag
         attr_confs=_b64_array(row[6], np.float32, (n,), "attrs_conf"),
         boxes=_b64_array(row[8], np.float32, (n, 4), "boxes"),
         features=_b64_array(row[9], np.float32, (n, feature_dim), "features"),
+        names=dict(obj_ids="objects_id", obj_confs="objects_conf", attr_ids="attrs_id", attr_confs="attrs_conf"),
     )
 
 
@@ -264,6 +280,7 @@ def parse_butd_row(row: Sequence[str], feature_dim: int = FEATURE_DIM) -> RawIma
         obj_confs=np.zeros(n, np.float32),
         attr_ids=np.zeros(n, np.int64),
         attr_confs=np.zeros(n, np.float32),
+        names={"img_h/img_w": "image_h/image_w"},
     )
 
 
@@ -287,7 +304,8 @@ def tsv_records(
     paths: Sequence[str | os.PathLike], feature_dim: int = FEATURE_DIM, parse_row: ParseRow = parse_tsv_row
 ) -> Iterator[Record]:
     """Records of TSV files (plain or gzipped), streamed line by line; LXMERT's layout unless
-    `parse_row` reads another."""
+    `parse_row` reads another. A file without a line (a gzipped or piped empty one) is an error:
+    its images would be missing from the store without a word."""
     csv.field_size_limit(sys.maxsize)  # one features column is ~300 KB of base64
     for path in paths:
         with open(path, "rb") as binary, _open_text(binary) as f:
@@ -300,6 +318,8 @@ def tsv_records(
                 raise ConversionError(f"{path}: not a UTF-8 text TSV ({e})") from None
             except (gzip.BadGzipFile, EOFError, zlib.error) as e:
                 raise ConversionError(f"{path}: not a readable gzip file ({e})") from None
+            if reader.line_num == 0:
+                raise ConversionError(_hold_no_records([path]))
 
 
 _NPZ_KEYS = {
@@ -387,26 +407,32 @@ def parse_npz(path: str | os.PathLike, allow_pickle: bool = False) -> RawImage:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise BadRecordError("file", f"not a readable .npz ({e})") from None
+    from_info: set[str] = set()
     if allow_pickle and _PICKLED_INFO in files:
-        data = {**_pickled_labels(path), **data}  # labels stored as keys of their own win
+        pickled = _pickled_labels(path)
+        data = {**pickled, **data}  # labels stored as keys of their own win
+        from_info = set(pickled) - set(files)
+    names = {}  # the RawImage field -> the key it was read from, which errors name
 
     def get(name: str, required: bool = True) -> np.ndarray | None:
         for key in _NPZ_KEYS[name]:
             if key in data:
+                names[name] = f"{_PICKLED_INFO}.{key}" if key in from_info else key
                 return data[key]
         if required:
             raise BadRecordError(name, f"missing (looked for {' or '.join(_NPZ_KEYS[name])}; file has {sorted(files)})")
         return None
 
-    features, boxes = _npz_numbers("features", get("features")), _npz_numbers("boxes", get("boxes"))
+    features, boxes = get("features"), get("boxes")
+    features, boxes = _npz_numbers(names["features"], features), _npz_numbers(names["boxes"], boxes)
     if features.ndim != 2:
-        raise BadRecordError("features", f"expected a 2-d (N, D) array, got shape {features.shape}")
+        raise BadRecordError(names["features"], f"expected a 2-d (N, D) array, got shape {features.shape}")
     n = len(features)
     if boxes.shape != (n, 4):
-        raise BadRecordError("boxes", f"shape {boxes.shape}, expected ({n}, 4)")
+        raise BadRecordError(names["boxes"], f"shape {boxes.shape}, expected ({n}, 4)")
     num_boxes = get("num_boxes", required=False)
-    if num_boxes is not None and (count := _npz_number("num_boxes", num_boxes)) != n:
-        raise BadRecordError("num_boxes", f"says {count} but features has {n} rows")
+    if num_boxes is not None and (count := _npz_number(names["num_boxes"], num_boxes)) != n:
+        raise BadRecordError(names["num_boxes"], f"says {count} but {names['features']} has {n} rows")
     labels = {}
     for name in _LABEL_NAMES:
         dtype = np.int64 if name.endswith("_ids") else np.float32
@@ -416,15 +442,19 @@ def parse_npz(path: str | os.PathLike, allow_pickle: bool = False) -> RawImage:
             continue
         arr = np.asarray(arr).reshape(-1)
         if name in ("obj_ids", "attr_ids"):
-            check_label_ids(name, arr)  # before the cast, which would turn 1.5 into 1 and NaN into 0
-        labels[name] = _npz_numbers(name, arr).astype(dtype)
+            check_label_ids(names[name], arr)  # before the cast, which would turn 1.5 into 1 and NaN into 0
+        labels[name] = _npz_numbers(names[name], arr).astype(dtype)
+    img_h, img_w = get("img_h"), get("img_w")
+    img_h, img_w = _npz_number(names["img_h"], img_h), _npz_number(names["img_w"], img_w)
+    names["img_h/img_w"] = f"{names['img_h']}/{names['img_w']}"
     return RawImage(
         image_id=Path(path).stem,
-        img_h=_npz_number("img_h", get("img_h")),
-        img_w=_npz_number("img_w", get("img_w")),
+        img_h=img_h,
+        img_w=img_w,
         boxes=boxes.astype(np.float32),
         features=features,
         **labels,
+        names=names,
     )
 
 
@@ -564,9 +594,11 @@ def convert(
     progress: bool = True,
     total: int | None = None,
     image_ids: dict[str, str] | None = None,
+    sources: Sequence[str | os.PathLike] | None = None,
 ) -> ConversionReport:
     """Write records into a store at `out` (atomically). Raises ConversionError on the first bad
     record unless skip_bad. `image_ids` renames every image (one missing from it is a bad record).
+    `sources`, the inputs the records come from, are named when they hold no image to convert.
     Returns what was written and skipped."""
     report = ConversionReport()
     with FeatureStoreWriter(out, num_objects, feature_dim, padded=pad, compression=compression) as writer:
@@ -599,15 +631,36 @@ def convert(
                 continue
             report.written += 1
         bar.close()
-        if report.written == 0:
-            raise ConversionError(f"no images converted into {out} ({report.skipped} bad records skipped)")
+        if report.written == 0:  # raised inside the writer's block: it deletes the empty store
+            raise ConversionError(_nothing_converted(report, out, sources))
     return report
 
 
-def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> None:
+def _hold_no_records(paths: Sequence[str | os.PathLike]) -> str:
+    return f"{', '.join(map(str, paths))} {'holds' if len(paths) == 1 else 'hold'} no records"
+
+
+def _nothing_converted(report: ConversionReport, out: str | os.PathLike, sources: Sequence | None) -> str:
+    """Why a conversion wrote no image, naming its inputs (an empty one is often a failed download)."""
+    inputs = ", ".join(map(str, sources)) if sources else None
+    if report.skipped == 0:
+        return _hold_no_records(sources) if sources else f"no records to convert into {out}"
+    return (
+        f"no images converted into {out}: all {report.skipped} records{f' of {inputs}' if inputs else ''} were bad "
+        f"and skipped (--skip-bad); the first: {report.skipped_examples[0]}"
+    )
+
+
+def check_output_path(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    several_inputs: bool = True,
+) -> None:
     """Raise ConversionError, before any work, if the store cannot be written at `out`, would replace
     one of the inputs (a symlink to one included), or would replace an existing file unless
-    `overwrite` (OutputExistsError): the finished store is renamed over `out`."""
+    `overwrite` (OutputExistsError): the finished store is renamed over `out`. `several_inputs`:
+    whether the format converts several input files into one store (the TSVs), which the error suggests."""
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"output {out} is an existing folder, not a store file")
@@ -620,9 +673,13 @@ def check_output_path(inputs: Iterable[str | os.PathLike], out: str | os.PathLik
         if os.path.exists(path) and out.exists() and os.path.samefile(out, path):
             raise ConversionError(f"output {out} is the input {path}; refusing to overwrite it (choose another --out)")
     if not overwrite:  # e.g. a second TSV converted with the first one's --out: keep the first store
+        if several_inputs:
+            combine = "to convert several files into one store, name them all in one command"
+        else:  # npz-dir and uniter-lmdb read one folder: stores are combined in data.json instead
+            combine = 'to use several stores together, list them all in data.json\'s "stores"'
         raise OutputExistsError(
             f"output {out} already exists; refusing to replace it (pass --overwrite to replace it, or choose another "
-            "--out; to convert several files into one store, name them all in one command)"
+            f"--out; {combine})"
         )
 
 
@@ -648,8 +705,12 @@ def _convert_tsv(
             raise FileNotFoundError(f"no such TSV file: {path}")
         if os.path.isdir(path):
             raise ConversionError(f"{path}: a folder, not a TSV file")
+    empty = [path for path in dict.fromkeys(inputs) if os.path.isfile(path) and os.path.getsize(path) == 0]
+    if empty:  # e.g. a failed download: its images would be missing from the store
+        raise ConversionError(_hold_no_records(empty) + " (empty file)")
     check_output_path(inputs, out, overwrite)
-    return convert(tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM), parse_row), out, **kwargs)
+    records = tsv_records(inputs, kwargs.get("feature_dim", FEATURE_DIM), parse_row)
+    return convert(records, out, sources=inputs, **kwargs)
 
 
 def convert_npz_dir(
@@ -662,9 +723,9 @@ def convert_npz_dir(
     """A folder of per-image .npz files -> store; `allow_pickle` as `parse_npz`, `overwrite` and
     kwargs as `convert_lxmert_tsv`."""
     files = list(Path(folder).glob("*.npz"))
-    check_output_path(files, out, overwrite)
+    check_output_path(files, out, overwrite, several_inputs=False)
     total = len(files)
-    return convert(npz_records(folder, allow_pickle), out, total=total, **kwargs)
+    return convert(npz_records(folder, allow_pickle), out, total=total, sources=[folder], **kwargs)
 
 
 def convert_uniter_lmdb(
@@ -676,8 +737,8 @@ def convert_uniter_lmdb(
     with env.begin() as txn:
         total = env.stat()["entries"] - (txn.get(_UNITER_NAMES) is not None)
     env.close()
-    check_output_path([Path(folder) / "data.mdb"], out, overwrite)
-    return convert(uniter_records(folder), out, total=total, **kwargs)
+    check_output_path([Path(folder) / "data.mdb"], out, overwrite, several_inputs=False)
+    return convert(uniter_records(folder), out, total=total, sources=[folder], **kwargs)
 
 
 def read_image_id_map(path: str | os.PathLike) -> dict[str, str]:
@@ -773,6 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, a batch scheduler) would end the process without unwinding, leaving the hidden
     # partial file; only the command line does this, a library caller keeps its own handler.
     catch_sigterm = threading.current_thread() is threading.main_thread()  # handlers are set there only
+    # With --overwrite a failed conversion keeps the store already at --out (the new one is renamed
+    # over it only when complete): say so, not just that no store was written.
+    if os.path.isfile(args.out):
+        not_written = f"no store written; the existing {args.out} is kept"
+    else:
+        not_written = f"no store written at {args.out}"
     if catch_sigterm:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -797,12 +864,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # an option error, as argparse's
     except (ConversionError, OSError) as e:  # OSError: a missing input, no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
-        print(f"no store written at {args.out}", file=sys.stderr)
+        print(not_written, file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
         print(f"error: {'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
-        print(f"no store written at {args.out}", file=sys.stderr)
+        print(not_written, file=sys.stderr)
         return 128 + signum  # the shell's status for a process ended by that signal
     finally:
         if catch_sigterm:
