@@ -117,14 +117,34 @@ def test_an_lxmert_folder_becomes_stores_and_a_data_json_in_lxmerts_splits(lxmer
     assert f"{stores[0]}: there already" in capsys.readouterr().out
     assert [store.stat().st_mtime_ns for store in stores] == written
 
-    # A data.json that says something else is kept, unless --overwrite.
-    edited = json.loads((out / "data.json").read_text()) | {"max_text_len": 30}
-    (out / "data.json").write_text(json.dumps(edited))
+    # A data.json that says something else is kept, unless --overwrite; the error says what differs
+    # (it said "names other files" for an edited setting too).
+    data_json = out / "data.json"
+    written = json.loads(data_json.read_text())
+    for edit, differences in [
+        ({"max_text_len": 30}, "max_text_len is 30 (this run writes 20)"),
+        (
+            {"stores": written["stores"][:1], "vqa": None, "pretrain": {**written["pretrain"], "sources": ["vg"]}},
+            'stores names other files; pretrain.sources is ["vg"] (this run writes ["mscoco", "vg", "vqa", "gqa", '
+            '"visual7w"]); it has no vqa section (this run writes one)',
+        ),
+    ]:
+        data_json.write_text(json.dumps(written | edit))
+        kept = data_json.read_bytes()
+        assert run(lxmert_folder, out) == 1
+        assert capsys.readouterr().err == (
+            f"error: {data_json} exists and differs from the one this run writes: {differences}; --overwrite "
+            "replaces it\n"
+        )
+        assert data_json.read_bytes() == kept
+    data_json.write_text('{"stores": ')
     assert run(lxmert_folder, out) == 1
-    assert "data.json exists and names other files; --overwrite replaces it" in capsys.readouterr().err
-    assert DataConfig.load(out / "data.json").max_text_len == 30
+    assert capsys.readouterr().err == (
+        f"error: {data_json} exists and is not a readable data configuration (invalid JSON at line 1: Expecting "
+        "value); --overwrite replaces it\n"
+    )
     assert run(lxmert_folder, out, "--overwrite") == 0
-    assert DataConfig.load(out / "data.json") == cfg
+    assert DataConfig.load(data_json) == cfg
 
 
 def test_a_bad_feature_record_stops_the_command_and_a_second_run_resumes(lxmert_folder, tmp_path, capsys):

@@ -22,7 +22,7 @@ field already have:
 2. OUT/data.json names those stores, the vocab and, for each task whose files are there, the
    annotation files where they are, in LXMERT's splits (SECTIONS: its fine-tuning scripts' `--train`
    / `--valid` / `--test`). The files a task lacks are listed. An existing data.json that says
-   something else is kept unless --overwrite.
+   something else is kept unless --overwrite (the error says what differs).
 3. The data.json is checked as `python -m semvlp.data.check` does: every problem listed at once, exit
    status 1 when there is one.
 
@@ -33,6 +33,8 @@ before it stay); --skip-bad skips such records instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -119,11 +121,38 @@ def _kept_store_problem(store: Path, num_objects: int, feature_dim: int) -> str 
     return None
 
 
-def _same_config(path: Path, config: DataConfig) -> bool:
+def _as_json(value: object) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _differences(kept: object, new: object, where: str = "") -> list[str]:
+    """How the dataclass `kept` (a data.json's DataConfig or one of its sections) differs from `new`,
+    one phrase per key: the files it names, or the setting's two values."""
+    found = []
+    for f in dataclasses.fields(kept):
+        key, a, b = where + f.name, getattr(kept, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            found += _differences(a, b, key + ".")
+        elif a is None or b is None:  # a whole section
+            found.append(f"it has no {key} section (this run writes one)" if a is None else f"{key} is only in it")
+        elif f.metadata.get("path"):
+            found.append(f"{key} names other files")
+        else:
+            found.append(f"{key} is {_as_json(a)} (this run writes {_as_json(b)})")
+    return found
+
+
+def _kept_config_problem(path: Path, config: DataConfig) -> str | None:
+    """Why the data.json at `path` is not the one this run writes (what differs, or that it cannot
+    be read), or None when it is the same."""
     try:
-        return DataConfig.load(path) == config
-    except (OSError, ValueError, TypeError):  # unreadable: not the same
-        return False
+        kept = DataConfig.load(path)
+    except (OSError, ValueError, TypeError) as e:
+        return f"exists and is not a readable data configuration ({str(e).removeprefix(f'{path}: ')})"
+    differences = _differences(kept, config)
+    return f"exists and differs from the one this run writes: {'; '.join(differences)}" if differences else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DataConfig.from_dict({"stores": list(map(str, stores)), "vocab": str(Path(args.vocab).resolve()), **found})
     data_json = out / "data.json"
-    if data_json.is_file() and not args.overwrite and not _same_config(data_json, config):
-        print(f"error: {data_json} exists and names other files; --overwrite replaces it", file=sys.stderr)
+    problem = _kept_config_problem(data_json, config) if data_json.is_file() and not args.overwrite else None
+    if problem is not None:
+        print(f"error: {data_json} {problem}; --overwrite replaces it", file=sys.stderr)
         return 1
     config.save(data_json)
     print(f"\nwrote {data_json}: {', '.join(found)}")
