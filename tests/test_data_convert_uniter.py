@@ -106,7 +106,7 @@ def bad_records(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
     return {
         "a_garbage.npz": (b"\x00not msgpack at all", "value"),
         "b_no_boxes.npz": (uniter_value(no_boxes, False), "norm_bb"),
-        "c_outside.npz": (uniter_value(outside, True), "boxes"),
+        "c_outside.npz": (uniter_value(outside, True), "norm_bb"),
         "d_short_conf.npz": (uniter_value(short_conf, False), "conf"),
         "e_broken_zip.npz": (uniter_value(uniter_image(rng, 10), True)[:200], "value"),
     }

@@ -548,6 +548,7 @@ def parse_uniter(name: str, value: bytes, image_id: str) -> RawImage:
         attr_confs=np.zeros(n, np.float32),
         box_scores=None if conf is None else conf.astype(np.float32),
         boxes_normalized=True,
+        names={"boxes": "norm_bb", "box_scores": "conf"},
     )
 
 
