@@ -18,6 +18,7 @@ from semvlp.config import is_semvlp_export
 from semvlp.data.store import BadRecordError, FeatureStore, ImageFeatures, check_image
 from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
 from semvlp.model import SemVLPModel
+from semvlp.paths import nearest_existing
 
 
 def check_export(folder: str | Path) -> None:
@@ -100,9 +101,8 @@ def check_output(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder; name a file")
-    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--out {path}: {blocking} is a file, not a folder")
+    if not (existing := nearest_existing(path.parent)).is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, not a folder")
 
 
 def write_json(path: str | Path, record: dict) -> None:

@@ -35,6 +35,7 @@ from semvlp.model import (
     SemVLPForRetrieval,
     SemVLPModel,
 )
+from semvlp.paths import nearest_existing
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -56,9 +57,8 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
         raise ValueError(f"--out {out} would replace or hold the checkpoint {folder}: choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder")
-    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--out {out}: {blocking} is a file, not a folder")
+    if not (existing := nearest_existing(out.parent)).is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out} exists and is not empty: choose another folder, or pass --overwrite")

@@ -26,6 +26,7 @@ from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
 from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
+from semvlp.paths import nearest_existing
 from semvlp.run_config import ConfigError, RunConfig
 from semvlp.train import (
     NonFiniteLossError,
@@ -313,7 +314,7 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
 
 def _check_writable(folder: Path, option: str) -> None:
     """`folder` is, or can be made, a folder this process may write in."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    existing = nearest_existing(folder.absolute())
     if not existing.is_dir():
         raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

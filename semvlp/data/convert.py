@@ -81,6 +81,7 @@ import numpy as np
 from tqdm import tqdm
 
 from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter, check_label_ids, chunk_size_problem
+from semvlp.paths import nearest_existing
 
 TSV_FIELDS = (
     "img_id",
@@ -665,7 +666,7 @@ def check_output_path(
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"output {out} is an existing folder, not a store file")
-    existing_parent = next(parent for parent in out.absolute().parents if parent.exists())
+    existing_parent = nearest_existing(out.absolute().parent)
     if not existing_parent.is_dir():
         raise ConversionError(f"cannot create {out}: {existing_parent} is not a folder")
     if not os.path.lexists(out):
