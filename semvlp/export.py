@@ -9,8 +9,8 @@ weights split over the ranks' ZeRO optimizer shards. The export gathers the fp32
 class that the checkpoint's config.json names, and writes what a finished run leaves in
 OUTPUT_DIR/export: config.json and model.safetensors (save_pretrained), vocab.txt, and a
 tokenizer_config.json for HuggingFace's AutoTokenizer. The folder
-is written under a temporary name and renamed into place, so a failed export leaves no half-written
-model, and an existing export is replaced only with `--overwrite`.
+is written under a temporary name and renamed into place, so a failed or interrupted export (Ctrl-C
+or SIGTERM) leaves no half-written model, and an existing export is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from semvlp import checkpoint
 from semvlp.config import SemVLPConfig, is_semvlp_export
 from semvlp.data.tokenizer import tokenizer_config
+from semvlp.interrupt import report_interrupt, sigterm_as_interrupt
 from semvlp.model import (
     SemVLPForNLVR2,
     SemVLPForPreTraining,
@@ -94,7 +95,11 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
         if out.is_dir():  # an empty folder, or --overwrite: the old export goes only once the new one is whole
             replaced = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, replaced)
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            finally:
+                if not out.exists():  # interrupted in between: the old export goes back, never neither
+                    os.replace(replaced, out)
             shutil.rmtree(replaced)
         else:
             os.replace(staging, out)
@@ -118,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     args = parser.parse_args(argv)
     try:
-        folder = export_checkpoint(args.checkpoint, args.out, args.overwrite)
+        with sigterm_as_interrupt():  # SIGTERM deletes the half-written copy, as Ctrl-C does
+            folder = export_checkpoint(args.checkpoint, args.out, args.overwrite)
     except (ValueError, OSError, SafetensorError) as e:  # OSError: no permission, a full disk...
         print(f"error: {e}", file=sys.stderr)
         print(f"nothing written at {args.out}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        status = report_interrupt(e)
+        print(f"nothing written at {args.out}", file=sys.stderr)
+        return status
     print(f"exported {folder} to {args.out}")
     return 0
 

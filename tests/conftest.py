@@ -8,6 +8,7 @@ kernels are compiled instead.
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,24 @@ def one_process_group():
     deepspeed.comm.destroy_process_group()  # and DeepSpeed's references to it, for the next module's group
     os.environ.clear()
     os.environ.update(saved_env)
+
+
+@pytest.fixture
+def sigterm_received():
+    """SIGTERMs this process receives in the test, recorded instead of ending pytest (e.g. a batch
+    scheduler ending a tool: `os.kill(os.getpid(), signal.SIGTERM)`). A tool that catches SIGTERM must
+    put this handler back when done."""
+    received = []
+
+    def record(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        yield received
+        assert signal.getsignal(signal.SIGTERM) is record, "the tool did not restore the SIGTERM handler"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"

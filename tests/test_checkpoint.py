@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +305,39 @@ def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_fact
     assert export.main([str(ckpt / "step00000002"), "--out", str(tmp_path / "step1"), "--overwrite"]) == 0
     assert_weights(tmp_path / "step1", saved[2])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "newest", "step1", "vocab.txt"]
+
+
+def test_an_interrupted_export_keeps_the_export_it_would_replace(
+    tmp_path, engine_factory, vocab, monkeypatch, capsys, sigterm_received
+):
+    engine = engine_factory(seed=0)
+    ckpt, out = tmp_path / "checkpoints", tmp_path / "model"
+    checkpoint.save(engine, ckpt, 1, {"step": 1}, keep_last=2, vocab=vocab)
+    assert export.main([str(ckpt), "--out", str(out)]) == 0
+    exported = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    # SIGTERM (a batch scheduler) while the new copy is written...
+    monkeypatch.setattr(export, "tokenizer_config", lambda **_: os.kill(os.getpid(), signal.SIGTERM))
+    assert export.main([str(ckpt), "--out", str(out), "--overwrite"]) == 128 + signal.SIGTERM
+    assert sigterm_received == []
+    assert capsys.readouterr().err.endswith(f"\nerror: terminated (SIGTERM)\nnothing written at {out}\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == exported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model", "vocab.txt"]
+    monkeypatch.undo()
+
+    # ...or Ctrl-C after the old export was moved aside, before the new one took its place.
+    replace = os.replace
+
+    def interrupted(source, target):
+        if Path(source).name.startswith(f".{out.name}.tmp"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    assert export.main([str(ckpt), "--out", str(out), "--overwrite"]) == 128 + signal.SIGINT
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == exported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model", "vocab.txt"]
 
 
 def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_factory, vocab, capsys):

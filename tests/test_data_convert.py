@@ -259,22 +259,15 @@ def test_cli_rejects_bad_sizes_before_any_work(tmp_path, capsys, option, value):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]  # no hidden .partial file
 
 
-def test_sigterm_deletes_the_partial_store(tmp_path, monkeypatch, capsys):
+def test_sigterm_deletes_the_partial_store(tmp_path, monkeypatch, capsys, sigterm_received):
     rng = np.random.default_rng(10)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(5)])
     sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)  # e.g. a batch scheduler ending the job
     monkeypatch.setattr(conv, "tsv_records", records_interrupted_by(sigterm))
-    received = []
-    test_handler = lambda signum, frame: received.append(signum)  # the default would end pytest itself
-    previous = signal.signal(signal.SIGTERM, test_handler)
-    try:
-        code = conv.main(
-            ["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
-        )
-        restored = signal.getsignal(signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert code == 128 + signal.SIGTERM and received == [] and restored is test_handler
+    code = conv.main(
+        ["lxmert-tsv", str(tsv), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
+    )
+    assert code == 128 + signal.SIGTERM and sigterm_received == []
     assert "terminated (SIGTERM)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tsv"]
 

@@ -1,9 +1,12 @@
 """The toy world: deterministic, atomic, in the real formats, and only solvable by looking."""
 
+import errno
 import json
 import multiprocessing as mp
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -219,6 +222,45 @@ def test_cli(tmp_path, capsys):
     assert refused.value.code == 2
     assert f"--out {tmp_path / 'file'} is a file; expected a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_force_replaces_the_world_only_once_the_new_one_is_complete(toy, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "w"
+    shutil.copytree(toy.parent, folder)
+    manifest = (folder / "toy_world.json").read_text()
+
+    def full_disk(out, seed, spec):
+        (out / "features.h5").write_bytes(b"half a store")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(toy_mod, "generate_toy_world", full_disk)
+    with pytest.raises(SystemExit) as failed:
+        toy_mod.main(["--out", str(folder), "--small", "--force"])
+    assert failed.value.code == 1 and "No space left on device" in capsys.readouterr().err
+    # The world in place is whole and reusable, and no half-made one is left beside it.
+    assert (folder / "toy_world.json").read_text() == manifest
+    assert toy_mod._reuse_problem(folder, 0, SMALL) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock", "w"]
+
+    monkeypatch.undo()
+    store = (folder / "features.h5").stat().st_ino
+    toy_mod.main(["--out", str(folder), "--small", "--force"])
+    assert (folder / "features.h5").stat().st_ino != store  # regenerated, although it could be reused
+    assert toy_mod._reuse_problem(folder, 0, SMALL) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock", "w"]
+
+
+def test_sigterm_leaves_no_half_made_world(tmp_path, monkeypatch, capsys, sigterm_received):
+    def killed(out, seed, spec):
+        (out / "features.h5").write_bytes(b"half a store")
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. a batch scheduler ending the job
+
+    monkeypatch.setattr(toy_mod, "generate_toy_world", killed)
+    with pytest.raises(SystemExit) as stopped:
+        toy_mod.main(["--out", str(tmp_path / "w"), "--small"])
+    assert stopped.value.code == 128 + signal.SIGTERM and sigterm_received == []
+    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock"]  # no world, no temporary folder
 
 
 def test_cli_refuses_a_folder_that_is_not_a_world(tmp_path):

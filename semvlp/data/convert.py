@@ -68,9 +68,7 @@ import gzip
 import io
 import json
 import os
-import signal
 import sys
-import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -81,6 +79,7 @@ import numpy as np
 from tqdm import tqdm
 
 from semvlp.data.store import FEATURE_DIM, BadRecordError, FeatureStoreWriter, check_label_ids, chunk_size_problem
+from semvlp.interrupt import report_interrupt, sigterm_as_interrupt
 from semvlp.paths import nearest_existing
 
 TSV_FIELDS = (
@@ -754,14 +753,6 @@ def read_image_id_map(path: str | os.PathLike) -> dict[str, str]:
     return mapping
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the conversion is, so the partial store is deleted as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
 def positive_int(text: str) -> int:
     """argparse type for sizes: a bad value is an option error (exit 2) before any file is touched."""
     try:
@@ -833,34 +824,30 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         compression=None if args.compression == "none" else args.compression,
     )
-    # SIGTERM (kill, a batch scheduler) would end the process without unwinding, leaving the hidden
-    # partial file; only the command line does this, a library caller keeps its own handler.
-    catch_sigterm = threading.current_thread() is threading.main_thread()  # handlers are set there only
     # With --overwrite a failed conversion keeps the store already at --out (the new one is renamed
     # over it only when complete): say so, not just that no store was written.
     if os.path.isfile(args.out):
         not_written = f"no store written; the existing {args.out} is kept"
     else:
         not_written = f"no store written at {args.out}"
-    if catch_sigterm:
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if args.image_ids is not None:
-            kwargs["image_ids"] = read_image_id_map(args.image_ids)
-        if args.format == "lxmert-tsv":
-            report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
-        elif args.format == "butd-tsv":
-            report = convert_butd_tsv(args.inputs, args.out, **kwargs)
-        elif args.format == "npz-dir":
-            if not args.allow_pickle and has_unread_pickled_labels(args.folder):
-                print(
-                    f"note: the .npz files in {args.folder} keep their labels in a pickled 'info' entry, which is "
-                    "not read: the store will hold none (--allow-pickle reads them)",
-                    file=sys.stderr,
-                )
-            report = convert_npz_dir(args.folder, args.out, allow_pickle=args.allow_pickle, **kwargs)
-        else:
-            report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
+        with sigterm_as_interrupt():  # SIGTERM deletes the hidden partial file, as Ctrl-C does
+            if args.image_ids is not None:
+                kwargs["image_ids"] = read_image_id_map(args.image_ids)
+            if args.format == "lxmert-tsv":
+                report = convert_lxmert_tsv(args.inputs, args.out, **kwargs)
+            elif args.format == "butd-tsv":
+                report = convert_butd_tsv(args.inputs, args.out, **kwargs)
+            elif args.format == "npz-dir":
+                if not args.allow_pickle and has_unread_pickled_labels(args.folder):
+                    print(
+                        f"note: the .npz files in {args.folder} keep their labels in a pickled 'info' entry, which is "
+                        "not read: the store will hold none (--allow-pickle reads them)",
+                        file=sys.stderr,
+                    )
+                report = convert_npz_dir(args.folder, args.out, allow_pickle=args.allow_pickle, **kwargs)
+            else:
+                report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
     except OutputExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # an option error, as argparse's
@@ -869,13 +856,9 @@ def main(argv: list[str] | None = None) -> int:
         print(not_written, file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
-        print(f"error: {'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        status = report_interrupt(e)
         print(not_written, file=sys.stderr)
-        return 128 + signum  # the shell's status for a process ended by that signal
-    finally:
-        if catch_sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
+        return status
     print(f"wrote {report.written} images (K={args.num_objects}) to {args.out}")
     if report.skipped:
         print(f"skipped {report.skipped} bad records; the first {len(report.skipped_examples)}:")

@@ -58,6 +58,7 @@ import numpy as np
 
 from semvlp.data.config import DataConfig, NLVR2Data, PretrainData, QAData, RetrievalData
 from semvlp.data.store import FeatureStoreWriter
+from semvlp.interrupt import report_interrupt, sigterm_as_interrupt
 
 TOY_VERSION = 3  # 3: the manifest lists every file with its size and SHA-256
 
@@ -631,8 +632,11 @@ def _refuse_foreign(folder: Path) -> None:
         raise NotAToyWorldError(f"{folder} exists and is not a toy world; choose another folder")
 
 
-def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None) -> Path:
-    """The data.json of the toy world in `folder`, generating it first if absent or stale.
+def ensure_toy_world(
+    folder: str | os.PathLike, seed: int = 0, spec: ToySpec | None = None, regenerate: bool = False
+) -> Path:
+    """The data.json of the toy world in `folder`, generating it first if absent or stale (or always,
+    with `regenerate`; the world in place stays until its replacement is complete).
 
     Safe to call from several processes at once (e.g. every rank): one generates under a lock,
     into a temporary folder renamed into place when complete; the others wait and reuse it.
@@ -647,17 +651,18 @@ def ensure_toy_world(folder: str | os.PathLike, seed: int = 0, spec: ToySpec | N
     folder = Path(folder)
     if seed < 0:
         raise ValueError(f"the toy world's seed must be >= 0, got {seed}")
-    if _reuse_problem(folder, seed, spec) is None:
+    if not regenerate and _reuse_problem(folder, seed, spec) is None:
         return folder / "data.json"
     _refuse_foreign(folder)  # before the lock: a refused call leaves nothing behind
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        problem = _reuse_problem(folder, seed, spec)  # again: another process may have generated it
-        if problem is None:
+        # Again: another process may have generated it.
+        problem = None if regenerate else _reuse_problem(folder, seed, spec)
+        if not regenerate and problem is None:
             return folder / "data.json"
         _refuse_foreign(folder)
-        if (folder / "toy_world.json").exists():
+        if problem is not None and (folder / "toy_world.json").exists():
             print(f"note: the toy world in {folder} cannot be reused ({problem}); regenerating it", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         umask = os.umask(0)
@@ -690,9 +695,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
-        if args.force and (out / "toy_world.json").exists():
-            shutil.rmtree(out)
-        path = ensure_toy_world(out, args.seed, ToySpec.small() if args.small else None)
+        with sigterm_as_interrupt():  # SIGTERM deletes the half-made world, as Ctrl-C does
+            path = ensure_toy_world(out, args.seed, ToySpec.small() if args.small else None, regenerate=args.force)
+    except KeyboardInterrupt as e:
+        sys.exit(report_interrupt(e))
     except NotAToyWorldError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # an option error (--out), as argparse's
