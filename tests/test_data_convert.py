@@ -71,6 +71,10 @@ def bad_lines(rng):
     return [
         (tsv_line(good).rsplit("\t", 1)[0], "field 'columns': 9 tab-separated columns"),
         (tsv_line(good, boxes="@@notbase64@@"), "field 'boxes': invalid base64"),
+        (
+            tsv_line(good, boxes=base64.b64encode(good["boxes"].tobytes()).decode()[:-3]),  # a cut line
+            "field 'boxes': invalid base64: 85 characters, not a multiple of 4 (a truncated field?)",
+        ),
         (tsv_line(good, objects_conf=good["objects_conf"][:3]), "field 'objects_conf': decodes to 3"),
         (tsv_line(good, features=good["features"][:, :-1]), "field 'features': decodes to"),
         (tsv_line(good, features=nan_feats), "field 'features': contains NaN"),
@@ -105,8 +109,21 @@ def test_skip_bad_counts_and_reports(tmp_path):
     tsv = write_tsv(tmp_path / "f.tsv", lines)
     report = convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, skip_bad=True, progress=False)
     assert report.written == 2 and report.skipped == len(bad) + 1  # + the duplicate id
-    assert f"line {len(lines)} (image ok0): field 'img_id': duplicate" in report.skipped_examples[-1]
+    assert len(report.skipped_examples) == 10  # the first ten
     assert FeatureStore(tmp_path / "s.h5").image_ids == ["ok0", "ok1"]
+
+
+def test_a_duplicate_id_says_where_it_came_from(tmp_path):
+    rng = np.random.default_rng(4)
+    tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, name, 4)) for name in ("a", "b", "a")])
+    unmapped = "line 3 (image a): field 'image id': 'a' is an earlier record's id too (pass --skip-bad"
+    with pytest.raises(ConversionError, match=re.escape(unmapped)):
+        convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False)
+    mapped = "field 'image id': 'x' is an earlier record's id too (--image-ids maps 'b' to it)"
+    with pytest.raises(ConversionError, match=re.escape(mapped)):
+        ids = {"a": "x", "b": "x"}
+        convert_lxmert_tsv([tsv], tmp_path / "s.h5", num_objects=4, feature_dim=D, progress=False, image_ids=ids)
+    assert not (tmp_path / "s.h5").exists()
 
 
 def records_interrupted_by(interrupt: Callable[[], None], at_record: int = 3):

@@ -68,6 +68,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 import zipfile
 import zlib
@@ -204,10 +205,18 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
     return dict(img_h=int(raw.img_h), img_w=int(raw.img_w), **out)
 
 
+_BASE64_CHARACTERS = re.compile(r"[A-Za-z0-9+/]*=*")
+
+
 def _b64_array(text: str, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
     try:
         buf = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
+        # Base64 comes in groups of 4 characters: valid ones that end in a part of a group were cut.
+        if len(text) % 4 and _BASE64_CHARACTERS.fullmatch(text):
+            raise BadRecordError(
+                name, f"invalid base64: {len(text)} characters, not a multiple of 4 (a truncated field?)"
+            ) from None
         raise BadRecordError(name, f"invalid base64 ({e})") from None
     itemsize, type_name = np.dtype(dtype).itemsize, np.dtype(dtype).name
     expected = int(np.prod(shape))
@@ -620,6 +629,9 @@ def convert(
                     if raw.image_id not in image_ids:
                         raise BadRecordError("image id", f"{raw.image_id!r} is not in the --image-ids map")
                     raw.image_id = image_ids[raw.image_id]
+                if raw.image_id in writer:  # said here, where it is known whether --image-ids made the id
+                    mapped = f" (--image-ids maps {image_id!r} to it)" if image_ids is not None else ""
+                    raise BadRecordError("image id", f"{raw.image_id!r} is an earlier record's id too{mapped}")
                 writer.add(raw.image_id, **_fit(raw, num_objects, feature_dim, pad))
             except BadRecordError as e:
                 where = location + (f" (image {image_id})" if image_id else "")
