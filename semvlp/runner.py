@@ -23,6 +23,7 @@ from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export, read_config_json
 from semvlp.data.config import DataConfig
 from semvlp.data.loader import KeyedBatchDataset, shared_memory_bound
+from semvlp.data.store import ImageValueError
 from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
@@ -46,12 +47,15 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     memory, with the options that lower its use)."""
     try:
         main(argv)
+    except ImageValueError as e:  # found by the rank that read the image: the others know nothing of it
+        print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (NonFiniteLossError, checkpoint.CheckpointError, OSError) as e:  # OSError names its file
-        print(f"error (rank {dist.rank()}): {e}", file=sys.stderr, flush=True)
+        print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except torch.cuda.OutOfMemoryError as e:
         print(
@@ -63,6 +67,18 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
             flush=True,
         )
         sys.exit(1)
+
+
+def own_message(error: BaseException) -> str:
+    """The error's message. DataLoader raises a worker's error again in the training process with
+    the worker's whole traceback for its message; the error's own message is what follows its name
+    on the traceback's last line."""
+    text = str(error)
+    if text.startswith(f"Caught {type(error).__name__} in DataLoader worker process"):
+        cls = type(error)
+        name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        text = text.rsplit(f"\n{name}: ", 1)[-1].rstrip("\n")
+    return text
 
 
 def init_distributed() -> None:

@@ -89,7 +89,7 @@ def test_values_the_converters_refuse_are_named_with_their_images(toy, capsys):
     assert main([str(toy.parent / "bad.json")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "4 problem(s):",
-        f"  {bad}: features hold non-finite values, image {ids[3]!r} (row 3) and 1 more",
+        f"  {bad}: features are not finite in float16 (NaN, inf or beyond 65504), image {ids[3]!r} (row 3) and 1 more",
         f"  {bad}: boxes are not normalized to [0, 1], image {ids[7]!r} (row 7)",
         f"  {bad}: a box has x2 < x1 or y2 < y1, image {ids[5]!r} (row 5)",
         f"  {bad}: obj_confs hold non-finite values, image {ids[9]!r} (row 9)",

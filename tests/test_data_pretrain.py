@@ -3,14 +3,18 @@
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
+from semvlp import runner
 from semvlp.data import build_pretrain_loader
 from semvlp.data import loader as loader_module
 from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable, MissingImagesError, PretrainCorpus
@@ -485,6 +489,47 @@ def test_missing_images_in_pretraining(light, tmp_path):
     full = build_pretrain_dataset(cfg, split="valid")
     per_image = len(full) // len(records)
     assert ds.num_skipped == 2 * per_image and len(ds) == len(full) - 2 * per_image
+
+
+def _nan_features(f):
+    f["features"][...] = np.nan
+
+
+def _boxes_in_pixels(f):
+    f["boxes"][...] = f["boxes"][...] * 640
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (_nan_features, "features are not finite in float16 (NaN, inf or beyond 65504)"),
+        (_boxes_in_pixels, "boxes are not normalized to [0, 1]"),
+    ],
+)
+def test_a_batch_of_an_image_the_converters_would_refuse_stops_the_run_naming_it(
+    light, tmp_path, capsys, num_workers, damage, problem
+):
+    """A store made by other means: NaN features trained to a non-finite loss that named no image (and
+    evaluated to answer 0 without a word), pixel boxes stopped the model naming neither image nor
+    store, and under --compile ran. From a worker, the error is still the launcher's one line."""
+    bad = tmp_path / "bad.h5"
+    shutil.copyfile(light.stores[0], bad)
+    with h5py.File(bad, "r+") as f:
+        ids = [i.decode() for i in f["image_ids"][:]]
+        damage(f)
+    loader = build_pretrain_loader(
+        DataConfig.from_dict({**light.to_dict(), "stores": [str(bad)]}), batch_size=16, num_workers=num_workers
+    )
+    with pytest.raises(SystemExit) as stopped:
+        runner.run_main(lambda argv: next(iter(loader)), [])
+    assert stopped.value.code == 2
+    said = re.fullmatch(
+        rf"error \(rank 0\): {re.escape(str(bad))}, image '(.+)' \(row (\d+)\): {re.escape(problem)}; "
+        r"`python -m semvlp.data.check DATA_JSON` lists every such image\n",
+        capsys.readouterr().err,
+    )
+    assert said and ids[int(said[2])] == said[1]
 
 
 def test_label_counts_must_cover_the_stores_label_ids(light):

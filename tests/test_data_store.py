@@ -200,6 +200,33 @@ def test_image_ids_must_be_strings(tmp_path):
         FeatureStore(path)
 
 
+def test_an_image_id_twice_in_one_store_is_refused(tmp_path):
+    """A store written by hand with an id in two rows opened, and the id read the later row's image."""
+    path = tmp_path / "s.h5"
+    write_store(path, n=4)
+    with h5py.File(path, "a") as f:
+        f["image_ids"][3] = b"img1"
+    with pytest.raises(StoreFormatError, match=f"^{re.escape(str(path))}: image id 'img1' is in rows 1 and 3; ids"):
+        FeatureStore(path)
+
+
+def test_float32_features_are_checked_as_the_loader_reads_them(tmp_path):
+    """A store made by other means with float32 features: the loader reads them as float16, where
+    a value beyond 65504 is inf; the check tested the finite float32 values and said nothing."""
+    path = tmp_path / "s.h5"
+    write_store(path, n=3)
+    with h5py.File(path, "a") as f:
+        features = f["features"][:].astype(np.float32)
+        features[2, 1, 0] = 1e5
+        del f["features"]
+        f["features"] = features
+    store = FeatureStore(path)
+    with np.errstate(over="ignore"):
+        assert np.isinf(store.read(2).features[1, 0])
+    problem = "features are not finite in float16 (NaN, inf or beyond 65504)"
+    assert store.value_problems() == [f"{path}: {problem}, image 'img2' (row 2)"]
+
+
 def _child_read(store, q):
     q.put(store.read("img2").features.tolist())
 

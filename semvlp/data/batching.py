@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from semvlp.data.loader import allocate
-from semvlp.data.store import FeatureStoreSet
+from semvlp.data.store import FeatureStoreSet, ImageValueError, image_value_problems
 
 IGNORE_INDEX = -100
 
@@ -53,6 +53,29 @@ def text_batch(input_ids: np.ndarray, lengths: np.ndarray, mlm_labels: np.ndarra
     return batch
 
 
+_HALF_EXPONENT = 0x7C00  # float16 bits: an exponent of all ones is inf or NaN
+
+
+def check_values(stores: FeatureStoreSet, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+    """Raise ImageValueError naming the first image, among those `arrays` hold for `rows`, whose values
+    the converters refuse (non-finite features or confidences, boxes not normalized): in a store made
+    by other means, they would become NaN losses or answers without a word. The usual case, no
+    problem, costs one pass over the features' bits: ~2 ms for 64 x 100 x 2048, a few % of reading them."""
+    boxes = arrays["boxes"]
+    if (
+        (arrays["features"].view(np.uint16) & 0x7FFF).max(initial=0) < _HALF_EXPONENT
+        and ((boxes >= 0) & (boxes <= 1)).all()
+        and (boxes[..., 2:] >= boxes[..., :2]).all()
+        and all(np.isfinite(arrays[name]).all() for name in ("obj_confs", "attr_confs") if name in arrays)
+    ):
+        return
+    problems = image_value_problems(arrays)
+    j, problem = min((int(np.argmax(bad)), problem) for problem, bad in problems.items() if bad.any())
+    raise ImageValueError(
+        f"{stores.describe(rows[j])}: {problem}; `python -m semvlp.data.check DATA_JSON` lists every such image"
+    )
+
+
 def visual_batch(stores: FeatureStoreSet, rows: np.ndarray, labels: bool = False) -> dict:
     """Features and boxes of store rows (any shape, e.g. [B] or [B, 2]) in batch tensors.
 
@@ -73,6 +96,7 @@ def visual_batch(stores: FeatureStoreSet, rows: np.ndarray, labels: bool = False
     flat = {name: t.numpy().reshape(-1, *t.shape[len(lead) :]) for name, t in tensors.items()}
     for j, row in enumerate(rows.reshape(-1).tolist()):
         stores.read_into(row, flat, j)
+    check_values(stores, rows.reshape(-1), flat)
     out = {"visual_feats": tensors["features"], "visual_pos": tensors["boxes"]}
     if stores.padded:
         out["visual_attention_mask"] = tensors["valid_mask"].to(torch.int64)

@@ -121,6 +121,10 @@ class ImageFeatures:
     valid_mask: np.ndarray | None  # [K] bool, only for stores built with padding
 
 
+class ImageValueError(ValueError):
+    """An image that a batch reads holds values the converters refuse (a store made by other means)."""
+
+
 class BadRecordError(ValueError):
     """One input record is malformed; `field` names the offending column or key."""
 
@@ -543,6 +547,13 @@ class FeatureStore:
         except OSError as e:
             raise StoreFormatError(f"{self.path}: cannot open as HDF5 ({e})") from e
         self._rows = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        if len(self._rows) != len(self.image_ids):  # else a lookup would read the other image's row
+            first: dict[str, int] = {}
+            for row, image_id in enumerate(self.image_ids):
+                if image_id in first:
+                    rows = f"rows {first[image_id]} and {row}"
+                    raise StoreFormatError(f"{self.path}: image id {image_id!r} is in {rows}; ids must be unique")
+                first[image_id] = row
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._fd = -1
@@ -710,16 +721,10 @@ class FeatureStore:
         found: dict[str, list[int]] = {}  # problem -> [first row, images]
         for start in range(0, len(self), rows_per_read):
             rows = slice(start, min(start + rows_per_read, len(self)))
-            boxes = f["boxes"][rows]
-            x1, y1, x2, y2 = np.moveaxis(boxes, -1, 0)
-            per_image = {  # [rows] bool each
-                "features hold non-finite values": ~np.isfinite(f["features"][rows]).all(axis=(1, 2)),
-                "boxes are not normalized to [0, 1]": ~((boxes >= 0) & (boxes <= 1)).all(axis=(1, 2)),  # NaN too
-                "a box has x2 < x1 or y2 < y1": ((x2 < x1) | (y2 < y1)).any(axis=1),
-                "obj_confs hold non-finite values": ~np.isfinite(f["obj_confs"][rows]).all(axis=1),
-                "attr_confs hold non-finite values": ~np.isfinite(f["attr_confs"][rows]).all(axis=1),
-            }
-            for problem, bad in per_image.items():
+            with np.errstate(over="ignore"):  # a float32 store's values beyond float16's range: inf, as read
+                features = f["features"][rows].astype(np.float16, copy=False)
+            arrays = {"features": features, **{name: f[name][rows] for name in ("boxes", "obj_confs", "attr_confs")}}
+            for problem, bad in image_value_problems(arrays).items():
                 bad = np.flatnonzero(bad)
                 if len(bad):
                     found.setdefault(problem, [start + int(bad[0]), 0])[1] += len(bad)
@@ -728,6 +733,25 @@ class FeatureStore:
             + (f" and {count - 1} more" if count > 1 else "")
             for problem, (first, count) in found.items()
         ]
+
+
+def image_value_problems(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image (the first axis), what check_image refuses in the values of `arrays` (features as
+    the loader reads them, float16; boxes; and obj_confs and attr_confs where given): {problem: bool
+    [images]}. The problems are worded as `value_problems` and the loader's error name them."""
+    boxes = arrays["boxes"]
+    x1, y1, x2, y2 = np.moveaxis(boxes, -1, 0)
+    problems = {
+        "features are not finite in float16 (NaN, inf or beyond 65504)": ~np.isfinite(arrays["features"]).all(
+            axis=(1, 2)
+        ),
+        "boxes are not normalized to [0, 1]": ~((boxes >= 0) & (boxes <= 1)).all(axis=(1, 2)),  # NaN too
+        "a box has x2 < x1 or y2 < y1": ((x2 < x1) | (y2 < y1)).any(axis=1),
+    }
+    for name in ("obj_confs", "attr_confs"):
+        if name in arrays:
+            problems[f"{name} hold non-finite values"] = ~np.isfinite(arrays[name]).all(axis=1)
+    return problems
 
 
 class FeatureStoreSet:
@@ -798,6 +822,11 @@ class FeatureStoreSet:
     def read_into(self, row: int, out: dict[str, np.ndarray], j: int) -> None:
         store, local = self._locate(int(row))
         store.read_into(local, out, j)
+
+    def describe(self, row: int) -> str:
+        """Where global row `row` is: its store, image id and row there."""
+        store, local = self._locate(int(row))
+        return f"{store.path}, image {store.image_ids[local]!r} (row {local})"
 
 
 def open_stores(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> FeatureStoreSet:
