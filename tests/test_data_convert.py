@@ -191,6 +191,29 @@ def test_npz_dir(tmp_path):
         convert_npz_dir(tmp_path / "nope", tmp_path / "u.h5", num_objects=6, feature_dim=D, progress=False)
 
 
+def test_normalized_boxes_where_pixels_are_expected_are_refused_unless_said(tmp_path, capsys):
+    """Boxes already divided by the image size (some extractors write them so) were divided again,
+    to at most 1/640: every object's position near 0, which neither the check nor the model can see."""
+    img = raw_image(np.random.default_rng(7), "a", 4)
+    normalized = (img["boxes"] / np.array([img["img_w"], img["img_h"]] * 2)).astype(np.float32)
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    write_npz(folder / "a.npz", img, boxes=normalized)
+    args = ["npz-dir", str(folder), "--out", str(tmp_path / "s.h5"), "--num-objects", "4", "--feature-dim", str(D)]
+    assert conv.main([*args, "--quiet"]) == 1
+    assert (
+        f"a.npz (image a): field 'boxes': every box lies within [0, 1] on the {img['img_w']}x{img['img_h']} image: "
+        "normalized already? This format's boxes are in pixels (--boxes-normalized reads normalized ones)"
+    ) in capsys.readouterr().err
+    assert conv.main([*args, "--quiet", "--boxes-normalized"]) == 0
+    got = FeatureStore(tmp_path / "s.h5").read("a")
+    np.testing.assert_array_equal(got.boxes, normalized)
+    assert (got.img_h, got.img_w) == (img["img_h"], img["img_w"])
+    line = tsv_line({**img, "boxes": normalized})  # a TSV's boxes are in pixels: no option to say otherwise
+    with pytest.raises(ConversionError, match=r"normalized already\? This format's boxes are in pixels \(pass"):
+        convert_lxmert_tsv([write_tsv(tmp_path / "f.tsv", [line])], tmp_path / "t.h5", num_objects=4, feature_dim=D)
+
+
 def test_cli_progress_and_errors(tmp_path, capsys):
     rng = np.random.default_rng(6)
     tsv = write_tsv(tmp_path / "f.tsv", [tsv_line(raw_image(rng, f"i{i}", 4)) for i in range(3)])

@@ -124,7 +124,8 @@ class RawImage:
     attr_ids: np.ndarray
     attr_confs: np.ndarray
     box_scores: np.ndarray | None = None  # ranks the boxes when N > K; obj_confs when None
-    boxes_normalized: bool = False  # the source gives no image size (UNITER)
+    boxes_normalized: bool = False  # the source gives no image size (UNITER), or the user says so (npz)
+    source_may_normalize: bool = False  # the format has --boxes-normalized, which errors suggest
     # What the source calls a field where it differs from the names above (objects_id for obj_ids):
     # an error names the field as the user's file does.
     names: dict[str, str] = field(default_factory=dict)
@@ -177,6 +178,12 @@ def _fit(raw: RawImage, num_objects: int, feature_dim: int, pad: bool) -> dict:
         i = int(np.flatnonzero(outside)[0])
         frame = "[0, 1] (normalized)" if normalized else f"the {w}x{h} image"
         raise BadRecordError(named("boxes"), f"box {i} {b[i].tolist()} lies outside {frame} (or has x2 < x1 / y2 < y1)")
+    if not normalized and n and max(w, h) > 1 and b.max() <= 1:  # divided by w and h again, they would be ~0
+        raise BadRecordError(
+            named("boxes"),
+            f"every box lies within [0, 1] on the {w}x{h} image: normalized already? This format's boxes are in pixels"
+            + (" (--boxes-normalized reads normalized ones)" if raw.source_may_normalize else ""),
+        )
     if n > num_objects:
         keep = np.sort(np.argsort(-scores, kind="stable")[:num_objects])
     elif n < num_objects and not pad:
@@ -398,9 +405,10 @@ def has_unread_pickled_labels(folder: str | os.PathLike) -> bool:
         return False
 
 
-def parse_npz(path: str | os.PathLike, allow_pickle: bool = False) -> RawImage:
+def parse_npz(path: str | os.PathLike, allow_pickle: bool = False, boxes_normalized: bool = False) -> RawImage:
     """One per-image .npz file; raises BadRecordError naming the key. `allow_pickle` reads the labels
-    bottom-up-attention.pytorch keeps in a pickled `info` dict (unpickling can run code from the file)."""
+    bottom-up-attention.pytorch keeps in a pickled `info` dict (unpickling can run code from the file).
+    `boxes_normalized`: the boxes are already divided by the image size (else they are in pixels)."""
     if not zipfile.is_zipfile(path):  # else numpy blames "pickled data", or returns a .npy's array
         raise BadRecordError("file", "not an .npz file (not a zip archive)")
     used = {key for keys in _NPZ_KEYS.values() for key in keys}  # other keys unread (MILVLG's "info": below)
@@ -463,18 +471,22 @@ def parse_npz(path: str | os.PathLike, allow_pickle: bool = False) -> RawImage:
         boxes=boxes.astype(np.float32),
         features=features,
         **labels,
+        boxes_normalized=boxes_normalized,
+        source_may_normalize=True,
         names=names,
     )
 
 
-def npz_records(folder: str | os.PathLike, allow_pickle: bool = False) -> Iterator[Record]:
+def npz_records(
+    folder: str | os.PathLike, allow_pickle: bool = False, boxes_normalized: bool = False
+) -> Iterator[Record]:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(Path(folder).glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"no .npz files in {folder}")
     for p in files:
-        yield str(p), p.stem, lambda p=p: parse_npz(p, allow_pickle)
+        yield str(p), p.stem, lambda p=p: parse_npz(p, allow_pickle, boxes_normalized)
 
 
 _UNITER_NAMES = b"__keys__"  # UNITER's list of the image names: an entry that is not an image
@@ -731,14 +743,16 @@ def convert_npz_dir(
     out: str | os.PathLike,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    boxes_normalized: bool = False,
     **kwargs,
 ) -> ConversionReport:
-    """A folder of per-image .npz files -> store; `allow_pickle` as `parse_npz`, `overwrite` and
-    kwargs as `convert_lxmert_tsv`."""
+    """A folder of per-image .npz files -> store; `allow_pickle` and `boxes_normalized` as `parse_npz`,
+    `overwrite` and kwargs as `convert_lxmert_tsv`."""
     files = list(Path(folder).glob("*.npz"))
     check_output_path(files, out, overwrite, several_inputs=False)
     total = len(files)
-    return convert(npz_records(folder, allow_pickle), out, total=total, sources=[folder], **kwargs)
+    records = npz_records(folder, allow_pickle, boxes_normalized)
+    return convert(records, out, total=total, sources=[folder], **kwargs)
 
 
 def convert_uniter_lmdb(
@@ -792,6 +806,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="read the labels bottom-up-attention.pytorch keeps in a pickled 'info' entry; unpickling can run "
         "code from the files, so only for files you trust",
+    )
+    npz.add_argument(
+        "--boxes-normalized",
+        action="store_true",
+        help="the files' boxes are already divided by the image size (default: in pixels)",
     )
     uniter = sub.add_parser("uniter-lmdb", help="a UNITER img_db LMDB folder (e.g. feat_th0.2_max100_min10)")
     uniter.add_argument("folder")
@@ -857,7 +876,13 @@ def main(argv: list[str] | None = None) -> int:
                         "not read: the store will hold none (--allow-pickle reads them)",
                         file=sys.stderr,
                     )
-                report = convert_npz_dir(args.folder, args.out, allow_pickle=args.allow_pickle, **kwargs)
+                report = convert_npz_dir(
+                    args.folder,
+                    args.out,
+                    allow_pickle=args.allow_pickle,
+                    boxes_normalized=args.boxes_normalized,
+                    **kwargs,
+                )
             else:
                 report = convert_uniter_lmdb(args.folder, args.out, **kwargs)
     except OutputExistsError as e:
