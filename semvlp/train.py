@@ -98,11 +98,15 @@ def resolve_ds_config(
         )
     if "gradient_clipping" not in cfg:
         raise ConfigError(f"{path}: set gradient_clipping explicitly (DeepSpeed >= 0.19.3 defaults it to 1.0)")
+    clipping = cfg["gradient_clipping"]
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or clipping < 0:
+        raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0: no clipping), got {clipping!r}")
     device_is_cuda = torch.cuda.is_available()
     if cfg.get("fp16", {}).get("enabled") and not device_is_cuda:
         raise ConfigError(f"{path}: fp16 needs a CUDA device; use ds_configs/cpu.json on CPU")
     if cfg.get("bf16", {}).get("enabled") and device_is_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{path}: bf16 needs sm_80+ (A100/H100); use ds_configs/v100.json (fp16) here")
+    check_schedule(cfg, path, run.max_steps, lr_given=lr is not None)
     params = cfg.get("scheduler", {}).get("params", {})
     if params.get("total_num_steps") == "auto":
         params["total_num_steps"] = run.max_steps
@@ -113,6 +117,32 @@ def resolve_ds_config(
             cfg[monitor]["output_path"] = str(run_dir / monitor)
     check_deepspeed_reads(cfg, path, world_size)
     return cfg
+
+
+def check_schedule(cfg: dict, path: Path, max_steps: int, lr_given: bool) -> None:
+    """ConfigError for a learning-rate schedule that silently differs from what the ds_config seems to
+    say: DeepSpeed's warmup schedulers set the lr from warmup_max_lr, never from the optimizer's lr
+    (an edit of that alone does nothing), and a total_num_steps of its own overrides --max_steps."""
+    params = cfg.get("scheduler", {}).get("params", {})
+    optimizer_lr = cfg.get("optimizer", {}).get("params", {}).get("lr")
+    peak = params.get("warmup_max_lr")
+    if not lr_given and optimizer_lr is not None and peak is not None and optimizer_lr != peak:
+        raise ConfigError(
+            f"{path}: optimizer lr {optimizer_lr} and scheduler warmup_max_lr {peak} differ; the scheduler sets the lr "
+            "from warmup_max_lr alone, so set both to the peak lr you mean"
+        )
+    total = params.get("total_num_steps")
+    if total not in (None, "auto") and total != max_steps:
+        raise ConfigError(
+            f'{path}: scheduler total_num_steps {total} is not --max_steps {max_steps}; set it to "auto" (--max_steps) '
+            "so that the lr decays to its end with the run"
+        )
+    warmup = params.get("warmup_num_steps")
+    if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and warmup >= max_steps:
+        raise ConfigError(
+            f"{path}: scheduler warmup_num_steps {warmup} is not below --max_steps {max_steps}: the lr would never "
+            'reach its peak; lower it or set it to "auto" (--warmup_ratio x --max_steps)'
+        )
 
 
 # The ZeRO stages the loop cannot run, and why (ds_configs/*.json run stage 1, the paper's setup: stage 2 works too).

@@ -479,12 +479,17 @@ def test_model_configuration_errors_name_the_option(tmp_path, toy_data, capsys, 
 
 
 @pytest.mark.parametrize(
-    "fault", ["output_dir", "resume", "no weights", "truncated", "run folder", "ds_config", "ds_config key", "ZeRO"]
+    "fault",
+    ["output_dir", "resume", "no weights", "truncated", "run folder", "ds_config", "ds_config key", "ZeRO"]
+    + ["optimizer lr", "total_num_steps", "warmup_num_steps", "gradient_clipping"],
 )
 def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy_data, capsys, load_launcher, fault):
     """An --output_dir that cannot be written, --resume with nothing to resume, an --init_from whose
     weights are missing or damaged or that is a run folder, a ds_config that is not an object, holds a
-    key DeepSpeed does not know (it would ignore it) or asks for no ZeRO: named before any work."""
+    key DeepSpeed does not know (it would ignore it) or asks for no ZeRO: named before any work. So is
+    a schedule that differs from what the ds_config seems to say (an optimizer lr the scheduler
+    ignores, a total_num_steps that overrides --max_steps, a warmup the run never ends), and a
+    gradient_clipping that would fail the first step."""
     export = tmp_path / "export"
     config_from_preset("tiny").save_pretrained(export)
     (tmp_path / "file").write_text("")
@@ -509,9 +514,21 @@ def test_run_folder_init_and_ds_config_errors_stop_before_any_work(tmp_path, toy
         if fault == "ds_config key":  # DeepSpeed would train at the optimizer's constant lr
             ds_config["schedular"] = ds_config.pop("scheduler")
             message = "does not know the key(s) 'schedular' (did you mean 'scheduler'?); they would be ignored"
-        else:  # its checkpoints would not export
+        elif fault == "ZeRO":  # its checkpoints would not export
             del ds_config["zero_optimization"]
             message = "zero_optimization stage 0: without ZeRO a checkpoint holds no optimizer shards"
+        elif fault == "optimizer lr":  # the natural edit: it trained at warmup_max_lr all the same
+            ds_config["optimizer"]["params"]["lr"] = 1e-5
+            message = "optimizer lr 1e-05 and scheduler warmup_max_lr 0.001 differ; the scheduler sets the lr from"
+        elif fault == "total_num_steps":
+            ds_config["scheduler"]["params"]["total_num_steps"] = 100000
+            message = 'scheduler total_num_steps 100000 is not --max_steps 1000; set it to "auto"'
+        elif fault == "warmup_num_steps":
+            ds_config["scheduler"]["params"]["warmup_num_steps"] = 1000
+            message = "scheduler warmup_num_steps 1000 is not below --max_steps 1000: the lr would never reach its peak"
+        else:  # a string: DeepSpeed took it, and the first step failed with a TypeError
+            ds_config["gradient_clipping"] = "1.0"
+            message = "gradient_clipping must be a number >= 0 (0: no clipping), got '1.0'"
         (tmp_path / "ds.json").write_text(json.dumps(ds_config))
         args = ["--deepspeed_config", str(tmp_path / "ds.json")]
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, args, message)
