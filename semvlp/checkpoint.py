@@ -82,6 +82,11 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     """
     directory = Path(directory)
     tag = tag_for_step(step)
+    if dist.is_main() and (directory / tag).exists() and _pointer(directory) != tag:
+        # A save of this step killed before COMPLETE, or a run rolled back past it: its files, maybe of
+        # another number of processes (rng_rank*.pt, optimizer shards), must not mix with this save's.
+        shutil.rmtree(directory / tag)
+    dist.barrier()
     try:
         engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
         _write_atomically(directory / tag / f"rng_rank{dist.rank()}.pt", lambda p: torch.save(rng_state(), p))
@@ -99,7 +104,7 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     if dist.is_main():
         _write_atomically(directory / tag / COMPLETE, lambda p: p.write_text(f"{step}\n"))
         _write_atomically(directory / POINTER, lambda p: p.write_text(tag))
-        _prune(directory, keep_last)
+        _prune(directory, step, keep_last)
     dist.barrier()
     return directory / tag
 
@@ -112,9 +117,11 @@ def _save_model_description(model: torch.nn.Module, vocab: str | Path, folder: P
     _write_atomically(folder / VOCAB, lambda p: shutil.copyfile(vocab_file(vocab), p))
 
 
-def _prune(directory: Path, keep_last: int) -> None:
-    complete = sorted(p for p in directory.glob("step*") if (p / COMPLETE).is_file())
-    for old in complete[:-keep_last] if keep_last > 0 else []:
+def _prune(directory: Path, step: int, keep_last: int) -> None:
+    """Keep the checkpoint of `step`, just saved, and the `keep_last - 1` complete ones before it.
+    Later ones (a run rolled back to an earlier checkpoint, a stale best/) are not this run's to prune."""
+    earlier = sorted(p for p in directory.glob("step*") if (p / COMPLETE).is_file() and p.name < tag_for_step(step))
+    for old in earlier[: max(0, len(earlier) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -210,6 +217,35 @@ def check_same_config(folder: Path, config: PretrainedConfig) -> None:
         )
 
 
+# The options that shape what the rest of a run does: its learning-rate schedule, data order, masks
+# and stream modes. A resume continues the saved run, so they must stay (the global batch: runner).
+SCHEDULE_OPTIONS = ("max_steps", "warmup_ratio", "lr", "seed", "stream_schedule", "qa_from_step")
+
+
+def check_same_schedule(folder: Path, run_options: dict, ds_config: dict) -> None:
+    """ValueError naming the SCHEDULE_OPTIONS, and the ds_config's optimizer and scheduler sections,
+    in which this run differs from the one that saved checkpoint `folder`: DeepSpeed would take the
+    new values without a word (its scheduler keeps only the step), and the result would be neither
+    the saved run continued nor a new one."""
+    states = _model_states(folder)
+    saved = states.get("run", {})
+    differ = [
+        f"--{name} {saved[name]!r} (this run: {run_options[name]!r})"
+        for name in SCHEDULE_OPTIONS
+        if name in saved and name in run_options and saved[name] != run_options[name]
+    ]
+    for section in ("optimizer", "scheduler"):
+        before, now = states["ds_config"].get(section), ds_config.get(section)
+        if before != now:
+            differ.append(f"the ds_config's {section} {json.dumps(before)} (this run: {json.dumps(now)})")
+    if differ:
+        raise ValueError(
+            f"--resume: {folder} was trained with {'; '.join(differ)}. A resumed run continues the saved one: resume "
+            "with the options it was saved with (the run folder's hparams.json), or export it (python -m "
+            f"semvlp.export {folder} --out DIR) and start a new run with --init_from DIR"
+        )
+
+
 def saved_world_size(folder: Path) -> int:
     """How many processes saved the checkpoint in `folder` (one RNG state each)."""
     return len(list(folder.glob("rng_rank*.pt")))
@@ -234,9 +270,10 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     """Restore model, optimizer, scheduler, loss scaler and this rank's RNG; return client_state.
 
     A checkpoint saved by another number of processes, whose ZeRO optimizer shards split the state
-    otherwise, is loaded through DeepSpeed's universal format (the engine built with
-    `checkpoint.load_universal`: runner.check_options): rank 0 converts it into a subfolder,
-    removed once loaded. The RNG states then start afresh (they are per rank).
+    otherwise, is loaded through DeepSpeed's universal format: rank 0 converts it into a subfolder,
+    removed once loaded. The RNG states then start afresh (they are per rank). Which way is decided
+    per checkpoint: a fine-tuning run's checkpoints/ and best/ may each have been saved by another
+    number of processes.
     """
     tag = latest_tag(directory)
     if tag is None:
@@ -246,12 +283,17 @@ def load_latest(engine, directory: str | Path) -> dict | None:
     elastic = saved_world_size(folder) != dist.world_size()
     load_dir, load_tag = directory, tag
     if elastic:
-        if not engine.load_universal_checkpoint():
-            raise RuntimeError(f"{folder} was saved by another number of processes: the engine needs load_universal")
         load_dir, load_tag = folder, _to_universal(folder).name
-    path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    # DeepSpeed reads its config's load_universal_checkpoint at each load (never while building the
+    # engine), so it is set for this checkpoint alone.
+    config = engine._config
+    universal_before, config.load_universal_checkpoint = config.load_universal_checkpoint, elastic
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        config.load_universal_checkpoint = universal_before
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
     if elastic:

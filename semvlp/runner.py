@@ -307,6 +307,12 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
             f"--output_dir {run_dir} already holds a run with checkpoints: pass --resume to continue it "
             "or choose another --output_dir"
         )
+    if not run.resume and (left := [name for name in ("metrics.jsonl", "best") if (run_dir / name).exists()]):
+        # A run stopped before its first checkpoint: its log would mix with this run's, its best/ outrank it.
+        raise ConfigError(
+            f"--output_dir {run_dir} holds {' and '.join(left)} of a run that left no checkpoint to resume: "
+            "delete them or choose another --output_dir"
+        )
     ds_config = resolve_ds_config(run, world_size_from_env(), run_dir, lr, train_batch_size)
     if run.resume:
         tag = checkpoint.latest_tag(run_dir / "checkpoints")
@@ -323,8 +329,6 @@ def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int
                 f"has {batch} ({option}). Resume with {saved_batch}, or export the checkpoint (python -m semvlp.export "
                 f"{folder} --out DIR) and start a new run with --init_from DIR"
             )
-        if checkpoint.saved_world_size(folder) != world_size_from_env():
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True  # checkpoint.load_latest
     return ds_config
 
 
@@ -341,7 +345,8 @@ def start(
     run: RunConfig, config: SemVLPConfig, lr: float | None = None, train_batch_size: int | None = None
 ) -> tuple[Path, dict]:
     """Check the options (`check_options`) and, with --resume, that the newest checkpoint holds the
-    model of `config` and is whole; then start the process group.
+    model of `config`, is whole and was trained on the schedule of these options
+    (`checkpoint.check_same_schedule`); then start the process group.
 
     Launchers read and check their data before this, and record the run in its folder
     (`record_run`) once the engine is built: a bad option, data file or ds_config, or a refused
@@ -351,8 +356,10 @@ def start(
     run_dir = Path(run.output_dir)
     if run.resume:
         ckpt_dir = run_dir / "checkpoints"
+        folder = ckpt_dir / checkpoint.latest_tag(ckpt_dir)
         try:
-            checkpoint.check_loadable(ckpt_dir / checkpoint.latest_tag(ckpt_dir), config, optimizer_group_count(config))
+            checkpoint.check_loadable(folder, config, optimizer_group_count(config))
+            checkpoint.check_same_schedule(folder, run.__dict__, ds_config)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     init_distributed()

@@ -489,6 +489,7 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     best_metric = getattr(task, "best_metric", None)
     best: dict | None = None
     step = resumed_at = 0
+    evaluation_due = False  # a stop signal came at a step due to evaluate: the resumed run evaluates first
     if run.resume:
         state = checkpoint.load_latest(engine, ckpt_dir)
         if state is None:
@@ -496,13 +497,15 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
         step = resumed_at = state["step"]
         task.train_loader.load_state_dict(state["loader"])
         best = state.get("best")
+        evaluation_due = state.get("evaluation_due", False)
         log.write({"kind": "resume", "step": step, "from": checkpoint.latest_tag(ckpt_dir)})
     mixed = precision(ds_config)
     # MFU where the device's dense peak for this precision is listed (semvlp/peaks.py), per process.
     peak = peak_tflops(torch.cuda.get_device_name(engine.device), mixed)[0] if engine.device.type == "cuda" else None
 
     def client_state(at_step: int) -> dict:
-        return {"step": at_step, "loader": task.train_loader.state_dict(), "run": run.__dict__, "best": best}
+        loader = task.train_loader.state_dict()
+        return {"step": at_step, "loader": loader, "run": run.__dict__, "best": best, "evaluation_due": evaluation_due}
 
     def save(at_step: int, directory: Path = ckpt_dir, keep_last: int = run.keep_checkpoints) -> None:
         check_finite_weights(engine, at_step)
@@ -540,6 +543,9 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
     profiler = StepProfiler(
         run.profile_steps, run.profile_warmup, run_dir / "profile", engine.device, dist.rank(), stop.settle
     )
+    if evaluation_due:
+        evaluate(step)
+        evaluation_due = False
     with stop, profiler:
         while step < stop_at:
             profiler.step_begins(step - resumed_at, step)
@@ -582,7 +588,8 @@ def train(engine, task: Task, run: RunConfig, run_dir: Path, ds_config: dict, vo
             if profiled is not None:
                 log.write(profiled)
                 _print_profile(profiled)
-            if stopping:
+            if stopping:  # the checkpoint first, while the scheduler's grace lasts; a due evaluation after --resume
+                evaluation_due = evaluating
                 break
             if evaluating:
                 evaluate(step)

@@ -210,7 +210,8 @@ def test_resume_of_another_model_is_refused_before_the_run_folder_is_touched(tmp
     ds_config = tmp_path / "ds.json"
     batch = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2}  # the checkpoint's
     ds_config.write_text(json.dumps(json.loads(CPU_CONFIG.read_text()) | batch))
-    run = RunConfig(deepspeed_config=str(ds_config), output_dir=str(run_dir), preset="tiny", resume=True)
+    # The checkpoint's schedule too: 10 steps, warmup 1 (engine_factory).
+    run = RunConfig(deepspeed_config=str(ds_config), output_dir=str(run_dir), preset="tiny", max_steps=10, resume=True)
     other = config_from_preset("tiny", vocab_size=50, num_hidden_layers=2, cross_attention_start_layer=2)
 
     with pytest.raises(ConfigError) as refused:
@@ -220,6 +221,18 @@ def test_resume_of_another_model_is_refused_before_the_run_folder_is_touched(tmp
     )
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == files
     assert runner.start(run, engine.module.config)[0] == run_dir  # the model it holds resumes
+
+
+def test_a_new_run_in_the_folder_of_one_that_left_no_checkpoint_is_refused(tmp_path):
+    """A run killed before its first checkpoint cannot be resumed; one started afresh in its folder
+    appended to its metrics.jsonl, and its best/ outranked the new run's (whose own best was pruned)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "best" / "step00000030").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 10}\n')
+    run = RunConfig(deepspeed_config=str(CPU_CONFIG), output_dir=str(run_dir), preset="tiny")
+    message = "holds metrics.jsonl and best of a run that left no checkpoint to resume: delete them or choose another"
+    with pytest.raises(ConfigError, match=message):
+        runner.check_options(run)
 
 
 def test_a_ds_config_deepspeed_rejects_at_the_engine_leaves_no_folder_behind(tmp_path, engine_factory):
@@ -253,6 +266,53 @@ def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path,
         checkpoint.save(engine, tmp_path / "ckpt", step, {"step": step}, keep_last=2, vocab=vocab)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step*")) == ["step00000002", "step00000003"]
     assert checkpoint.latest_tag(tmp_path / "ckpt") == "step00000003"
+
+
+def test_a_run_rolled_back_to_an_older_checkpoint_keeps_the_one_it_saves(tmp_path, engine_factory, vocab):
+    """Pruning kept the highest-numbered checkpoints, so a run resumed from an older one (its pointer
+    rolled back, as the damaged-pointer message suggests, or a stale best/) deleted the checkpoint it
+    had just saved, which `latest` then named. Later ones are the abandoned run's and stay."""
+    engine = engine_factory(seed=0)
+    ckpt = tmp_path / "ckpt"
+    for step in (10, 30):
+        train_step(engine)
+        checkpoint.save(engine, ckpt, step, {"step": step}, keep_last=2, vocab=vocab)
+    (ckpt / checkpoint.POINTER).write_text("step00000010")
+    train_step(engine)
+    checkpoint.save(engine, ckpt, 20, {"step": 20}, keep_last=1, vocab=vocab)
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000020", "step00000030"]
+    assert checkpoint.load_latest(engine, ckpt)["step"] == 20
+
+
+def test_a_save_into_the_folder_of_a_killed_save_holds_only_its_own_files(tmp_path, engine_factory, vocab):
+    """A save killed before COMPLETE leaves its files. Resumed on another number of processes, the run
+    saved the same step into that folder: the other ranks' optimizer shards and RNG states stayed,
+    and the checkpoint `latest` named could be neither resumed nor exported."""
+    engine = engine_factory(seed=0)
+    ckpt = tmp_path / "ckpt"
+    train_step(engine)
+    checkpoint.save(engine, ckpt, 1, {"step": 1}, keep_last=2, vocab=vocab)
+    killed = ckpt / "step00000002"
+    killed.mkdir()
+    for name in ("rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):  # a second rank's
+        (killed / name).write_bytes(b"half a file")
+    train_step(engine)
+    checkpoint.save(engine, ckpt, 2, {"step": 2}, keep_last=2, vocab=vocab)
+    assert checkpoint.saved_world_size(killed) == 1 and not list(killed.glob("*rank_1*"))
+    assert export.main([str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    assert_weights(tmp_path / "export", weights(engine.module))
+
+
+def test_each_checkpoint_loads_the_way_its_own_world_size_asks(tmp_path, engine_factory, vocab):
+    """A fine-tuning run resumed on another number of processes built its engine to load universal
+    checkpoints; its best/, saved by the new number, then failed to load at the end of the run (or
+    the other way round), with no export and no predictions. The way is chosen per checkpoint."""
+    engine = engine_factory(seed=0)
+    engine._config.load_universal_checkpoint = True  # what the engine of such a run was built with
+    train_step(engine)
+    checkpoint.save(engine, tmp_path / "best", 1, {"step": 1}, keep_last=1, vocab=vocab)
+    assert checkpoint.load_latest(engine, tmp_path / "best")["step"] == 1
+    assert engine.load_universal_checkpoint() is True  # the engine's setting is left as it was
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -203,6 +203,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, toy_data):
     first = run_pretrain([*common, "--output_dir", str(pieces), "--exit_after_steps", "5"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped at step 5 of 8" in first.stdout
+    # A resume continues the saved run: options that would change its schedule (DeepSpeed would take
+    # them without a word) are refused, the run's record left as it was.
+    record = (pieces / "hparams.json").read_bytes()
+    changed = run_pretrain([*common, "--output_dir", str(pieces), "--resume", "--max_steps", "9", "--seed", "7"])
+    assert changed.returncode == 2
+    assert "was trained with --max_steps 8 (this run: 9); --seed 42 (this run: 7); the ds_config's scheduler" in (
+        changed.stderr
+    )
+    assert (pieces / "hparams.json").read_bytes() == record
     second = run_pretrain([*common, "--output_dir", str(pieces), "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
 
@@ -248,11 +257,12 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     instance's notice: the ranks agree on a step at most two after the signal, with no log step near
     (--log_every 1000), checkpoint it and stop, to continue with --resume. Only rank 1 is signalled,
     so rank 0 learns of it from the ranks' exchange. DataLoader workers ignore the signal, so the
-    steps up to the checkpoint still get their batches."""
+    steps up to the checkpoint still get their batches. The evaluation due at that step (here every
+    step is due one) is not lost: the checkpoint comes first, the evaluation first thing after --resume."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
     cmd, env = pretrain_command(
         ["--data", str(toy_data), "--output_dir", str(run_dir), "--max_steps", "500", "--log_every", "1000",
-         "--eval_every", "0", "--eval_batches", "1", "--num_workers", "1"]
+         "--eval_every", "1", "--eval_batches", "1", "--num_workers", "1"]
     )  # fmt: skip
     env["TQDM_MININTERVAL"] = "0.1"  # the progress bar counts the steps: redrawn as on a terminal
     with open(log, "w") as out:  # its own process group: the launcher, both ranks and their workers
@@ -278,6 +288,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     # (The progress bar lags the ranks by at most a step at these step times, ~0.2 s.)
     assert at_least < step <= at_least + 3, (at_least, step)
     assert [r["step"] for r in records(run_dir, "train")] == [step]  # the window up to the stop is logged
+    assert [r["step"] for r in records(run_dir, "eval")] == list(range(1, step))  # not yet that of `step`
     assert f"stopped at step {step} of 500; continue with --resume" in log.read_text()
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert tag == f"step{step:08d}" and (run_dir / "checkpoints" / tag / "COMPLETE").is_file()
@@ -299,13 +310,14 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     config = json.loads(CPU_CONFIG.read_text()) | {"gradient_accumulation_steps": 2}
     (tmp_path / "one.json").write_text(json.dumps(config))
     alone = run_pretrain(
-        ["--data", str(toy_data), "--output_dir", str(run_dir), "--resume", "--max_steps", str(step + 1),
-         "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"],
+        ["--data", str(toy_data), "--output_dir", str(run_dir), "--resume", "--max_steps", "500",
+         "--exit_after_steps", "1", "--eval_every", "0", "--eval_batches", "1", "--num_workers", "0"],
         processes=1, ds_config=tmp_path / "one.json",
     )  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert "was saved by 2 processes and this run has 1: converting it to DeepSpeed's universal" in alone.stdout
     assert records(run_dir, "resume")[0]["step"] == step and records(run_dir, "train")[-1]["step"] == step + 1
+    assert [r["step"] for r in records(run_dir, "eval")] == list(range(1, step + 1))  # `step`'s, after the resume
     resumed = adam_state(run_dir)
     beta2 = config["optimizer"]["params"]["betas"][1]
     assert resumed.keys() == saved.keys()
