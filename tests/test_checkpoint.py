@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import deepspeed
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from semvlp import checkpoint, export, runner
 from semvlp.config import config_from_preset
@@ -398,6 +399,19 @@ def test_an_interrupted_export_keeps_the_export_it_would_replace(
     assert export.main([str(ckpt), "--out", str(out), "--overwrite"]) == 128 + signal.SIGINT
     assert {p.name: p.read_bytes() for p in out.iterdir()} == exported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model", "vocab.txt"]
+
+
+def test_from_pretrained_of_a_checkpoint_says_to_export_it(tmp_path, engine_factory, vocab):
+    """A checkpoint folder holds config.json, so HF's from_pretrained took it for a model and then
+    said only that it had no model.safetensors."""
+    engine = engine_factory(seed=0)
+    step = checkpoint.save(engine, tmp_path / "checkpoints", 1, {"step": 1}, keep_last=2, vocab=vocab)
+    message = f"{step} is a training checkpoint (DeepSpeed shards), not a model folder: export it first"
+    # AutoModel reads the step folder's config.json first; a folder of checkpoints has none.
+    for load, folder in [(SemVLPModel.from_pretrained, step), (SemVLPModel.from_pretrained, step.parent),
+                         (AutoModel.from_pretrained, step)]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message.replace(str(step), str(folder)))):
+            load(folder)
 
 
 def test_export_errors_name_the_checkpoint_and_write_nothing(tmp_path, engine_factory, vocab, capsys):

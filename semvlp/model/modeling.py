@@ -10,6 +10,7 @@ the states computed there (which nothing reads), so heads and losses do not care
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -106,6 +107,20 @@ class SemVLPPreTrainedModel(PreTrainedModel):
     def kernel_ops(self, reference: torch.Tensor) -> KernelOps:
         """The fused-op implementations for this config on `reference`'s device and dtype."""
         return select_ops(self.config.kernel_backend, reference.device, reference.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """HF's from_pretrained; a training checkpoint, which holds a config.json but DeepSpeed's shards
+        instead of the weights, is named as such (HF would say only that it has no model.safetensors)."""
+        from semvlp.checkpoint import is_checkpoint  # the model package does not depend on training
+
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir() and is_checkpoint(path):
+            raise ValueError(
+                f"{path} is a training checkpoint (DeepSpeed shards), not a model folder: export it first "
+                f"(python -m semvlp.export {path} --out DIR), then load DIR"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
