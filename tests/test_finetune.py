@@ -77,14 +77,18 @@ _runs: dict[tuple, tuple[Path, dict]] = {}
 
 @pytest.fixture(scope="session")
 def finetuned(toy, tmp_path_factory):
-    """finetuned(script, *args) -> (run_dir, results.json); each distinct run happens once per session."""
+    """finetuned(script, *args) -> (run_dir, results.json); each distinct run happens once per session.
+    With `stop_at`, the run stops there (--exit_after_steps) and a second launch continues it (--resume)."""
 
-    def run(script: str, *args: str) -> tuple[Path, dict]:
-        key = (script, *args)
+    def run(script: str, *args: str, stop_at: int | None = None) -> tuple[Path, dict]:
+        key = (script, *args, stop_at)
         if key not in _runs:
             out = tmp_path_factory.mktemp(Path(script).stem)
-            result = launch(script, ["--data", str(toy), "--output_dir", str(out), *args])
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+            common = ["--data", str(toy), "--output_dir", str(out), *args]
+            pieces = [[*common, "--exit_after_steps", str(stop_at)], [*common, "--resume"]] if stop_at else [common]
+            for piece in pieces:
+                result = launch(script, piece)
+                assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
             _runs[key] = (out, json.loads((out / "results.json").read_text()))
         return _runs[key]
 
@@ -107,8 +111,10 @@ def test_vqa_beats_the_majority_answer(toy, finetuned):
     from semvlp.metrics import vqa_score
 
     mode = "single"
-    out, results = finetuned("finetune_vqa.py", "--mode", mode, *TRAIN)
+    out, results = finetuned("finetune_vqa.py", "--mode", mode, *TRAIN, stop_at=100)
     assert results["mode"] == mode
+    # Fine-tuned in two pieces: the best of the first (step 75) is carried through the resume.
+    assert [r["step"] for r in records(out, "resume")] == [100]
     valid = results["splits"]["valid"]
     baseline = majority_baseline(toy, "vqa", vqa_score)  # "no": 0.29 on this world
     assert valid["score"] >= baseline + 0.06, (valid, baseline)
@@ -119,7 +125,7 @@ def test_vqa_beats_the_majority_answer(toy, finetuned):
 
 @pytest.mark.ranks
 def test_vqa_prediction_files_have_one_answer_per_question(toy, finetuned):
-    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN, stop_at=100)
     answers = set(load(toy.parent / "vqa_label2ans.json"))
     for split in ("valid", "test"):
         questions = load(toy.parent / f"vqa_{split}.json")
@@ -131,7 +137,7 @@ def test_vqa_prediction_files_have_one_answer_per_question(toy, finetuned):
 
 @pytest.mark.ranks
 def test_predict_only_reproduces_the_predictions_from_the_export(toy, finetuned, tmp_path):
-    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN, stop_at=100)
     result = launch(
         "finetune_vqa.py",
         ["--data", str(toy), "--output_dir", str(tmp_path), "--init_from", str(out / "export"), "--predict_only",
@@ -150,7 +156,7 @@ def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy
     since fine-tuning stops instead of naming other answers."""
     from semvlp import SemVLPForQuestionAnswering
 
-    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN)
+    out, _ = finetuned("finetune_vqa.py", "--mode", "single", *TRAIN, stop_at=100)
     answers = load(toy.parent / "vqa_label2ans.json")
     config = SemVLPForQuestionAnswering.config_class.from_pretrained(out / "export")
     assert [config.id2label[i] for i in range(len(answers))] == answers and len(config.id2label) == len(answers)
