@@ -8,6 +8,7 @@ Errors in options surface here, before any expensive work, as `ConfigError`s tha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -45,6 +46,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss,
     a failed checkpoint save, another OS error such as a folder it may not write, or a GPU out of
     memory, with the options that lower its use)."""
+    show_info_messages()
     try:
         main(argv)
     except ImageValueError as e:  # found by the rank that read the image: the others know nothing of it
@@ -67,6 +69,26 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
             flush=True,
         )
         sys.exit(1)
+
+
+class _ToStderr(logging.Handler):
+    """Writes to the sys.stderr of the moment (a redirect or a test's capture made after it was set)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def show_info_messages() -> None:
+    """The package logs what a run is made of (the data's sizes, the kernel backend chosen, what an
+    --init_from BERT loaded) at INFO, which Python drops unless the program asks: the launchers show
+    them on rank 0's stderr. Warnings show on every rank (Python's default)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for name in ("semvlp", "semvlp_kernels"):
+        package = logging.getLogger(name)
+        if not any(isinstance(h, _ToStderr) for h in package.handlers):
+            package.addHandler(_ToStderr())
+            package.setLevel(logging.INFO)
 
 
 def own_message(error: BaseException) -> str:
@@ -401,6 +423,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
                 shutil.rmtree(path, ignore_errors=True)
         message = f"{type(e).__name__}: {e}"
         raise ConfigError(f"--deepspeed_config {run.deepspeed_config}: DeepSpeed rejects it: {message}") from e
+    # The fused ops for the engine's device and precision, chosen (and shown: show_info_messages) now,
+    # not in the middle of the first step's progress bar.
+    engine.module.kernel_ops(next(engine.module.parameters()))
     if run.compile:
         mode = {} if run.compile_mode == "default" else {"mode": run.compile_mode}
         engine.compile(backend=run.compile_backend, compile_kwargs=mode)

@@ -316,6 +316,7 @@ def test_sigterm_to_one_rank_checkpoints_both_at_one_step_within_two_and_stops(t
     )  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert "was saved by 2 processes and this run has 1: converting it to DeepSpeed's universal" in alone.stdout
+    assert "kernel backend 'auto' -> eager on cpu (torch.float32)\n" in alone.stderr  # what --kernel_backend chose
     assert records(run_dir, "resume")[0]["step"] == step and records(run_dir, "train")[-1]["step"] == step + 1
     assert [r["step"] for r in records(run_dir, "eval")] == list(range(1, step + 1))  # `step`'s, after the resume
     resumed = adam_state(run_dir)
