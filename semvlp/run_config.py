@@ -96,7 +96,7 @@ class RunConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_batches", "checkpoint_every", "num_workers", "exit_after_steps",
                      "profile_steps", "profile_warmup"):  # fmt: skip
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:  # None: chosen later (fine-tuning's --eval_every)
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile_mode {self.compile_mode!r}: expected one of {COMPILE_MODES}")

@@ -360,10 +360,18 @@ def test_epochs_set_the_steps_and_a_dev_evaluation_per_epoch(toy):
     # a given --eval_every is kept (evaluations within an epoch, e.g. on a large VQA epoch)
     often = resolve_length(dataclasses.replace(run, eval_every=10), num_train=1000, world=2)
     assert (often.max_steps, often.eval_every) == (78, 10)
+    # ... also when it equals the pre-training default (200), which used to count as not given
+    args = ["--deepspeed_config", str(CPU_CONFIG), "--preset", "tiny", "--data", str(toy), "--epochs", "2.5",
+            "--batch_size", "32"]  # fmt: skip
+    given = resolve_length(FinetuneConfig.from_args([*args, "--eval_every", "200"]), num_train=1000, world=2)
+    assert (given.max_steps, given.eval_every) == (78, 200)
+    assert resolve_length(FinetuneConfig.from_args(args), num_train=1000, world=2).eval_every == 31
     with pytest.raises(ConfigError, match="20 training examples give no step of 16 x 2"):
         resolve_length(run, num_train=20, world=1)
     fixed = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), data=str(toy), epochs=0, max_steps=7, eval_every=3)
     assert resolve_length(fixed, num_train=1000, world=2) == fixed
+    steps = dataclasses.replace(fixed, eval_every=None)  # --epochs 0 without --eval_every: every 200 steps
+    assert resolve_length(steps, num_train=1000, world=2).eval_every == 200
 
 
 def test_questions_on_missing_images_fail_or_are_skipped_and_reported(toy, tmp_path):

@@ -54,6 +54,10 @@ class FinetuneConfig(RunConfig):
     epochs: float = option(
         4.0, "training length; a dev evaluation per epoch unless --eval_every is set. 0: train --max_steps steps"
     )
+    # None until resolve_length: a value given equal to the base default (200) is kept, not taken as unset.
+    eval_every: int | None = option(
+        None, "steps between dev evaluations; default: one per epoch (200 with --epochs 0); 0: only at the end"
+    )
     lr: float = option(5e-5, "peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr")
     batch_size: int = option(32, "global batch; replaces the ds_config's train_batch_size")
     warmup_ratio: float = 0.1  # LXMERT's BertAdam warmup
@@ -84,7 +88,6 @@ def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneC
     """--epochs -> --max_steps and, unless --eval_every is given, a dev evaluation per epoch, in
     optimizer steps (a step takes gradient_accumulation_steps micro-batches on every rank)."""
     default_steps = RunConfig.__dataclass_fields__["max_steps"].default
-    default_eval_every = RunConfig.__dataclass_fields__["eval_every"].default
     if run.epochs > 0 and run.max_steps != default_steps:
         raise ConfigError(f"--max_steps {run.max_steps} and --epochs {run.epochs:g} both set the training length; "
                           "add --epochs 0 to train a fixed number of steps")  # fmt: skip
@@ -97,8 +100,9 @@ def resolve_length(run: FinetuneConfig, num_train: int, world: int) -> FinetuneC
             f"on each of {world} processes"
         )
     if run.epochs == 0:
-        return run
-    eval_every = steps_per_epoch if run.eval_every == default_eval_every else run.eval_every
+        eval_every = RunConfig.__dataclass_fields__["eval_every"].default if run.eval_every is None else run.eval_every
+        return dataclasses.replace(run, eval_every=eval_every)
+    eval_every = steps_per_epoch if run.eval_every is None else run.eval_every
     return dataclasses.replace(run, max_steps=max(1, round(run.epochs * steps_per_epoch)), eval_every=eval_every)
 
 
