@@ -51,7 +51,7 @@ class PretrainConfig(RunConfig):
     )
     qa_from_step: int = option(
         0,
-        "train the image-QA loss from this step on (0: from the first step, as the paper's equal weights read "
+        "train the image-QA loss after this many steps (0: from the first step, as the paper's equal weights read "
         "literally). LXMERT, whose QA task the paper follows, added it only for the last 10 of 20 epochs. On the "
         "toy world QA from the start holds image-text matching at chance for over 1,000 steps, and a later start "
         "costs grounding that GQA fine-tuning shows (docs/data_format.md section 6). The QA loss is logged either way",
