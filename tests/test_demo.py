@@ -55,6 +55,8 @@ def fine_tune_demo_export(demo_run: Path, toy_data: Path, out: Path, script: str
         script=script,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # The fresh task head is named once, by the launcher; transformers' warning table would repeat it.
+    assert "initialized from SemVLP export" in result.stdout and "LOAD REPORT" not in result.stdout + result.stderr
     return json.loads((out / "results.json").read_text())
 
 
