@@ -14,7 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
@@ -47,29 +48,29 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     """Run a launcher's main; option and data errors print one line and exit 2 (1 for a non-finite loss,
     a failed checkpoint save, another OS error such as a folder it may not write, or a GPU out of
     memory, with the options that lower its use)."""
-    show_info_messages()
-    try:
-        main(argv)
-    except ImageValueError as e:  # found by the rank that read the image: the others know nothing of it
-        print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (NonFiniteLossError, checkpoint.CheckpointError, OSError) as e:  # OSError names its file
-        print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except torch.cuda.OutOfMemoryError as e:
-        print(
-            f"error (rank {dist.rank()}): out of GPU memory ({str(e).splitlines()[0]}). Lower the ds_config's "
-            "train_micro_batch_size_per_gpu (with gradient_accumulation_steps raised to keep the global batch) or "
-            "add --gradient_checkpointing; when fine-tuning runs out while evaluating, lower --eval_batch_size. "
-            "The checkpoints written so far are complete: continue with --resume.",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(1)
+    with info_messages_shown():
+        try:
+            main(argv)
+        except ImageValueError as e:  # found by the rank that read the image: the others know nothing of it
+            print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {own_message(e)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except (NonFiniteLossError, checkpoint.CheckpointError, OSError) as e:  # OSError names its file
+            print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except torch.cuda.OutOfMemoryError as e:
+            print(
+                f"error (rank {dist.rank()}): out of GPU memory ({str(e).splitlines()[0]}). Lower the ds_config's "
+                "train_micro_batch_size_per_gpu (with gradient_accumulation_steps raised to keep the global batch) or "
+                "add --gradient_checkpointing; when fine-tuning runs out while evaluating, lower --eval_batch_size. "
+                "The checkpoints written so far are complete: continue with --resume.",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
 
 
 class _ToStderr(logging.Handler):
@@ -79,17 +80,25 @@ class _ToStderr(logging.Handler):
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def show_info_messages() -> None:
+@contextmanager
+def info_messages_shown() -> Iterator[None]:
     """The package logs what a run is made of (the data's sizes, the kernel backend chosen, what an
-    --init_from BERT loaded) at INFO, which Python drops unless the program asks: the launchers show
-    them on rank 0's stderr. Warnings show on every rank (Python's default)."""
+    --init_from BERT loaded) at INFO, which Python drops unless the program asks: within this block
+    they show on rank 0's stderr. Warnings show on every rank (Python's default)."""
     if int(os.environ.get("RANK", "0")) != 0:
+        yield
         return
-    for name in ("semvlp", "semvlp_kernels"):
-        package = logging.getLogger(name)
-        if not any(isinstance(h, _ToStderr) for h in package.handlers):
-            package.addHandler(_ToStderr())
-            package.setLevel(logging.INFO)
+    handler, packages = _ToStderr(), [logging.getLogger(name) for name in ("semvlp", "semvlp_kernels")]
+    levels = [package.level for package in packages]
+    for package in packages:
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for package, level in zip(packages, levels, strict=True):
+            package.removeHandler(handler)
+            package.setLevel(level)
 
 
 def own_message(error: BaseException) -> str:
@@ -312,7 +321,7 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
         if dist.is_main():
             print(f"initialized from SemVLP export {run.init_from}; new tensors: {new}", flush=True)
     else:
-        init_from_bert(model, run.init_from)  # which logs what it loaded (show_info_messages)
+        init_from_bert(model, run.init_from)  # which logs what it loaded (info_messages_shown)
 
 
 def check_options(run: RunConfig, lr: float | None = None, train_batch_size: int | None = None) -> dict:
@@ -428,7 +437,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, run: RunConfig):
                 shutil.rmtree(path, ignore_errors=True)
         message = f"{type(e).__name__}: {e}"
         raise ConfigError(f"--deepspeed_config {run.deepspeed_config}: DeepSpeed rejects it: {message}") from e
-    # The fused ops for the engine's device and precision, chosen (and shown: show_info_messages) now,
+    # The fused ops for the engine's device and precision, chosen (and shown: info_messages_shown) now,
     # not in the middle of the first step's progress bar.
     engine.module.kernel_ops(next(engine.module.parameters()))
     if run.compile:

@@ -53,7 +53,8 @@ def text_batch(input_ids: np.ndarray, lengths: np.ndarray, mlm_labels: np.ndarra
     return batch
 
 
-_HALF_EXPONENT = 0x7C00  # float16 bits: an exponent of all ones is inf or NaN
+# float16 bits: with the sign masked off, an exponent of all ones (inf or NaN) is at least 0x7C00
+_HALF_MAGNITUDE, _HALF_EXPONENT = 0x7FFF, 0x7C00
 
 
 def check_values(stores: FeatureStoreSet, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
@@ -63,7 +64,7 @@ def check_values(stores: FeatureStoreSet, rows: np.ndarray, arrays: dict[str, np
     problem, costs one pass over the features' bits: ~2 ms for 64 x 100 x 2048, a few % of reading them."""
     boxes = arrays["boxes"]
     if (
-        (arrays["features"].view(np.uint16) & 0x7FFF).max(initial=0) < _HALF_EXPONENT
+        (arrays["features"].view(np.uint16) & _HALF_MAGNITUDE).max(initial=0) < _HALF_EXPONENT
         and ((boxes >= 0) & (boxes <= 1)).all()
         and (boxes[..., 2:] >= boxes[..., :2]).all()
         and all(np.isfinite(arrays[name]).all() for name in ("obj_confs", "attr_confs") if name in arrays)

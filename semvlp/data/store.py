@@ -739,12 +739,10 @@ def image_value_problems(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """Per image (the first axis), what check_image refuses in the values of `arrays` (features as
     the loader reads them, float16; boxes; and obj_confs and attr_confs where given): {problem: bool
     [images]}. The problems are worded as `value_problems` and the loader's error name them."""
-    boxes = arrays["boxes"]
+    boxes, finite_features = arrays["boxes"], np.isfinite(arrays["features"]).all(axis=(1, 2))
     x1, y1, x2, y2 = np.moveaxis(boxes, -1, 0)
     problems = {
-        "features are not finite in float16 (NaN, inf or beyond 65504)": ~np.isfinite(arrays["features"]).all(
-            axis=(1, 2)
-        ),
+        "features are not finite in float16 (NaN, inf or beyond 65504)": ~finite_features,
         "boxes are not normalized to [0, 1]": ~((boxes >= 0) & (boxes <= 1)).all(axis=(1, 2)),  # NaN too
         "a box has x2 < x1 or y2 < y1": ((x2 < x1) | (y2 < y1)).any(axis=1),
     }

@@ -658,11 +658,11 @@ def ensure_toy_world(
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Again: another process may have generated it.
-        problem = None if regenerate else _reuse_problem(folder, seed, spec)
-        if not regenerate and problem is None:
+        problem = "regeneration asked for" if regenerate else _reuse_problem(folder, seed, spec)
+        if problem is None:
             return folder / "data.json"
         _refuse_foreign(folder)
-        if problem is not None and (folder / "toy_world.json").exists():
+        if not regenerate and (folder / "toy_world.json").exists():
             print(f"note: the toy world in {folder} cannot be reused ({problem}); regenerating it", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         umask = os.umask(0)
