@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if run.eval_only:
         runner.check_complete_export(SemVLPForPreTraining, config, run.init_from, "--eval_only")
 
-    run_dir, ds_config = runner.start(run, config)
+    train_examples = len(datasets["train"]) if "train" in datasets else None
+    run_dir, ds_config = runner.start(run, config, train_examples=train_examples)
     if dist.is_main() and not run.eval_only:
         for note in unlabeled_store_notes(datasets["valid"].stores):
             print(note, flush=True)

@@ -222,11 +222,12 @@ def check_same_config(folder: Path, config: PretrainedConfig) -> None:
 SCHEDULE_OPTIONS = ("max_steps", "warmup_ratio", "lr", "seed", "stream_schedule", "qa_from_step")
 
 
-def check_same_schedule(folder: Path, run_options: dict, ds_config: dict) -> None:
+def check_same_schedule(folder: Path, run_options: dict, ds_config: dict, train_examples: int | None = None) -> None:
     """ValueError naming the SCHEDULE_OPTIONS, and the ds_config's optimizer and scheduler sections,
     in which this run differs from the one that saved checkpoint `folder`: DeepSpeed would take the
     new values without a word (its scheduler keeps only the step), and the result would be neither
-    the saved run continued nor a new one."""
+    the saved run continued nor a new one. So does a training split of another size
+    (`train_examples`, this run's): the saved data position would not be one in it."""
     states = _model_states(folder)
     saved = states.get("run", {})
     differ = [
@@ -234,6 +235,9 @@ def check_same_schedule(folder: Path, run_options: dict, ds_config: dict) -> Non
         for name in SCHEDULE_OPTIONS
         if name in saved and name in run_options and saved[name] != run_options[name]
     ]
+    saved_examples = states.get("loader", {}).get("num_examples")
+    if train_examples is not None and saved_examples is not None and saved_examples != train_examples:
+        differ.append(f"a training split of {saved_examples} examples (this run's --data: {train_examples})")
     for section in ("optimizer", "scheduler"):
         before, now = states["ds_config"].get(section), ds_config.get(section)
         if before != now:

@@ -378,11 +378,15 @@ def _check_writable(folder: Path, option: str) -> None:
 
 
 def start(
-    run: RunConfig, config: SemVLPConfig, lr: float | None = None, train_batch_size: int | None = None
+    run: RunConfig,
+    config: SemVLPConfig,
+    lr: float | None = None,
+    train_batch_size: int | None = None,
+    train_examples: int | None = None,
 ) -> tuple[Path, dict]:
     """Check the options (`check_options`) and, with --resume, that the newest checkpoint holds the
-    model of `config`, is whole and was trained on the schedule of these options
-    (`checkpoint.check_same_schedule`); then start the process group.
+    model of `config`, is whole and was trained on the schedule of these options and on a training
+    split of `train_examples` (`checkpoint.check_same_schedule`); then start the process group.
 
     Launchers read and check their data before this, and record the run in its folder
     (`record_run`) once the engine is built: a bad option, data file or ds_config, or a refused
@@ -395,7 +399,7 @@ def start(
         folder = ckpt_dir / checkpoint.latest_tag(ckpt_dir)
         try:
             checkpoint.check_loadable(folder, config, optimizer_group_count(config))
-            checkpoint.check_same_schedule(folder, run.__dict__, ds_config)
+            checkpoint.check_same_schedule(folder, run.__dict__, ds_config, train_examples)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     init_distributed()

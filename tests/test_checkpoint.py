@@ -224,6 +224,17 @@ def test_resume_of_another_model_is_refused_before_the_run_folder_is_touched(tmp
     assert runner.start(run, engine.module.config)[0] == run_dir  # the model it holds resumes
 
 
+def test_a_resume_on_a_training_split_of_another_size_is_refused(tmp_path, engine_factory, vocab):
+    """Another --data was refused by the loader only once the run's record had been rewritten; now
+    with the options (runner.start), before anything is written."""
+    engine = engine_factory(seed=0)
+    step = checkpoint.save(engine, tmp_path, 1, {"step": 1, "loader": {"num_examples": 100}}, 2, vocab)
+    ds_config = engine.config  # the one the checkpoint was trained with
+    checkpoint.check_same_schedule(step, {}, ds_config, train_examples=100)
+    with pytest.raises(ValueError, match=r"trained with a training split of 100 examples \(this run's --data: 90\)"):
+        checkpoint.check_same_schedule(step, {}, ds_config, train_examples=90)
+
+
 def test_a_new_run_in_the_folder_of_one_that_left_no_checkpoint_is_refused(tmp_path):
     """A run killed before its first checkpoint cannot be resumed; one started afresh in its folder
     appended to its metrics.jsonl, and its best/ outranked the new run's (whose own best was pruned)."""

@@ -304,7 +304,8 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
         runner.check_complete_export(task.model_class, config, run.init_from, "--predict_only")
         if "num_qa_labels" in fields:  # an answer table from the data
             _check_same_labels(run.init_from, fields["id2label"])
-    run_dir, ds_config = runner.start(run, config, lr=run.lr, train_batch_size=run.batch_size)
+    train_examples = None if run.predict_only else task.num_train_examples()
+    run_dir, ds_config = runner.start(run, config, run.lr, run.batch_size, train_examples)
     if dist.is_main():
         for note in task.notes:
             print(note, flush=True)
