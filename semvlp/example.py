@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 from transformers import BertTokenizerFast, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from semvlp.checkpoint import weights_file
 from semvlp.config import is_semvlp_export
 from semvlp.data.store import BadRecordError, FeatureStore, ImageFeatures, check_image
 from semvlp.data.tokenizer import MAX_TEXT_LEN, load_tokenizer
 from semvlp.model import SemVLPModel
+from semvlp.model.modeling import quiet_transformers
 from semvlp.paths import nearest_existing
 
 
@@ -36,18 +36,11 @@ def load_export(folder: str | Path, model_class: type[PreTrainedModel] = SemVLPM
     folder = Path(folder)
     check_export(folder)
     weights_file(folder)  # a missing or damaged file named (from_pretrained's errors may not)
-    # Quiet: the heads a class leaves unused are expected, and one model needs no progress bar.
-    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        model, info = model_class.from_pretrained(folder, output_loading_info=True)
+        with quiet_transformers():  # the heads a class leaves unused are expected
+            model, info = model_class.from_pretrained(folder, output_loading_info=True)
     except OSError as e:
         raise ValueError(f"{folder}: not a loadable SemVLP export ({e})") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if progress_bar:
-            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])[:5]
         raise ValueError(f"{folder}: the export lacks {model_class.__name__} weights {missing}")
@@ -69,9 +62,9 @@ def load_vocab(vocab: str | Path | None, export: str | Path, model: PreTrainedMo
 
 def encode_text(tokenizer: BertTokenizerFast, text: str, option: str, model: PreTrainedModel) -> list[int]:
     """`[CLS] ... [SEP]` ids of `text`, at most as many as the model has positions."""
-    if not text.strip():
-        raise ValueError(f"{option} is empty")
     input_ids = tokenizer(text.strip())["input_ids"]
+    if len(input_ids) == 2:  # [CLS] [SEP]: blank, or only characters the tokenizer deletes (zero-width)
+        raise ValueError(f"{option} is empty")
     positions = model.config.max_position_embeddings
     if len(input_ids) > positions:
         raise ValueError(

@@ -36,6 +36,7 @@ from semvlp.model import (
     SemVLPForRetrieval,
     SemVLPModel,
 )
+from semvlp.model.modeling import quiet_transformers
 from semvlp.paths import nearest_existing
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -88,7 +89,8 @@ def export_checkpoint(path: str | Path, out: str | Path, overwrite: bool = False
     staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        with quiet_transformers():
+            model.save_pretrained(staging)
         shutil.copyfile(folder / checkpoint.VOCAB, staging / checkpoint.VOCAB)
         tokenizer = tokenizer_config(model_max_length=config.max_position_embeddings)
         (staging / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer, indent=2) + "\n")

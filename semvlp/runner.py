@@ -20,7 +20,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from transformers.utils import logging as hf_logging
 
 from semvlp import checkpoint, dist
 from semvlp.config import SemVLPConfig, config_from_preset, is_semvlp_export, read_config_json
@@ -30,6 +29,7 @@ from semvlp.data.store import ImageValueError
 from semvlp.export import export_checkpoint
 from semvlp.model import enable_activation_checkpointing
 from semvlp.model.bert_init import config_from_bert, init_from_bert
+from semvlp.model.modeling import quiet_transformers
 from semvlp.paths import nearest_existing
 from semvlp.run_config import ConfigError, RunConfig
 from semvlp.train import (
@@ -303,14 +303,8 @@ def initialize_model(model: torch.nn.Module, run: RunConfig) -> None:
     if run.init_from is None:
         return
     if is_semvlp_export(run.init_from):
-        # transformers' own report of the tensors the export lacks (a task head: expected) is a
-        # warning-level table; the line printed below names them.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        with quiet_transformers():  # the line printed below names the tensors the export lacks
             source, loading = type(model).from_pretrained(run.init_from, config=model.config, output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         ours, lacking = model.state_dict(), set(loading["missing_keys"])
         # what the export lacks (a task head) keeps the model's own (seeded) initialization
         matching = {

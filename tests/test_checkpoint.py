@@ -360,6 +360,7 @@ def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_fact
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"exported {ckpt / 'step00000001'} to {tmp_path / 'step1'}" in result.stdout
+    assert "Writing model shards" not in result.stderr  # transformers' progress bar, over one file
     assert_weights(tmp_path / "step1", saved[1])
     assert (tmp_path / "step1" / "vocab.txt").read_text() == vocab.read_text()
     assert sorted(p.name for p in tmp_path.glob(".step1*")) == []  # the staging folder is gone

@@ -227,9 +227,10 @@ def test_labels_are_all_or_none_per_file_and_needed_in_train_and_dev_splits(tmp_
 
 
 @pytest.mark.parametrize("where", ["vqa", "nlvr2", "flickr30k"])
-@pytest.mark.parametrize("text", ["", " \t"])
+@pytest.mark.parametrize("text", ["", " \t", "\u200b\ufeff"])
 def test_blank_questions_statements_and_captions_are_named(tmp_path, where, text):
-    """They were read silently, and trained on as [CLS] [SEP] alone."""
+    """They were read silently, and trained on as [CLS] [SEP] alone (zero-width characters too:
+    the tokenizer deletes them)."""
     if where == "vqa":
         data, load = [{"question_id": 7, "img_id": "x", "sent": text}], load_vqa
         field = r"record 0 \(question_id 7\) field 'sent'"

@@ -126,6 +126,7 @@ def test_an_nlvr2_export_takes_two_images(world, capsys):
         ("nlvr2", [], "--image_id: 1 given; a nlvr2 export takes 2"),
         ("vqa", ["--top", "0"], "--top 0: expected a count >= 1"),
         ("vqa", ["--text", " "], "--text is empty"),
+        ("vqa", ["--text", "\u200b"], "--text is empty"),
         ("vqa", ["--text", "a " * 70], "--text is 72 tokens with [CLS] and [SEP]; the model has 64 positions"),
         ("vqa", ["--out", "."], "--out . is a folder; name a file"),
         ("vqa", ["--image_id", "no_such_image"], "image 'no_such_image' is not in"),

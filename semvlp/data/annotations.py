@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,9 @@ def _field(record: object, key: str, path: Path, where: str, types: type | tuple
 
 
 def _blank(text: str) -> bool:
-    """Empty or white space only: the text would tokenize to [CLS] [SEP] alone."""
-    return not text or text.isspace()
+    """Nothing but white space and the characters BERT's tokenizer deletes (control and format
+    characters such as a zero-width space): the text would tokenize to [CLS] [SEP] alone."""
+    return all(c.isspace() or unicodedata.category(c).startswith("C") for c in text)
 
 
 def _text(record: object, key: str, path: Path, where: str) -> str:

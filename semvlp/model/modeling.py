@@ -9,6 +9,8 @@ the states computed there (which nothing reads), so heads and losses do not care
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from semvlp.config import SemVLPConfig
 from semvlp.model.embeddings import TextEmbeddings, VisualEmbeddings
@@ -121,6 +124,22 @@ class SemVLPPreTrainedModel(PreTrainedModel):
                 f"(python -m semvlp.export {path} --out DIR), then load DIR"
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off around a from_pretrained or save_pretrained whose
+    caller says what matters itself: the LOAD REPORT table lists the heads an export lacks (expected),
+    and a progress bar over one file is noise in a run's log."""
+    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
