@@ -557,6 +557,7 @@ class FeatureStore:
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._fd = -1
+        self._label_id_ranges: dict[str, tuple[tuple[int, str], tuple[int, str]]] = {}
 
     def _check_complete(self, f: h5py.File) -> None:
         """StoreFormatError naming what a damaged or hand-made store lacks, rather than a KeyError (or
@@ -699,7 +700,10 @@ class FeatureStore:
 
     def label_id_range(self, name: str, rows_per_read: int = 8192) -> tuple[tuple[int, str], tuple[int, str]]:
         """The smallest and the largest id of the label dataset `name` (obj_ids or attr_ids), each with
-        an image that holds it: ((lowest, image id), (highest, image id)). Reads the dataset in slices."""
+        an image that holds it: ((lowest, image id), (highest, image id)). Reads the dataset in slices,
+        once per store (a start asks twice: the label counts, then the notes on unlabeled stores)."""
+        if name in self._label_id_ranges:
+            return self._label_id_ranges[name]
         ds = self._h5()[name]
         lowest, highest = (np.iinfo(np.int64).max, ""), (np.iinfo(np.int64).min, "")
         for start in range(0, len(self), rows_per_read):
@@ -710,6 +714,7 @@ class FeatureStore:
                 lowest = (int(per_image_min[low]), self.image_ids[start + low])
             if per_image_max[high] > highest[0]:
                 highest = (int(per_image_max[high]), self.image_ids[start + high])
+        self._label_id_ranges[name] = lowest, highest
         return lowest, highest
 
     def value_problems(self, rows_per_read: int = 1024) -> list[str]:
