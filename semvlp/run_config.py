@@ -70,7 +70,7 @@ class RunConfig:
     warmup_ratio: float = option(0.05, "warmup_num_steps = ratio x max_steps where the ds_config says auto")
     log_every: int = option(10, "steps per metrics.jsonl line (losses averaged over them)")
     eval_every: int = option(200, "steps between held-out evaluations; 0: only at the end")
-    eval_batches: int = option(20, "held-out batches per rank and per mode; 0: the whole held-out split")
+    eval_batches: int = option(20, "held-out batches per rank and mode, the same each time; 0: the whole split")
     checkpoint_every: int = option(500, "steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = option(2, "newest complete checkpoints kept")
     seed: int = option(42, "seed of the model init, dropout, the data order and masks, and the stream schedule")

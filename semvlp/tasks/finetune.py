@@ -61,7 +61,7 @@ class FinetuneConfig(RunConfig):
     lr: float = option(5e-5, "peak lr; replaces the ds_config's optimizer lr and scheduler warmup_max_lr")
     batch_size: int = option(32, "global batch; replaces the ds_config's train_batch_size")
     warmup_ratio: float = 0.1  # LXMERT's BertAdam warmup
-    eval_batches: int = option(0, "dev evaluation: batches per rank; 0: the whole dev split")
+    eval_batches: int = option(0, "dev evaluation: batches per rank, the same ones each time; 0: the whole dev split")
     eval_batch_size: int = option(0, "evaluation batch per rank; 0: twice the training micro-batch")
     predict_splits: str = option("valid,test", "comma-separated; predicted with the best weights at the end")
     predict_only: bool = option(False, "no training: --init_from an export with the task's head; predict splits")
