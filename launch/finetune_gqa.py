@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from semvlp import runner
-from semvlp.tasks.finetune import FinetuneConfig, run_finetuning
-from semvlp.tasks.qa import GQA, QATask
+from semvlp.tasks.finetune import run_finetuning
+from semvlp.tasks.qa import GQA, QAConfig, QATask
 
 
 @dataclass(frozen=True)
-class GQAConfig(FinetuneConfig):
+class GQAConfig(QAConfig):
     """GQA fine-tuning (exact match)."""
 
     output_dir: str = "runs/gqa"

@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from semvlp import runner
-from semvlp.tasks.finetune import FinetuneConfig, run_finetuning
-from semvlp.tasks.qa import VQA, QATask
+from semvlp.tasks.finetune import run_finetuning
+from semvlp.tasks.qa import VQA, QAConfig, QATask
 
 
 @dataclass(frozen=True)
-class VQAConfig(FinetuneConfig):
+class VQAConfig(QAConfig):
     """VQA v2 fine-tuning (soft score)."""
 
     output_dir: str = "runs/vqa"

@@ -181,6 +181,18 @@ def weights_file(folder: str | Path) -> Path:
     return path
 
 
+def read_weights(folder: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder whose names start with `prefix`, named without it: read alone
+    from model.safetensors (pytorch_model.bin is read whole)."""
+    path = weights_file(folder)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            names = [name for name in f.keys() if name.startswith(prefix)]  # noqa: SIM118 (not a dict)
+            return {name[len(prefix) :]: f.get_tensor(name) for name in names}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
 def check_loadable(folder: Path, config: PretrainedConfig, optimizer_groups: int) -> None:
     """ValueError unless checkpoint `folder` holds the model of `config` (check_same_config) in whole
     shards (check_shards), saved with `optimizer_groups` parameter groups: what DeepSpeed would fail

@@ -19,7 +19,7 @@ from semvlp.data.toy import ToySpec, ensure_toy_world
 from semvlp.run_config import ConfigError
 from semvlp.tasks.finetune import FinetuneConfig
 from semvlp.tasks.nlvr2 import NLVR2Dataset, NLVR2Task
-from semvlp.tasks.qa import GQA, VQA, QADataset, QATask
+from semvlp.tasks.qa import GQA, VQA, QAConfig, QADataset, QATask
 from semvlp.tasks.retrieval import RetrievalConfig, RetrievalTask
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
@@ -79,7 +79,7 @@ def caption_tokens(ids: np.ndarray, offsets: np.ndarray, c: int) -> tuple[int, .
 
 
 def test_vqa_batches_carry_the_labels_soft_scores(toy, cfg, store, tok, stores):
-    task = QATask(run_config(toy), VQA, cfg, tok, stores, ("train", "valid", "test"))
+    task = QATask(run_config(toy, QAConfig), VQA, cfg, tok, stores, ("train", "valid", "test"))
     task.attach(None, 8, 16)
     ds = task.datasets["valid"]
     examples = load_vqa(cfg.vqa.valid)
@@ -102,7 +102,7 @@ def test_vqa_batches_carry_the_labels_soft_scores(toy, cfg, store, tok, stores):
     test = next(iter(task.eval_loader("test")))
     assert not task.labeled("test") and "answer_targets" not in test
     assert test["index"].tolist() == list(range(16))
-    gqa = QATask(run_config(toy), GQA, cfg, tok, stores, ("train", "valid"))
+    gqa = QATask(run_config(toy, QAConfig), GQA, cfg, tok, stores, ("train", "valid"))
     gqa.attach(None, 8, 16)
     batch = next(iter(gqa.train_loader))
     assert batch["answer_targets"].sum(1).tolist() == [1.0] * 8  # one answer per GQA question
@@ -278,7 +278,7 @@ def test_missing_images_fail_naming_them_or_are_skipped(toy, cfg, store, tok, st
     examples = load_vqa(cfg.vqa.valid)[:10]
     examples[2].img_id = "missing_a"
     examples[7].img_id = "missing_b"
-    table = QATask(run_config(toy), VQA, cfg, tok, stores, ("valid",)).table
+    table = QATask(run_config(toy, QAConfig), VQA, cfg, tok, stores, ("valid",)).table
     with pytest.raises(MissingImagesError, match=r"vqa valid \(.*/vqa_valid.json\): 2 images missing.*\['missing_a', "
                                                  r"'missing_b'\]"):  # fmt: skip
         QADataset(examples, stores, tok, table, cfg.max_text_len, False, "vqa valid")
@@ -371,8 +371,8 @@ def test_a_train_or_dev_split_without_labels_stops_before_the_run_folder(toy, tm
     cfg = DataConfig.from_dict({**raw, "vqa": {**vqa, "train": vqa["test"], "test": vqa["valid"] + vqa["test"]}})
     tok, stores = load_tokenizer(cfg.vocab), open_stores(cfg.stores)
     with pytest.raises(AnnotationError, match=rf"^vqa train \({vqa['test'][0]}\): no question has a label"):
-        QATask(run_config(toy), VQA, cfg, tok, stores, ("train", "valid"))
-    task = QATask(run_config(toy), VQA, cfg, tok, stores, ("valid", "test"))
+        QATask(run_config(toy, QAConfig), VQA, cfg, tok, stores, ("train", "valid"))
+    task = QATask(run_config(toy, QAConfig), VQA, cfg, tok, stores, ("valid", "test"))
     assert not task.labeled("test") and "answer_targets" not in task.datasets["test"].make_batch(np.arange(2), None)
     assert "vqa test: 240 questions, 120 of them without labels (predictions only)" in task.notes
 

@@ -10,7 +10,8 @@ prior of the toy questions but no cross-modal grounding. Hence VQA, where the pr
 over the majority answer, must beat it by a clear margin (single-stream: the demo-export tests below
 fine-tune GQA, the same QA task, and NLVR2 two-stream). GQA, whose prior is worth only ~+0.03, and
 NLVR2 and retrieval, whose labels the text alone does not give away, run a shorter schedule and are
-checked for complete, well-formed predictions and metrics only (GQA's learning: tests/test_demo.py). Grounding
+checked for complete, well-formed predictions and metrics only (GQA's learning: tests/test_demo.py;
+GQA starts from a randomly initialized pre-training export, through --answer_head_from_qa). Grounding
 comes from pre-training: fine-tuned from the export of a demo-length pre-training run, NLVR2 reaches
 ~0.82-0.86 and GQA ~0.47 (its color questions 0.34 against chance 1/8), and the export ranks retrieval
 pairs at image R@5 ~0.7 with no fine-tuning at all (tests/test_demo.py).
@@ -89,10 +90,31 @@ def finetuned(toy, tmp_path_factory):
             for piece in pieces:
                 result = launch(script, piece)
                 assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+                with open(out / "launcher_stdout.txt", "a") as log:
+                    log.write(result.stdout)
             _runs[key] = (out, json.loads((out / "results.json").read_text()))
         return _runs[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pretraining_export(toy, tmp_path_factory) -> Path:
+    """A pre-training export of the toy world's vocab, randomly initialized, whose QA answer table
+    (config.id2label) holds GQA's answers in reverse order after one that GQA's table lacks."""
+    from semvlp.config import config_from_preset
+    from semvlp.data.tokenizer import load_tokenizer
+    from semvlp.model import SemVLPForPreTraining
+
+    answers = ["zebra", *reversed(load(toy.parent / "gqa_label2ans.json"))]
+    vocab_size = len(load_tokenizer(toy.parent / "vocab.txt"))
+    config = config_from_preset(
+        "tiny", vocab_size=vocab_size, num_qa_labels=len(answers), id2label=dict(enumerate(answers))
+    )
+    folder = tmp_path_factory.mktemp("pretraining_export")
+    SemVLPForPreTraining(config).save_pretrained(folder)
+    shutil.copyfile(toy.parent / "vocab.txt", folder / "vocab.txt")
+    return folder
 
 
 def check_best_checkpoint(out: Path, results: dict, metric: str, steps: tuple[int, int] = (75, 150)) -> None:
@@ -180,10 +202,15 @@ def test_the_export_names_its_answers_and_predict_only_refuses_another_table(toy
 
 
 @pytest.mark.ranks
-def test_gqa_predictions_and_exact_match(toy, finetuned):
+def test_gqa_predictions_and_exact_match(toy, finetuned, pretraining_export):
     from semvlp.metrics import exact_match
 
-    out, results = finetuned("finetune_gqa.py", *SHORT)
+    out, results = finetuned("finetune_gqa.py", *SHORT, "--init_from", str(pretraining_export), "--answer_head_from_qa")
+    gqa_answers = len(load(toy.parent / "gqa_label2ans.json"))
+    assert (  # the 1 of the export's answers that GQA lacks is left out
+        f"the answer head starts from the QA head of {pretraining_export}: its transform, and the rows of the "
+        f"{gqa_answers} of {gqa_answers} answers its {gqa_answers + 1}-answer table also holds"
+    ) in (out / "launcher_stdout.txt").read_text()
     check_best_checkpoint(out, results, "single/accuracy", steps=(20, 40))
     for split, file in (("valid", "gqa_valid.json"), ("test", "gqa_testdev.json")):
         questions = load(toy.parent / file)
@@ -243,6 +270,8 @@ def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetu
         ("finetune_retrieval.py", ["--negatives", "2", "--hard_negatives", "2"], "--hard_negatives 2 must be below"),
         ("finetune_nlvr2.py", ["--cross_attention_start_layer", "9"],
          "--cross_attention_start_layer: cross_attention_start_layer=9 must be in 0..num_hidden_layers=4"),
+        ("finetune_vqa.py", ["--epochs", "0", "--answer_head_from_qa"],
+         "--answer_head_from_qa starts training from --init_from, a pre-training export"),
         ("finetune_gqa.py", ["--data", str(REPO / "ds_configs")],
          f"{REPO / 'ds_configs'} is a folder; the data configuration (--data) must be a data.json file"),
     ],
@@ -301,8 +330,7 @@ def test_answers_outside_the_table_are_counted_with_the_cap_they_imply(toy, tmp_
     from semvlp.data.config import DataConfig
     from semvlp.data.store import open_stores
     from semvlp.data.tokenizer import load_tokenizer
-    from semvlp.tasks.finetune import FinetuneConfig
-    from semvlp.tasks.qa import VQA, QATask
+    from semvlp.tasks.qa import VQA, QAConfig, QATask
 
     valid = load(toy.parent / "vqa_valid.json")[:40]
     for q in valid[:10]:
@@ -314,7 +342,7 @@ def test_answers_outside_the_table_are_counted_with_the_cap_they_imply(toy, tmp_
     data = DataConfig.from_dict(
         {**data.to_dict(), "vqa": {**data.to_dict()["vqa"], "valid": [str(tmp_path / "valid.json")]}}
     )
-    run = FinetuneConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), predict_only=True,
+    run = QAConfig(deepspeed_config=str(CPU_CONFIG), preset="tiny", data=str(toy), predict_only=True,
                          init_from=str(toy.parent))  # fmt: skip
     task = QATask(run, VQA, data, load_tokenizer(data.vocab), open_stores(data.stores), ("valid", "test"))
     cap = (25 * 1.0 + 5 * 0.3) / 40
@@ -424,6 +452,37 @@ def test_a_task_model_from_a_pretraining_export_loads_the_encoder_and_names_the_
     for name, tensor in model.state_dict().items():
         if not name.startswith("answer_head."):
             assert torch.equal(tensor, exported[name]), name
+
+
+def test_answer_head_from_qa_takes_the_transform_and_the_rows_of_the_answers_both_tables_hold(
+    toy, pretraining_export, tmp_path
+):
+    """LXMERT's fine-tuning start (--loadLXMERTQA), row by row: the tables order their answers differently."""
+    import torch
+
+    from semvlp.config import SemVLPConfig
+    from semvlp.model import SemVLPModel
+    from semvlp.model.finetuning import SemVLPForQuestionAnswering
+    from semvlp.run_config import ConfigError
+    from semvlp.tasks.qa import pretraining_qa_head
+
+    qa_head, answers = pretraining_qa_head(str(pretraining_export))
+    assert answers[0] == "zebra" and qa_head["classifier.weight"].shape[0] == len(answers)
+    table = ["zebra-less", *answers[:0:-1]]  # GQA's answers in their own order, after one the export lacks
+    config = SemVLPConfig.from_pretrained(pretraining_export, num_qa_labels=len(table), id2label=dict(enumerate(table)))
+    model = SemVLPForQuestionAnswering(config)
+    initialized = model.answer_head.classifier.weight.detach().clone()
+    assert model.start_from_qa_head(qa_head, answers) == len(table) - 1
+    head = model.answer_head
+    for row, answer in enumerate(table):
+        expected = qa_head["classifier.weight"][answers.index(answer)] if answer in answers else initialized[row]
+        assert torch.equal(head.classifier.weight[row], expected), answer
+    for name, tensor in head.transform.state_dict().items():
+        assert torch.equal(tensor, qa_head[f"transform.{name}"]), name
+
+    SemVLPModel(config).save_pretrained(tmp_path / "encoder")  # an export without a QA head
+    with pytest.raises(ConfigError, match="holds no pre-training QA head with its answer table"):
+        pretraining_qa_head(str(tmp_path / "encoder"))
 
 
 SECTIONS = [("finetune_gqa.py", "gqa"), ("finetune_nlvr2.py", "nlvr2"), ("finetune_retrieval.py", "flickr30k")]

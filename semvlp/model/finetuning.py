@@ -58,6 +58,24 @@ class SemVLPForQuestionAnswering(SemVLPPreTrainedModel):
             loss = F.binary_cross_entropy_with_logits(logits, answer_targets.float()) * logits.shape[1]
         return ClassificationOutput(loss, logits)
 
+    @torch.no_grad()
+    def start_from_qa_head(self, qa_head: dict[str, torch.Tensor], answers: list[str]) -> int:
+        """Start the answer head from a pre-training QA head, as LXMERT's fine-tuning does (its
+        --loadLXMERTQA): the transform whole, and the classifier row of every answer both tables
+        hold; the other rows keep their initialization. `qa_head`: the pre-training model's qa_head
+        tensors (names without "qa_head."); `answers`: its answer table, row by row. Returns how many
+        answers were carried over."""
+        head = self.answer_head
+        for name, param in head.transform.named_parameters():
+            param.copy_(qa_head[f"transform.{name}"])
+        row_of = {answer: row for row, answer in self.config.id2label.items()}
+        shared = [(row_of[answer], source) for source, answer in enumerate(answers) if answer in row_of]
+        if shared:
+            rows, sources = (list(pair) for pair in zip(*shared, strict=True))
+            head.classifier.weight[rows] = qa_head["classifier.weight"][sources].to(head.classifier.weight.dtype)
+            head.classifier.bias[rows] = qa_head["classifier.bias"][sources].to(head.classifier.bias.dtype)
+        return len(shared)
+
 
 class SemVLPForNLVR2(SemVLPPreTrainedModel):
     def __init__(self, config: SemVLPConfig):

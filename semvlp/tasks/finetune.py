@@ -181,6 +181,10 @@ class FinetuneTask:
     def num_train_examples(self) -> int:
         return len(self.datasets["train"])
 
+    def initialize(self, model) -> None:
+        """The new model's weights from --init_from, if given (runner.initialize_model)."""
+        runner.initialize_model(model, self.run)
+
     def attach(self, config, micro_batch: int, eval_batch_size: int) -> None:
         """Called once the model config and the ds_config are known."""
         self.config = config
@@ -311,7 +315,7 @@ def run_finetuning(run: FinetuneConfig, make_task: Callable[[FinetuneConfig, Dat
             print(note, flush=True)
     task.attach(config, micro, eval_batch_size)
     model = task.model_class(config)
-    runner.initialize_model(model, run)
+    task.initialize(model)
     engine = runner.build_engine(model, ds_config, run)
     runner.record_run(run, run_dir, ds_config)
 

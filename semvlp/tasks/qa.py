@@ -12,6 +12,9 @@ scores, as LXMERT). They differ only in what `QAVariant` holds:
 Label answers are looked up in the table as they are written (LXMERT's fine-tuning does the
 same); answers outside the table are dropped from the targets, counted per split, and the score
 they cap is reported (semvlp.metrics.answer_coverage).
+
+The answer head starts fresh, or with --answer_head_from_qa from the pre-training QA head of the
+--init_from export, as LXMERT's published fine-tuning runs do (its --loadLXMERTQA).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semvlp import checkpoint, dist
+from semvlp.config import is_semvlp_export, read_config_json
 from semvlp.data.annotations import AnswerTable, QAExample, load_gqa, load_vqa
 from semvlp.data.batching import gather_tokens, text_batch, visual_batch
 from semvlp.data.config import DataConfig, QAData
@@ -31,7 +36,7 @@ from semvlp.data.store import FeatureStoreSet
 from semvlp.data.tokenizer import tokenize_texts
 from semvlp.metrics import answer_coverage, exact_match, predicted_answers, vqa_score
 from semvlp.model import SemVLPForQuestionAnswering
-from semvlp.run_config import ConfigError
+from semvlp.run_config import ConfigError, option
 from semvlp.tasks.finetune import (
     SKIPPED,
     FinetuneConfig,
@@ -40,6 +45,38 @@ from semvlp.tasks.finetune import (
     labelled_splits,
     model_inputs,
 )
+
+
+@dataclass(frozen=True)
+class QAConfig(FinetuneConfig):
+    """The options of both question-answering launchers."""
+
+    answer_head_from_qa: bool = option(
+        False,
+        "start the answer head from the --init_from export's pre-training QA head (LXMERT's --loadLXMERTQA): "
+        "its transform, and its rows of the answers both tables hold",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.answer_head_from_qa and (self.init_from is None or self.predict_only):
+            raise ConfigError("--answer_head_from_qa starts training from --init_from, a pre-training export")
+
+
+def pretraining_qa_head(folder: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A pre-training export's QA head (tensor names without "qa_head.") and the answer table it was
+    trained on, row by row (config.id2label); ConfigError naming the folder where there is none."""
+    if not is_semvlp_export(folder):
+        raise ConfigError(f"--answer_head_from_qa: --init_from {folder} is not a SemVLP export")
+    config = read_config_json(Path(folder) / checkpoint.CONFIG)
+    labels = config.get("id2label") or {}
+    qa_head = checkpoint.read_weights(folder, "qa_head.")
+    if not qa_head or len(labels) != config.get("num_qa_labels"):
+        raise ConfigError(
+            f"--answer_head_from_qa: {folder} holds no pre-training QA head with its answer table "
+            "(a pre-training export of a run whose data.json named one)"
+        )
+    return qa_head, [labels[i] for i in sorted(labels, key=int)]
 
 
 @dataclass(frozen=True)
@@ -114,9 +151,10 @@ class QADataset(KeyedBatchDataset):
 class QATask(FinetuneTask):
     model_class = SemVLPForQuestionAnswering
 
-    def __init__(self, run: FinetuneConfig, variant: QAVariant, data: DataConfig, tokenizer, stores: FeatureStoreSet,
+    def __init__(self, run: QAConfig, variant: QAVariant, data: DataConfig, tokenizer, stores: FeatureStoreSet,
                  splits: tuple[str, ...]):  # fmt: skip
         self.variant = variant
+        self.qa_head = pretraining_qa_head(run.init_from) if run.answer_head_from_qa else None
         self.metric = variant.metric
         section = variant.section(data, run.data)
         self.table = section.load_answer_table(variant.name)
@@ -145,6 +183,23 @@ class QATask(FinetuneTask):
         # id2label (HuggingFace's name) keeps the answer strings in the export's config.json, so a
         # fine-tuned export names its answers on its own, and --predict_only can check the data's table.
         return {"num_qa_labels": len(self.table), "id2label": dict(enumerate(self.table.answers))}
+
+    def initialize(self, model: SemVLPForQuestionAnswering) -> None:
+        super().initialize(model)
+        if self.qa_head is not None:
+            tensors, answers = self.qa_head
+            try:
+                shared = model.start_from_qa_head(tensors, answers)
+            except RuntimeError as e:  # a QA head of another hidden size
+                raise ConfigError(
+                    f"--answer_head_from_qa: the QA head of {self.run.init_from} does not fit: {e}"
+                ) from e
+            if dist.is_main():
+                print(
+                    f"the answer head starts from the QA head of {self.run.init_from}: its transform, and the rows "
+                    f"of the {shared} of {len(self.table)} answers its {len(answers)}-answer table also holds",
+                    flush=True,
+                )
 
     def loss(self, engine, batch: dict, mode: str, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(**model_inputs(batch), answer_targets=batch["answer_targets"], mode=mode)
