@@ -19,7 +19,7 @@ from semvlp.data.annotations import (
     normalize_answer,
     require_labels,
 )
-from semvlp.data.config import DataConfig, PretrainData
+from semvlp.data.config import DataConfig, PretrainData, QAData
 from semvlp.data.tokenizer import load_tokenizer, replacement_token_ids, tokenize_texts
 
 
@@ -65,6 +65,18 @@ def test_answer_tables(tmp_path):
         AnswerTable.load(dump(tmp_path / "bad.json", {"yes": 0, "no": 0}))
     with pytest.raises(AnnotationError, match="record 1 has no field 'ans'"):
         AnswerTable.from_all_ans(dump(tmp_path / "bad2.json", [{"ans": "x"}, {"answer": "y"}]))
+
+
+def test_a_qa_sections_two_answer_tables_must_agree(tmp_path):
+    """label2ans alone was read, and an ans2label that disagreed with it was ignored (LXMERT asserts they agree)."""
+    a2l, l2a = dump(tmp_path / "a2l.json", {"no": 1, "yes": 0}), dump(tmp_path / "l2a.json", ["yes", "no"])
+    assert QAData(ans2label=str(a2l), label2ans=str(l2a)).load_answer_table("vqa").answers == ["yes", "no"]
+    assert QAData(ans2label=str(a2l)).load_answer_table("vqa").answers == ["yes", "no"]
+    for answers, says in ((["no", "yes"], "label 0 ('no' and 'yes'; 2 and 2 answers)"),
+                          (["yes", "no", "2"], "label 2 ('2' and nothing; 3 and 2 answers)")):  # fmt: skip
+        l2a = dump(tmp_path / "l2a.json", answers)
+        with pytest.raises(AnnotationError, match=re.escape(f"'vqa' section: {l2a} and {a2l} disagree at {says}")):
+            QAData(ans2label=str(a2l), label2ans=str(l2a)).load_answer_table("vqa")
 
 
 def pretrain_records():

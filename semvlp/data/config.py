@@ -33,7 +33,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from semvlp.data.annotations import LXMERT_SOURCES, AnswerTable, read_utf8
+from semvlp.data.annotations import LXMERT_SOURCES, AnnotationError, AnswerTable, read_utf8
 
 # The splits a training run cannot do without: it trains on train and keeps the weights that do best
 # on valid (the dev split), so both need files, and (fine-tuning) labels. A test split may have neither.
@@ -76,14 +76,27 @@ class QAData:
     label2ans: str | None = _path(None)
 
     def load_answer_table(self, section_name: str) -> AnswerTable:
-        """The answer table: label2ans (LXMERT's list) if named, else ans2label."""
-        if self.label2ans is not None:
+        """The answer table: label2ans (LXMERT's list) and/or ans2label; when both are named they
+        must agree, as LXMERT's fine-tuning asserts."""
+        if self.label2ans is None and self.ans2label is None:
+            raise ValueError(
+                f"the data configuration's {section_name!r} section names no answer table (label2ans / ans2label)"
+            )
+        if self.ans2label is None:
             return AnswerTable.from_label2ans(self.label2ans)
-        if self.ans2label is not None:
-            return AnswerTable.from_ans2label(self.ans2label)
-        raise ValueError(
-            f"the data configuration's {section_name!r} section names no answer table (label2ans / ans2label)"
-        )
+        table = AnswerTable.from_ans2label(self.ans2label)
+        if self.label2ans is not None:
+            listed, ours = AnswerTable.from_label2ans(self.label2ans).answers, table.answers
+            if listed != ours:
+                longest = max(len(listed), len(ours))
+                label = next(i for i in range(longest) if i >= min(len(listed), len(ours)) or listed[i] != ours[i])
+                says = [repr(answers[label]) if label < len(answers) else "nothing" for answers in (listed, ours)]
+                raise AnnotationError(
+                    f"the data configuration's {section_name!r} section: {self.label2ans} and {self.ans2label} "
+                    f"disagree at label {label} ({says[0]} and {says[1]}; {len(listed)} and {len(ours)} "
+                    "answers): name one of them, or the two files written together"
+                )
+        return table
 
 
 @dataclass(frozen=True)
