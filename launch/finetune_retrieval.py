@@ -1,5 +1,6 @@
-"""Flickr30K image-text retrieval fine-tuning under DeepSpeed (paper 4.2; UNITER's recipe: ITM
-score, sampled or hard negatives, lr 5e-5).
+"""Flickr30K image-text retrieval fine-tuning under DeepSpeed (paper 4.2) on the ITM score, with
+sampled or hard negatives, lr 5e-5. UNITER's recipe is `--loss rank` with hard negatives (its
+Flickr30K run: the 31 hardest of 399, captions up to 60 tokens, which data.json's max_text_len sets).
 
     # from a pre-trained export, 4 GPUs, hard negatives (the 7 hardest of 63 per direction):
     deepspeed launch/finetune_retrieval.py --deepspeed_config ds_configs/v100.json \

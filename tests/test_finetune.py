@@ -61,8 +61,9 @@ def load(path: Path) -> list[dict]:
 TRAIN = ["--epochs", "0", "--max_steps", "150", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "75",
          "--eval_batches", "3", "--log_every", "25"]  # fmt: skip
 # GQA, NLVR2 and retrieval show nothing more in this budget (module docstring): a shorter run checks the pipeline.
-SHORT = ["--epochs", "0", "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "20",
-         "--eval_batches", "3", "--log_every", "10"]  # fmt: skip
+SHORT_SCHEDULE = ["--epochs", "0", "--max_steps", "40", "--batch_size", "16", "--lr", "1e-3", "--eval_every", "20",
+                  "--log_every", "10"]  # fmt: skip
+SHORT = [*SHORT_SCHEDULE, "--eval_batches", "3"]  # retrieval evaluates fewer images instead (--eval_images)
 
 
 def majority_baseline(toy: Path, task: str, score) -> float:
@@ -243,7 +244,7 @@ def test_nlvr2_csv_has_one_line_per_statement(toy, finetuned):
 @pytest.mark.ranks
 def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetuned):
     out, results = finetuned(
-        "finetune_retrieval.py", "--eval_images", "12", "--negatives", "2", "--hard_negatives", "1", *SHORT
+        "finetune_retrieval.py", "--eval_images", "12", "--negatives", "2", "--hard_negatives", "1", *SHORT_SCHEDULE
     )
     check_best_checkpoint(out, results, "single/r_mean", steps=(20, 40))
     assert json.loads((out / "export" / "config.json").read_text())["id2label"] == {"0": "mismatched", "1": "matched"}
@@ -268,6 +269,7 @@ def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetu
     [
         ("finetune_vqa.py", ["--max_steps", "10"], "--max_steps 10 and --epochs 4 both set the training length"),
         ("finetune_retrieval.py", ["--negatives", "2", "--hard_negatives", "2"], "--hard_negatives 2 must be below"),
+        ("finetune_retrieval.py", ["--eval_batches", "3"], "--eval_batches 3: retrieval scores all pairs"),
         ("finetune_nlvr2.py", ["--cross_attention_start_layer", "9"],
          "--cross_attention_start_layer: cross_attention_start_layer=9 must be in 0..num_hidden_layers=4"),
         ("finetune_vqa.py", ["--epochs", "0", "--answer_head_from_qa"],

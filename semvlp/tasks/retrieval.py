@@ -66,6 +66,9 @@ class RetrievalConfig(FinetuneConfig):
             raise ConfigError(f"--loss {self.loss!r}; expected one of {LOSSES}")
         if self.negatives < 1 or self.hard_negatives < 0 or self.eval_images < 0:
             raise ConfigError("--negatives must be >= 1, --hard_negatives and --eval_images >= 0")
+        if self.eval_batches:
+            raise ConfigError(f"--eval_batches {self.eval_batches}: retrieval scores all pairs of a split's images and "
+                              "captions; evaluate on fewer images with --eval_images")  # fmt: skip
         if 0 < self.negatives <= self.hard_negatives:
             raise ConfigError(f"--hard_negatives {self.hard_negatives} must be below the pool --negatives "
                               f"{self.negatives}")  # fmt: skip
@@ -219,7 +222,7 @@ class RetrievalTask(FinetuneTask):
 
     # -- evaluation
     def predictions(self, engine, split: str, limit: int) -> torch.Tensor:
-        """The [images, captions] score matrix of a split (`limit` is ignored: see --eval_images)."""
+        """The [images, captions] score matrix of a split (`limit` is 0: --eval_images limits it)."""
         ev: RetrievalEvalSplit = self.datasets[split]
         num_images, num_captions = len(ev.split.image_ids), len(ev.split.captions)
         scores = torch.zeros(num_images, num_captions, device=engine.device)
