@@ -209,8 +209,9 @@ def test_gqa_predictions_and_exact_match(toy, finetuned, pretraining_export):
     out, results = finetuned("finetune_gqa.py", *SHORT, "--init_from", str(pretraining_export), "--answer_head_from_qa")
     gqa_answers = len(load(toy.parent / "gqa_label2ans.json"))
     assert (  # the 1 of the export's answers that GQA lacks is left out
-        f"the answer head starts from the QA head of {pretraining_export}: its transform, and the rows of the "
-        f"{gqa_answers} of {gqa_answers} answers its {gqa_answers + 1}-answer table also holds"
+        f"--answer_head_from_qa: the answer head's transform, and its rows of the {gqa_answers} of {gqa_answers} "
+        f"answers that the {gqa_answers + 1}-answer QA table holds, are now those of the QA head of "
+        f"{pretraining_export}"
     ) in (out / "launcher_stdout.txt").read_text()
     check_best_checkpoint(out, results, "single/accuracy", steps=(20, 40))
     for split, file in (("valid", "gqa_valid.json"), ("test", "gqa_testdev.json")):

@@ -196,8 +196,9 @@ class QATask(FinetuneTask):
                 ) from e
             if dist.is_main():
                 print(
-                    f"the answer head starts from the QA head of {self.run.init_from}: its transform, and the rows "
-                    f"of the {shared} of {len(self.table)} answers its {len(answers)}-answer table also holds",
+                    f"--answer_head_from_qa: the answer head's transform, and its rows of the {shared} of "
+                    f"{len(self.table)} answers that the {len(answers)}-answer QA table holds, are now those of the "
+                    f"QA head of {self.run.init_from}",
                     flush=True,
                 )
 
