@@ -55,10 +55,81 @@ def pretraining_targets(inputs: dict, num_masked_objects: int = 15, seed: int = 
     )
 
 
+def paper_forward(model: SemVLPModel, inputs: dict, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text states, image states, pooled) by the paper's equations (section 3), in plain torch ops on
+    the model's weights, without dropout: BERT's text embeddings and post-LayerNorm blocks; an object
+    is LayerNorm(W [feature; box] + b), with [IMG] in front. Single-stream runs [IMG, objects, text]
+    through every block and pools h_CLS; two-stream runs the text through every block, then the
+    image, which from block L_s + 1 on attends to the final text states after its self-attention,
+    and pools o_IMG."""
+    cfg, w = model.config, dict(model.named_parameters())
+    heads = cfg.num_attention_heads
+    norm = lambda x, name: F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], cfg.layer_norm_eps)
+    linear = lambda x, name: F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def attention(x, context, keep, name):  # keep: [B, keys] bool
+        if context is x:
+            q, k, v = linear(x, f"{name}.qkv").chunk(3, -1)
+        else:
+            q, (k, v) = linear(x, f"{name}.query"), linear(context, f"{name}.key_value").chunk(2, -1)
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
+        scores = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+        probs = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+        return norm(x + linear((probs @ split(v)).transpose(1, 2).flatten(2), f"{name}.out"), f"{name}.norm")
+
+    def block(x, keep, layer, text=None, text_keep=None):
+        name = f"encoder.layers.{layer}"
+        x = attention(x, x, keep, f"{name}.attention")
+        if text is not None:
+            x = attention(x, text, text_keep, f"{name}.cross_attention")
+        return norm(x + linear(F.gelu(linear(x, f"{name}.ffn.up")), f"{name}.ffn.down"), f"{name}.ffn.norm")
+
+    ids, batch = inputs["input_ids"], inputs["input_ids"].shape[0]
+    text = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
+            + w["embeddings.token_type_embeddings.weight"][inputs["token_type_ids"]])  # fmt: skip
+    text, text_keep = norm(text, "embeddings.norm"), inputs["attention_mask"].bool()
+    boxed = torch.cat([inputs["visual_feats"], inputs["visual_pos"]], -1)
+    objects = norm(linear(boxed, "visual_embeddings.projection"), "visual_embeddings.norm")
+    image = torch.cat([w["visual_embeddings.img_token"].expand(batch, 1, -1), objects], 1)
+    image_keep = torch.cat([torch.ones(batch, 1, dtype=torch.bool), inputs["visual_attention_mask"].bool()], 1)
+    if mode == "single":
+        x, keep = torch.cat([image, text], 1), torch.cat([image_keep, text_keep], 1)
+        for layer in range(cfg.num_hidden_layers):
+            x = block(x, keep, layer)
+        image, text = x[:, : image.shape[1]], x[:, image.shape[1] :]
+        return text, image, torch.tanh(linear(text[:, 0], "pooler.dense"))
+    for layer in range(cfg.num_hidden_layers):
+        text = block(text, text_keep, layer)
+    for layer in range(cfg.num_hidden_layers):  # 0-based: blocks L_s + 1..L are layer >= L_s
+        cross = layer >= cfg.cross_attention_start_layer
+        image = block(image, image_keep, layer, text if cross else None, text_keep)
+    return text, image, torch.tanh(linear(image[:, 0], "pooler.dense"))
+
+
 @pytest.fixture
 def model() -> SemVLPModel:
     torch.manual_seed(0)
     return SemVLPModel(tiny_config()).eval()
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_both_modes_compute_the_papers_equations(model, mode):
+    """The model against paper_forward, a from-scratch reading of the paper, with padded text and
+    padded objects: embeddings, masks, block order, which states the image attends to and from
+    which block, and which token is pooled."""
+    torch.manual_seed(0)
+    for p in model.parameters():  # LayerNorm and bias parameters away from their 1 / 0 initialization
+        p.data.add_(0.05 * torch.randn_like(p))
+    inputs = make_inputs()
+    inputs["visual_attention_mask"] = torch.ones(3, K, dtype=torch.long)
+    inputs["visual_attention_mask"][1, K - 30 :] = 0
+    inputs["token_type_ids"][2, 4:] = 1
+    out = model(**inputs, mode=mode)
+    text, image, pooled = paper_forward(model, inputs, mode)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out.text_states[real], text[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.visual_states, image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.pooled, pooled, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["single", "two"])
