@@ -402,6 +402,57 @@ def test_masked_lm_loss_on_masked_rows_equals_the_full_vocabulary_computation():
     torch.testing.assert_close(out.losses["mlm"], naive)
 
 
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_every_pretraining_loss_is_the_papers_example_by_example(mode):
+    """Each loss against a per-example computation in plain torch (paper 3.3.1, LXMERT's definitions):
+    heads are dense -> GELU -> LayerNorm; masked LM over the masked tokens of matched pairs; masked
+    objects (zeroed in every pair) predicted from their states (not [IMG]) in matched pairs only:
+    SmoothL1 to the original feature averaged over its dimensions, object and attribute labels by
+    cross-entropy weighted by their own detector confidence; ITM (class 1 = matched) on every pair;
+    QA on the labelled matched pairs; the loss is their sum."""
+    torch.manual_seed(0)
+    model = SemVLPForPreTraining(tiny_config()).eval()
+    for p in model.parameters():  # LayerNorm and bias parameters away from their 1 / 0 initialization
+        p.data.add_(0.05 * torch.randn_like(p))
+    inputs = make_inputs()
+    targets = pretraining_targets(inputs)
+    targets["qa_labels"] = torch.tensor([2, 5, 3])
+    targets["itm_labels"] = torch.tensor([1, 0, 1])
+    out = model(**inputs, **targets, mode=mode)
+
+    w = dict(model.named_parameters())
+    eps = model.config.layer_norm_eps
+    linear = lambda x, name: F.linear(x, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def transform(x, name):  # dense -> GELU -> LayerNorm
+        norm = w[f"{name}.norm.weight"]
+        return F.layer_norm(F.gelu(linear(x, f"{name}.dense")), norm.shape, norm, w[f"{name}.norm.bias"], eps)
+
+    zeroed = inputs["visual_feats"].masked_fill(targets["obj_mask"][..., None], 0)  # every pair's masked objects
+    states = model.semvlp(**dict(inputs, visual_feats=zeroed), mode=mode)
+    decoder, t = w["semvlp.embeddings.word_embeddings.weight"], targets
+    mlm, feat, obj, attr, qa = [], [], [], [], []
+    for b in t["itm_labels"].nonzero().flatten().tolist():  # the matched pairs
+        for i in (t["mlm_labels"][b] != -100).nonzero().flatten().tolist():
+            logits = transform(states.text_states[b, i], "mlm_transform") @ decoder.T + w["mlm_bias"]
+            mlm.append(F.cross_entropy(logits, t["mlm_labels"][b, i]))
+        for k in t["obj_mask"][b].nonzero().flatten().tolist():
+            h = transform(states.visual_states[b, 1 + k], "obj_transform")  # object k is token 1 + k, after [IMG]
+            feat.append(F.smooth_l1_loss(linear(h, "obj_feat_head"), inputs["visual_feats"][b, k]))
+            obj.append(F.cross_entropy(linear(h, "obj_label_head"), t["obj_labels"][b, k]) * t["obj_confs"][b, k])
+            attr.append(F.cross_entropy(linear(h, "attr_label_head"), t["attr_labels"][b, k]) * t["attr_confs"][b, k])
+        answer_logits = linear(transform(states.pooled[b], "qa_head.transform"), "qa_head.classifier")
+        qa.append(F.cross_entropy(answer_logits, t["qa_labels"][b]))
+    expected = {
+        "mlm": torch.stack(mlm).mean(), "obj_feat": torch.stack(feat).mean(), "obj_label": torch.stack(obj).mean(),
+        "attr_label": torch.stack(attr).mean(), "qa": torch.stack(qa).mean(),
+        "itm": F.cross_entropy(linear(states.pooled, "itm_head"), targets["itm_labels"]),
+    }  # fmt: skip
+    for name, value in expected.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(out.loss, sum(expected.values()), rtol=1e-4, atol=1e-5)
+
+
 def test_mismatched_pairs_contribute_no_mlm_object_or_qa_loss():
     torch.manual_seed(0)
     model = SemVLPForPreTraining(tiny_config()).eval()
