@@ -590,17 +590,36 @@ def test_auto_classes_load_exports(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["single", "two"])
-def test_finetuning_models_produce_losses(mode):
+def test_finetuning_heads_and_losses_are_lxmerts(mode):
+    """QA: BCE against the soft scores, summed over answers and averaged over questions (LXMERT's
+    mean x num_answers); NLVR2: the statement with each of its two images, pooled vectors
+    concatenated into the classifier; retrieval: cross-entropy of the ITM head, scored by log-odds."""
     torch.manual_seed(0)
     config = tiny_config()
     inputs = make_inputs()
-    qa = SemVLPForQuestionAnswering(config)(**inputs, answer_targets=torch.rand(3, 11), mode=mode)
-    assert qa.logits.shape == (3, 11) and torch.isfinite(qa.loss)
-    pair = dict(inputs, visual_feats=torch.randn(3, 2, K, 2048), visual_pos=torch.rand(3, 2, K, 4))
-    nlvr2 = SemVLPForNLVR2(config)(**pair, labels=torch.tensor([0, 1, 1]), mode=mode)
-    assert nlvr2.logits.shape == (3, 2) and torch.isfinite(nlvr2.loss)
+    targets = torch.rand(3, 11)
+    qa_model = SemVLPForQuestionAnswering(config).eval()
+    qa = qa_model(**inputs, answer_targets=targets, mode=mode)
+    assert qa.logits.shape == (3, 11)
+    by_hand = F.binary_cross_entropy_with_logits(qa.logits, targets, reduction="sum") / 3
+    torch.testing.assert_close(qa.loss, by_hand)
+
+    images = dict(visual_feats=torch.randn(3, 2, K, 2048), visual_pos=torch.rand(3, 2, K, 4))
+    nlvr2_model = SemVLPForNLVR2(config).eval()
+    nlvr2 = nlvr2_model(**inputs | images, labels=torch.tensor([0, 1, 1]), mode=mode)
+    text = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    pooled = [
+        nlvr2_model.semvlp(**text, visual_feats=images["visual_feats"][:, i], visual_pos=images["visual_pos"][:, i],
+                           mode=mode).pooled
+        for i in (0, 1)
+    ]  # fmt: skip
+    torch.testing.assert_close(nlvr2.logits, nlvr2_model.classifier(torch.cat(pooled, -1)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nlvr2.loss, F.cross_entropy(nlvr2.logits, torch.tensor([0, 1, 1])))
+
     retrieval = SemVLPForRetrieval(config)(**inputs, labels=torch.tensor([1, 0, 0]), mode=mode)
-    assert SemVLPForRetrieval.score(retrieval.logits).shape == (3,) and torch.isfinite(retrieval.loss)
+    torch.testing.assert_close(retrieval.loss, F.cross_entropy(retrieval.logits, torch.tensor([1, 0, 0])))
+    matched = retrieval.logits.softmax(-1)[:, 1]
+    torch.testing.assert_close(SemVLPForRetrieval.score(retrieval.logits), torch.log(matched / (1 - matched)))
 
 
 def activation_bytes(model: torch.nn.Module, run) -> int:
