@@ -192,6 +192,11 @@ def test_negatives_come_from_other_images(dataset):
     neg = dataset._negatives(indices, rng)
     assert (dataset.sent_image_row[neg] != dataset.sent_image_row[indices]).all()
     assert len(np.unique(neg)) > 1000  # spread over the corpus, not one fixed sentence
+    # Uniform over every sentence of another image, the first and the last included.
+    own = next(i for i in range(len(dataset)) if dataset.sent_image_row[i] not in dataset.sent_image_row[[0, -1]])
+    drawn = np.bincount(dataset._negatives(np.full(40 * len(dataset), own), rng), minlength=len(dataset))
+    others = dataset.sent_image_row != dataset.sent_image_row[own]
+    assert (drawn[~others] == 0).all() and drawn[others].min() > 10 and drawn[others].max() < 80  # mean 40
 
 
 def test_qa_labels(light, dataset):

@@ -46,18 +46,19 @@ def test_answer_coverage_counts_outside_answers_and_the_cap_they_imply():
         {"two": 0.9, "2": 0.3},  # "two" is outside: best reachable 0.3
         {"maybe": 1.0},  # unanswerable: 0
         {"no": 0.6, "nope": 0.3},  # "nope" outside but "no" is the best anyway: 0.6
+        {"yes": 0.3, "no": 0.9},  # two table answers: the better, 0.9
     ]
     soft = answer_coverage(labels, table, soft=True)
     assert (soft.questions, soft.questions_with_outside_answers, soft.unanswerable, soft.outside_answers) == (
-        4,
+        5,
         3,
         1,
         3,
     )
-    assert soft.score_cap == pytest.approx((1.0 + 0.3 + 0.0 + 0.6) / 4)
+    assert soft.score_cap == pytest.approx((1.0 + 0.3 + 0.0 + 0.6 + 0.9) / 5)
     exact = answer_coverage(labels, table, soft=False)
-    # exact match needs the top answer in the table: rows 1 and 4 only
-    assert exact.unanswerable == 2 and exact.score_cap == pytest.approx(2 / 4)
+    # exact match needs the top answer in the table: rows 1, 4 and 5 only
+    assert exact.unanswerable == 2 and exact.score_cap == pytest.approx(3 / 5)
     # the cap is a real bound: an oracle predicting the best table answer reaches it exactly
     oracle = [max((a for a in lab if a in table), key=lab.get, default="yes") for lab in labels]
     assert vqa_score(oracle, labels) == pytest.approx(soft.score_cap)
