@@ -261,6 +261,7 @@ def test_device_time_is_cuda_only():
 def test_model_flops_formula_matches_the_flop_counter():
     """Our analytic model FLOPs equal the matmul FLOPs torch counts when no text is padded."""
     from semvlp.config import config_from_preset
+    from semvlp.flops import training_step_flops
     from semvlp.model import SemVLPForPreTraining
 
     cfg = config_from_preset("tiny", kernel_backend="eager")
@@ -275,6 +276,13 @@ def test_model_flops_formula_matches_the_flop_counter():
         # With padding the counter sees the padded work; the model FLOPs count real tokens only.
         counted = throughput.counted_step_flops(lambda b=padded, m=mode: model(**b.inputs, mode=m).loss)
         assert throughput.semvlp_step_flops(cfg, padded, mode) < counted
+        # A batch of texts of several lengths costs what its examples cost alone (attention is per sequence).
+        for length in (9, 14):
+            alone = throughput.make_batch(cfg, [length], length, False, cpu)
+            counted = throughput.counted_step_flops(lambda b=alone, m=mode: model(**b.inputs, mode=m).loss)
+            assert throughput.semvlp_step_flops(cfg, alone, mode) == pytest.approx(counted, rel=1e-9), (mode, length)
+        apart = training_step_flops(cfg, [9], mode, 1, 2) + training_step_flops(cfg, [14], mode, 2, 3)
+        assert training_step_flops(cfg, [9, 14], mode, 3, 5) == pytest.approx(apart, rel=1e-12), mode
     alternate = throughput.semvlp_step_flops(cfg, full, "alternate")
     assert alternate == pytest.approx(
         (throughput.semvlp_step_flops(cfg, full, "single") + throughput.semvlp_step_flops(cfg, full, "two")) / 2

@@ -143,6 +143,16 @@ def test_alternating_pretraining_runs_on_two_ranks(tmp_path, toy_data):
     ]  # fmt: skip
 
 
+def test_the_alternate_schedule_draws_each_mode_with_probability_one_half_step_by_step():
+    """Paper 3.3.2: each mini-batch is single- or two-stream with probability 1/2, drawn independently."""
+    modes = [mode_for_step("alternate", step, 42) for step in range(20_000)]
+    assert abs(modes.count("single") / len(modes) - 0.5) < 0.015  # 3 standard deviations: 0.011
+    repeats = sum(a == b for a, b in zip(modes, modes[1:], strict=False)) / (len(modes) - 1)
+    assert abs(repeats - 0.5) < 0.015  # neither strict alternation nor long runs
+    assert modes[:100] != [mode_for_step("alternate", step, 43) for step in range(100)]  # the seed draws anew
+    assert [mode_for_step(schedule, 7, 42) for schedule in ("single", "two")] == ["single", "two"]
+
+
 def test_log_record_gives_mfu_against_the_peak_of_every_process():
     """The `mfu` a GPU run logs (none on CPU, above): model TFLOP/s over the listed dense peak of all
     processes; and `data_wait_s` per step."""
