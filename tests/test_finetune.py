@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from _launch import CPU_CONFIG, REPO, pretrain_command, records
@@ -263,6 +264,81 @@ def test_retrieval_with_hard_negatives_ranks_every_caption_and_image(toy, finetu
     r1 = sum(r["ranked_image_ids"][0] == r["image_id"] for r in rankings["image_retrieval"]) / 60
     assert test["image_r1"] - 1e-6 <= r1 <= test["image_r1"] + 2 / 60
     assert 0.0 <= test["r_mean"] <= 1.0
+
+
+class TableScorer:
+    """A stand-in engine: the matched log-odds of (caption, image) is table[caption id, image id], the
+    ids read from input_ids[:, 0] and visual_feats[:, 0, 0]. Records each call's pairs and labels."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def __call__(self, input_ids, visual_feats, labels=None, mode=None, **_):
+        import torch
+        import torch.nn.functional as F
+
+        caption, image = input_ids[:, 0], visual_feats[:, 0, 0].long()
+        self.calls.append((caption, image, labels))
+        scores = self.table[caption, image]
+        logits = torch.stack([torch.zeros_like(scores), scores], 1)
+        return SimpleNamespace(logits=logits, loss=None if labels is None else F.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("loss, hard", [("rank", 0), ("itm", 0), ("rank", 2)])
+def test_retrieval_trains_on_the_pairs_and_losses_of_its_definition(loss, hard):
+    """Per positive (caption b, its image): its caption with N other images, its image with N other
+    captions; with --hard_negatives H the H highest-scoring of each kind. Rank loss: max(0, margin +
+    sigmoid(s_neg) - sigmoid(s_pos)) averaged (UNITER); itm: cross-entropy, the positive labelled 1."""
+    import torch
+    import torch.nn.functional as F
+
+    from semvlp.tasks.retrieval import RetrievalConfig, RetrievalTask
+
+    batch_size, n, k = 3, 4, 2
+    g = torch.Generator().manual_seed(0)
+    engine = TableScorer(torch.randn(50, 20, generator=g))
+    captions, images = (
+        torch.randint(50, (batch_size, 1 + n), generator=g),
+        torch.randint(20, (batch_size, 1 + n), generator=g),
+    )
+    batch = {
+        "input_ids": captions.reshape(-1, 1).repeat(1, 3), "attention_mask": torch.ones(batch_size * (1 + n), 3),
+        "token_type_ids": torch.zeros(batch_size * (1 + n), 3, dtype=torch.long),
+        "visual_feats": images[..., None, None].float().expand(batch_size, 1 + n, k, 8),
+        "visual_pos": torch.zeros(batch_size, 1 + n, k, 4),
+    }  # fmt: skip
+    task = object.__new__(RetrievalTask)  # loss() needs its options and the scoring chunk size only
+    task.run = RetrievalConfig(deepspeed_config=str(CPU_CONFIG), loss=loss, negatives=n, hard_negatives=hard)
+    task.eval_batch_size = 5
+    value, _ = task.loss(engine, batch, "single", step=1)
+
+    caption, image, labels = engine.calls[-1]
+    caption, image = caption.view(batch_size, -1), image.view(batch_size, -1)
+    for b in range(batch_size):
+        own_caption, own_image = captions[b, 0].item(), images[b, 0].item()
+        other_images, other_captions = images[b, 1:].tolist(), captions[b, 1:].tolist()
+        if hard:
+            other_images = sorted(other_images, key=lambda i: -engine.table[own_caption, i])[:hard]
+            other_captions = sorted(other_captions, key=lambda c: -engine.table[c, own_image])[:hard]
+        kept = len(other_images)
+        assert (caption[b, 0].item(), image[b, 0].item()) == (own_caption, own_image)
+        assert caption[b, 1 : 1 + kept].tolist() == [own_caption] * kept
+        assert sorted(image[b, 1 : 1 + kept].tolist()) == sorted(other_images)
+        assert sorted(caption[b, 1 + kept :].tolist()) == sorted(other_captions)
+        assert image[b, 1 + kept :].tolist() == [own_image] * kept
+    scores = engine.table[caption, image]
+    if loss == "rank":
+        expected = F.relu(task.run.margin + torch.sigmoid(scores[:, 1:]) - torch.sigmoid(scores[:, :1])).mean()
+    else:
+        assert labels.view(batch_size, -1).tolist() == [[1] + [0] * 2 * n] * batch_size
+        expected = F.cross_entropy(torch.stack([torch.zeros_like(scores), scores], -1).view(-1, 2), labels)
+    torch.testing.assert_close(value, expected)
 
 
 @pytest.mark.parametrize(
