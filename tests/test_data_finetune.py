@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from semvlp.data.annotations import AnnotationError, MissingImagesError, load_flickr30k, load_nlvr2, load_vqa
+from semvlp.data.annotations import (
+    AnnotationError,
+    AnswerTable,
+    MissingImagesError,
+    QAExample,
+    load_flickr30k,
+    load_nlvr2,
+    load_vqa,
+)
 from semvlp.data.config import DataConfig
 from semvlp.data.store import FeatureStore, open_stores
 from semvlp.data.tokenizer import load_tokenizer
@@ -98,6 +106,17 @@ def test_vqa_batches_carry_the_labels_soft_scores(toy, cfg, store, tok, stores):
         assert torch.equal(targets[j], expected)
         assert torch.equal(batch["visual_feats"][j], features(store, ex.img_id))
     assert (targets == 0.3).any()  # the toy world has annotator disagreement
+    # Answers are looked up as written (LXMERT's fine-tuning): "Two" is not the table's "2".
+    img = examples[0].img_id
+    written = [
+        QAExample(1, img, "how many ?", {"Two": 0.6, "yes": 0.3}, "f"),
+        QAExample(2, img, "and ?", {"2": 0.9}, "f"),
+    ]
+    table = AnswerTable(["yes", "2"])
+    targets = QADataset(written, stores, tok, table, 20, False, "vqa x").make_batch(np.arange(2), None)[
+        "answer_targets"
+    ]
+    assert targets.tolist() == [[pytest.approx(0.3), 0.0], [0.0, pytest.approx(0.9)]]
     # the toy VQA test split has no labels: batches without targets, predictions only
     test = next(iter(task.eval_loader("test")))
     assert not task.labeled("test") and "answer_targets" not in test
