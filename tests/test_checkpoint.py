@@ -340,6 +340,28 @@ def assert_weights(folder: Path, expected: dict[str, torch.Tensor]) -> None:
         assert torch.equal(got[name], tensor), name
 
 
+def test_a_save_stopped_before_its_complete_marker_leaves_latest_on_the_previous_one(
+    tmp_path, engine_factory, vocab, monkeypatch
+):
+    """The marker first, then the pointer: a save killed between the shards and the marker leaves
+    `latest` on the last complete checkpoint, which a resume takes (the other order names a damaged one)."""
+    engine = engine_factory(seed=0)
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.save(engine, ckpt, 1, {"step": 1}, keep_last=2, vocab=vocab)
+    write = checkpoint._write_atomically
+
+    def killed_at_the_marker(path, contents):
+        if path.name == checkpoint.COMPLETE:
+            raise KeyboardInterrupt  # as a kill there would stop it
+        write(path, contents)
+
+    monkeypatch.setattr(checkpoint, "_write_atomically", killed_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(engine, ckpt, 2, {"step": 2}, keep_last=2, vocab=vocab)
+    assert (ckpt / checkpoint.tag_for_step(2)).is_dir()  # its shards were written
+    assert checkpoint.latest_tag(ckpt) == checkpoint.tag_for_step(1)
+
+
 def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_factory, vocab):
     """An intermediate checkpoint exports to the weights of its step (fp32 training here: exactly),
     from the command line, without the engine; a folder of checkpoints exports its newest."""
