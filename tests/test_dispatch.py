@@ -121,6 +121,20 @@ def test_eager_ops_after_a_gemm_leave_the_bias_to_the_gemm():
     assert norm.ops.count("addmm") == 1 and norm.ops.count("add") == 1, norm.ops  # the residual's
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_every_backends_add_and_norm_drops_what_it_adds_to_the_residual(backend):
+    """LayerNorm(residual + dropout(x W^T + b)), with p = 0.5: where x W^T + b is one constant and the
+    residual zero, the kept half of each row normalizes to +1 and the dropped half to -1."""
+    torch.manual_seed(0)
+    ops = dispatch.select_ops(backend, torch.device("cpu"), torch.float32)
+    x, residual = torch.zeros(64, 9, 256), torch.zeros(64, 9, 256)
+    weight, bias, ln_weight, ln_bias = torch.zeros(256, 256), torch.full((256,), 3.0), torch.ones(256), torch.zeros(256)
+    y = ops.linear_residual_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, 1e-12, 0.5)
+    assert set(y.round().unique().tolist()) == {-1.0, 1.0} and abs((y > 0).float().mean().item() - 0.5) < 0.01
+    without = ops.linear_residual_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, 1e-12, 0.0)
+    assert without.abs().max() == 0  # a constant row normalizes to 0
+
+
 def test_the_model_compiles_to_one_graph_per_mode():
     """select_ops runs in every forward: torch.compile must trace it to a constant (no graph break at
     its cache or its logging call; fullgraph=True raises on any break). Dynamo only: backend="eager"."""
