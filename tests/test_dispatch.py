@@ -135,6 +135,26 @@ def test_every_backends_add_and_norm_drops_what_it_adds_to_the_residual(backend)
     assert without.abs().max() == 0  # a constant row normalizes to 0
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_every_backends_attention_is_masked_softmax_attention_with_dropout(backend):
+    """softmax(q k^T / sqrt(D)) v over the keys the mask keeps (True = a real key); with dropout p the
+    probabilities are dropped and scaled by 1 / (1 - p). Uniform attention over ones shows it: each
+    output is (kept keys / keys) / (1 - p), 1 on average, exactly 1 without dropout."""
+    torch.manual_seed(0)
+    ops = dispatch.select_ops(backend, torch.device("cpu"), torch.float32)
+    q, k, v = torch.randn(3, 4, 21, 16), torch.randn(3, 4, 37, 16), torch.randn(3, 4, 37, 16)
+    keep = torch.ones(3, 37, dtype=torch.bool)
+    keep[1, 20:], keep[2, 5:] = False, False
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~keep[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(ops.attention(q, k, v, keep, 0.0), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
+
+    zeros, ones = torch.zeros(8, 4, 64, 16), torch.ones(8, 4, 64, 16)
+    keep = torch.ones(8, 64, dtype=torch.bool)
+    assert torch.equal(ops.attention(zeros, zeros, ones, keep, 0.0), ones)
+    dropped = ops.attention(zeros, zeros, ones, keep, 0.5)
+    assert abs(dropped.mean().item() - 1) < 0.02 and 0.1 < dropped.std().item() < 0.15  # std 1 / sqrt(64)
+
+
 def test_the_model_compiles_to_one_graph_per_mode():
     """select_ops runs in every forward: torch.compile must trace it to a constant (no graph break at
     its cache or its logging call; fullgraph=True raises on any break). Dynamo only: backend="eager"."""
