@@ -161,6 +161,8 @@ def test_masking_statistics(dataset):
         counts["masked"] += lab.sum()
         counts["as_mask"] += (lab & (ids == dataset.mask_id)).sum()
         counts["as_random"] += (lab & (ids != dataset.mask_id) & (ids != orig)).sum()
+        replaced = ids[lab & (ids != dataset.mask_id) & (ids != orig)]  # never a special or [unused] token
+        assert np.isin(replaced, dataset.replacement_ids).all()
         counts["kept"] += (lab & (ids == orig)).sum()
         obj_mask = batch["obj_mask"].numpy()
         counts["obj"] += matched.sum() * 100
