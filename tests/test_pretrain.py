@@ -153,6 +153,54 @@ def test_the_alternate_schedule_draws_each_mode_with_probability_one_half_step_b
     assert [mode_for_step(schedule, 7, 42) for schedule in ("single", "two")] == ["single", "two"]
 
 
+def test_evaluation_averages_each_loss_over_batches_and_each_accuracy_over_its_own_rows():
+    """PretrainTask.evaluate with a stand-in engine, counted by hand over two batches: QA accuracy over
+    the labelled matched pairs only, ITM over every pair, masked LM and object labels over the rows the
+    model returns; every loss the mean of its batch values."""
+    from types import SimpleNamespace
+
+    from semvlp.model import LOSS_NAMES
+    from semvlp.tasks.pretraining import PretrainTask
+
+    def scores(predicted: list[int], classes: int = 8) -> torch.Tensor:  # logits whose argmax is `predicted`
+        return torch.nn.functional.one_hot(torch.tensor(predicted), classes).float()
+
+    batches = [
+        {"input_ids": torch.zeros(3, 4, dtype=torch.long), "itm_labels": torch.tensor([1, 0, 1]),
+         "qa_labels": torch.tensor([2, -100, -100])},  # QA: row 0 only (row 1 mismatched, row 2 unlabelled)
+        {"input_ids": torch.zeros(3, 4, dtype=torch.long), "itm_labels": torch.tensor([1, 1, 0]),
+         "qa_labels": torch.tensor([1, 3, 7])},  # QA: rows 0 and 1
+    ]  # fmt: skip
+    outputs = [
+        SimpleNamespace(  # QA 1/1, ITM 2/3, masked LM 1/2, object labels 2/3
+            losses={name: torch.tensor(1.0 + i) for i, name in enumerate(LOSS_NAMES)},
+            qa_logits=scores([2, 5, 6]), itm_logits=scores([1, 1, 1], 2),
+            mlm_logits=scores([4, 5]), mlm_targets=torch.tensor([4, 6]),
+            obj_label_logits=scores([1, 1, 1]), obj_label_targets=torch.tensor([1, 0, 1]),
+        ),
+        SimpleNamespace(  # QA 1/2, ITM 2/3, masked LM 1/1, object labels 1/2
+            losses={name: torch.tensor(3.0 + 3 * i) for i, name in enumerate(LOSS_NAMES)},
+            qa_logits=scores([1, 0, 7]), itm_logits=scores([1, 0, 0], 2),
+            mlm_logits=scores([3]), mlm_targets=torch.tensor([3]),
+            obj_label_logits=scores([2, 2]), obj_label_targets=torch.tensor([2, 5]),
+        ),
+    ]  # fmt: skip
+    calls = iter(outputs)
+
+    class Engine:  # gives the outputs above, batch after batch
+        device = torch.device("cpu")
+
+        def __call__(self, mode, **inputs):
+            return next(calls)
+
+    task = PretrainTask(None, None, batches, stream_schedule="single", seed=0, eval_batches=0)
+    metrics = task.evaluate(Engine())
+    expected = {f"single/loss_{name}": 2.0 + 2 * i for i, name in enumerate(LOSS_NAMES)}  # (1 + i + 3 + 3i) / 2
+    expected.update({"single/qa_acc": 2 / 3, "single/itm_acc": 4 / 6, "single/mlm_acc": 2 / 3,
+                     "single/obj_label_acc": 3 / 5})  # fmt: skip
+    assert metrics == pytest.approx(expected)
+
+
 def test_log_record_gives_mfu_against_the_peak_of_every_process():
     """The `mfu` a GPU run logs (none on CPU, above): model TFLOP/s over the listed dense peak of all
     processes; and `data_wait_s` per step."""
