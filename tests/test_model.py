@@ -370,6 +370,10 @@ def test_bert_initialization_reproduces_bert_text_states(tmp_path):
     )
     mask = inputs["attention_mask"][:2].bool()
     torch.testing.assert_close(ours[mask], reference.last_hidden_state[mask], rtol=0, atol=1e-5)
+    # BERT's masked-LM head too: transform (dense -> GELU -> LayerNorm), tied decoder, bias.
+    logits = F.linear(model.mlm_transform(ours), model.semvlp.embeddings.word_embeddings.weight, model.mlm_bias)
+    bert_logits = bert(input_ids=inputs["input_ids"][:2], attention_mask=inputs["attention_mask"][:2]).prediction_logits
+    torch.testing.assert_close(logits[mask], bert_logits[mask], rtol=0, atol=1e-4)
 
 
 def test_bert_initialization_rejects_a_different_shape(tmp_path):
