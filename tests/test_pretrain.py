@@ -210,11 +210,12 @@ def test_log_record_gives_mfu_against_the_peak_of_every_process():
     from semvlp.train import Window, _log_record
 
     engine = SimpleNamespace(get_lr=lambda: [1e-4], get_global_grad_norm=lambda: None)
-    window = Window(terms={"loss": torch.tensor(2.0)}, modes=["single", "two"], micro_batches=2, samples=128)
+    # two optimizer steps of two micro-batches each (gradient accumulation)
+    window = Window(terms={"loss": torch.tensor(4.0)}, modes=["single", "two"], micro_batches=4, samples=128)
     window.flops, window.data_wait, window.start = 2 * 5.0e12, 0.004, time.perf_counter() - 0.02
     peak, _ = peak_tflops("NVIDIA H100 80GB HBM3", "bf16")
     record = _log_record(window, 2, engine, "bf16", 0, peak)
-    assert record["loss"] == pytest.approx(1.0)  # summed over 2 micro-batches
+    assert record["loss"] == pytest.approx(1.0)  # summed over 4 micro-batches: their mean
     assert record["mfu"] == pytest.approx(record["tflops_per_s"] / 989.0)  # one process: world size 1
     assert record["data_wait_s"] == pytest.approx(0.002)
     assert "mfu" not in _log_record(window, 2, engine, "fp32", 0, None)
