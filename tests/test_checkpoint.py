@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -516,10 +518,22 @@ def test_non_finite_weights_stop_the_run_instead_of_a_checkpoint(engine_factory)
     engine = engine_factory(seed=0, bf16=True)
     train_step(engine)
     check_finite_weights(engine, 1)
-    with torch.no_grad():
-        engine.module.encoder.layers[1].ffn.down.weight[3, 5] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="non-finite weights after step 1 .* not checkpointing them"):
-        check_finite_weights(engine, 1)
+    weight = engine.module.encoder.layers[1].ffn.down.weight
+    for value in (float("nan"), float("inf")):
+        with torch.no_grad():
+            weight[3, 5] = value
+        with pytest.raises(NonFiniteLossError, match="non-finite weights after step 1 .* not checkpointing them"):
+            check_finite_weights(engine, 1)
+
+
+def test_the_rng_state_a_checkpoint_keeps_restores_every_generator():
+    """Python's, numpy's and torch's (dropout, on CPU; CUDA's where there is one): a resumed run draws
+    what the uninterrupted one would have."""
+    state = checkpoint.rng_state()
+    drawn = random.random(), np.random.rand(), torch.rand(3)
+    checkpoint.set_rng_state(state)
+    again = random.random(), np.random.rand(), torch.rand(3)
+    assert drawn[:2] == again[:2] and torch.equal(drawn[2], again[2])
 
 
 def test_a_bf16_run_resumes_to_the_weights_and_optimizer_state_of_an_uninterrupted_one(tmp_path, engine_factory, vocab):

@@ -711,6 +711,10 @@ def test_batch_size_arithmetic_is_checked_before_any_work(tmp_path, toy_data, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = "train_batch_size=48 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
     assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--deepspeed_config", str(bad)], message)
+    config["train_batch_size"] = 16  # right for one rank, half of what 2 ranks take
+    bad.write_text(json.dumps(config))
+    message = "train_batch_size=16 != train_micro_batch_size_per_gpu=16 x gradient_accumulation_steps=1 x world size 2"
+    assert_stops_before_any_work(tmp_path, toy_data, capsys, load_launcher, ["--deepspeed_config", str(bad)], message)
 
 
 @pytest.mark.slow
