@@ -502,16 +502,29 @@ def _nan_features(f):
     f["features"][...] = np.nan
 
 
+def _infinite_features(f):
+    f["features"][..., 7] = -np.inf
+
+
 def _boxes_in_pixels(f):
     f["boxes"][...] = f["boxes"][...] * 640
+
+
+def _inverted_boxes(f):
+    f["boxes"][...] = f["boxes"][...][..., [2, 1, 0, 3]]  # x1 and x2 swapped, still within [0, 1]
+
+
+NOT_FINITE = "features are not finite in float16 (NaN, inf or beyond 65504)"
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (_nan_features, "features are not finite in float16 (NaN, inf or beyond 65504)"),
+        (_nan_features, NOT_FINITE),
+        pytest.param(_infinite_features, NOT_FINITE, id="inf"),
         (_boxes_in_pixels, "boxes are not normalized to [0, 1]"),
+        (_inverted_boxes, "a box has x2 < x1 or y2 < y1"),
     ],
 )
 def test_a_batch_of_an_image_the_converters_would_refuse_stops_the_run_naming_it(
