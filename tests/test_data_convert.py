@@ -68,6 +68,8 @@ def bad_lines(rng):
     nan_feats[1, 2] = np.nan
     far_boxes = good["boxes"].copy()
     far_boxes[2, 2] = good["img_w"] + 50
+    low_boxes = good["boxes"].copy()
+    low_boxes[1, 3] = good["img_h"] + 50  # below a landscape image, within its width
     return [
         (tsv_line(good).rsplit("\t", 1)[0], "field 'columns': 9 tab-separated columns"),
         (tsv_line(good, boxes="@@notbase64@@"), "field 'boxes': invalid base64"),
@@ -79,6 +81,7 @@ def bad_lines(rng):
         (tsv_line(good, features=good["features"][:, :-1]), "field 'features': decodes to"),
         (tsv_line(good, features=nan_feats), "field 'features': contains NaN"),
         (tsv_line(good, boxes=far_boxes), "field 'boxes': box 2"),
+        (tsv_line(good, boxes=low_boxes), "field 'boxes': box 1"),
         (tsv_line(good, num_boxes="four"), "field 'num_boxes': not an integer"),
         (tsv_line(good, objects_id=np.array([3, 2**33 + 5, 1, 0])), "field 'objects_id': object 1 has id 8589934597"),
         (tsv_line(good, attrs_id=np.array([-1, 2, 1, 0])), "field 'attrs_id': object 0 has id -1"),

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from semvlp.data.batching import visual_batch
 from semvlp.data.store import (
     FORMAT_VERSION,
     BadRecordError,
@@ -86,6 +87,9 @@ def test_padded_store_and_store_set(tmp_path):
     np.testing.assert_array_equal(s.read("b2").valid_mask, b["b2"]["valid_mask"])
     np.testing.assert_array_equal(s.read("b2").features, b["b2"]["features"])
     assert s.read("img1").valid_mask.all()  # unpadded stores read as all-valid in a padded set
+    batch = visual_batch(s, np.array([s.row("img1"), s.row("b2")]))  # as the loader reads them
+    assert batch["visual_attention_mask"][0].all()
+    np.testing.assert_array_equal(batch["visual_attention_mask"][1].numpy(), b["b2"]["valid_mask"])
     np.testing.assert_array_equal(s.read(1).features, a["img1"]["features"])
     with FeatureStoreWriter(tmp_path / "c.h5", K + 1, D) as w:
         w.add("c", **make_image(np.random.default_rng(0), k=K + 1))
