@@ -61,6 +61,7 @@ def test_answer_tables(tmp_path):
     table = AnswerTable(["yes", "2", "man"])
     assert table.label_ids({"Two": 0.3, "a man": 1.0, "unknown": 0.9}) == {1: 0.3, 2: 1.0}
     assert table.label_ids({"Two": 0.3}, normalize=False) == {}
+    assert table.label_ids({"two": 0.6, "2": 0.9}) == {1: 0.9}  # one table answer: the better score, not a sum
     with pytest.raises(AnnotationError, match="labels must be distinct"):
         AnswerTable.load(dump(tmp_path / "bad.json", {"yes": 0, "no": 0}))
     with pytest.raises(AnnotationError, match="record 1 has no field 'ans'"):
