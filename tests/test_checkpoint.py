@@ -364,6 +364,22 @@ def test_a_save_stopped_before_its_complete_marker_leaves_latest_on_the_previous
     assert checkpoint.latest_tag(ckpt) == checkpoint.tag_for_step(1)
 
 
+def test_an_export_refuses_a_checkpoint_whose_weights_do_not_fit_its_config(tmp_path, engine_factory, vocab):
+    """config.json describing a model with more tensors than the shards hold (a block more): exported,
+    those would keep their random initialization without a word."""
+    engine = engine_factory(seed=0)
+    folder = checkpoint.save(engine, tmp_path / "checkpoints", 1, {"step": 1}, keep_last=1, vocab=vocab)
+    config = json.loads((folder / checkpoint.CONFIG).read_text())
+    (folder / checkpoint.CONFIG).write_text(
+        json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1})
+    )
+    with pytest.raises(
+        ValueError, match=r"its weights do not fit SemVLPModel .* \(missing \['encoder.layers.\d+.*unexpected \[\]"
+    ):
+        export.export_checkpoint(folder, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 def test_every_complete_checkpoint_exports_its_own_weights(tmp_path, engine_factory, vocab):
     """An intermediate checkpoint exports to the weights of its step (fp32 training here: exactly),
     from the command line, without the engine; a folder of checkpoints exports its newest."""
