@@ -55,6 +55,16 @@ def pretraining_targets(inputs: dict, num_masked_objects: int = 15, seed: int = 
     )
 
 
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every parameter moved by noise (seeded): LayerNorm weights and biases away
+    from their 1 and 0, which a reference computation could otherwise get away with skipping."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def paper_forward(model: SemVLPModel, inputs: dict, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text states, image states, pooled) by the paper's equations (section 3), in plain torch ops on
     the model's weights, without dropout: BERT's text embeddings and post-LayerNorm blocks; an object
@@ -117,9 +127,7 @@ def test_both_modes_compute_the_papers_equations(model, mode):
     """The model against paper_forward, a from-scratch reading of the paper, with padded text and
     padded objects: embeddings, masks, block order, which states the image attends to and from
     which block, and which token is pooled."""
-    torch.manual_seed(0)
-    for p in model.parameters():  # LayerNorm and bias parameters away from their 1 / 0 initialization
-        p.data.add_(0.05 * torch.randn_like(p))
+    perturbed(model)
     inputs = make_inputs()
     inputs["visual_attention_mask"] = torch.ones(3, K, dtype=torch.long)
     inputs["visual_attention_mask"][1, K - 30 :] = 0
@@ -415,9 +423,7 @@ def test_every_pretraining_loss_is_the_papers_example_by_example(mode):
     cross-entropy weighted by their own detector confidence; ITM (class 1 = matched) on every pair;
     QA on the labelled matched pairs; the loss is their sum."""
     torch.manual_seed(0)
-    model = SemVLPForPreTraining(tiny_config()).eval()
-    for p in model.parameters():  # LayerNorm and bias parameters away from their 1 / 0 initialization
-        p.data.add_(0.05 * torch.randn_like(p))
+    model = perturbed(SemVLPForPreTraining(tiny_config()).eval())
     inputs = make_inputs()
     targets = pretraining_targets(inputs)
     targets["qa_labels"] = torch.tensor([2, 5, 3])
