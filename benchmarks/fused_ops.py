@@ -17,7 +17,9 @@ on CUDA device_ms (the GPU's kernel time per call, from the profiler: benchmarks
 what the op costs inside a step where the host runs ahead, and what the bandwidth targets are about),
 GB/s for the memory-bound ops (bytes moved / p50, and device_GBps = bytes moved / device_ms,
 counted as in tutorial 05: inputs read + outputs written, forward and backward), TFLOP/s for attention
-(tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward), peak MB, and the max abs
+(tutorial 06: 4*B*H*Tq*Tk*D forward, x3.5 for forward+backward) and the GEMM ops (2*M*K*N forward,
+x3 for forward+backward), on CUDA peak_mb (one call's peak, its inputs included, measured in an
+untimed call of its own: the timer's L2-flush buffer does not count), and the max abs
 difference against the fp32 reference checked once before timing (none with dropout: random).
 Every op/provider runs in its own try/except: a failure is recorded in its row and the rest still
 run. On CUDA the JSON also holds what Triton chose: `autotune` (per kernel and tuning key the
@@ -29,6 +31,19 @@ single-stream 121 tokens (101 visual + 20 text), two-stream 101 visual / 20 text
 101 x 20, and single-stream with pre-training's attention dropout 0.1; packed (varlen) attention
 over captions of 8..20 tokens, and over single-stream sequences of 101 image tokens + those
 captions, vs the same padded; masked LM on 15% of 20 text tokens.
+
+Two kinds of comparison for the elementwise fusions, on the same rows (batch x 121 tokens):
+  bias_gelu, residual_layer_norm: the op alone, the Triton kernel vs the same math in eager ops
+    (gelu(x + b); LayerNorm(residual + dropout(x + b))), bias pass included. These are
+    memory-bound: GB/s and % of copy bandwidth are about them (issue #6: at least 1.3x eager and
+    70% of copy). The model's eager path never runs this baseline: it adds the bias in the GEMM.
+  linear_gelu, linear_residual_layer_norm: what the model dispatches (semvlp_kernels.dispatch),
+    GEMM included: "triton" = bias-free F.linear + the fused kernel (linear_*_triton), "eager" =
+    F.linear with the bias in cuBLAS's epilogue + the eager ops (linear_*_eager). Their speedup is
+    what kernel_backend "triton" gains or loses per fusion site in a training step: the FFN
+    up-projection 768 -> 3072 and down-projection 3072 -> 768 with pre-training's dropout 0.1;
+    without --quick also the down-projection without dropout (checked against fp32) and the
+    attention output projection 768 -> 768. TFLOP/s counts the GEMMs; no GB/s (not memory-bound).
 """
 
 from __future__ import annotations
@@ -249,6 +264,43 @@ def setup_residual_layer_norm(device, dtype, rows, cols, dropout_p, providers):
     return inputs, {k: v for k, v in table.items() if k in providers}, reference, 3 * numel * size, bytes_bwd, None
 
 
+# The model's fusion sites as semvlp_kernels.dispatch runs them, GEMM included: its eager path
+# leaves the bias to cuBLAS's epilogue, so the op-level "eager" above (a bias pass of its own) is a
+# baseline the model never runs. These compare what a training step pays for each choice.
+def setup_linear_gelu(device, dtype, rows, n_in, n_out, providers):
+    """gelu(x W^T + b), the FFN up-projection: x [rows, n_in], W [n_out, n_in]."""
+    from semvlp_kernels.dispatch import linear_gelu_eager, linear_gelu_triton
+
+    x = _leaf(torch.randn(rows, n_in, device=device, dtype=dtype))
+    w = _leaf(torch.randn(n_out, n_in, device=device, dtype=dtype) / math.sqrt(n_in))
+    b = _leaf(0.1 * torch.randn(n_out, device=device, dtype=dtype))
+    table = {"triton": linear_gelu_triton, "eager": linear_gelu_eager}
+    reference = lambda x, w, b: linear_gelu_eager(x.float(), w.float(), b.float())
+    flops = 2 * rows * n_in * n_out  # the GEMM; x3 with the backward's two GEMMs
+    return [x, w, b], {k: v for k, v in table.items() if k in providers}, reference, None, None, (flops, 3 * flops)
+
+
+def setup_linear_residual_layer_norm(device, dtype, rows, n_in, n_out, dropout_p, providers):
+    """LayerNorm(residual + dropout(x W^T + b)), a sub-layer's output projection + Add & Norm:
+    x [rows, n_in], W [n_out, n_in], residual [rows, n_out]."""
+    from semvlp_kernels.dispatch import linear_residual_layer_norm_eager, linear_residual_layer_norm_triton
+
+    x = _leaf(torch.randn(rows, n_in, device=device, dtype=dtype))
+    w = _leaf(torch.randn(n_out, n_in, device=device, dtype=dtype) / math.sqrt(n_in))
+    residual = _leaf(torch.randn(rows, n_out, device=device, dtype=dtype))
+    vecs = [_leaf(s * torch.randn(n_out, device=device, dtype=dtype) + m) for s, m in ((0.1, 0), (0.1, 1), (0.1, 0))]
+    table = {
+        "triton": lambda *t: linear_residual_layer_norm_triton(*t, 1e-12, dropout_p),
+        "eager": lambda *t: linear_residual_layer_norm_eager(*t, 1e-12, dropout_p),
+    }
+    reference = lambda *t: linear_residual_layer_norm_eager(*(u.float() for u in t), 1e-12)
+    if dropout_p > 0.0:  # random outputs: nothing to check them against
+        reference = None
+    flops = 2 * rows * n_in * n_out
+    inputs = [x, w, vecs[0], residual, vecs[1], vecs[2]]  # x, W, b, residual, LN weight, LN bias
+    return inputs, {k: v for k, v in table.items() if k in providers}, reference, None, None, (flops, 3 * flops)
+
+
 def setup_linear_cross_entropy(device, dtype, rows, hidden, vocab, providers):
     from semvlp_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
@@ -310,6 +362,17 @@ def model_cases(device, dtype, batch: int, shapes: dict, providers: dict[str, li
         ("residual_layer_norm", f"{rows}x{hidden}_drop{p}",
          lambda p=p: setup_residual_layer_norm(device, dtype, rows, hidden, p, fused_providers))
         for p in ([0.1] if quick else [0.0, 0.1])
+    ]  # fmt: skip
+    # The same two ops as the model dispatches them, GEMM included (after the op-level cases, whose
+    # kernels they reuse at the same shapes, so tuned by then): the FFN up- and down-projections
+    # and, without --quick, the attention output projection.
+    cases.append(("linear_gelu", f"{rows}x{hidden}->{ffn}",
+                  lambda: setup_linear_gelu(device, dtype, rows, hidden, ffn, fused_providers)))  # fmt: skip
+    projections = [(ffn, 0.1)] if quick else [(ffn, 0.0), (ffn, 0.1), (hidden, 0.1)]
+    cases += [
+        ("linear_residual_layer_norm", f"{rows}x{n_in}->{hidden}_drop{p}",
+         lambda n_in=n_in, p=p: setup_linear_residual_layer_norm(device, dtype, rows, n_in, hidden, p, fused_providers))
+        for n_in, p in projections
     ]  # fmt: skip
     cases += [
         ("linear_cross_entropy", f"{n}x{hidden}->{vocab}",
@@ -436,6 +499,25 @@ def profile_table(fn, device: torch.device, calls: int = 10) -> str:
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=20)
 
 
+def peak_memory_mb(closure, inputs: list[torch.Tensor], device: torch.device) -> float | None:
+    """MiB at the peak of one call of `closure`, its inputs included (None off CUDA): the most it
+    allocated above what was live before it, plus the storage of `inputs`, so that leftovers (the
+    check's reference output, earlier cases' caches) do not count. An untimed call of its own, the
+    inputs' grads cleared first as do_bench does: the timer allocates too (do_bench's 256 MiB
+    L2-flush buffer), after any reset around it."""
+    if device.type != "cuda":
+        return None
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    closure()  # its output is freed on return, after the peak it was part of
+    torch.cuda.synchronize(device)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in inputs}
+    return (torch.cuda.max_memory_allocated(device) - before + sum(held.values())) / 2**20
+
+
 def _fresh_grads(inputs: list[torch.Tensor], closure) -> None:
     for t in inputs:  # as do_bench's grad_to_none: no accumulation kernels from earlier calls
         t.grad = None
@@ -464,6 +546,7 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
             check = None
             if expected is not None:
                 check = (out.float() - expected.float()).abs().max().item()
+            del out  # and the activations its graph holds, which the timed calls do not need
         except Exception as exc:  # noqa: BLE001
             results.append({**row_base, "mode": "check", "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
@@ -477,13 +560,11 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                     def closure(fn=fn, grad=grad):
                         torch.autograd.backward(fn(*inputs), grad)
 
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
                 p50, p20, p80 = timer(closure, grad_to_none=inputs)
                 row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, host_ms=host_time(closure, device))
                 if device.type == "cuda":
-                    row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    read = inputs if mode == "forward" else [*inputs, grad]  # the backward reads grad
+                    row["peak_mb"] = peak_memory_mb(closure, read, device)
                     try:  # a diagnostic: its failure must not turn the timed row into an error
                         row["device_ms"] = device_ms(lambda closure=closure: _fresh_grads(inputs, closure), device)
                     except Exception as exc:  # noqa: BLE001
@@ -511,7 +592,7 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
 
 def _format_row(row: dict) -> str:
     if "error" in row:
-        where = f"{row['op']:>22} {row['case']:<25} {row['provider']:<15} {row.get('mode', ''):<8}"
+        where = f"{row['op']:>26} {row['case']:<25} {row['provider']:<15} {row.get('mode', ''):<8}"
         return f"{where} ERROR {row['error'][:80]}"
     extra = ""
     if "GBps" in row:
@@ -520,7 +601,7 @@ def _format_row(row: dict) -> str:
         extra += f" {row['TFLOPs']:7.1f} TFLOP/s"
     times = f"{row['p50_ms']:8.3f} ms (host {row['host_ms']:7.3f}"
     times += f", device {row['device_ms']:7.3f})" if row.get("device_ms") else ")"
-    return f"{row['op']:>22} {row['case']:<25} {row['provider']:<15} {row['mode']:<8} {times}{extra}"
+    return f"{row['op']:>26} {row['case']:<25} {row['provider']:<15} {row['mode']:<8} {times}{extra}"
 
 
 def speedups(results: list[dict], copy_GBps: float | None = None) -> list[dict]:
@@ -629,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         eager = f"{s['speedup_vs_eager']:.2f}x eager" if s["speedup_vs_eager"] else ""
         best = f"{s['speedup_vs_best_other']:.2f}x {s['best_other']}" if s["best_other"] else ""
         copy = f"{s['pct_of_copy']:.0f}% of copy" if s["pct_of_copy"] else ""
-        where = f"{s['op']:>22} {s['case']:<22} {s['mode']:<8} {s['timing']:<9}"
+        where = f"{s['op']:>26} {s['case']:<25} {s['mode']:<8} {s['timing']:<9}"
         print(f"  {where} {s['triton_ms']:.3f} ms  {eager}  {best}  {copy}")
     errors = [r for r in results if "error" in r]
     print(f"wrote {path} ({len(results)} rows, {len(errors)} errors)")

@@ -251,6 +251,43 @@ def test_kernel_speedups_by_wall_clock_and_device_time():
     # CPU rows have no device_ms: only the wall-clock comparison; no copy bandwidth measured: no percentage
     cpu = [{k: v for k, v in r.items() if k != "device_ms"} for r in rows]
     assert [(s["timing"], s["pct_of_copy"]) for s in fused_ops.speedups(cpu)] == [("p50_ms", None)]
+    # The model-path cases (GEMM included): triton vs eager like the others, but no bytes: no percentage
+    gemm = [{**r, "op": "linear_gelu", "GBps": None, "device_GBps": None, "TFLOPs": 100.0} for r in rows]
+    by_timing = {s["timing"]: s for s in fused_ops.speedups(gemm, copy_GBps=2500.0)}
+    assert by_timing["device_ms"]["speedup_vs_eager"] == pytest.approx(2.0)
+    assert by_timing["device_ms"]["pct_of_copy"] is None and by_timing["p50_ms"]["pct_of_copy"] is None
+
+
+def test_kernel_peak_memory_is_one_untimed_calls_peak_with_its_inputs(monkeypatch):
+    """peak_memory_mb against a stand-in for torch.cuda's allocator counters: what was live before
+    the call (the check's outputs) and what the timer allocated before it (do_bench's 256 MiB
+    L2-flush buffer) do not count; the call's own peak and its inputs do; stale grads are cleared first."""
+    fused_ops = _load("fused_ops")
+    mib = 2**20
+    mem = {"now": 300 * mib, "peak": 300 * mib}  # 300 MiB live before the call
+
+    def allocate(nbytes: int) -> None:
+        mem["now"] += nbytes
+        mem["peak"] = max(mem["peak"], mem["now"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    x = torch.zeros(mib // 4, requires_grad=True)  # 1 MiB of fp32
+    x.grad = torch.ones_like(x)  # left by an earlier call
+    seen_grads = []
+
+    def call() -> None:
+        seen_grads.append(x.grad)
+        allocate(3 * mib)  # the call's activations and output, freed on return
+        allocate(-3 * mib)
+
+    allocate(256 * mib)  # the timer's flush buffer, before the measured call
+    allocate(-256 * mib)
+    assert fused_ops.peak_memory_mb(call, [x, x[:2]], torch.device("cuda")) == pytest.approx(4.0)
+    assert seen_grads == [None] and x.grad is None
+    assert fused_ops.peak_memory_mb(call, [x], torch.device("cpu")) is None and len(seen_grads) == 1
 
 
 def test_device_time_is_cuda_only():
@@ -349,7 +386,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("kernels_*_float32_*.json")
-    assert f"wrote {path} (16 rows, 0 errors)" in result.stdout
+    assert f"wrote {path} (20 rows, 0 errors)" in result.stdout
     run = json.loads(path.read_text())
     assert run["meta"]["dtype"] == "float32" and run["meta"]["torch"] == torch.__version__
     assert len(run["meta"]["git_commit"]) == 40
@@ -357,8 +394,16 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert not [r for r in rows if "error" in r]
     timed = {(r["op"], r["mode"]) for r in rows}
     ops = ("attention", "varlen_attention", "bias_gelu", "residual_layer_norm", "linear_cross_entropy")
+    ops += ("linear_gelu", "linear_residual_layer_norm")  # the model's fusion sites, GEMM included
     assert timed == {(op, mode) for op in ops for mode in ("forward", "full")}
     assert all(_positive(r["p50_ms"]) and _positive(r["host_ms"]) and r["p20_ms"] <= r["p80_ms"] for r in rows)
+    # GEMM ops: TFLOP/s, no GB/s; the memory-bound ops: GB/s. (CPU: no peak_mb, a CUDA counter.)
+    by_op = {op: [r for r in rows if r["op"] == op] for op in ops}
+    assert all(_positive(r["TFLOPs"]) and "GBps" not in r for r in by_op["linear_gelu"] + by_op["linear_cross_entropy"])
+    assert all(_positive(r["GBps"]) and "TFLOPs" not in r for r in by_op["bias_gelu"])
+    assert {r["case"] for r in by_op["linear_gelu"]} == {"242x64->256"}
+    assert {r["case"] for r in by_op["linear_residual_layer_norm"]} == {"242x256->64_drop0.1"}
+    assert not [r for r in rows if "peak_mb" in r]
     # Checked against the fp32 reference unless dropout makes the outputs random.
     assert all((r["max_abs_diff_vs_fp32_reference"] is None) == ("_drop0.1" in r["case"]) for r in rows)
     # --profile: a profiler table per case, for its first provider (eager here, triton on a GPU)
