@@ -15,6 +15,7 @@ Sources:
 - V100 SXM2 / PCIe: NVIDIA V100 datasheet, Tensor (FP16) 125 / 112 TFLOPS; no bf16 on Volta.
 - V100S PCIe: NVIDIA V100S datasheet, Tensor (FP16) 130 TFLOPS.
 DESIGN.md section 5 quotes the same H100 and V100 figures.
+A MIG slice ("... MIG 3g.40gb") gets no peak: it has a fraction of the device's SMs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def peak_tflops(device_name: str, precision: str) -> tuple[float | None, str]:
     """(peak dense TFLOP/s or None, where the number comes from or why there is none)."""
     name = device_name.upper()
     words = set(re.split(r"[^A-Z0-9]+", name))
+    if "MIG" in words:
+        return None, f"{device_name!r} is a MIG slice, with a fraction of the device's peak (MFU left empty)"
     for model, substrings, label, table, source in PEAKS:
         if model in words and all(s in name for s in substrings):
             if precision in table:

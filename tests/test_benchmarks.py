@@ -371,6 +371,7 @@ def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
         ("Tesla V100S-PCIE-32GB", "fp16", 130.0),
         ("Tesla V100-PCIE-16GB", "fp16", 112.0),
         ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", "bf16", None),  # a slice: not the whole device's SMs
     ],
 )
 def test_peak_table(name, precision, expected):
