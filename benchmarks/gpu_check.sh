@@ -24,8 +24,9 @@
 #                                 the Triton varlen kernel, as --packed_text training would), largest
 #                                 micro-batch + its runs
 #   throughput-compile  110   45  the same main grid under torch.compile with CUDA graphs
-#                                 (mode reduce-overhead; sdpa, then triton): how much of eager's
-#                                 step is launch overhead (compare the kernel busy % columns)
+#                                 (mode reduce-overhead; sdpa, triton, then eager as time allows):
+#                                 how much of eager's step is launch overhead (compare the kernel
+#                                 busy % columns)
 #   throughput-fp16      60   25  the main grid in fp16 (sdpa, then triton: its fp16 autotuning last)
 #   model-kernels        60    0  tests/test_model_kernels.py on the GPU, and the loader test of workers
 #                                 reusing their buffers (here with pinned memory), only with time left
@@ -264,7 +265,7 @@ if [ "$CPU_MODE" = 1 ]; then
     skip_stage throughput-compile "cpu mode"
 else
     run_stage throughput-compile throughput throughput_compile.json --precision "${PRECISIONS[0]}" \
-        --backends sdpa,triton --modes single,two,alternate --compile on --compile-mode reduce-overhead
+        --backends sdpa,triton,eager --modes single,two,alternate --compile on --compile-mode reduce-overhead
 fi
 
 run_stage throughput-fp16 throughput throughput_fp16.json --precision "${PRECISIONS[1]}" \
