@@ -28,11 +28,12 @@ OURS_SECTIONS = ("main", "compiled", "max_batch")
 TARGET_MFU, TARGET_PEER_RATIO, TARGET_MODE_GAP = 0.50, 2.0, 0.10
 
 FORMULA = (
-    "Step = forward + backward + AdamW of `SemVLPForPreTraining` on a fixed synthetic batch already on the "
-    "device (K = 100 objects, 20-token text), plain PyTorch; bf16/fp16 cast the model and keep fp32 master "
-    "weights as DeepSpeed does. Model FLOPs per step = sum over matmuls of 6 x rows x n_in x n_out (visual "
-    "projection 4x: its input needs no gradient) + 12 x d x s_q x s_k per attention layer and sequence, real "
-    "tokens only; for one stream this is the usual 6N + 12·L·d·s per token. Single-stream: s = 1 + K + m. "
+    "Step = forward + backward + gradient clipping (norm 1.0) + AdamW of `SemVLPForPreTraining` on a fixed "
+    "synthetic batch already on the device (K = 100 objects, 20-token text with its attention mask), plain "
+    "PyTorch; bf16/fp16 cast the model and keep fp32 master weights as DeepSpeed does. Model FLOPs per "
+    "step = sum over matmuls of 6 x rows x n_in x n_out (visual projection 4x: its input needs no gradient) "
+    "+ 12 x d x s_q x s_k per attention layer and sequence, real tokens only; for one "
+    "stream this is the usual 6N + 12·L·d·s per token. Single-stream: s = 1 + K + m. "
     "Two-stream, per stream: text s = m, image s = 1 + K, cross-attention s_q = 1 + K, s_k = m. "
     "MFU = model FLOP/s / dense peak (semvlp/peaks.py; empty for unknown devices). "
     "ours/peer = samples/s against HF `VisualBertForPreTraining` (single) and `LxmertForPreTraining` "
@@ -79,19 +80,25 @@ def format_tables(doc: dict) -> str:
         cells.append(_fmt(r.get("gpu_busy_pct"), ".0f"))
         cells += [_fmt(nvml.get("gpu_util_pct"), ".0f"), _fmt(nvml.get("sm_clock_mhz"), ".0f"), status]
         lines.append(_row(cells))
+    if any(r["model"] != "semvlp" for r in doc["runs"]):
+        lines.append("Peers' TFLOP/s count executed FLOPs (torch.utils.flop_counter), not model FLOPs: no MFU.")
     if doc.get("ratios"):
         lines += ["", "| peer | mode | ours (backend) | ours samples/s | peer samples/s | ours/peer | eager/peer |"]
         lines.append("|" + "---|" * 7)
         for q in doc["ratios"]:
             backend = q["ours_backend"] + (" compiled" if q["ours_compile"] else "")
             cells = [q["peer"], q["mode"], backend, f"{q['ours_samples_per_s']:.1f}", f"{q['peer_samples_per_s']:.1f}"]
-            lines.append(_row(cells + [f"{q['ratio']:.2f}x", _fmt(q["ratio_eager"], ".2f") + "x"]))
-    padding = [r for r in doc["runs"] if r["section"] == "padding" and r["status"] == "ok"]
+            eager = "-" if q["ratio_eager"] is None else f"{q['ratio_eager']:.2f}x"
+            lines.append(_row(cells + [f"{q['ratio']:.2f}x", eager]))
+    padding = [r for r in doc["runs"] if r["section"] == "padding" and (r["status"] == "ok" or r.get("same_as"))]
     if padding:
         lines += ["", "| padding: mode | text layout | padded to | mean length | samples/s | vs pad20 |"]
         lines.append("|" + "---|" * 6)
-        ref = {r["mode"]: r["samples_per_s"] for r in padding if r["text"] == "pad20"}
+        ref = {r["mode"]: r["samples_per_s"] for r in padding if r["text"] == "pad20" and r["status"] == "ok"}
         for r in padding:
+            if r.get("same_as"):  # not run: its batch is another layout's
+                lines.append(_row([r["mode"], r["text"], "-", "-", f"= {r['same_as']} (the same batch)", "-"]))
+                continue
             rel = r["samples_per_s"] / ref[r["mode"]] if r["mode"] in ref else None
             pad_to = "-" if r["text_pad_to"] is None else str(r["text_pad_to"])  # None: packed, no padding
             cells = [r["mode"], r["text"], pad_to, f"{r['text_mean_len']:.1f}"]

@@ -119,7 +119,7 @@ def count_step_operators(ds_config: dict, preset: str, batch_size: int, warmup: 
     config = config_from_preset(preset, vocab_size=1000, num_qa_labels=10)
     model = SemVLPForPreTraining(config).to(dtype)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
-    batch = make_batch(config, [TEXT_LEN] * batch_size, TEXT_LEN, False, engine.device).inputs  # the model casts
+    batch = make_batch(config, [TEXT_LEN] * batch_size, TEXT_LEN, engine.device).inputs  # the model casts
     counter = OperatorCount()
 
     def step() -> None:

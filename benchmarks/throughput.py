@@ -7,20 +7,25 @@
 What one step is. A full optimizer step of `SemVLPForPreTraining` on one fixed synthetic batch of the
 real shapes (K = 100 objects x 2048-d fp16 features, text up to 20 tokens, 15% masked tokens and
 objects, half the pairs mismatched, a quarter with a QA label), already on the device: forward with
-all pre-training losses, backward, then `torch.optim.AdamW` (fused where torch has it). The batch is
-fixed so the input pipeline is out of the measurement (nanoGPT `bench.py`). The step is plain
-PyTorch, not the DeepSpeed engine, so that the number isolates the model and its kernels; the
-precision handling copies what DeepSpeed's bf16/fp16 modes do (below), so the optimizer's share of
-the step is the same one the trainer pays.
+all pre-training losses, backward, gradient clipping at the ds_configs' global norm 1.0
+(`--grad-clip`), then `torch.optim.AdamW` (fused where torch has it) over every parameter: as
+DeepSpeed's ZeRO optimizer steps its flat partitions whole, parameters a mode leaves unused
+(cross-attention in single-stream steps) step with zero gradients. The batch is fixed so the input
+pipeline is out of the measurement (nanoGPT `bench.py`). The step is plain PyTorch, not the DeepSpeed
+engine, so that the number isolates the model and its kernels; the precision handling copies what
+DeepSpeed's bf16/fp16 modes do (below), so the optimizer's share of the step is the one the trainer pays.
 Modes: "single" and "two" stream, and "alternate" (single, two, single, ... as the paper's 50/50
 strategy; its per-step figures are the mean of both).
-Text (`--text`): the main runs use "full" by default, every caption 20 real tokens and no attention
-mask (the most work per sample, and SDPA may pick its flash kernel); "pad20" / "longest" give them
-lengths uniform in 8..20 padded to 20 / to the batch's longest. `--padding-study` times all layouts
-(text_lengths) on the fastest backend (or `--padding-backend`'s), including "packed": the same lengths
-without any padding (PackedText through the model, what `launch/pretrain.py --packed_text` trains
-with), and records which attention the packed path ran (packed_attention); `--padding-backend triton`
-times it with the Triton varlen kernel.
+Text (`--text`): the main runs use "full" by default, every caption 20 real tokens (the most work per
+sample); "pad20" / "longest" give them lengths uniform in 8..20 padded to 20 / to the batch's longest.
+Every padded layout passes an attention mask, all ones for "full", as the trainer's collate does (so
+SDPA runs the kernels training gets, not the flash kernel it picks without a mask). `--padding-study`
+times all layouts (text_lengths) on the fastest backend (or `--padding-backend`'s), including
+"packed": the same lengths without any padding (PackedText through the model, what
+`launch/pretrain.py --packed_text` trains with), and records which attention the packed path ran
+(packed_attention); `--padding-backend triton` times it with the Triton varlen kernel. A layout whose
+batch equals an earlier one's (at micro-batch 64 "longest" is nearly always padded to 20, as pad20)
+is recorded as skipped, naming that layout.
 
 Precision (`--amp cast`, the default): like DeepSpeed's bf16/fp16 modes, the model's parameters are
 cast to bf16/fp16 and the optimizer keeps fp32 master weights: after backward the grads are copied
@@ -48,9 +53,10 @@ done), so the recompute shows as lower MFU; `--find-max-batch` with it shows the
 Model FLOPs: `semvlp.flops.training_step_flops` (its docstring has the exact count: 6 x rows x
 n_in x n_out per matmul plus 12 x d x s_q x s_k per attention layer, each stream with its own
 lengths, real tokens only), the MFU convention of nanoGPT / llm-foundry made exact per matmul.
-Peers are measured with torch.utils.flop_counter (executed matmul FLOPs, which for them include
-e.g. VisualBERT's masked-LM logits at every position); tests/test_benchmarks.py checks that our
-formula matches the counter on our model.
+Peers are measured with torch.utils.flop_counter: executed matmul FLOPs, which for them include
+work the model FLOPs convention leaves out (VisualBERT's masked-LM logits at all 120 positions, about
+a fifth of its count at base), so their TFLOP/s is executed work and they get no MFU; compare peers
+by samples/s (the ratios). tests/test_benchmarks.py checks that our formula matches the counter on our model.
 tokens/s counts K + m input tokens per sample for every model. MFU = model TFLOP/s over the
 device's dense peak for the precision (semvlp/peaks.py); unknown devices get no MFU.
 
@@ -97,6 +103,7 @@ BACKENDS = ("eager", "sdpa", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROFILED_SECTIONS = ("main", "compiled")  # runs whose kernel time per step is measured (device_time)
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's WordPiece ids
+GRAD_CLIP = 1.0  # every ds_configs/*.json's gradient_clipping (tests/test_benchmarks.py checks)
 MASK_PROB = 0.15
 # Text layouts of the padding study (see text_lengths).
 LAYOUTS = ("full", "pad20", "longest", "bucket-pad20", "bucket-longest", "packed")
@@ -119,10 +126,10 @@ class Batch:
         return len(self.lengths)
 
 
-def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[list[int], int, bool]:
-    """(lengths, padded length, whether an attention mask is passed) for a text layout.
+def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[list[int], int]:
+    """(lengths, padded length) for a text layout.
 
-    full: every caption max_len tokens, no mask; pad20: lengths uniform in [8, max_len], padded to
+    full: every caption max_len tokens; pad20: lengths uniform in [8, max_len], padded to
     max_len; longest: the same lengths padded to the batch's longest; bucket-pad20 / bucket-longest:
     a length-bucketed batch of short captions (uniform in [8, 12]) padded to max_len / to its longest;
     packed: longest's lengths, built padded to the longest and then packed (pack_text).
@@ -130,11 +137,11 @@ def text_lengths(kind: str, batch_size: int, max_len: int, seed: int) -> tuple[l
     g = torch.Generator().manual_seed(seed + 1)
     low = min(8, max_len)
     if kind == "full":
-        return [max_len] * batch_size, max_len, False
+        return [max_len] * batch_size, max_len
     high = min(12, max_len) if kind.startswith("bucket") else max_len
     lengths = torch.randint(low, high + 1, (batch_size,), generator=g).tolist()
     pad_to = max(lengths) if kind.endswith("longest") or kind == "packed" else max_len
-    return lengths, pad_to, True
+    return lengths, pad_to
 
 
 def graph_breaks(since: dict[str, int] | None = None) -> dict[str, int]:
@@ -150,8 +157,10 @@ def graph_breaks(since: dict[str, int] | None = None) -> dict[str, int]:
     return {reason: count - since.get(reason, 0) for reason, count in now.items() if count > since.get(reason, 0)}
 
 
-def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: torch.device, seed: int = 0) -> Batch:
-    """A pre-training batch with the statistics of the real one, on `device`."""
+def make_batch(cfg, lengths: list[int], pad_to: int, device: torch.device, seed: int = 0) -> Batch:
+    """A pre-training batch with the statistics of the real one, on `device`. It has an attention mask
+    even when nothing is padded, as every batch the trainer's collate makes (semvlp/data/batching.py):
+    with a mask SDPA cannot choose its flash kernel, which it would without."""
     g = torch.Generator().manual_seed(seed)
     batch, num_objects = len(lengths), cfg.num_objects
     length = torch.tensor(lengths)[:, None]
@@ -173,7 +182,7 @@ def make_batch(cfg, lengths: list[int], pad_to: int, with_mask: bool, device: to
     obj_mask = torch.rand(batch, num_objects, generator=g) < MASK_PROB
     inputs = dict(
         input_ids=input_ids,
-        attention_mask=attention_mask if with_mask else None,
+        attention_mask=attention_mask,
         visual_feats=None,  # made on the device below: at large batches it is most of the batch
         visual_pos=torch.cat([x1y1, x2y2], dim=-1),
         mlm_labels=mlm_labels,
@@ -233,12 +242,21 @@ def counted_step_flops(forward: Callable[[], torch.Tensor]) -> float:
 class TrainStep:
     """forward -> backward -> AdamW, with DeepSpeed-style mixed precision (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, precision: str, amp: str, device: torch.device, lr: float = 1e-4):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        precision: str,
+        amp: str,
+        device: torch.device,
+        lr: float = 1e-4,
+        grad_clip: float = GRAD_CLIP,
+    ):
         self.dtype = DTYPES[precision]
         low = self.dtype != torch.float32
         self.cast = low and amp == "cast"
         self.autocast = low and amp == "autocast"
         self.device = device
+        self.grad_clip = grad_clip
         if self.cast:
             model.to(self.dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -247,6 +265,7 @@ class TrainStep:
             self.master_grads = [torch.zeros_like(m) for m in self.masters]
         else:
             self.masters = self.params
+        self.zero_grads: dict[int, torch.Tensor] = {}  # for params a mode leaves unused (no cast)
         self.optimizer = _adamw(self.masters, lr, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
         self.model = model
@@ -262,15 +281,28 @@ class TrainStep:
             loss = forward()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         mid = clock.mark()
+        # Params a mode leaves unused (cross-attention in single-stream) have no grad. DeepSpeed's ZeRO
+        # optimizer steps its flat partitions whole, zeros where nothing flowed, so they step here too.
         if self.cast:
-            # Params a mode leaves unused (cross-attention in single-stream) have no grad: skip them.
-            sources, targets = [], []
+            sources, targets, unused = [], [], []
             for param, master, buffer in zip(self.params, self.masters, self.master_grads, strict=True):
-                master.grad = None if param.grad is None else buffer
-                if param.grad is not None:
+                master.grad = buffer
+                if param.grad is None:
+                    unused.append(buffer)
+                else:
                     sources.append(param.grad)
                     targets.append(buffer)
             torch._foreach_copy_(targets, sources)
+            if unused:
+                torch._foreach_zero_(unused)
+        else:
+            for i, param in enumerate(self.params):
+                if param.grad is None:
+                    param.grad = self.zero_grads.setdefault(i, torch.zeros_like(param))
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clipping needs the true gradients
+        if self.grad_clip:  # the ds_configs' gradient_clipping: a global norm and a rescale every step
+            torch.nn.utils.clip_grad_norm_(self.masters, self.grad_clip, foreach=True)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -534,7 +566,9 @@ class Runner:
                 "text": args.text,
                 "max_text_len": args.max_text_len,
                 "gradient_checkpointing": args.gradient_checkpointing,
-                "optimizer": "torch.optim.AdamW (fused when available), fp32 master weights under --amp cast",
+                "grad_clip": args.grad_clip,
+                "optimizer": "torch.optim.AdamW (fused when available), fp32 master weights under --amp cast; "
+                "parameters unused by a mode step with zero gradients (as ZeRO's flat partitions)",
                 "timing": "CUDA events per repeat" if device.type == "cuda" else "time.perf_counter per repeat",
                 "step": "plain PyTorch forward + backward + optimizer step on a fixed on-device batch",
             },
@@ -559,7 +593,7 @@ class Runner:
     def save(self) -> None:
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_finite(self.doc), indent=1, default=str, allow_nan=False) + "\n")
         os.replace(tmp, self.out_path)
 
     def skip_reason(self) -> str | None:
@@ -607,7 +641,8 @@ class Runner:
             return self.error(run, exc)
         seconds = result["ms_per_step"] / 1e3
         tokens = sum(self.cfg.num_objects + m for m in batch.lengths)
-        peak = self.doc["peak"].get(run["precision"], {}).get("tflops") if self.device.type == "cuda" else None
+        # (None off CUDA.) A peer's FLOPs are counted, not model FLOPs: no MFU for it.
+        peak = self.doc["peak"].get(run["precision"], {}).get("tflops") if run["model"] == "semvlp" else None
         tflops = flops / seconds / 1e12
         finite = result["loss"] is not None and math.isfinite(result["loss"])
         run = {**run, **result, "status": "ok" if finite else "error"}
@@ -640,7 +675,7 @@ class Runner:
         model.train()
         if self.args.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        train = TrainStep(model, precision, self.args.amp, self.device)
+        train = TrainStep(model, precision, self.args.amp, self.device, grad_clip=self.args.grad_clip)
         mode = None if self.args.compile_mode == "default" else self.args.compile_mode
         call = torch.compile(model, mode=mode) if compile_ else model
         return train, call
@@ -669,7 +704,7 @@ class Runner:
             train, call = self.build_ours(backend, precision, compile_)
         except Exception as exc:
             return [self.error(run, exc) for run in grid]
-        runs, batches = [], {}
+        runs, batches, first_layout = [], {}, {}
         for run in grid:
             failed = [r for r in runs if r["status"] == "error"]
             if compile_ and failed:  # a model that failed to compile once fails again, slowly
@@ -677,10 +712,15 @@ class Runner:
                     self.record({**run, "status": "skipped", "reason": f"compile failed: {failed[0]['reason']}"})
                 )
                 continue
+            lengths, pad_to = text_lengths(run["text"], batch_size, self.args.max_text_len, seed=0)
+            layout = first_layout.setdefault((tuple(lengths), None if run["text"] == "packed" else pad_to), run["text"])
+            if layout != run["text"]:  # e.g. "longest" padded to 20 as pad20: the run would repeat that one
+                reason = f"the same batch as text layout {layout!r}"
+                runs.append(self.record({**run, "status": "skipped", "reason": reason, "same_as": layout}))
+                continue
             if run["text"] not in batches:
                 batches.clear()  # one batch alive at a time
-                lengths, pad_to, with_mask = text_lengths(run["text"], batch_size, self.args.max_text_len, seed=0)
-                batch = make_batch(self.cfg, lengths, pad_to, with_mask, self.device)
+                batch = make_batch(self.cfg, lengths, pad_to, self.device)
                 batches[run["text"]] = pack_text(batch) if run["text"] == "packed" else batch
             batch = batches[run["text"]]
             pad_to = None if run["text"] == "packed" else batch.inputs["input_ids"].shape[1]
@@ -703,7 +743,7 @@ class Runner:
     def _run_peer(self, name: str, precision: str, batch_size: int) -> dict:
         run = dict(section="peer", model=name, mode=PEER_MODE[name], backend="eager", precision=precision)
         run.update(compile=False, compile_mode=None, batch_size=batch_size, text=self.args.text)
-        run["flops_source"] = "torch.utils.flop_counter"
+        run["flops_source"] = "torch.utils.flop_counter: executed FLOPs, not model FLOPs (no MFU)"
         if reason := self.skip_reason():
             return self.record({**run, "status": "skipped", "reason": reason})
         try:
@@ -711,9 +751,9 @@ class Runner:
             with self.device:
                 model = build_peer(name, self.cfg)
             model.train()
-            train = TrainStep(model, precision, self.args.amp, self.device)
-            lengths, pad_to, with_mask = text_lengths(self.args.text, batch_size, self.args.max_text_len, seed=0)
-            batch = make_batch(self.cfg, lengths, pad_to, with_mask, self.device)
+            train = TrainStep(model, precision, self.args.amp, self.device, grad_clip=self.args.grad_clip)
+            lengths, pad_to = text_lengths(self.args.text, batch_size, self.args.max_text_len, seed=0)
+            batch = make_batch(self.cfg, lengths, pad_to, self.device)
             forward = peer_forward(model, peer_inputs(name, batch.inputs, train.param_dtype))
             ctx = torch.autocast(self.device.type, dtype=train.dtype) if train.autocast else contextlib.nullcontext()
             with ctx:
@@ -753,8 +793,8 @@ class Runner:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:
-                lengths, pad_to, with_mask = text_lengths(args.text, size, args.max_text_len, seed=0)
-                batch = make_batch(self.cfg, lengths, pad_to, with_mask, self.device)
+                lengths, pad_to = text_lengths(args.text, size, args.max_text_len, seed=0)
+                batch = make_batch(self.cfg, lengths, pad_to, self.device)
                 forward_for = semvlp_forward_for(call, batch, "alternate")  # alternate needs both modes to fit
                 for i in range(2):
                     train(forward_for(i), clock)
@@ -892,10 +932,15 @@ def resolve_out(out: str, info: dict, args: argparse.Namespace) -> Path:
     return path / f"throughput-{device or info['type']}-{args.preset}-b{args.batch_size}-{stamp}.json"
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+def _finite(value):
+    """`value` with every NaN or inf float as None: json writes them as bare NaN / Infinity, which is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _error(exc: BaseException) -> str:
@@ -938,6 +983,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5 if cuda else 3, help="timed repeats (median reported)")
     p.add_argument("--text", choices=("full", "pad20", "longest"), default="full", help="text layout of the main runs")
     p.add_argument("--max-text-len", type=int, default=20)
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP,
+                   help=f"global gradient norm clipped to in every step, as the ds_configs' gradient_clipping "
+                   f"(default {GRAD_CLIP}; 0: none)")  # fmt: skip
     p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode; reduce-overhead replays CUDA graphs (no launch per kernel)")  # fmt: skip

@@ -229,7 +229,7 @@ def test_compiled_runs_record_their_graph_breaks(monkeypatch, tmp_path):
     assert run["status"] == "ok" and run["graph_breaks"] == sum(run["graph_break_reasons"].values())
 
     _, call = runner.build_ours("eager", "fp32", compile_=False)
-    batch = throughput.make_batch(runner.cfg, [20, 20], 20, False, torch.device("cpu"))
+    batch = throughput.make_batch(runner.cfg, [20, 20], 20, torch.device("cpu"))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(call)(**batch.inputs, mode="single")
     assert run["graph_breaks"] == len(explained.break_reasons) > 0  # the masked-row gathers of the losses
@@ -305,8 +305,8 @@ def test_model_flops_formula_matches_the_flop_counter():
     torch.manual_seed(0)
     model = SemVLPForPreTraining(cfg).train()
     cpu = torch.device("cpu")
-    full = throughput.make_batch(cfg, [20, 20], 20, False, cpu)
-    padded = throughput.make_batch(cfg, [9, 14], 20, True, cpu)
+    full = throughput.make_batch(cfg, [20, 20], 20, cpu)
+    padded = throughput.make_batch(cfg, [9, 14], 20, cpu)
     for mode in ("single", "two"):
         counted = throughput.counted_step_flops(lambda b=full, m=mode: model(**b.inputs, mode=m).loss)
         assert throughput.semvlp_step_flops(cfg, full, mode) == pytest.approx(counted, rel=1e-9), mode
@@ -315,7 +315,7 @@ def test_model_flops_formula_matches_the_flop_counter():
         assert throughput.semvlp_step_flops(cfg, padded, mode) < counted
         # A batch of texts of several lengths costs what its examples cost alone (attention is per sequence).
         for length in (9, 14):
-            alone = throughput.make_batch(cfg, [length], length, False, cpu)
+            alone = throughput.make_batch(cfg, [length], length, cpu)
             counted = throughput.counted_step_flops(lambda b=alone, m=mode: model(**b.inputs, mode=m).loss)
             assert throughput.semvlp_step_flops(cfg, alone, mode) == pytest.approx(counted, rel=1e-9), (mode, length)
         apart = training_step_flops(cfg, [9], mode, 1, 2) + training_step_flops(cfg, [14], mode, 2, 3)
@@ -326,18 +326,24 @@ def test_model_flops_formula_matches_the_flop_counter():
     )
 
 
-def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
-    """--amp cast: bf16 model, fp32 master weights; a single-stream step leaves cross-attention alone."""
+def _tiny_model_and_batch(text_lengths=(20, 20)):
     from semvlp.config import config_from_preset
     from semvlp.model import SemVLPForPreTraining
 
     cfg = config_from_preset("tiny", kernel_backend="eager")
     torch.manual_seed(0)
     model = SemVLPForPreTraining(cfg).train()
+    return model, throughput.make_batch(cfg, list(text_lengths), max(text_lengths), torch.device("cpu"))
+
+
+def test_cast_step_keeps_fp32_masters_and_steps_unused_params_with_zero_grads():
+    """--amp cast: bf16 model, fp32 master weights. A single-stream step leaves cross-attention without
+    gradients; DeepSpeed's ZeRO optimizer still steps its flat partition whole, so AdamW steps them
+    here with zero gradients: the weight decay alone moves them."""
+    model, batch = _tiny_model_and_batch()
     cpu = torch.device("cpu")
-    train = throughput.TrainStep(model, "bf16", "cast", cpu)
+    train = throughput.TrainStep(model, "bf16", "cast", cpu, lr=1e-4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = throughput.make_batch(cfg, [20, 20], 20, False, cpu)
     loss, _ = train(lambda: model(**batch.inputs, mode="single").loss, throughput.Clock(cpu))
     assert math.isfinite(loss.item())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -347,11 +353,85 @@ def test_cast_step_keeps_fp32_masters_and_skips_unused_params():
     named = dict(model.named_parameters())
     masters = {n: train.masters[i] for i, n in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
     cross = [n for n in named if ".cross_attention." in n]
-    # Not even weight decay touched them (in fp32, where a 1e-6 relative change is visible).
-    assert cross and all(torch.equal(masters[n], before[n].float()) for n in cross)
+    assert cross
+    for name in cross:
+        master = masters[name]
+        assert torch.equal(master.grad, torch.zeros_like(master)) and master in train.optimizer.state
+        assert torch.allclose(master, before[name].float() * (1 - 1e-4 * 0.01), rtol=0, atol=1e-9)
     assert not torch.equal(
         named["semvlp.encoder.layers.0.ffn.up.weight"], before["semvlp.encoder.layers.0.ffn.up.weight"]
     )
+    # fp32: the same rule without masters (the model's own parameters step)
+    model, batch = _tiny_model_and_batch()
+    train = throughput.TrainStep(model, "fp32", "cast", cpu)
+    train(lambda: model(**batch.inputs, mode="single").loss, throughput.Clock(cpu))
+    stepped = {id(p) for p in train.optimizer.state}
+    assert all(id(p) in stepped for n, p in model.named_parameters() if ".cross_attention." in n)
+
+
+def test_step_clips_the_gradients_to_the_ds_configs_norm():
+    """Every ds_config clips the global gradient norm at 1.0, a pass over every gradient each step:
+    the benchmark's step does it too (after unscaling, for fp16), and --grad-clip 0 turns it off."""
+    for name in ("cpu", "v100", "a100", "h100"):
+        config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        assert config["gradient_clipping"] == throughput.GRAD_CLIP == throughput.parse_args([]).grad_clip, name
+    cpu = torch.device("cpu")
+
+    def master_grad_norm(precision: str, grad_clip: float) -> float:
+        model, batch = _tiny_model_and_batch()
+        train = throughput.TrainStep(model, precision, "cast", cpu, grad_clip=grad_clip)
+        if train.scaler:  # a scale that does not overflow fp16 here, and that clipping before unscaling would show
+            train.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        train(lambda: model(**batch.inputs, mode="two").loss, throughput.Clock(cpu))
+        return torch.linalg.vector_norm(torch.stack([m.grad.float().norm() for m in train.masters])).item()
+
+    unclipped = master_grad_norm("bf16", 0.0)
+    assert unclipped > 1.0  # so that clipping at 1.0 does something
+    assert master_grad_norm("bf16", 1.0) == pytest.approx(1.0, rel=1e-4)
+    assert master_grad_norm("bf16", 1e-3) == pytest.approx(1e-3, rel=1e-4)
+    assert master_grad_norm("fp16", 1e-3) == pytest.approx(1e-3, rel=1e-3)  # unscaled first
+
+
+def test_every_batch_has_the_attention_mask_the_collate_gives():
+    """The trainer's collate always passes attention_mask, all ones when nothing is padded; without
+    one SDPA would pick a flash kernel training never runs."""
+    _, full = _tiny_model_and_batch((20, 20))
+    assert torch.equal(full.inputs["attention_mask"], torch.ones(2, 20, dtype=torch.long))
+    _, padded = _tiny_model_and_batch((9, 14))
+    assert padded.inputs["attention_mask"].sum(1).tolist() == [9, 14]
+
+
+def test_padding_study_skips_a_layout_whose_batch_is_an_earlier_ones(tmp_path):
+    """At micro-batch 64 the longest of 64 captions of 8..20 tokens is 20: "longest" is pad20's batch."""
+    args = ["--device", "cpu", "--preset", "tiny", "--out", str(tmp_path / "r.json")]
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    assert throughput.text_lengths("longest", 64, 20, seed=0) == throughput.text_lengths("pad20", 64, 20, seed=0)
+    runs = runner.run_ours("padding", "eager", "fp32", False, ["two"], ["pad20", "longest", "packed"], 64, (0, 1, 1))
+    assert [(r["text"], r["status"], r.get("same_as")) for r in runs] == [
+        ("pad20", "ok", None),
+        ("longest", "skipped", "pad20"),
+        ("packed", "ok", None),  # the same lengths, not the same batch
+    ]
+    table = report.format_tables(runner.doc)
+    assert "| two | longest | - | - | = pad20 (the same batch) | - |" in table
+
+
+def test_peers_get_no_mfu_and_the_json_has_no_nan(tmp_path):
+    """A peer's FLOPs are counted (executed), not model FLOPs: its MFU would not compare with ours.
+    Non-finite figures are written as null: bare NaN is not JSON."""
+    out = tmp_path / "r.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--out", str(out)]
+    runner = throughput.Runner(throughput.parse_args(args), torch.device("cpu"))
+    runner.doc["peak"]["fp32"] = {"tflops": 1.0, "source": "a stand-in peak"}  # CPU has none
+    (ours,) = runner.run_ours("main", "eager", "fp32", False, ["single"], ["full"], 2, timing=(0, 1, 1))
+    peer = runner.run_peer("visualbert", "fp32", 2)
+    assert ours["mfu"] == pytest.approx(ours["tflops"]) and peer["mfu"] is None and peer["tflops"] > 0
+    assert "executed FLOPs" in peer["flops_source"]
+    assert "Peers' TFLOP/s count executed FLOPs" in report.format_tables(runner.doc)
+    runner.doc["runs"].append({**ours, "loss": float("nan"), "ms_repeats": [float("inf")]})
+    runner.save()
+    saved = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert saved["runs"][-1]["loss"] is None and saved["runs"][-1]["ms_repeats"] == [None]
 
 
 @pytest.mark.parametrize(
