@@ -146,24 +146,27 @@ def groups(docs: list[dict]) -> list[dict]:
 
 
 def summary_rows(group: dict) -> list[dict]:
-    """Our fastest run per (precision, batch, mode) and its ratio to the matching peer."""
+    """Our fastest run per (precision, batch, text layout, mode) and its ratio to the matching peer
+    (same precision, batch and text: shorter text is less work)."""
     runs = group["runs"]
     ours_all = [r for r in runs if r["model"] == "semvlp" and r["section"] in OURS_SECTIONS]
+    same = lambda r: (r["precision"], r["batch_size"], r.get("text", "full"))
     keys = sorted(
-        {(r["precision"], r["batch_size"], r["mode"]) for r in ours_all},
-        key=lambda k: (k[0], k[1], ("single", "two", "alternate").index(k[2])),
+        {(*same(r), r["mode"]) for r in ours_all},
+        key=lambda k: (k[0], k[1], k[2] != "full", k[2], ("single", "two", "alternate").index(k[3])),
     )
     rows = []
-    for precision, batch, mode in keys:
-        ours = [r for r in ours_all if (r["precision"], r["batch_size"], r["mode"]) == (precision, batch, mode)]
+    for precision, batch, text, mode in keys:
+        ours = [r for r in ours_all if (*same(r), r["mode"]) == (precision, batch, text, mode)]
         best = max(ours, key=lambda r: r["samples_per_s"])
         peer_name = PEER_FOR_MODE.get(mode)
-        peers = [r for r in runs if r["model"] == peer_name and (r["precision"], r["batch_size"]) == (precision, batch)]
+        peers = [r for r in runs if r["model"] == peer_name and same(r) == (precision, batch, text)]
         peer = max(peers, key=lambda r: r["samples_per_s"]) if peers else None
         rows.append(
             {
                 "precision": precision,
                 "batch_size": batch,
+                "text": text,
                 "mode": mode,
                 "best": best,
                 "peer": peer_name if peer else None,
@@ -188,7 +191,8 @@ def format_summary(docs: list[dict]) -> str:
             backend += " checkpointed" if best.get("gradient_checkpointing") else ""
             ratio = f"{row['ratio']:.2f}x {row['peer']}" if row["ratio"] else "-"
             cells = [group["device"]["name"], group["date"][:10], group["git"]["commit"][:8], group["preset"]]
-            cells += [row["precision"], str(row["batch_size"]), row["mode"], backend]
+            batch = str(row["batch_size"]) + ("" if row["text"] == "full" else f" ({row['text']} text)")
+            cells += [row["precision"], batch, row["mode"], backend]
             cells += [f"{best['ms_per_step']:.2f}", f"{best['samples_per_s']:.1f}"]
             mfu = best["mfu"] * 100 if best.get("mfu") else None
             cells += [_fmt(mfu, ".1f"), _fmt(best.get("peak_mem_gib"), ".1f")]
@@ -202,7 +206,7 @@ def format_summary(docs: list[dict]) -> str:
 def target_checks(group: dict, rows: list[dict]) -> list[str]:
     if "H100" not in group["device"]["name"].upper() or group["preset"] != "base":
         return []
-    at = {r["mode"]: r for r in rows if r["precision"] == "bf16" and r["batch_size"] == 64}
+    at = {r["mode"]: r for r in rows if (r["precision"], r["batch_size"], r["text"]) == ("bf16", 64, "full")}
     if "single" not in at or not at["single"]["best"].get("mfu"):
         return []
     single = at["single"]["best"]["mfu"]

@@ -145,6 +145,33 @@ def test_report_summary_and_readme_block(cli_run, tmp_path, capsys):
         report.main([str(path), "--readme", str(readme)])
 
 
+def test_summary_keeps_text_layouts_apart_and_pairs_peers_on_the_same_text():
+    """Shorter text is less work: a pad20 run is neither "our fastest" full-text run nor compared with
+    a full-text peer, and the H100 target verdicts read the full-text rows only."""
+
+    def run(model: str, text: str, samples_per_s: float, mode: str = "single") -> dict:
+        section = "main" if model == "semvlp" else "peer"
+        return {"model": model, "section": section, "mode": mode, "precision": "bf16", "batch_size": 64,
+                "text": text, "samples_per_s": samples_per_s, "ms_per_step": 64e3 / samples_per_s,
+                "backend": "sdpa", "compile": False, "status": "ok", "mfu": 0.5 if text == "full" else 0.9}  # fmt: skip
+
+    runs = [run("semvlp", "full", 100.0), run("semvlp", "pad20", 300.0), run("visualbert", "full", 50.0)]
+    runs.append(run("visualbert", "pad20", 200.0))
+    group = {"runs": runs, "device": {"name": "NVIDIA H100 80GB HBM3"}, "preset": "base"}
+    rows = report.summary_rows(group)
+    assert [(r["text"], r["best"]["samples_per_s"], r["ratio"]) for r in rows] == [
+        ("full", 100.0, 2.0),
+        ("pad20", 300.0, 1.5),
+    ]
+    assert report.target_checks(group, rows)[:2] == [
+        "single-stream MFU 50.0% (target >= 50%): met",
+        "single-stream vs VisualBERT 2.00x samples/s (target >= 2x): met",
+    ]
+    group.update(git={"commit": "0" * 40}, date="2026-12-07", peak={})
+    summary = report.format_summary([{**group, "settings": {"preset": "base"}}])
+    assert "| bf16 | 64 (pad20 text) | single | sdpa |" in summary
+
+
 def test_report_tables_gpu_checks_runs_of_the_main_job(tmp_path, capsys):
     """gpu_check.sh's pretrain_metrics.jsonl: a row per (kernel backend, compile, DeepSpeed's bf16
     overflow check) from its last log window and its profile record; a failed profile shows its error."""
