@@ -561,7 +561,9 @@ def measure_case(op, case, setup, timer, device, modes, results, with_check=True
                         torch.autograd.backward(fn(*inputs), grad)
 
                 p50, p20, p80 = timer(closure, grad_to_none=inputs)
-                row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, host_ms=host_time(closure, device))
+                # grads cleared before each call, as do_bench and a training step do: no accumulation launches
+                host_ms = host_time(lambda closure=closure: _fresh_grads(inputs, closure), device)
+                row.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, host_ms=host_ms)
                 if device.type == "cuda":
                     read = inputs if mode == "forward" else [*inputs, grad]  # the backward reads grad
                     row["peak_mb"] = peak_memory_mb(closure, read, device)

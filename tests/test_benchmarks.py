@@ -317,6 +317,28 @@ def test_kernel_peak_memory_is_one_untimed_calls_peak_with_its_inputs(monkeypatc
     assert fused_ops.peak_memory_mb(call, [x], torch.device("cpu")) is None and len(seen_grads) == 1
 
 
+def test_kernel_host_time_calls_start_from_cleared_grads(monkeypatch):
+    """Each host-timed forward + backward starts with no grads, as a training step does: from the
+    second call on, the backward would otherwise launch an accumulation per input as well."""
+    fused_ops = _load("fused_ops")
+    x = torch.randn(8, requires_grad=True)
+    grads_before_each_call = []
+
+    def square(x):
+        grads_before_each_call.append(x.grad)
+        return x * x
+
+    def setup():
+        return [x], {"eager": square}, None, None, None, None
+
+    monkeypatch.setattr(fused_ops, "host_time", lambda fn, device: [fn() for _ in range(3)] and 0.1)
+    timer = lambda closure, grad_to_none: (1.0, 1.0, 1.0)
+    results = []
+    fused_ops.measure_case("op", "case", setup, timer, torch.device("cpu"), ["full"], results, with_check=False)
+    assert "error" not in results[0] and results[0]["host_ms"] == 0.1
+    assert grads_before_each_call[1:] == [None, None, None]  # after the check call: the three host-timed ones
+
+
 def test_device_time_is_cuda_only():
     device_time = _load("device_time")
     assert device_time.device_ms(lambda: torch.ones(3).sum(), torch.device("cpu")) is None
