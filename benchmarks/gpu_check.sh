@@ -227,6 +227,10 @@ if [ -z "${SEMVLP_GIT_COMMIT:-}" ]; then
 fi
 export SEMVLP_GIT_COMMIT
 echo "commit: $SEMVLP_GIT_COMMIT"
+if [ "$SEMVLP_GIT_COMMIT" = unknown ]; then
+    echo "WARNING: no git commit here (a copied tree?): every result will say 'unknown'; run with" \
+        "SEMVLP_GIT_COMMIT=<the commit of this tree> to stamp them"
+fi
 run_stage install install
 if [ "$WHEEL_DIR" != "-" ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 IMPORT_CHECK="import semvlp, semvlp_kernels.dispatch; print('semvlp from', semvlp.__file__)"
