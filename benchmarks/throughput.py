@@ -298,7 +298,9 @@ class TrainStep:
         else:
             for i, param in enumerate(self.params):
                 if param.grad is None:
-                    param.grad = self.zero_grads.setdefault(i, torch.zeros_like(param))
+                    if i not in self.zero_grads:  # made once: zeros it stays (clipping scales it in place)
+                        self.zero_grads[i] = torch.zeros_like(param)
+                    param.grad = self.zero_grads[i]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clipping needs the true gradients
         if self.grad_clip:  # the ds_configs' gradient_clipping: a global norm and a rescale every step

@@ -385,7 +385,7 @@ def _tiny_model_and_batch(text_lengths=(20, 20)):
     return model, throughput.make_batch(cfg, list(text_lengths), max(text_lengths), torch.device("cpu"))
 
 
-def test_cast_step_keeps_fp32_masters_and_steps_unused_params_with_zero_grads():
+def test_cast_step_keeps_fp32_masters_and_steps_unused_params_with_zero_grads(monkeypatch):
     """--amp cast: bf16 model, fp32 master weights. A single-stream step leaves cross-attention without
     gradients; DeepSpeed's ZeRO optimizer still steps its flat partition whole, so AdamW steps them
     here with zero gradients: the weight decay alone moves them."""
@@ -416,6 +416,12 @@ def test_cast_step_keeps_fp32_masters_and_steps_unused_params_with_zero_grads():
     train(lambda: model(**batch.inputs, mode="single").loss, throughput.Clock(cpu))
     stepped = {id(p) for p in train.optimizer.state}
     assert all(id(p) in stepped for n, p in model.named_parameters() if ".cross_attention." in n)
+    zeros, made = dict(train.zero_grads), []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: made.append(1) or zeros_like(*a, **k))
+    train(lambda: model(**batch.inputs, mode="single").loss, throughput.Clock(cpu))
+    assert zeros and all(train.zero_grads[i] is z and z.count_nonzero() == 0 for i, z in zeros.items())
+    assert len(zeros) > 4 > len(made)  # made once, not a tensor per unused parameter per step (the model's own: 1)
 
 
 def test_step_clips_the_gradients_to_the_ds_configs_norm():
