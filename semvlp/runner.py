@@ -50,6 +50,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     memory, with the options that lower its use)."""
     with info_messages_shown():
         try:
+            discover_launcher_ranks()
             main(argv)
         except ImageValueError as e:  # found by the rank that read the image: the others know nothing of it
             print(f"error (rank {dist.rank()}): {own_message(e)}", file=sys.stderr, flush=True)
@@ -111,6 +112,36 @@ def own_message(error: BaseException) -> str:
         name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
         text = text.rsplit(f"\n{name}: ", 1)[-1].rstrip("\n")
     return text
+
+
+# How many ranks an MPI or SLURM launcher started, where it does not set torch's RANK / WORLD_SIZE /
+# LOCAL_RANK: DeepSpeed's openmpi, mvapich and slurm runners (mpirun, srun), which leave the ranks to
+# find each other through mpi4py (DeepSpeed's MPI discovery). srun's step variable, not SLURM_NTASKS:
+# a batch script's own environment has that too, and a plain `python launch/...` in it is one process.
+LAUNCHER_WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def discover_launcher_ranks() -> None:
+    """Under an MPI or SLURM launcher that does not name the ranks (LAUNCHER_WORLD_SIZE_VARIABLES),
+    set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (default 29500) by DeepSpeed's MPI
+    discovery, before the options are checked against the number of processes: left to
+    `init_distributed`'s one-process defaults, every rank would train alone as rank 0 on GPU 0."""
+    if "RANK" in os.environ:
+        return
+    started = [(name, os.environ[name]) for name in LAUNCHER_WORLD_SIZE_VARIABLES if name in os.environ]
+    if not started or int(started[0][1]) <= 1:
+        return
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"started by an MPI or SLURM launcher ({started[0][0]}={started[0][1]}) that does not set RANK: the "
+            "ranks find each other through mpi4py (DeepSpeed's MPI discovery), which is not installed: "
+            "pip install mpi4py, or launch with `deepspeed` (its default launcher, pdsh for several nodes)"
+        ) from e
+    from deepspeed.comm.comm import mpi_discovery
+
+    mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", "29500")), verbose=False)
 
 
 def init_distributed() -> None:

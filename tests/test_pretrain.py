@@ -670,6 +670,61 @@ def test_the_shared_memory_check_counts_the_ranks_every_launcher_starts_on_a_mac
     assert runner.local_world_size_from_env() == ranks
 
 
+class StandInMPIWorld:
+    """mpi4py's COMM_WORLD as rank 1 of 2 on one host sees it, whose rank 0 has the address 10.0.0.7."""
+
+    def Get_rank(self) -> int:
+        return 1
+
+    def Get_size(self) -> int:
+        return 2
+
+    def bcast(self, value, root: int):
+        return "10.0.0.7"
+
+    def allgather(self, value) -> list:
+        return ["node1", "node1"]
+
+
+def test_ranks_an_mpi_or_slurm_launcher_leaves_unnamed_are_discovered_before_the_options_are_checked(monkeypatch):
+    """DeepSpeed's openmpi, mvapich and slurm runners start the ranks with mpirun or srun and no RANK:
+    they find their places through mpi4py, before the batch arithmetic reads WORLD_SIZE (the defaults
+    of one process would make every rank a rank 0 on GPU 0). A batch script's own SLURM variables, or
+    a launcher that names the ranks, change nothing; without mpi4py the error says what to install."""
+    import sys
+    import types
+
+    import deepspeed.comm.comm
+
+    from semvlp.run_config import ConfigError
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")
+    for name in (*runner.LAUNCHER_WORLD_SIZE_VARIABLES, *names):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(deepspeed.comm.comm, "cdb", None)  # no process group yet, as in a fresh rank
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # not installed: `import mpi4py` fails
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an sbatch script's environment: `python launch/...` is one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    runner.discover_launcher_ranks()
+    assert "RANK" not in os.environ and runner.world_size_from_env() == 1
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # mpirun's 2 ranks
+    with pytest.raises(ConfigError, match=r"\(OMPI_COMM_WORLD_SIZE=2\) that does not set RANK.*pip install mpi4py"):
+        runner.discover_launcher_ranks()
+    mpi = types.SimpleNamespace(COMM_WORLD=StandInMPIWorld(), Get_processor_name=lambda: "node1")
+    monkeypatch.setitem(sys.modules, "mpi4py", types.SimpleNamespace(MPI=mpi))
+    seen = []  # what a launcher's main finds: run_main discovers the ranks first
+    runner.run_main(lambda argv: seen.append({name: os.environ.get(name) for name in names[:5]}), [])
+    assert seen == [
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
+    ]
+    assert runner.world_size_from_env() == 2
+
+    monkeypatch.setenv("RANK", "0")  # deepspeed's own launcher (pdsh, local) names the ranks itself
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    runner.discover_launcher_ranks()
+
+
 def test_init_from_a_model_of_another_vocabulary_is_named(tmp_path, toy_data, capsys, load_launcher):
     """Its word embeddings could not be loaded: the data's vocab must be the one it was trained with."""
     SemVLPModel(config_from_preset("tiny", vocab_size=50)).save_pretrained(tmp_path / "export")
