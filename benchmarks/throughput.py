@@ -977,7 +977,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64 if cuda else 4, help="micro-batch (default 64 GPU, 4 CPU)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma list of single,two,alternate")
     p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS), help="comma list of eager,sdpa,triton")
-    default_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    # without emulation: torch would say yes on a V100, where bf16 has no tensor cores
+    default_precision = (
+        ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "fp32"
+    )
     p.add_argument("--precision", type=_csv(tuple(DTYPES)), default=[default_precision], help="comma list; first first")
     p.add_argument("--amp", choices=("cast", "autocast"), default="cast", help="how bf16/fp16 run (module docstring)")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first (>= 2 for alternate)")

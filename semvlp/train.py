@@ -104,7 +104,10 @@ def resolve_ds_config(
     device_is_cuda = torch.cuda.is_available()
     if cfg.get("fp16", {}).get("enabled") and not device_is_cuda:
         raise ConfigError(f"{path}: fp16 needs a CUDA device; use ds_configs/cpu.json on CPU")
-    if cfg.get("bf16", {}).get("enabled") and device_is_cuda and not torch.cuda.is_bf16_supported():
+    # The capability, not torch.cuda.is_bf16_supported(): that says yes on a V100 or T4 (emulated bf16, slow)
+    # and makes a tensor on GPU 0 from every rank, before each has chosen its own.
+    local_gpu = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.get("bf16", {}).get("enabled") and device_is_cuda and torch.cuda.get_device_capability(local_gpu)[0] < 8:
         raise ConfigError(f"{path}: bf16 needs sm_80+ (A100/H100); use ds_configs/v100.json (fp16) here")
     check_schedule(cfg, path, run.max_steps, lr_given=lr is not None)
     params = cfg.get("scheduler", {}).get("params", {})

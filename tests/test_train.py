@@ -111,3 +111,21 @@ def test_a_model_without_cross_attention_has_one_group():
         model = SemVLPModel(config)
         assert len(optimizer_groups(model)) == optimizer_group_count(config) == groups
         assert sum(len(group["params"]) for group in optimizer_groups(model)) == len(list(model.parameters()))
+
+
+def test_bf16_configs_are_refused_below_sm80_though_torch_would_emulate_bf16(monkeypatch, tmp_path):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 (bf16 emulated, slowly) and asks GPU 0
+    from every rank: the check reads this rank's GPU's compute capability instead."""
+    from semvlp.run_config import ConfigError, RunConfig
+    from semvlp.train import resolve_ds_config
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (7, 0))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    a100 = Path(__file__).resolve().parents[1] / "ds_configs" / "a100.json"
+    run = RunConfig(deepspeed_config=str(a100), max_steps=1000)
+    with pytest.raises(ConfigError, match="a100.json: bf16 needs sm_80"):
+        resolve_ds_config(run, 4, tmp_path)
+    assert asked == [3]
