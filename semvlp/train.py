@@ -303,7 +303,9 @@ class Window:
     def add(self, terms: dict[str, torch.Tensor], samples: int, flops: float) -> None:
         for name, value in terms.items():
             value = value.detach().float()
-            self.terms[name] = self.terms[name] + value if name in self.terms else value
+            # A sum starts from a copy: under CUDA graphs (--compile_mode reduce-overhead) the next step's
+            # replay overwrites this step's outputs in place, and .float() of an fp32 loss is the loss itself.
+            self.terms[name] = self.terms[name] + value if name in self.terms else value.clone()
         self.micro_batches += 1
         self.samples += samples
         self.flops += flops

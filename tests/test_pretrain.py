@@ -221,6 +221,18 @@ def test_log_record_gives_mfu_against_the_peak_of_every_process():
     assert "mfu" not in _log_record(window, 2, engine, "fp32", 0, None)
 
 
+def test_the_log_window_sums_copies_of_the_steps_losses():
+    """Under CUDA graphs (--compile_mode reduce-overhead) the next replay overwrites a step's outputs in
+    place: the window's sums must not be those tensors themselves."""
+    from semvlp.train import Window
+
+    window, loss = Window(), torch.tensor(2.0)
+    window.add({"loss": loss}, samples=8, flops=1.0)
+    loss.fill_(5.0)  # the next replay writes its loss where this one was
+    window.add({"loss": loss}, samples=8, flops=1.0)
+    assert window.terms["loss"].item() == 7.0 and window.micro_batches == 2
+
+
 def test_step_flops_count_the_masked_objects_the_model_runs():
     """The object heads run on masked objects of matched pairs only (a mismatched pair's objects are
     masked too, so as not to give its label away): counting every masked object inflated MFU."""
