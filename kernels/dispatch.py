@@ -6,7 +6,15 @@ forward+backward, benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_bfloat16_*.js
 | device                 | attention                       | bias+GELU, residual+LN  | linear CE (masked LM) |
 |------------------------|---------------------------------|-------------------------|-----------------------|
 | CPU                    | eager reference                 | eager, bias in the GEMM | eager reference       |
-| CUDA (V100, A100, H100)| SDPA (cuDNN / flash / mem-eff.) | eager, bias in the GEMM | Triton (1.04-1.13x)   |
+| CUDA, bf16 or fp32     | SDPA (cuDNN / flash / mem-eff.) | eager, bias in the GEMM | Triton (1.04-1.13x)   |
+| CUDA, fp16 (V100)      | SDPA (cuDNN / flash / mem-eff.) | eager, bias in the GEMM | eager reference       |
+
+fp16 keeps the reference masked-LM loss: the fused one stores d loss / d logits (softmax - onehot)
+in the logits' dtype during the forward, before DeepSpeed's loss scale reaches it in the backward,
+so in fp16 the softmax tails sit in fp16's subnormals or below them (the reference's gradient is
+scaled first): an interpreter emulation at 30,522 words put the fused op's weight-gradient rows
+~7x further from fp32 than the reference's under a loss scale of only 1,024. bf16 has fp32's range.
+"triton" keeps the fused op in fp16 too (every Triton kernel, as asked).
 
 Packed text (KernelOps.varlen_attention, sequences end to end without padding): the Triton varlen
 kernel wherever the Triton attention is chosen ("triton"); everywhere else the packed tokens are
@@ -18,7 +26,8 @@ Why not more Triton on "auto": on the H100 the Triton forwards win (attention 1.
 masked tokens and 2.4x on 101x20 cross-attention; bias+GELU 2.2x and residual+LayerNorm 2.6x eager),
 but forward+backward loses (attention 0.14-0.76x the best SDPA backend, the elementwise fusions
 0.4-0.5x eager), so training would be slower. The linear cross-entropy needs no tl.dot (its GEMM
-is cuBLAS), so it is also right for V100, where tl.dot has no tensor cores (DESIGN.md section 5).
+is cuBLAS), so it would suit a V100, where tl.dot has no tensor cores (DESIGN.md section 5), but
+for its fp16 gradient above.
 
 GEMMs are always cuBLAS (F.linear; the two ops after a GEMM take its inputs, so that the eager
 versions can leave the bias to the GEMM's epilogue). Explicit backends override "auto":
@@ -188,6 +197,8 @@ def _resolve_auto(device: torch.device, dtype: torch.dtype) -> KernelOps:
         return EAGER
     if torch.cuda.get_device_capability(device)[0] < 7:
         return SDPA  # Triton does not support pre-Volta GPUs
+    if dtype == torch.float16:
+        return SDPA  # the fused masked-LM loss's gradient would lose fp16's small values (module docstring)
     return CUDA_AUTO
 
 

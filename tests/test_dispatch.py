@@ -16,10 +16,12 @@ from semvlp_kernels.linear_cross_entropy import linear_cross_entropy
 from semvlp_kernels.residual_layer_norm import residual_layer_norm_reference
 
 
-def select_on_gpu(capability: tuple[int, int], backend: str = "auto") -> dispatch.KernelOps:
+def select_on_gpu(
+    capability: tuple[int, int], backend: str = "auto", dtype: torch.dtype = torch.bfloat16
+) -> dispatch.KernelOps:
     gpu = mock.patch("torch.cuda.get_device_capability", return_value=capability)
     with gpu, mock.patch.dict(dispatch._selected, clear=True):  # the choice is remembered: forget it after
-        return dispatch.select_ops(backend, torch.device("cuda", 0), torch.bfloat16)
+        return dispatch.select_ops(backend, torch.device("cuda", 0), dtype)
 
 
 def test_cpu_auto_uses_the_references():
@@ -32,6 +34,13 @@ def test_gpu_auto_uses_what_was_measured_to_pay(capability):
     ops = select_on_gpu(capability)
     assert ops.attention is attention_sdpa  # SDPA beats the Triton attention forward+backward
     assert ops.linear_cross_entropy is linear_cross_entropy  # the one fused op that wins end to end
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (8, 0)], ids=["V100", "A100"])
+def test_gpu_auto_in_fp16_keeps_the_reference_masked_lm_loss(capability):
+    """The fused loss stores its gradient in fp16 before the loss scale applies: small values are lost."""
+    assert select_on_gpu(capability, dtype=torch.float16) is dispatch.SDPA
+    assert select_on_gpu(capability, "triton", dtype=torch.float16).linear_cross_entropy is linear_cross_entropy
 
 
 def test_explicit_backends_override_auto():
