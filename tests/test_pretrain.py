@@ -711,8 +711,9 @@ def test_ranks_an_mpi_or_slurm_launcher_leaves_unnamed_are_discovered_before_the
     from semvlp.run_config import ConfigError
 
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")
-    for name in (*runner.LAUNCHER_WORLD_SIZE_VARIABLES, *names):
-        monkeypatch.delenv(name, raising=False)
+    # A private environment: the discovery writes os.environ itself, which later tests' launches inherit.
+    left_out = (*runner.LAUNCHER_WORLD_SIZE_VARIABLES, *names)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in left_out})
     monkeypatch.setattr(deepspeed.comm.comm, "cdb", None)  # no process group yet, as in a fresh rank
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # not installed: `import mpi4py` fails
     monkeypatch.setenv("SLURM_NTASKS", "4")  # an sbatch script's environment: `python launch/...` is one process
