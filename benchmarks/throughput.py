@@ -715,7 +715,8 @@ class Runner:
                 )
                 continue
             lengths, pad_to = text_lengths(run["text"], batch_size, self.args.max_text_len, seed=0)
-            layout = first_layout.setdefault((tuple(lengths), None if run["text"] == "packed" else pad_to), run["text"])
+            text_pad_to = None if run["text"] == "packed" else pad_to  # packed: no padding at all
+            layout = first_layout.setdefault((tuple(lengths), text_pad_to), run["text"])
             if layout != run["text"]:  # e.g. "longest" padded to 20 as pad20: the run would repeat that one
                 reason = f"the same batch as text layout {layout!r}"
                 runs.append(self.record({**run, "status": "skipped", "reason": reason, "same_as": layout}))
@@ -725,8 +726,7 @@ class Runner:
                 batch = make_batch(self.cfg, lengths, pad_to, self.device)
                 batches[run["text"]] = pack_text(batch) if run["text"] == "packed" else batch
             batch = batches[run["text"]]
-            pad_to = None if run["text"] == "packed" else batch.inputs["input_ids"].shape[1]
-            run.update(text_pad_to=pad_to, text_mean_len=statistics.mean(batch.lengths))
+            run.update(text_pad_to=text_pad_to, text_mean_len=statistics.mean(batch.lengths))
             flops = semvlp_step_flops(self.cfg, batch, run["mode"])
             runs.append(self.measure(run, train, semvlp_forward_for(call, batch, run["mode"]), flops, batch, timing))
         del train, call, batches
